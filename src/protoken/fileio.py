@@ -1,0 +1,69 @@
+"""Small file helpers shared by the writers: atomic writes and streamed directory walks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+__all__ = ["atomic_write", "walk_files"]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    The data go to a temporary file in the same folder, which is then renamed over ``path``
+    (``os.replace`` is atomic on POSIX). A crash leaves at most a ``*.tmp<pid>`` file behind.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    mode = "wb" if isinstance(data, bytes | bytearray | memoryview) else "w"
+    try:
+        with open(tmp, mode) as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
+    """Yield the files under ``root`` recursively, streamed with os.scandir.
+
+    Files are yielded in the order the file system lists them, as they are listed, so even one
+    flat folder of millions of files is walked in constant memory; only the names of
+    subfolders are kept (visited in sorted order). Hidden entries (``.name``) are skipped.
+    ``suffixes``, when given, keeps only names ending with one of them (case-insensitive).
+    ``root`` may itself be a file.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        if os.path.isfile(root) and (suffixes is None or root.lower().endswith(suffixes)):
+            yield root
+        return
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        subdirs = []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_dir():
+                            subdirs.append(entry.path)
+                        elif entry.is_file() and (
+                            suffixes is None or entry.name.lower().endswith(suffixes)
+                        ):
+                            yield entry.path
+                    except OSError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        stack.extend(sorted(subdirs, reverse=True))
