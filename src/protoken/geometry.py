@@ -113,7 +113,13 @@ def pairwise_distances(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
 
 
-def sixd(n: np.ndarray, ca: np.ndarray, c: np.ndarray, dmax: float = DMAX) -> SixD:
+def sixd(
+    n: np.ndarray,
+    ca: np.ndarray,
+    c: np.ndarray,
+    dmax: float = DMAX,
+    cb: np.ndarray | None = None,
+) -> SixD:
     """trRosetta 6D inter-residue features of one chain.
 
     Parameters
@@ -123,6 +129,8 @@ def sixd(n: np.ndarray, ca: np.ndarray, c: np.ndarray, dmax: float = DMAX) -> Si
     dmax : float
         Distance cut-off, Angstrom. Pairs at d >= dmax and the diagonal get d = dmax and zero
         angles.
+    cb : ndarray, shape (L, 3), optional
+        C-beta coordinates to use instead of the virtual C-beta of N, CA, C.
 
     Returns
     -------
@@ -137,7 +145,7 @@ def sixd(n: np.ndarray, ca: np.ndarray, c: np.ndarray, dmax: float = DMAX) -> Si
     n = np.asarray(n, dtype=np.float64)
     ca = np.asarray(ca, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
-    cb = virtual_cb(n, ca, c)
+    cb = virtual_cb(n, ca, c) if cb is None else np.asarray(cb, dtype=np.float64)
     origin = cb.mean(axis=0) if len(cb) else np.zeros(3)
     n, ca, cb = n - origin, ca - origin, cb - origin  # features are translation invariant
 
