@@ -1,0 +1,87 @@
+"""VQVAEConfig: presets, serialisation, validation, parameter counts."""
+
+import json
+
+import pytest
+import torch
+
+from protoken.model import PRESETS, VQVAE, VQVAEConfig
+
+
+def _n_params(config: VQVAEConfig) -> int:
+    with torch.device("meta"):  # no memory for the 180M-parameter seed model
+        return VQVAE(config).num_parameters()
+
+
+def test_seed_preset_has_the_seed_values():
+    c = VQVAEConfig.preset("seed")
+    assert (c.n_embd, c.mlp_hidden_dim, c.n_head, c.latent_dim) == (1024, 2048, 16, 256)
+    assert (c.codebook_size, c.codebook_dim) == (4096, 1024)
+    assert (c.n_layer_encoder, c.n_layer_decoder, c.beta) == (2, 2, 0.25)
+    assert c.scaling_rates == (2,) * 6 and c.downsample_factor == 64
+    assert (c.ema_decay, c.ema_eps) == (0.99, 1e-5)
+    # global attention where a 1024-residue image gives <= 32 x 32 tokens (scale >= 32)
+    assert c.window_sizes == (8, 8, 8, 8, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [("tiny", 200_000, 1_000_000), ("small", 5_000_000, 30_000_000), ("seed", 1.5e8, 2.2e8)],
+)
+def test_preset_parameter_counts(name, low, high):
+    assert low <= _n_params(PRESETS[name]) < high
+
+
+def test_block_parameter_count_matches_formula():
+    c = VQVAEConfig.preset("tiny")
+    model = VQVAE(c)
+    block = model.encoders[0].transformer.blocks[0]
+    e, m, d = c.n_embd, c.mlp_hidden_dim, c.latent_dim
+    expected = 2 * 2 * e + e * 3 * d + (d * e + e) + (e * m + m) + (m * e + e)
+    assert sum(p.numel() for p in block.parameters() if p.requires_grad) == expected
+
+
+def test_codebooks_are_buffers_not_parameters():
+    c = VQVAEConfig.preset("tiny")
+    model = VQVAE(c)
+    names = {n for n, _ in model.named_buffers()}
+    assert "quantizers.0.embed" in names and "quantizers.0.cluster_size" in names
+    assert not any("embed" in n and "quantizers" in n for n, _ in model.named_parameters()
+                   if n.endswith(("embed", "embed_avg")))
+
+
+def test_dict_round_trip_through_json():
+    c = VQVAEConfig.preset("small", symmetric_output=True)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert VQVAEConfig.from_dict(d) == c
+    assert d["scaling_rates"] == [2, 2, 2, 2, 2]
+
+
+def test_from_dict_rejects_unknown_fields():
+    d = VQVAEConfig.preset("tiny").to_dict() | {"n_layers": 3}
+    with pytest.raises(ValueError, match="n_layers"):
+        VQVAEConfig.from_dict(d)
+
+
+def test_preset_override_of_rates_rederives_windows():
+    c = VQVAEConfig.preset("seed", scaling_rates=(4, 4, 2))
+    assert c.downsample_factor == 32 and c.level_scales == (4, 16, 32)
+    assert c.window_sizes == (8, 8, 0)
+    with pytest.raises(KeyError):
+        VQVAEConfig.preset("huge")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"scaling_rates": (3, 2)},
+        {"scaling_rates": ()},
+        {"window_sizes": (8,)},
+        {"latent_dim": 30, "n_head": 4},
+        {"rope_dim": 6},
+        {"dead_code_threshold": 1.0},
+    ],
+)
+def test_invalid_configs_raise(bad):
+    with pytest.raises(ValueError):
+        VQVAEConfig(**bad)
