@@ -51,7 +51,7 @@ ONE_TO_THREE: dict[str, str] = {v: k for k, v in THREE_TO_ONE.items()}
 
 
 def _load_nonstandard() -> dict[str, str]:
-    text = resources.files("protoken").joinpath("data/nonstandard-residues.tsv").read_text()
+    text = resources.files("protoken").joinpath("resources/nonstandard-residues.tsv").read_text()
     rows = csv.DictReader(io.StringIO(text), delimiter="\t")
     return {r["nonstandard"]: r["standard"] for r in rows}
 
