@@ -1,0 +1,916 @@
+"""Streaming datasets of 6D images for training at scale (millions of PNGs, DDP, many workers).
+
+The images are the PNGs written by ``protoken convert``: ``ROOT/bin_LO_HI/ID.png``. Each item of
+a dataset is a dict::
+
+    {"image": FloatTensor (3, L, L), "length": L, "id": "ID", "path": "/abs/ROOT/bin_LO_HI/ID.png"}
+
+with the image in [-1, 1] (the codec's exact inverse of the 8- or 16-bit PNG), or standardised
+per channel when the dataset was asked to (``normalize="seed"`` or ``mean``/``std``; undo it with
+:meth:`denormalize`). :func:`collate_with_padding` pads a list of items to a batch.
+
+How a dataset streams (every step in constant memory, whatever the number of files):
+
+- Discovery: ``os.scandir`` walks (:func:`protoken.fileio.walk_files`), never a listing in memory.
+- Split: a file is in ``"val"`` when the md5 of its path relative to the dataset root (POSIX
+  separators, e.g. ``bin_65_128/ID.png``), read as a 64-bit fraction, is below ``valid_frac``.
+  Moving or copying the root keeps the split; a bin folder opened alone
+  (:class:`IterableImageDataset`) splits exactly as inside its root
+  (:class:`IterableImageDatasetUni`).
+- Sharding: the ``world_size * num_workers`` DataLoader workers of all ranks take disjoint shards
+  of the split by a hash of the same relative path (crc32 modulo the number of shards): every file
+  is read exactly once per epoch overall, whatever the order the file system lists it in on each
+  node. All ranks must use the same ``num_workers``.
+- Shuffle (``shuffle_buffer > 0``): each worker counts its shard, splits it into
+  ``P = ceil(n / shuffle_buffer)`` (at most ``max_passes``) random passes by a per-epoch salted
+  hash, interleaves the bin folders of each pass at random in proportion to their sizes, and feeds
+  the result through a streaming shuffle buffer of ``shuffle_buffer`` file entries (each new entry
+  replaces a random slot, whose entry is yielded). A pass never holds more files than the buffer,
+  so the order is a near-uniform permutation of the shard at the cost of ``P + 1`` directory
+  walks per epoch; the buffer holds paths, not images, so it can be large (~130 bytes each).
+  Seeded by ``(seed, epoch, shard)``: :meth:`~IterableImageDataset.set_epoch` re-seeds it.
+- Infinite mode (``infinite=True``, for training): each worker loops over its shard epoch after
+  epoch (``epoch``, ``epoch + 1``, ... re-seeding each), so every rank has a batch at every step
+  and uneven shards never stall DDP. A worker whose shard is empty ends its stream; a rank with
+  no data at all ends its loader, which :func:`cycle` reports as an error rather than a hang.
+- Evaluation: a finite dataset through :func:`take_batches` gives exactly ``n`` batches on every
+  rank (cycling over a short shard), so collective operations line up.
+- Length-aware batching (``batch_size=``, ``group_by_bin=True``): the dataset itself yields
+  padded batches whose images all come from one bin folder (padding stays below one bin width);
+  use it with ``DataLoader(dataset, batch_size=None)``. See :func:`batch_sizes_for_budget` for a
+  batch size per bin with a constant pixel budget.
+- A corrupt or unreadable PNG is logged (``logging.warning`` with its path) and skipped; the
+  worker goes on. A missing or empty folder is an error at construction.
+
+Typical training use::
+
+    from functools import partial
+    ds = IterableImageDatasetUni(root, split="train", shuffle_buffer=100_000, infinite=True,
+                                 seed=0, skip_bins=["bin_961_1024"])
+    dl = DataLoader(ds, batch_size=32, num_workers=8,
+                    collate_fn=partial(collate_with_padding, multiple=cfg.downsample_factor))
+    for step, batch in zip(range(max_steps), cycle(dl)):
+        out = model(batch["image"], batch["mask"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import re
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from protoken.codec import SEED_MEAN, SEED_STD, decode_png, dequantize
+from protoken.fileio import walk_files
+
+__all__ = [
+    "IterableImageDataset",
+    "IterableImageDatasetUni",
+    "Normalization",
+    "batch_sizes_for_budget",
+    "bin_range",
+    "buffered_shuffle",
+    "collate_with_padding",
+    "cycle",
+    "decode_image",
+    "in_valid_split",
+    "take_batches",
+]
+
+logger = logging.getLogger(__name__)
+
+_BIN_RE = re.compile(r"bin_(\d+)_(\d+)")
+_MASK64 = (1 << 64) - 1
+#: Default cap on the number of walks per epoch used to decorrelate a shuffled shard.
+MAX_PASSES = 16
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel standardisation of images in [-1, 1], and its inverse.
+
+    ``forward(x) = ((x + 1) / 2 - mean) / std`` (the seed's ``ToTensor`` + ``Normalize`` on
+    pixels scaled to [0, 1]); ``inverse`` maps back to [-1, 1]. Both accept numpy arrays or
+    torch tensors whose channel axis is -3: an image (3, L, L) or a batch (B, 3, H, W).
+
+    Attributes
+    ----------
+    mean, std : tuple of 3 floats
+        Per-channel constants, on the [0, 1] pixel scale.
+    """
+
+    mean: tuple[float, float, float] = SEED_MEAN
+    std: tuple[float, float, float] = SEED_STD
+
+    def __post_init__(self):
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(s) for s in self.std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("mean and std need one value per channel (3)")
+        if not all(s > 0 for s in std):
+            raise ValueError(f"std must be positive, got {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @property
+    def name(self) -> str:
+        """``"seed"`` for the seed's constants (:class:`protoken.codec.CodecSettings`), else
+        ``"custom"``."""
+        return "seed" if (self.mean, self.std) == (SEED_MEAN, SEED_STD) else "custom"
+
+    def _constants(self, x):
+        shape = (3, 1, 1)
+        if isinstance(x, torch.Tensor):
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            m = torch.tensor(self.mean, dtype=dtype, device=x.device).view(shape)
+            s = torch.tensor(self.std, dtype=dtype, device=x.device).view(shape)
+            return m, s
+        dtype = x.dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else np.float64
+        return (
+            np.asarray(self.mean, dtype=dtype).reshape(shape),
+            np.asarray(self.std, dtype=dtype).reshape(shape),
+        )
+
+    def forward(self, x):
+        """[-1, 1] -> standardised; ``x`` of shape (..., 3, H, W)."""
+        m, s = self._constants(x)
+        return ((x + 1.0) * 0.5 - m) / s
+
+    def inverse(self, x):
+        """Standardised -> [-1, 1]; ``x`` of shape (..., 3, H, W)."""
+        m, s = self._constants(x)
+        return (x * s + m) * 2.0 - 1.0
+
+    __call__ = forward
+
+
+def _normalization(normalize, mean, std) -> Normalization | None:
+    if normalize is None or normalize == "none":
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        return None if mean is None else Normalization(tuple(mean), tuple(std))
+    if normalize == "seed":
+        if mean is not None or std is not None:
+            raise ValueError("normalize='seed' uses the seed's mean and std; do not pass them")
+        return Normalization()
+    raise ValueError(f"normalize must be None, 'none' or 'seed', not {normalize!r}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _Decoder:
+    """PNG pixels (L, L, 3) uint8/uint16 -> float32 image (3, L, L), optionally standardised.
+
+    Without normalisation the result is bitwise :func:`protoken.codec.dequantize` (8-bit through
+    a 256-entry table computed by it, 16-bit by it directly). With normalisation the
+    standardisation is folded into the same float64 arithmetic and rounded once to float32.
+    """
+
+    def __init__(self, normalization: Normalization | None):
+        self.normalization = normalization
+        levels = np.arange(256, dtype=np.uint8)[:, None, None].repeat(3, axis=2)  # (256, 1, 3)
+        lut = dequantize(levels, dtype=np.float64)[:, :, 0]  # (3, 256)
+        if normalization is not None:
+            m = np.asarray(normalization.mean)[:, None]
+            s = np.asarray(normalization.std)[:, None]
+            lut = ((lut + 1.0) * 0.5 - m) / s
+            # 16-bit: x = v * 2 / 65535 - 1, so ((x + 1) / 2 - m) / s = v * a + b
+            self._a16 = (1.0 / (65535.0 * s))[:, :, None]
+            self._b16 = (-m / s)[:, :, None]
+        self._lut8 = lut.astype(np.float32)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"expected an (L, L, 3) RGB pixel array, got shape {pixels.shape}")
+        if pixels.dtype == np.uint8:
+            chw = pixels.transpose(2, 0, 1)
+            out = np.empty(chw.shape, dtype=np.float32)
+            for c in range(3):
+                self._lut8[c].take(chw[c], out=out[c])
+            return out
+        if pixels.dtype != np.uint16:
+            raise ValueError(f"expected uint8 or uint16 pixels, got {pixels.dtype}")
+        if self.normalization is None:
+            return dequantize(pixels, dtype=np.float32)
+        chw = pixels.transpose(2, 0, 1).astype(np.float64)
+        chw *= self._a16
+        chw += self._b16
+        return chw.astype(np.float32)
+
+
+def decode_image(data: bytes, normalization: Normalization | None = None) -> np.ndarray:
+    """PNG bytes (8 or 16 bit) -> float32 image (3, L, L), as a dataset item holds it.
+
+    Parameters
+    ----------
+    data : bytes
+        A protoken (or seed) PNG.
+    normalization : Normalization, optional
+        Standardise the [-1, 1] image per channel.
+
+    Returns
+    -------
+    ndarray, shape (3, L, L), float32
+        In [-1, 1] (bitwise :func:`protoken.codec.read_image`) unless standardised.
+
+    Raises
+    ------
+    ValueError
+        Not a readable PNG, or not a square RGB image.
+    """
+    return _Decoder(normalization)(decode_png(data))
+
+
+# --------------------------------------------------------------------------- split and bins
+
+
+def _md5_fraction(key: str) -> int:
+    digest = hashlib.md5(key.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def in_valid_split(key: str, valid_frac: float) -> bool:
+    """Whether the file with relative path ``key`` (e.g. ``"bin_65_128/ID.png"``) is in the
+    validation split: the first 8 bytes of md5(key), as a fraction of 2**64, < ``valid_frac``."""
+    return _md5_fraction(key) < _split_cut(valid_frac)
+
+
+def _split_cut(valid_frac: float) -> int:
+    return min(int(round(valid_frac * 2.0**64)), 1 << 64)
+
+
+def bin_range(name: str) -> tuple[int, int]:
+    """``"bin_65_128"`` -> ``(65, 128)`` (both ends inclusive).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not a bin folder name.
+    """
+    m = _BIN_RE.fullmatch(name)
+    if m is None:
+        raise ValueError(f"not a bin folder name (bin_LO_HI): {name!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def batch_sizes_for_budget(
+    bins: Iterable[str], pixels: int, multiple: int = 1, max_batch: int | None = None
+) -> dict[str, int]:
+    """A batch size per bin so that every padded batch holds about ``pixels`` pixels.
+
+    Parameters
+    ----------
+    bins : iterable of str
+        Bin folder names, e.g. ``dataset.bins``.
+    pixels : int
+        Budget of ``B * H * H`` per batch, H the bin's upper length rounded up to ``multiple``.
+    multiple : int
+        The padding multiple (the model's downsampling factor).
+    max_batch : int, optional
+        Cap on the batch size of the small bins.
+
+    Returns
+    -------
+    dict
+        ``{bin: batch_size}``, each at least 1; for ``batch_size=`` with ``group_by_bin=True``.
+    """
+    out = {}
+    for name in bins:
+        hi = bin_range(name)[1]
+        side = -(-hi // multiple) * multiple
+        size = max(1, pixels // (side * side))
+        out[name] = size if max_batch is None else min(size, max_batch)
+    return out
+
+
+# --------------------------------------------------------------------------- shuffling
+
+
+def _uniform_chunks(rng: np.random.Generator, chunk: int = 4096) -> Iterator[float]:
+    while True:
+        yield from rng.random(chunk).tolist()
+
+
+def buffered_shuffle(
+    iterable: Iterable[Any], size: int, rng: np.random.Generator | int | None = None
+) -> Iterator[Any]:
+    """Shuffle a stream with a bounded buffer.
+
+    The first ``size`` items fill the buffer; then each new item replaces a uniformly chosen slot,
+    whose item is yielded; at the end the buffer is yielded in random order. Every item is yielded
+    exactly once and at most ``size`` are held. An item waits on average ``size`` steps, so the
+    output order stays correlated with the input order unless the input is already mixed at
+    scales larger than ``size`` (the datasets see to that with hashed passes).
+
+    Parameters
+    ----------
+    iterable : iterable
+        The stream.
+    size : int
+        Buffer size; 0 or 1 passes the stream through.
+    rng : numpy Generator or int or None
+        Random source (or a seed).
+    """
+    rng = np.random.default_rng(rng)
+    it = iter(iterable)
+    if size <= 1:
+        yield from it
+        return
+    buf = list(itertools.islice(it, size))
+    if len(buf) == size:
+        while True:
+            # zip() takes a slot first, so it stops without losing an item when the slots run out
+            n = 0
+            for j, item in zip(rng.integers(0, size, 4096).tolist(), it, strict=False):
+                yield buf[j]
+                buf[j] = item
+                n += 1
+            if n < 4096:
+                break
+    for j in rng.permutation(len(buf)).tolist():
+        yield buf[j]
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a bijective scramble of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _random_merge(
+    streams: Sequence[Iterator[Any]], sizes: Sequence[float], rng: np.random.Generator
+) -> Iterator[Any]:
+    """Interleave ``streams`` at random: each next item comes from stream i with probability
+    proportional to its expected remaining size (``sizes[i]`` minus what it gave), so the bins
+    are spread evenly along the output whatever their order on disk."""
+    streams = list(streams)
+    remaining = [float(s) for s in sizes]
+    alive = list(range(len(streams)))
+    uniforms = _uniform_chunks(rng)
+    while len(alive) > 1:
+        weights = [max(remaining[i], 0.5) for i in alive]
+        r = next(uniforms) * sum(weights)
+        pick = alive[-1]
+        for i, w in zip(alive, weights, strict=True):
+            r -= w
+            if r < 0:
+                pick = i
+                break
+        try:
+            item = next(streams[pick])
+        except StopIteration:
+            alive.remove(pick)
+            continue
+        remaining[pick] -= 1.0
+        yield item
+    if alive:
+        yield from streams[alive[0]]
+
+
+# --------------------------------------------------------------------------- collation
+
+
+def collate_with_padding(batch: Sequence[Mapping[str, Any]], multiple: int) -> dict[str, Any]:
+    """Zero-pad dataset items to one batch.
+
+    Parameters
+    ----------
+    batch : sequence of dict
+        Items ``{"image": (3, L_i, L_i), "length": L_i, "id": str, ...}``.
+    multiple : int
+        The padded side H is the largest L_i rounded up to a multiple of this. Pass the model's
+        total downsampling factor (``model.config.downsample_factor``), e.g. with
+        ``functools.partial(collate_with_padding, multiple=f)``.
+
+    Returns
+    -------
+    dict
+        ``"image"``: FloatTensor (B, 3, H, H), zero outside each item's L_i x L_i square;
+        ``"mask"``: BoolTensor (B, H, H), True on the valid top-left L_i x L_i square;
+        ``"lengths"``: LongTensor (B,); ``"ids"``: list of str; ``"paths"``: list of str.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    multiple = int(multiple)
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive integer, not {multiple}")
+    lengths = torch.tensor([int(item["length"]) for item in batch], dtype=torch.long)
+    side = -(-int(lengths.max()) // multiple) * multiple
+    first = batch[0]["image"]
+    images = first.new_zeros((len(batch), first.shape[0], side, side))
+    for i, item in enumerate(batch):
+        n = int(item["length"])
+        images[i, :, :n, :n] = item["image"]
+    valid = torch.arange(side)[None, :] < lengths[:, None]  # (B, H)
+    mask = valid[:, :, None] & valid[:, None, :]
+    return {
+        "image": images,
+        "mask": mask,
+        "lengths": lengths,
+        "ids": [item["id"] for item in batch],
+        "paths": [item.get("path", "") for item in batch],
+    }
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class _Stream(NamedTuple):
+    """One bin folder: its name, absolute path, and its path relative to the dataset root."""
+
+    bin: str
+    folder: str
+    prefix: str  # "bin_65_128/" (POSIX), or "" when the folder is the root
+
+
+def _dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            r, w = dist.get_rank(), dist.get_world_size()
+        else:
+            r, w = 0, 1
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    rank, world_size = int(rank), int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def _has_png(folder: str) -> bool:
+    return next(walk_files(folder, (".png",)), None) is not None
+
+
+class _ImageStreamDataset(IterableDataset):
+    """Shared machinery of the two datasets (see the module docstring)."""
+
+    def __init__(
+        self,
+        streams: list[_Stream],
+        *,
+        split: str = "train",
+        valid_frac: float = 0.05,
+        shuffle_buffer: int = 10_000,
+        max_passes: int = MAX_PASSES,
+        seed: int = 0,
+        infinite: bool = False,
+        normalize: str | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        batch_size: int | Mapping[str, int] | None = None,
+        group_by_bin: bool = False,
+        multiple: int | None = None,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', not {split!r}")
+        valid_frac = float(valid_frac)
+        if not 0.0 <= valid_frac <= 1.0:
+            raise ValueError(f"valid_frac must be in [0, 1], not {valid_frac}")
+        if (split == "val" and valid_frac == 0.0) or (split == "train" and valid_frac == 1.0):
+            raise ValueError(f"split={split!r} is empty with valid_frac={valid_frac}")
+        if int(shuffle_buffer) < 0 or int(max_passes) < 1:
+            raise ValueError("shuffle_buffer must be >= 0 and max_passes >= 1")
+        self._streams = streams
+        self.split = split
+        self.valid_frac = valid_frac
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.max_passes = int(max_passes)
+        self.seed = int(seed)
+        self.infinite = bool(infinite)
+        self.normalization = _normalization(normalize, mean, std)
+        self.rank, self.world_size = _dist_rank(rank, world_size)
+        self.epoch = 0
+        self._batching = self._check_batching(batch_size, group_by_bin, multiple)
+        self.batch_size = batch_size
+        self.group_by_bin = bool(group_by_bin)
+        self.multiple = multiple
+        self.drop_last = bool(drop_last)
+
+    def _check_batching(self, batch_size, group_by_bin, multiple) -> bool:
+        if batch_size is None:
+            if group_by_bin:
+                raise ValueError("group_by_bin=True needs batch_size")
+            return False
+        if multiple is None or int(multiple) < 1:
+            raise ValueError(
+                "batch_size needs multiple= (the model's downsample_factor) to pad batches"
+            )
+        if isinstance(batch_size, Mapping):
+            if not group_by_bin:
+                raise ValueError("a batch size per bin needs group_by_bin=True")
+            missing = [b for b in self.bins if b not in batch_size]
+            if missing:
+                raise ValueError(f"batch_size has no entry for bins {missing}")
+            sizes = [batch_size[b] for b in self.bins]
+        else:
+            sizes = [batch_size]
+        if any(int(s) < 1 for s in sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size}")
+        return True
+
+    # ------------------------------------------------------------------ public helpers
+
+    @property
+    def bins(self) -> list[str]:
+        """The bin folder names streamed, in order of length (a name may repeat across roots)."""
+        return list(dict.fromkeys(s.bin for s in self._streams))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch: re-seeds the shuffle (infinite streams start at this epoch and count
+        on). Call it before creating the DataLoader iterator; with ``persistent_workers=True``
+        the workers keep the epoch they were started with (use ``infinite=True`` instead)."""
+        self.epoch = int(epoch)
+
+    def denormalize(self, image):
+        """Undo the dataset's standardisation: images (..., 3, H, W) back to [-1, 1] (identity
+        when the dataset does not standardise). Padding becomes meaningless; use the mask."""
+        return image if self.normalization is None else self.normalization.inverse(image)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(bins={len(self.bins)}, split={self.split!r}, "
+            f"valid_frac={self.valid_frac}, shuffle_buffer={self.shuffle_buffer}, "
+            f"infinite={self.infinite}, rank={self.rank}/{self.world_size}, "
+            f"normalization={self.normalization})"
+        )
+
+    # ------------------------------------------------------------------ discovery
+
+    def _shard_files(self, s: int, shard: int, n_shards: int) -> Iterator[tuple[int, str, int]]:
+        """Files of stream ``s`` in the split and in ``shard``: ``(s, relative path, hash)``.
+
+        ``hash`` (64 bits of the md5, independent of the split bits) selects the passes.
+        """
+        stream = self._streams[s]
+        start = len(stream.folder) + 1
+        prefix = stream.prefix
+        cut = _split_cut(self.valid_frac)
+        want_val = {"train": False, "val": True, "all": None}[self.split]
+        md5 = hashlib.md5
+        crc32 = zlib.crc32
+        sep = os.sep
+        for path in walk_files(stream.folder, (".png",)):
+            rel = path[start:]
+            if sep != "/":
+                rel = rel.replace(sep, "/")
+            key = (prefix + rel).encode("utf-8", "surrogateescape")
+            if n_shards > 1 and crc32(key) % n_shards != shard:
+                continue
+            digest = md5(key).digest()
+            if want_val is not None and (int.from_bytes(digest[:8], "big") < cut) != want_val:
+                continue
+            yield s, rel, int.from_bytes(digest[8:], "big")
+
+    def _pass_files(self, s, shard, n_shards, passes, index, salt) -> Iterator[tuple[int, str]]:
+        for s_, rel, h in self._shard_files(s, shard, n_shards):
+            if (_mix64(h ^ salt) * passes) >> 64 == index:
+                yield s_, rel
+
+    def _epoch_files(self, epoch: int, shard: int, n_shards: int) -> Iterator[tuple[int, str]]:
+        """This worker's files for one epoch, ``(stream index, relative path)``, each once."""
+        n_streams = len(self._streams)
+        if not self.shuffle_buffer:
+            for s in range(n_streams):
+                for s_, rel, _ in self._shard_files(s, shard, n_shards):
+                    yield s_, rel
+            return
+        seq = np.random.SeedSequence([self.seed, epoch, shard, n_shards])
+        rng_pass, rng_merge, rng_buffer = (np.random.default_rng(c) for c in seq.spawn(3))
+        counts = [sum(1 for _ in self._shard_files(s, shard, n_shards)) for s in range(n_streams)]
+        total = sum(counts)
+        if total == 0:
+            return
+        passes = min(self.max_passes, -(-total // self.shuffle_buffer))
+        salt = int(rng_pass.integers(0, 1 << 63))
+        used = [s for s in range(n_streams) if counts[s]]
+
+        def source() -> Iterator[tuple[int, str]]:
+            for index in rng_pass.permutation(passes).tolist():
+                walks = [self._pass_files(s, shard, n_shards, passes, index, salt) for s in used]
+                yield from _random_merge(walks, [counts[s] / passes for s in used], rng_merge)
+
+        yield from buffered_shuffle(source(), self.shuffle_buffer, rng_buffer)
+
+    # ------------------------------------------------------------------ items
+
+    def _worker_shard(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.rank * n_workers + worker, self.world_size * n_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shard, n_shards = self._worker_shard()
+        read = _Reader(self)
+        batcher = _Batcher(self, read) if self._batching else None
+        epoch = self.epoch
+        while True:
+            listed = 0
+            for s, rel in self._epoch_files(epoch, shard, n_shards):
+                listed += 1
+                if batcher is not None:
+                    yield from batcher.add(s, rel)
+                    continue
+                item = read(s, rel)
+                if item is not None:
+                    yield item
+            if not self.infinite:
+                if batcher is not None and not self.drop_last:
+                    yield from batcher.flush()
+                return
+            # infinite: stop rather than spin when this worker can never yield again
+            if listed == 0:
+                logger.debug("shard %d/%d of %r is empty: worker stops", shard, n_shards, self)
+                return
+            if read.ok == 0 and read.failed >= listed:
+                logger.error("no readable image in shard %d/%d of %r", shard, n_shards, self)
+                return
+            epoch += 1
+
+
+class _Reader:
+    """Reads and decodes one file into an item; logs and counts the unreadable ones."""
+
+    def __init__(self, dataset: _ImageStreamDataset):
+        self.streams = dataset._streams
+        self.decoder = _Decoder(dataset.normalization)
+        self.ok = self.failed = 0
+
+    def __call__(self, s: int, rel: str) -> dict[str, Any] | None:
+        path = os.path.join(self.streams[s].folder, rel)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            image = self.decoder(decode_png(data))
+        except (OSError, ValueError) as exc:
+            self.failed += 1
+            logger.warning("skipping unreadable image %s: %s", path, exc)
+            return None
+        self.ok += 1
+        name = os.path.basename(rel)
+        return {
+            "image": torch.from_numpy(image),
+            "length": image.shape[-1],
+            "id": name[:-4] if name.lower().endswith(".png") else name,
+            "path": path,
+        }
+
+
+class _Batcher:
+    """Groups file entries into batches (per bin with ``group_by_bin``) and pads them with
+    :func:`collate_with_padding`. A batch's files are decoded only once it is complete (a pending
+    entry costs ~100 bytes, not an image); the slots of unreadable files are refilled."""
+
+    def __init__(self, dataset: _ImageStreamDataset, read: _Reader):
+        self.ds = dataset
+        self.read = read
+        self.pending: dict[str | None, list[tuple[int, str]]] = {}
+        self.ready: dict[str | None, list[dict[str, Any]]] = {}
+
+    def _size(self, key: str | None) -> int:
+        bs = self.ds.batch_size
+        return int(bs[key]) if isinstance(bs, Mapping) else int(bs)
+
+    def _decode(self, key: str | None) -> list[dict[str, Any]]:
+        ready = self.ready.setdefault(key, [])
+        for s, rel in self.pending.pop(key, []):
+            item = self.read(s, rel)
+            if item is not None:
+                ready.append(item)
+        return ready
+
+    def add(self, s: int, rel: str) -> Iterator[dict[str, Any]]:
+        key = self.ds._streams[s].bin if self.ds.group_by_bin else None
+        pending = self.pending.setdefault(key, [])
+        pending.append((s, rel))
+        size = self._size(key)
+        if len(pending) + len(self.ready.get(key, ())) >= size:
+            ready = self._decode(key)
+            if len(ready) >= size:
+                self.ready[key] = []
+                yield collate_with_padding(ready, self.ds.multiple)
+
+    def flush(self) -> Iterator[dict[str, Any]]:
+        for key in sorted(set(self.pending) | set(self.ready), key=str):
+            ready = self._decode(key)
+            self.ready[key] = []
+            if ready:
+                yield collate_with_padding(ready, self.ds.multiple)
+
+
+def _abs(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+class IterableImageDataset(_ImageStreamDataset):
+    """Stream the PNG images of one folder (one length bin), e.g. ``OUT/bin_65_128``.
+
+    Parameters
+    ----------
+    folder : path
+        Folder of PNGs (walked recursively, streamed).
+    root : path, optional
+        The dataset root the split and shard keys are relative to. Default: the folder's parent,
+        so ``OUT/bin_65_128/ID.png`` has the key ``bin_65_128/ID.png`` and splits exactly as in
+        ``IterableImageDatasetUni(OUT)``.
+    split : {"train", "val", "all"}
+        Which part of the md5 split to stream.
+    valid_frac : float
+        Fraction of files in ``"val"``.
+    shuffle_buffer : int
+        Number of file entries (paths, not images) in the streaming shuffle buffer; 0 streams in
+        discovery order (no shuffle). A buffer at least the size of a worker's shard gives a
+        uniform permutation; a smaller one adds up to ``max_passes`` walks per epoch.
+    max_passes : int
+        Cap on the hashed passes per epoch when the buffer is smaller than the shard.
+    seed : int
+        Shuffle seed; the order depends on ``(seed, epoch, rank, worker, num_workers)``.
+    infinite : bool
+        Loop over epochs forever (training); otherwise one epoch per iterator.
+    normalize : {None, "none", "seed"}
+        ``"seed"``: standardise with :data:`protoken.codec.SEED_MEAN` / ``SEED_STD``.
+    mean, std : 3 floats, optional
+        Explicit per-channel standardisation (on the [0, 1] scale) instead.
+    rank, world_size : int, optional
+        DDP position; default from ``torch.distributed`` when initialised (at construction),
+        else 0 and 1.
+    batch_size : int or dict, optional
+        Yield padded batches (dicts as :func:`collate_with_padding`) instead of items; use with
+        ``DataLoader(batch_size=None)``. A dict gives a batch size per bin (needs
+        ``group_by_bin=True``).
+    group_by_bin : bool
+        Batch only images of the same bin folder (length-aware batching).
+    multiple : int
+        Padding multiple of the batches (the model's ``downsample_factor``); needed with
+        ``batch_size``.
+    drop_last : bool
+        Finite mode with ``batch_size``: drop the incomplete batches left at the end of the epoch
+        (one per bin and worker at most). Infinite streams carry them over to the next epoch.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder`` does not exist or is not a folder.
+    ValueError
+        ``folder`` holds no PNG, or inconsistent options.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, *, root: str | os.PathLike | None = None, **options
+    ):
+        folder = _abs(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"image folder not found (or not a folder): {folder}")
+        root = os.path.dirname(folder) if root is None else _abs(root)
+        rel = os.path.relpath(folder, root)
+        if rel == os.curdir:
+            prefix = ""
+        elif rel.startswith(os.pardir):
+            raise ValueError(f"folder {folder} is not under root {root}")
+        else:
+            prefix = rel.replace(os.sep, "/") + "/"
+        if not _has_png(folder):
+            raise ValueError(f"no PNG image in {folder}")
+        self.folder, self.root = folder, root
+        super().__init__([_Stream(os.path.basename(folder), folder, prefix)], **options)
+
+
+class IterableImageDatasetUni(_ImageStreamDataset):
+    """Stream the PNG images of all length bins (``bin_LO_HI`` folders) under one or more roots.
+
+    Takes the options of :class:`IterableImageDataset` (``split``, ``valid_frac``,
+    ``shuffle_buffer``, ``seed``, ``infinite``, ``normalize``/``mean``/``std``,
+    ``rank``/``world_size``, ``batch_size``/``group_by_bin``/``multiple``/``drop_last``) and:
+
+    Parameters
+    ----------
+    root : path or sequence of paths
+        Folder(s) written by ``protoken convert``; only their ``bin_LO_HI`` sub-folders are read
+        (not ``fasta/``). Split keys are relative to each root (``bin_65_128/ID.png``).
+    only_bins : iterable of str, optional
+        Stream only these bins (names like ``"bin_65_128"``).
+    skip_bins : iterable of str, optional
+        Do not stream these bins (e.g. the largest, to bound memory).
+
+    Raises
+    ------
+    FileNotFoundError
+        A root does not exist or is not a folder.
+    ValueError
+        A malformed bin name, no bin left to stream, or no PNG in the selected bins.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        skip_bins: Iterable[str] | None = None,
+        only_bins: Iterable[str] | None = None,
+        **options,
+    ):
+        roots = [root] if isinstance(root, str | os.PathLike) else list(root)
+        if not roots:
+            raise ValueError("no dataset root given")
+        roots = [_abs(r) for r in roots]
+        skip = set(skip_bins or ())
+        only = None if only_bins is None else set(only_bins)
+        for name in skip | (only or set()):
+            bin_range(name)  # raises on a malformed name
+        streams: list[_Stream] = []
+        for r in roots:
+            if not os.path.isdir(r):
+                raise FileNotFoundError(f"dataset root not found (or not a folder): {r}")
+            with os.scandir(r) as it:
+                names = [e.name for e in it if e.is_dir() and _BIN_RE.fullmatch(e.name)]
+            for name in names:
+                if name in skip or (only is not None and name not in only):
+                    continue
+                streams.append(_Stream(name, os.path.join(r, name), name + "/"))
+        streams.sort(key=lambda st: (bin_range(st.bin), st.folder))
+        if only is not None:
+            absent = sorted(only - {st.bin for st in streams})
+            if absent:
+                logger.warning("only_bins: no folder %s under %s", absent, roots)
+        if not streams:
+            raise ValueError(f"no bin_LO_HI folder left to stream under {roots}")
+        if not any(_has_png(st.folder) for st in streams):
+            raise ValueError(f"no PNG image in the selected bins under {roots}")
+        self.roots = roots
+        super().__init__(streams, **options)
+
+
+# --------------------------------------------------------------------------- loading loops
+
+
+def cycle(loader: Iterable[Any], start_epoch: int | None = None) -> Iterator[Any]:
+    """Yield the batches of ``loader`` forever, re-iterating it whenever it ends.
+
+    Before each pass, ``loader.dataset.set_epoch(epoch)`` is called when it exists (epochs
+    count from ``start_epoch``, default the dataset's current epoch), so a finite dataset is
+    reshuffled on every pass. An infinite dataset never ends, so it is iterated once.
+
+    Raises
+    ------
+    RuntimeError
+        A pass yielded no batch (empty split or shard on this rank): rather than spin forever.
+    """
+    dataset = getattr(loader, "dataset", loader)
+    set_epoch = getattr(dataset, "set_epoch", None)
+    epoch = start_epoch if start_epoch is not None else getattr(dataset, "epoch", 0)
+    while True:
+        if set_epoch is not None:
+            set_epoch(epoch)
+        got = 0
+        for batch in loader:
+            got += 1
+            yield batch
+        if got == 0:
+            raise RuntimeError(f"{loader!r} yielded no batch (empty split or shard on this rank)")
+        epoch += 1
+
+
+def take_batches(loader: Iterable[Any], n: int) -> Iterator[Any]:
+    """Yield exactly ``n`` batches from a re-iterable ``loader`` (a DataLoader), restarting it
+    from its beginning when it ends early: every DDP rank runs the same number of evaluation
+    steps even when the shards are uneven. The epoch is not changed, so with a fixed seed the
+    same batches come back at every evaluation.
+
+    Raises
+    ------
+    RuntimeError
+        The loader yields no batch at all.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, not {n}")
+    taken = 0
+    while taken < n:
+        got = 0
+        for batch in loader:
+            yield batch
+            got += 1
+            taken += 1
+            if taken == n:
+                return
+        if got == 0:
+            raise RuntimeError(f"{loader!r} yielded no batch (empty split or shard on this rank)")

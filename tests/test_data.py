@@ -1,0 +1,513 @@
+"""Streaming datasets: decoding, md5 split, sharding over ranks and workers, shuffle quality,
+padding masks, length-aware batching, infinite streams, and corrupt files."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from protoken import data as pd
+from protoken.codec import SEED_MEAN, SEED_STD, read_image, standardize, write_png
+from protoken.data import (
+    IterableImageDataset,
+    IterableImageDatasetUni,
+    Normalization,
+    batch_sizes_for_budget,
+    bin_range,
+    buffered_shuffle,
+    collate_with_padding,
+    cycle,
+    take_batches,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def png_files(root: Path) -> list[Path]:
+    """All bin PNGs under a converted folder, listed independently of protoken."""
+    return sorted(p for p in root.glob("bin_*/*.png"))
+
+
+def rel_key(root: Path, path: str | Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def expected_val(keys, frac: float) -> set[str]:
+    """The md5 split rule, written out: first 8 digest bytes as a fraction of 2**64."""
+    return {k for k in keys if int(hashlib.md5(k.encode()).hexdigest()[:16], 16) / 2**64 < frac}
+
+
+def spearman(a, b) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - b).max())
+
+
+def paths_of(items) -> list[str]:
+    return [it["path"] for it in items]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """2000 small random images in two bins (1200 in bin_1_39, 800 in bin_40_64), cheap to
+    decode: enough files for order statistics."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for name, n, lo, hi in (("bin_1_39", 1200, 8, 39), ("bin_40_64", 800, 40, 44)):
+        (root / name).mkdir()
+        for i in range(n):
+            length = int(rng.integers(lo, hi + 1))
+            image = rng.uniform(-1, 1, (3, length, length))
+            write_png(root / name / f"t{i:05d}.png", image, 8)
+    return root
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("fixture", ["converted8", "converted16"])
+def test_items_are_the_codecs_exact_inverse(fixture, request):
+    root = request.getfixturevalue(fixture)
+    ds = IterableImageDatasetUni(root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"])
+    items = list(ds)
+    expected = png_files(root)
+    assert sorted(paths_of(items)) == sorted(str(p) for p in expected if "bin_65_128" in str(p))
+    for item in items:
+        ref = read_image(item["path"])
+        assert item["image"].dtype == torch.float32
+        assert item["image"].shape == (3, item["length"], item["length"])
+        assert np.array_equal(item["image"].numpy(), ref)  # bitwise
+        assert item["id"] == Path(item["path"]).stem
+        assert 65 <= item["length"] <= 128
+
+
+@pytest.mark.parametrize("fixture", ["converted8", "converted16"])
+def test_standardisation_and_its_inverse(fixture, request):
+    root = request.getfixturevalue(fixture)
+    ds = IterableImageDatasetUni(
+        root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"], normalize="seed"
+    )
+    assert ds.normalization == Normalization(SEED_MEAN, SEED_STD)
+    assert ds.normalization.name == "seed"
+    n = 0
+    for item in ds:
+        ref = read_image(item["path"]).astype(np.float64)
+        x = item["image"]
+        assert max_abs_diff(x.numpy(), standardize(ref)) < 2e-6
+        assert max_abs_diff(ds.denormalize(x).numpy(), ref) < 2e-6
+        n += 1
+    assert n > 10
+    custom = IterableImageDatasetUni(
+        root,
+        split="all",
+        shuffle_buffer=0,
+        only_bins=["bin_40_64"],
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
+    item = next(iter(custom))  # mean = std = 1/2 maps [-1, 1] onto itself
+    assert max_abs_diff(item["image"].numpy(), read_image(item["path"])) < 1e-6
+    assert custom.normalization.name == "custom"
+
+
+def test_normalization_options_are_validated(converted8):
+    with pytest.raises(ValueError, match="both"):
+        IterableImageDatasetUni(converted8, mean=(0.5,) * 3)
+    with pytest.raises(ValueError, match="normalize"):
+        IterableImageDatasetUni(converted8, normalize="imagenet")
+    with pytest.raises(ValueError, match="positive"):
+        Normalization((0.5,) * 3, (0.5, 0.0, 0.5))
+    assert IterableImageDatasetUni(converted8, normalize="none").normalization is None
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_split_is_the_md5_of_the_relative_path_deterministic_and_disjoint(converted8):
+    keys = [rel_key(converted8, p) for p in png_files(converted8)]
+    frac = 0.3
+
+    def split(name):
+        ds = IterableImageDatasetUni(converted8, split=name, valid_frac=frac, shuffle_buffer=50)
+        return [rel_key(converted8, p) for p in paths_of(ds)]
+
+    train, val, every = split("train"), split("val"), split("all")
+    assert set(val) == expected_val(keys, frac)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(every) == sorted(keys)
+    assert 0.15 < len(val) / len(keys) < 0.45
+    assert split("val") == val and split("train") == train  # same seed, same order
+
+
+def test_split_survives_moving_the_root_and_opening_one_bin(converted8, tmp_path):
+    moved = tmp_path / "elsewhere" / "images"
+    shutil.copytree(converted8, moved)
+
+    def val_keys(root, **kw):
+        ds = IterableImageDatasetUni(root, split="val", valid_frac=0.4, shuffle_buffer=0, **kw)
+        return {rel_key(root, p) for p in paths_of(ds)}
+
+    assert val_keys(converted8) == val_keys(moved)
+    one_bin = IterableImageDataset(moved / "bin_65_128", split="val", valid_frac=0.4)
+    assert {rel_key(moved, p) for p in paths_of(one_bin)} == val_keys(
+        converted8, only_bins=["bin_65_128"]
+    )
+    assert val_keys(converted8, only_bins=["bin_65_128"])  # not trivially empty
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def _rank_loader(root, rank, **kw):
+    ds = IterableImageDatasetUni(root, rank=rank, world_size=2, **kw)
+    return DataLoader(ds, batch_size=None, num_workers=2)
+
+
+def test_two_ranks_times_two_workers_read_every_file_exactly_once(converted8):
+    keys = sorted(rel_key(converted8, p) for p in png_files(converted8))
+    for options in ({"shuffle_buffer": 0}, {"shuffle_buffer": 16, "seed": 3}):
+        seen = []
+        per_rank = []
+        for rank in (0, 1):
+            got = [
+                rel_key(converted8, it["path"])
+                for it in _rank_loader(converted8, rank, split="all", **options)
+            ]
+            per_rank.append(got)
+            seen += got
+        assert sorted(seen) == keys  # exactly once overall
+        assert all(len(got) > 0.3 * len(keys) for got in per_rank)  # both ranks work
+
+
+def test_shards_partition_without_processes(tiny_root, monkeypatch):
+    """The same property with 3 ranks x 2 fake workers, without starting processes."""
+    all_keys = {rel_key(tiny_root, p) for p in png_files(tiny_root)}
+    seen = []
+    for rank in range(3):
+        for worker in range(2):
+            info = type("Info", (), {"id": worker, "num_workers": 2})()
+            monkeypatch.setattr(pd, "get_worker_info", lambda info=info: info)
+            ds = IterableImageDatasetUni(
+                tiny_root, split="all", rank=rank, world_size=3, shuffle_buffer=100
+            )
+            seen += [rel_key(tiny_root, p) for p in paths_of(ds)]
+    assert len(seen) == len(all_keys) and set(seen) == all_keys
+
+
+def test_rank_defaults_to_torch_distributed(converted8, monkeypatch):
+    ds = IterableImageDatasetUni(converted8)
+    assert (ds.rank, ds.world_size) == (0, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    ds = IterableImageDatasetUni(converted8)
+    assert (ds.rank, ds.world_size) == (2, 4)
+    with pytest.raises(ValueError, match="rank"):
+        IterableImageDatasetUni(converted8, rank=4, world_size=4)
+
+
+# --------------------------------------------------------------------------- shuffle
+
+
+def test_shuffle_is_near_uniform_with_a_buffer_of_ten_percent(tiny_root):
+    plain = paths_of(IterableImageDatasetUni(tiny_root, split="all", shuffle_buffer=0))
+    position = {p: i for i, p in enumerate(plain)}
+    rhos = []
+    for seed in range(4):
+        ds = IterableImageDatasetUni(tiny_root, split="all", shuffle_buffer=200, seed=seed)
+        order = paths_of(ds)
+        assert sorted(order) == sorted(plain)  # a permutation: every file once
+        rhos.append(spearman([position[p] for p in order], np.arange(len(order))))
+        # the bins are interleaved along the stream, not consumed one after the other
+        first_half = order[: len(order) // 2]
+        assert 0.5 < sum("bin_1_39" in p for p in first_half) / len(first_half) < 0.7
+    assert max(abs(r) for r in rhos) < 0.1, rhos  # 1/sqrt(2000) = 0.022
+
+
+def test_a_plain_buffer_alone_would_not_pass_the_shuffle_test():
+    """Why the datasets hash files into passes: a 10% buffer leaves the order correlated."""
+    order = list(buffered_shuffle(range(2000), 200, np.random.default_rng(0)))
+    assert sorted(order) == list(range(2000))
+    assert spearman(order, np.arange(2000)) > 0.8
+
+
+def test_buffered_shuffle_holds_at_most_its_size():
+    held = {"read": 0, "out": 0, "max": 0}
+
+    def source():
+        for i in range(1000):
+            held["read"] += 1
+            held["max"] = max(held["max"], held["read"] - held["out"])
+            yield i
+
+    out = []
+    for x in buffered_shuffle(source(), 64, 1):
+        held["out"] += 1
+        out.append(x)
+    assert sorted(out) == list(range(1000))
+    assert held["max"] <= 65
+    assert list(buffered_shuffle(range(5), 0)) == list(range(5))
+    assert sorted(buffered_shuffle(range(5), 100, 0)) == list(range(5))
+
+
+def test_epochs_reseed_the_shuffle(tiny_root):
+    def order(epoch, seed=0):
+        ds = IterableImageDataset(
+            tiny_root / "bin_1_39", split="all", shuffle_buffer=100, seed=seed
+        )
+        ds.set_epoch(epoch)
+        return paths_of(ds)
+
+    e0, e1 = order(0), order(1)
+    assert e0 == order(0)  # deterministic
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert abs(spearman([e0.index(p) for p in e1], np.arange(len(e1)))) < 0.15
+    assert order(0, seed=1) != e0
+
+
+# --------------------------------------------------------------------------- collate
+
+
+@pytest.mark.parametrize("multiple", [1, 2, 64])
+def test_collate_pads_to_a_multiple_with_exact_masks(converted16, multiple):
+    ds = IterableImageDatasetUni(
+        converted16, split="all", shuffle_buffer=0, only_bins=["bin_40_64", "bin_129_192"]
+    )
+    items = list(ds)[::6]
+    batch = collate_with_padding(items, multiple=multiple)
+    lengths = [it["length"] for it in items]
+    side = int(np.ceil(max(lengths) / multiple) * multiple)
+    assert side % multiple == 0 and side - max(lengths) < multiple
+    assert batch["image"].shape == (len(items), 3, side, side)
+    assert batch["mask"].shape == (len(items), side, side) and batch["mask"].dtype == torch.bool
+    assert batch["lengths"].dtype == torch.long and batch["lengths"].tolist() == lengths
+    assert batch["ids"] == [it["id"] for it in items]
+    for i, it in enumerate(items):
+        n = it["length"]
+        expected = np.zeros((side, side), dtype=bool)
+        expected[:n, :n] = True
+        assert np.array_equal(batch["mask"][i].numpy(), expected)
+        assert torch.equal(batch["image"][i, :, :n, :n], it["image"])
+        assert not batch["image"][i][:, ~batch["mask"][i]].any()  # zero padding
+    with pytest.raises(ValueError):
+        collate_with_padding(items, multiple=0)
+
+
+def test_collate_works_as_a_dataloader_collate_fn(converted8):
+    ds = IterableImageDatasetUni(
+        converted8, split="all", shuffle_buffer=0, only_bins=["bin_65_128"]
+    )
+    dl = DataLoader(ds, batch_size=5, collate_fn=partial(collate_with_padding, multiple=64))
+    batches = list(dl)
+    assert all(b["image"].shape[-1] == 128 for b in batches)
+    assert sum(len(b["ids"]) for b in batches) == len(list(ds))
+
+
+# --------------------------------------------------------------------------- length-aware batching
+
+
+def test_group_by_bin_batches_one_bin_each_and_every_file_once(converted8):
+    small = ["bin_40_64", "bin_65_128", "bin_129_192", "bin_193_256"]
+    ds = IterableImageDatasetUni(
+        converted8, split="all", only_bins=small, batch_size=4, group_by_bin=True, multiple=64
+    )
+    batches = list(DataLoader(ds, batch_size=None))
+    ids = [i for b in batches for i in b["ids"]]
+    assert sorted(ids) == sorted(p.stem for p in png_files(converted8) if p.parent.name in small)
+    partial_per_bin = {}
+    for b in batches:
+        bins = {Path(p).parent.name for p in b["paths"]}
+        assert len(bins) == 1
+        (name,) = bins
+        lo, hi = bin_range(name)
+        assert all(lo <= n <= hi for n in b["lengths"].tolist())
+        assert b["image"].shape[-1] == -(-max(b["lengths"].tolist()) // 64) * 64
+        if len(b["ids"]) < 4:
+            partial_per_bin[name] = partial_per_bin.get(name, 0) + 1
+    assert all(v == 1 for v in partial_per_bin.values())  # at most one short batch per bin
+
+
+def test_batch_size_per_bin_and_infinite_batches_are_full(tiny_root):
+    sizes = batch_sizes_for_budget(["bin_1_39", "bin_40_64"], pixels=64 * 64 * 7, multiple=64)
+    assert sizes == {"bin_1_39": 7, "bin_40_64": 7}
+    sizes = batch_sizes_for_budget(["bin_1_39", "bin_40_64"], pixels=40 * 40 * 10, multiple=8)
+    assert sizes == {"bin_1_39": 10, "bin_40_64": 3}  # sides 40 and 64: 16000 // 4096
+    ds = IterableImageDatasetUni(
+        tiny_root, batch_size=sizes, group_by_bin=True, multiple=8, infinite=True, shuffle_buffer=50
+    )
+    for batch, _ in zip(ds, range(300), strict=False):
+        name = Path(batch["paths"][0]).parent.name
+        assert len(batch["ids"]) == sizes[name]
+    with pytest.raises(ValueError, match="no entry"):
+        IterableImageDatasetUni(
+            tiny_root, batch_size={"bin_1_39": 2}, group_by_bin=True, multiple=8
+        )
+    with pytest.raises(ValueError, match="multiple"):
+        IterableImageDatasetUni(tiny_root, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        IterableImageDatasetUni(tiny_root, group_by_bin=True)
+
+
+# --------------------------------------------------------------------------- infinite / eval
+
+
+def test_infinite_stream_repeats_each_ranks_shard_every_epoch(converted8):
+    kw = dict(split="all", only_bins=["bin_40_64", "bin_65_128"], world_size=2, shuffle_buffer=8)
+    for rank in (0, 1):
+        shard = sorted(paths_of(IterableImageDatasetUni(converted8, rank=rank, **kw)))
+        n = len(shard)
+        stream = iter(IterableImageDatasetUni(converted8, rank=rank, infinite=True, **kw))
+        first = [next(stream)["path"] for _ in range(n)]
+        second = [next(stream)["path"] for _ in range(n)]
+        assert sorted(first) == sorted(second) == shard
+        assert first != second  # re-seeded
+
+
+def test_uneven_and_empty_shards_neither_hang_nor_starve(converted8, tmp_path):
+    one = tmp_path / "one" / "bin_65_128"
+    one.mkdir(parents=True)
+    src = png_files(converted8)[0]
+    shutil.copy(src, one / src.name)
+    stream = {}
+    for rank in (0, 1):
+        ds = IterableImageDataset(one, split="all", rank=rank, world_size=2, infinite=True)
+        stream[rank] = list(zip(ds, range(5), strict=False))  # an empty shard ends, no spin
+    full, empty = sorted(stream.values(), key=len, reverse=True)
+    assert len(full) == 5 and empty == []
+    empty_rank = next(r for r in stream if not stream[r])
+    dl = DataLoader(
+        IterableImageDataset(one, split="all", rank=empty_rank, world_size=2, infinite=True),
+        batch_size=None,
+    )
+    with pytest.raises(RuntimeError, match="no batch"):
+        next(cycle(dl))
+    with pytest.raises(RuntimeError, match="no batch"):
+        list(take_batches(dl, 3))
+
+
+def test_take_batches_gives_exactly_n_batches_on_every_rank(converted8):
+    collate = partial(collate_with_padding, multiple=64)
+    counts = []
+    for rank in (0, 1):
+        ds = IterableImageDatasetUni(
+            converted8, split="val", valid_frac=0.2, rank=rank, world_size=2, shuffle_buffer=10
+        )
+        dl = DataLoader(ds, batch_size=4, collate_fn=collate)
+        counts.append(sum(len(b["ids"]) for b in dl))
+        got = list(take_batches(dl, 7))
+        assert len(got) == 7
+        again = list(take_batches(dl, 7))
+        assert [b["ids"] for b in got] == [b["ids"] for b in again]  # same batches every eval
+    assert min(counts) < 7 * 4  # some rank had to cycle over its shard
+    assert list(take_batches(dl, 0)) == []
+
+
+def test_cycle_reshuffles_each_pass_of_a_finite_loader(tiny_root):
+    ds = IterableImageDataset(tiny_root / "bin_40_64", split="all", shuffle_buffer=100)
+    dl = DataLoader(ds, batch_size=None)
+    it = cycle(dl)
+    n = 800
+    first = [next(it)["path"] for _ in range(n)]
+    second = [next(it)["path"] for _ in range(n)]
+    assert sorted(first) == sorted(second) and first != second
+    assert ds.epoch == 1
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _with_corrupt_files(src: Path, dst: Path) -> tuple[Path, list[Path]]:
+    for name in ("bin_40_64", "bin_65_128"):
+        shutil.copytree(src / name, dst / name)
+    good = png_files(dst)
+    data = good[0].read_bytes()
+    bad = [dst / "bin_40_64" / "truncated.png", dst / "bin_40_64" / "garbage.png"]
+    bad[0].write_bytes(data[: len(data) // 2])
+    bad[1].write_bytes(b"not a png at all")
+    return dst, bad
+
+
+def test_corrupt_pngs_are_logged_and_skipped(converted8, tmp_path, caplog):
+    root, bad = _with_corrupt_files(converted8, tmp_path / "root")
+    good = sorted(str(p) for p in png_files(root) if p not in bad)
+    with caplog.at_level(logging.WARNING, logger="protoken.data"):
+        items = list(IterableImageDatasetUni(root, split="all", shuffle_buffer=10))
+    assert sorted(paths_of(items)) == good
+    for path in bad:
+        assert any(str(path) in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="protoken.data"):
+        ds = IterableImageDatasetUni(
+            root, split="all", batch_size=3, group_by_bin=True, multiple=64, shuffle_buffer=0
+        )
+        batches = list(ds)
+    assert sorted(p for b in batches for p in b["paths"]) == good
+    assert sum(len(b["ids"]) < 3 for b in batches) <= len(ds.bins)  # slots were refilled
+    assert len(caplog.records) == 2
+
+
+def test_corrupt_pngs_do_not_kill_dataloader_workers(converted8, tmp_path):
+    root, bad = _with_corrupt_files(converted8, tmp_path / "root")
+    ds = IterableImageDatasetUni(root, split="all", only_bins=["bin_40_64"], shuffle_buffer=0)
+    dl = DataLoader(ds, batch_size=None, num_workers=2)
+    got = sorted(it["path"] for it in dl)
+    assert got == sorted(str(p) for p in png_files(root) if "bin_40_64" in str(p) and p not in bad)
+
+
+def test_infinite_stream_of_only_corrupt_files_stops(tmp_path):
+    folder = tmp_path / "bin_40_64"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"broken")
+    assert list(IterableImageDataset(folder, split="all", infinite=True)) == []
+
+
+def test_missing_or_empty_folders_are_clear_errors(tmp_path, converted8):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        IterableImageDataset(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        IterableImageDatasetUni(tmp_path / "nope")
+    (tmp_path / "bin_40_64").mkdir()
+    (tmp_path / "bin_40_64" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no PNG"):
+        IterableImageDataset(tmp_path / "bin_40_64")
+    with pytest.raises(ValueError, match="no PNG"):
+        IterableImageDatasetUni(tmp_path)
+    with pytest.raises(ValueError, match="no bin_LO_HI"):
+        IterableImageDatasetUni(tmp_path / "bin_40_64")
+    with pytest.raises(ValueError, match="bin folder name"):
+        IterableImageDatasetUni(converted8, skip_bins=["65_128"])
+    with pytest.raises(ValueError, match="no bin_LO_HI"):
+        IterableImageDatasetUni(converted8, only_bins=["bin_1_39"])
+    with pytest.raises(ValueError, match="empty"):
+        IterableImageDatasetUni(converted8, split="val", valid_frac=0.0)
+    with pytest.raises(ValueError, match="split"):
+        IterableImageDatasetUni(converted8, split="test")
+
+
+def test_bin_selection_and_several_roots(converted8, converted16):
+    names = {p.parent.name for p in png_files(converted8)}
+    ds = IterableImageDatasetUni(converted8, skip_bins=["bin_40_64", "bin_961_1024"])
+    assert set(ds.bins) == names - {"bin_40_64"}
+    assert [bin_range(b)[0] for b in ds.bins] == sorted(bin_range(b)[0] for b in ds.bins)
+    both = IterableImageDatasetUni(
+        [converted8, converted16], split="all", only_bins=["bin_40_64"], shuffle_buffer=0
+    )
+    got = paths_of(both)
+    assert len(got) == 2 * len([p for p in png_files(converted8) if "bin_40_64" in str(p)])
+    assert {os.path.dirname(os.path.dirname(p)) for p in got} == {
+        str(converted8),
+        str(converted16),
+    }
