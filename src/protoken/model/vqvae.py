@@ -70,6 +70,8 @@ class Downsample(nn.Module):
     ``(B, c_out, H/rate, W/rate)``, zero at invalid tokens.
 
     The width doubles with each stage up to ``c_out``, so the high-resolution stages stay cheap.
+    Only the output is masked: a stage's cells that hold no valid pixel see only zeros, so
+    whatever constant they hold is the same however much padding there is.
     """
 
     def __init__(self, in_channels: int, out_channels: int, rate: int) -> None:
@@ -88,9 +90,9 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` and its ``(B, H, W)`` mask -> downsampled ``x`` and mask."""
         for stage in self.stages:
-            mask = _pool_mask(mask, 2)
-            x = stage(x) * mask[:, None]
-        return x, mask
+            x = stage(x)
+        mask = _pool_mask(mask, 2 ** len(self.stages))
+        return x * mask[:, None], mask
 
 
 class Upsample(nn.Module):
