@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from protoken.codec import decode_png, encode_png, features_to_image, quantize
-from protoken.fileio import walk_files
+from protoken.fileio import atomic_write, walk_files
 from protoken.geometry import DMAX, sixd
 from protoken.structure import SkipStructure, StructureError, read_backbones, structure_id
 
@@ -50,6 +51,7 @@ __all__ = [
     "discover",
     "in_shard",
     "read_manifest",
+    "read_settings",
 ]
 
 MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence")
@@ -431,6 +433,7 @@ def convert(
     workers = workers or os.cpu_count() or 1
     os.makedirs(opts.out, exist_ok=True)
     os.makedirs(opts.fasta_folder, exist_ok=True)
+    _record_settings(opts)
     done = _done_sources(opts.out)
     manifest = _Manifest(manifest_path(opts.out, shard))
     summary = Summary()
@@ -504,6 +507,44 @@ def convert(
         bar.close()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+SETTINGS_FILE = "convert.json"
+
+
+def read_settings(out: str) -> dict | None:
+    """The codec settings an output folder was converted with (``OUT/convert.json``), if any."""
+    path = os.path.join(out, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _record_settings(opts: ConvertOptions) -> None:
+    """Write OUT/convert.json (dmax, bit depth, ...) or check a rerun uses the same values.
+
+    Images of one folder must share dmax and bit depth, since training and decoding read them
+    from here; a run with other values into the same folder is refused.
+    """
+    settings = {
+        "dmax": opts.dmax,
+        "bit_depth": opts.bit_depth,
+        "chains": opts.chains,
+        "models": opts.models,
+        "min_len": opts.min_len,
+        "max_len": opts.max_len,
+    }
+    old = read_settings(opts.out)
+    if old is None:
+        atomic_write(os.path.join(opts.out, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+        return
+    for key in ("dmax", "bit_depth"):
+        if old.get(key) != settings[key]:
+            raise ValueError(
+                f"{opts.out} was converted with {key}={old.get(key)}; refusing to add images "
+                f"with {key}={settings[key]} (use another --out)"
+            )
 
 
 def _commit_chunk(rows: list[Row], commit) -> None:
@@ -643,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
         summary = convert(
             args.inputs, opts, workers=args.workers, shard=args.shard, progress=not args.no_progress
         )
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"protoken convert: {exc}", file=sys.stderr)
         return 2
     print(summary.text())
