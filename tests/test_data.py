@@ -60,6 +60,16 @@ def paths_of(items) -> list[str]:
     return [it["path"] for it in items]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run the data path as a DataLoader worker does (one intra-op thread): on a busy 2-core
+    machine, 2-thread OpenMP regions in collation wait for descheduled threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """2000 small random images in two bins (1200 in bin_1_39, 800 in bin_40_64), cheap to
@@ -376,6 +386,20 @@ def test_infinite_stream_repeats_each_ranks_shard_every_epoch(converted8):
         assert first != second  # re-seeded
 
 
+def test_each_epoch_of_an_infinite_stream_discovers_new_files(converted8, tmp_path):
+    folder = tmp_path / "bin_65_128"
+    folder.mkdir()
+    files = png_files(converted8)
+    for p in files[:5]:
+        shutil.copy(p, folder / p.name)
+    stream = iter(IterableImageDataset(folder, split="all", infinite=True, shuffle_buffer=100))
+    first = {next(stream)["id"] for _ in range(5)}
+    shutil.copy(files[5], folder / files[5].name)  # written while the stream runs
+    second = {next(stream)["id"] for _ in range(6)}
+    assert first == {p.stem for p in files[:5]}
+    assert second == {p.stem for p in files[:6]}
+
+
 def test_uneven_and_empty_shards_neither_hang_nor_starve(converted8, tmp_path):
     one = tmp_path / "one" / "bin_65_128"
     one.mkdir(parents=True)
@@ -403,7 +427,13 @@ def test_take_batches_gives_exactly_n_batches_on_every_rank(converted8):
     counts = []
     for rank in (0, 1):
         ds = IterableImageDatasetUni(
-            converted8, split="val", valid_frac=0.2, rank=rank, world_size=2, shuffle_buffer=10
+            converted8,
+            split="val",
+            valid_frac=0.3,
+            only_bins=["bin_40_64", "bin_65_128", "bin_129_192"],
+            rank=rank,
+            world_size=2,
+            shuffle_buffer=10,
         )
         dl = DataLoader(ds, batch_size=4, collate_fn=collate)
         counts.append(sum(len(b["ids"]) for b in dl))

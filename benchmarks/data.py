@@ -1,0 +1,257 @@
+"""Data-path throughput: is decoding ever what limits training on this machine?
+
+    python benchmarks/data.py [--data8 DIR --data16 DIR] [--seconds 2] [--preset tiny]
+
+Prints, for 8- and 16-bit PNGs of bins 65-128 and 257-320 (the real structures of ../shared
+converted, each bin replicated by hard links to >= 64 files so that every worker has a shard):
+
+1. images/s in one process: ``codec.read_image`` alone, and one dataset worker (items, items
+   standardised, padded batches of 16);
+2. images/s through ``DataLoader(num_workers=2)`` and its ratio to one process;
+3. the model's training throughput (forward + backward + AdamW, ``--preset``) on padded images
+   of the same sizes, and the share of a training step that decoding its images costs;
+4. the cost per file of discovery, split, sharding and the shuffle passes (``--listing`` empty
+   files): what each worker pays per epoch for files it does not decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from protoken.codec import read_image
+from protoken.data import IterableImageDataset, collate_with_padding
+
+BINS = ("bin_65_128", "bin_257_320")
+
+
+def shared_dir() -> Path:
+    for cand in (os.environ.get("PROTOKEN_SHARED"), Path(__file__).parents[2] / "shared"):
+        if cand and (Path(cand) / "data" / "structures" / "MANIFEST.tsv").is_file():
+            return Path(cand)
+    raise SystemExit("../shared/data/structures not found: set PROTOKEN_SHARED or pass --data8/16")
+
+
+def convert_shared(out: Path, bit_depth: int) -> Path:
+    """Convert the single-chain structures of ../shared (as the test fixtures do)."""
+    from protoken.convert import ConvertOptions, convert
+
+    structures = shared_dir() / "data" / "structures"
+    with open(structures / "MANIFEST.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    names = [
+        r["file"]
+        for r in rows
+        if r["n_models"] == "1"
+        and r["n_chains"] == "1"
+        and 40 <= int(r["n_protein_residues_first_chain"]) <= 1024
+    ]
+    convert(
+        [str(structures / n) for n in names],
+        ConvertOptions(out=str(out), bit_depth=bit_depth),
+        workers=2,
+        progress=False,
+    )
+    return out
+
+
+def replicated_bin(root: Path, name: str, dest: Path, at_least: int = 64) -> Path:
+    """``dest/name`` holding the files of ``root/name``, hard-linked under new names until there
+    are ``at_least`` (same bytes, so decoding costs what the real files cost)."""
+    src = sorted((root / name).glob("*.png"))
+    if not src:
+        raise SystemExit(f"no PNG in {root / name}")
+    folder = dest / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(max(at_least, len(src))):
+        target = folder / f"r{i:04d}_{src[i % len(src)].name}"
+        if not target.exists():
+            try:
+                os.link(src[i % len(src)], target)
+            except OSError:
+                target.write_bytes(src[i % len(src)].read_bytes())
+    return folder
+
+
+def rate(iterator, seconds: float, count=lambda x: 1, warmup: int = 2) -> float:
+    """Items per second drawn from ``iterator`` for about ``seconds`` (after ``warmup`` draws)."""
+    for _ in range(warmup):
+        next(iterator)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += count(next(iterator))
+    return n / (time.perf_counter() - t0)
+
+
+def mean_length(folder: Path) -> float:
+    return statistics.mean(read_image(p).shape[-1] for p in sorted(folder.glob("*.png"))[:8])
+
+
+def decode_rates(folder: Path, seconds: float) -> dict[str, float]:
+    files = sorted(folder.glob("*.png"))
+    collate = partial(collate_with_padding, multiple=64)
+
+    def dataset(**kw):
+        return IterableImageDataset(folder, split="all", infinite=True, seed=0, **kw)
+
+    return {
+        "read_image": rate((read_image(p) for p in itertools.cycle(files)), seconds),
+        "item": rate(iter(dataset()), seconds),
+        "item_seed_norm": rate(iter(dataset(normalize="seed")), seconds),
+        "batch16": rate(
+            iter(dataset(batch_size=16, multiple=64)),
+            seconds,
+            count=lambda b: len(b["ids"]),
+        ),
+        "loader_0w": rate(
+            iter(DataLoader(dataset(), batch_size=16, num_workers=0, collate_fn=collate)),
+            seconds,
+            count=lambda b: len(b["ids"]),
+        ),
+        "loader_2w": rate(
+            iter(DataLoader(dataset(), batch_size=16, num_workers=2, collate_fn=collate)),
+            seconds,
+            count=lambda b: len(b["ids"]),
+            warmup=4,
+        ),
+    }
+
+
+def train_rate(preset: str, side: int, batch: int, steps: int) -> float | None:
+    """Training images/s of the model at ``side`` x ``side`` (None if the model is unavailable)."""
+    try:
+        from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths
+    except ImportError as exc:  # the model is developed in parallel
+        print(f"# model unavailable ({exc}): skipping the training comparison")
+        return None
+    torch.manual_seed(0)
+    config = VQVAEConfig.preset(preset)
+    side = -(-side // config.downsample_factor) * config.downsample_factor
+    model = VQVAE(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, config.in_channels, side, side) * 2 - 1
+    mask = mask_from_lengths([side] * batch, side)
+
+    def step():
+        out = model(x, mask)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def listing_cost(n_files: int, tmp: Path) -> list[tuple[str, float, float]]:
+    """Microseconds per file in the folder that one worker spends per epoch on listing, split,
+    sharding and shuffling (empty files: nothing is decoded); the first epoch of an iterator
+    counts its shard with one more walk, later epochs of an infinite stream reuse the count."""
+    folder = tmp / "listing" / "bin_65_128"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (folder / f"AF-P{i:07d}-F1-model_v4.png").touch()
+    out = []
+    for label, buffer, world in (
+        ("no shuffle, 1 shard", 0, 1),
+        ("buffer >= shard (1 pass), 1 shard", n_files, 1),
+        ("buffer 10% (10 passes), 1 shard", n_files // 10, 1),
+        ("buffer >= shard, 16 shards", n_files, 16),
+        ("buffer 10% of shard (10 passes), 16 shards", n_files // 160, 16),
+    ):
+        ds = IterableImageDataset(
+            folder, split="train", shuffle_buffer=buffer, rank=0, world_size=world
+        )
+        counts: list[int] = []
+        times = []
+        for epoch in (0, 1):
+            t0 = time.perf_counter()
+            n = sum(1 for _ in ds._epoch_files(epoch, 0, world, counts))
+            times.append((time.perf_counter() - t0) / n_files * 1e6)
+        out.append((f"{label}: {n} files yielded", *times))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data8", type=Path, help="a converted 8-bit folder (default: convert)")
+    parser.add_argument("--data16", type=Path, help="a converted 16-bit folder")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--preset", default="tiny", help="model preset to compare with")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    parser.add_argument("--listing", type=int, default=20000, help="files for the listing cost")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as in a DataLoader worker; training below uses --threads
+    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}")
+
+    with tempfile.TemporaryDirectory(prefix="protoken-bench-data-") as tmp:
+        tmp = Path(tmp)
+        roots = {
+            8: args.data8 or convert_shared(tmp / "c8", 8),
+            16: args.data16 or convert_shared(tmp / "c16", 16),
+        }
+        print("\n## decode throughput, images/s (one process = one DataLoader worker)")
+        header = (
+            "depth",
+            "bin",
+            "mean_L",
+            "read_image",
+            "item",
+            "item_seed_norm",
+            "batch16",
+            "loader_0w",
+            "loader_2w",
+            "2w/0w",
+        )
+        print("\t".join(header))
+        per_worker: dict[tuple[int, str], float] = {}
+        lengths: dict[str, float] = {}
+        for depth, name in itertools.product((8, 16), BINS):
+            folder = replicated_bin(roots[depth], name, tmp / f"rep{depth}")
+            lengths[name] = mean_length(folder)
+            r = decode_rates(folder, args.seconds)
+            per_worker[depth, name] = r["item"]
+            cells = [str(depth), name, f"{lengths[name]:.0f}"]
+            cells += [f"{r[k]:.0f}" for k in header[3:-1]]
+            cells.append(f"{r['loader_2w'] / r['loader_0w']:.2f}")
+            print("\t".join(cells), flush=True)
+
+        print(f"\n## training throughput ({args.preset}, batch {args.train_batch}) vs decoding")
+        print("bin\tside\ttrain_img/s\tdecode_share_8bit\tdecode_share_16bit")
+        torch.set_num_threads(args.threads)
+        for name in BINS:
+            side = int(name.split("_")[2])
+            tr = train_rate(args.preset, side, args.train_batch, args.train_steps)
+            if tr is None:
+                break
+            shares = [tr / per_worker[d, name] for d in (8, 16)]
+            print(
+                f"{name}\t{side}\t{tr:.1f}\t{shares[0]:.2%}\t{shares[1]:.2%}",
+                flush=True,
+            )
+        print("# decode_share: decoding one image per worker / training on it (1 core each)")
+
+        print(f"\n## per-file cost of listing + split + shard + shuffle ({args.listing} files)")
+        print("first_epoch\tnext_epochs\t(us per file in the folder, per worker)")
+        for label, first, later in listing_cost(args.listing, tmp):
+            print(f"{first:.2f}\t{later:.2f}\t{label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
