@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("protoken.train", "train the hierarchical VQ-VAE (single process or torchrun)"),
     "encode": ("protoken.tokenizer", "structures or images -> tokens (.npz)"),
     "decode": ("protoken.tokenizer", "tokens -> images -> 3D structures"),
-    "evaluate": ("protoken.tokenizer", "round-trip structures through a tokenizer and report"),
+    "evaluate": ("protoken.evaluate", "round-trip structures through a tokenizer and report"),
     "demo": ("protoken.demo", "convert bundled structures, train a tiny tokenizer, evaluate"),
 }
 
