@@ -1,0 +1,142 @@
+"""Superposition and structure metrics against known geometry and TM-align (tmtools)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protoken.metrics import d0, kabsch, lddt, mirror_rmsd, rmsd, superpose, tm_score
+from protoken.structure import read_backbones
+
+
+def random_rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+@pytest.fixture(scope="module")
+def ca(structures_dir) -> np.ndarray:
+    """CA trace of a real SCOPe domain (d1asha_, 147 residues)."""
+    return read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0].ca
+
+
+def test_kabsch_recovers_a_known_rigid_motion(ca):
+    rng = np.random.default_rng(0)
+    rot, shift = random_rotation(rng), np.array([10.0, -3.0, 7.5])
+    moved = ca @ rot.T + shift
+    r, t = kabsch(ca, moved)
+    np.testing.assert_allclose(r, rot, atol=1e-10)
+    np.testing.assert_allclose(t, shift - (rot - r) @ ca.mean(0), atol=1e-8)
+    np.testing.assert_allclose(superpose(ca, moved), moved, atol=1e-9)
+    assert rmsd(ca, moved) < 1e-9
+    assert rmsd(ca, moved, superpose=False) == pytest.approx(
+        np.sqrt(np.mean(np.sum((ca - moved) ** 2, axis=1)))
+    )
+
+
+def test_kabsch_never_reflects(ca):
+    """A mirror image cannot be superposed: det R = +1 and the RMSD stays large, while the
+    explicit mirror diagnostic finds the perfect (improper) fit."""
+    rng = np.random.default_rng(1)
+    mirror = ca * np.array([-1.0, 1.0, 1.0]) @ random_rotation(rng).T
+    r, _ = kabsch(mirror, ca)
+    assert np.linalg.det(r) == pytest.approx(1.0)
+    assert rmsd(mirror, ca) > 5.0
+    assert mirror_rmsd(mirror, ca) < 1e-9
+    assert tm_score(mirror, ca) < 0.5
+
+
+def test_weighted_kabsch_fits_only_the_weighted_points(ca):
+    rng = np.random.default_rng(2)
+    rot = random_rotation(rng)
+    target = ca @ rot.T
+    mobile = ca.copy()
+    mobile[100:] += rng.normal(size=(len(ca) - 100, 3)) * 5.0  # spoil the last residues
+    w = np.zeros(len(ca))
+    w[:100] = 1.0
+    moved = superpose(mobile, target, weights=w)
+    np.testing.assert_allclose(moved[:100], target[:100], atol=1e-9)
+
+
+def test_d0_formula():
+    assert d0(100) == pytest.approx(1.24 * 85 ** (1 / 3) - 1.8)
+    assert d0(20) == 0.5
+    assert d0(22) >= 0.5
+
+
+def test_tm_score_of_a_split_protein_is_the_analytic_value(ca):
+    """Half the residues translated 100 A away: the search must superpose on the larger half,
+    giving TM = (n1 + n2 / (1 + (100 / d0)^2)) / L exactly."""
+    length = len(ca)
+    n1 = 90
+    model = ca.copy()
+    model[n1:] += np.array([100.0, 0.0, 0.0])
+    rng = np.random.default_rng(3)
+    model = model @ random_rotation(rng).T + 20.0
+    expected = (n1 + (length - n1) / (1.0 + (100.0 / d0(length)) ** 2)) / length
+    assert tm_score(model, ca) == pytest.approx(expected, abs=1e-9)
+    assert tm_score(ca, ca) == pytest.approx(1.0)
+    assert tm_score(ca, ca, superpose=False) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 4.0])
+def test_tm_score_search_matches_tm_align_on_a_fixed_alignment(ca, sigma):
+    """Our superposition search against TM-align's own (tmtools, alignment given as identity),
+    an independent implementation."""
+    import tmtools
+
+    rng = np.random.default_rng(4)
+    noisy = ca @ random_rotation(rng).T + rng.normal(size=ca.shape) * sigma
+    seq = "A" * len(ca)
+    ref = tmtools.tm_align(noisy, ca, seq, seq, [seq, seq]).tm_norm_chain2
+    assert tm_score(noisy, ca) == pytest.approx(ref, abs=2e-3)
+    # with the optimal rotation applied, scoring without search cannot beat the search
+    assert tm_score(superpose(noisy, ca), ca, superpose=False) <= tm_score(noisy, ca) + 1e-12
+
+
+def test_tm_score_align_mode_is_sequence_independent(ca):
+    rng = np.random.default_rng(5)
+    moved = ca @ random_rotation(rng).T
+    assert tm_score(moved, ca, align=True) == pytest.approx(1.0, abs=1e-6)
+    # a fragment aligned against the whole protein: normalised by the reference length
+    frag = moved[20:100]
+    score = tm_score(frag, ca, align=True)
+    assert 80 / len(ca) - 0.02 < score <= 80 / len(ca) + 1e-6
+
+
+def test_lddt_on_known_geometry():
+    """Four points on a line 5 A apart; the last moved out by 1.5 A. Pairs within 15 A:
+    (0,1), (0,2), (1,2) unchanged; (1,3), (2,3) off by 1.5 A, inside 2 and 4 A only."""
+    ref = np.array([[0.0, 0, 0], [5.0, 0, 0], [10.0, 0, 0], [15.0, 0, 0]])
+    pred = ref.copy()
+    pred[3, 0] += 1.5
+    assert lddt(pred, ref) == pytest.approx((3 * 1.0 + 2 * 0.5) / 5)
+    np.testing.assert_allclose(
+        lddt(pred, ref, per_residue=True), [1.0, 2.5 / 3, 2.5 / 3, 0.5], atol=1e-12
+    )
+    assert lddt(ref, ref) == 1.0
+    assert lddt(pred, ref, cutoff=100.0) < lddt(pred, ref)  # (0,3) now counts, also off
+
+
+def test_lddt_is_superposition_free(ca):
+    rng = np.random.default_rng(6)
+    moved = ca @ random_rotation(rng).T + 50.0
+    assert lddt(moved, ca) == 1.0
+    noisy = ca + rng.normal(size=ca.shape) * 0.5
+    assert lddt(noisy @ random_rotation(rng).T, ca) == pytest.approx(lddt(noisy, ca))
+    assert 0.5 < lddt(noisy, ca) < 1.0
+
+
+def test_bad_inputs_raise():
+    a = np.zeros((5, 3))
+    with pytest.raises(ValueError):
+        rmsd(a, np.zeros((6, 3)))
+    with pytest.raises(ValueError):
+        rmsd(np.zeros((5, 2)), np.zeros((5, 2)))
+    bad = a.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError):
+        tm_score(bad, a)
