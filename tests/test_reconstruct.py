@@ -1,0 +1,357 @@
+"""Image -> 3D: MDS, handedness, refinement with clipped pairs, output, metrics and the CLI.
+
+Expectations are independent of the code under test: the Cb computed from the original files
+(protoken.geometry, itself tested against the seed's formulas), known geometry, and mirror
+images built here. The full-set figures (all single-chain proteins, 8 and 16 bit) are printed by
+``benchmarks/reconstruct.py --roundtrip``; here a representative subset is checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from protoken.codec import dequantize, features_to_image, image_to_features, quantize, write_png
+from protoken.geometry import pairwise_distances, sixd, virtual_cb
+from protoken.metrics import mirror_rmsd, rmsd
+from protoken.reconstruct import (
+    ca_directions,
+    clipped_mask,
+    compare_with_reference,
+    distance_rms,
+    load_image,
+    mds,
+    reconstruct,
+    refine_distances,
+    resolve_handedness,
+    stress,
+    to_structure_text,
+)
+from protoken.structure import read_backbones
+
+# a spread of sizes and folds; 1avyA00 (68, coiled coil), 3po3S (164) and 6WQA (391) have
+# clipped pairs
+SUBSET = [
+    "cathtools__1c56A",  # 40
+    "biopython__1A8O",  # 70
+    "cathtools__1avyA00",  # 68, clipped
+    "foldseek__d1asha_",  # 147
+    "cathtools__3po3S",  # 164, clipped
+    "biotite__1dix",  # 208
+    "biopython__6WQA",  # 391, clipped
+]
+
+
+def image_of(bb, bit_depth: int | None = 16, dmax: float = 80.0) -> np.ndarray:
+    """The image of a backbone, optionally through PNG quantisation."""
+    image = features_to_image(sixd(bb.n, bb.ca, bb.c, dmax), dmax)
+    return image if bit_depth is None else dequantize(quantize(image, bit_depth), np.float64)
+
+
+def cb_of(bb) -> np.ndarray:
+    return virtual_cb(bb.n, bb.ca, bb.c)
+
+
+def manifest_rows(folder: Path) -> dict[str, dict]:
+    with open(folder / "manifest.tsv", newline="") as fh:
+        return {r["id"]: r for r in csv.DictReader(fh, delimiter="\t") if r["status"] == "ok"}
+
+
+@pytest.fixture(scope="module")
+def protein(structures_dir):
+    """d1asha_, a 147-residue SCOPe domain."""
+    return read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
+
+
+# --------------------------------------------------------------------------- MDS
+
+
+def test_mds_recovers_euclidean_points_up_to_a_rigid_motion():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) * [20.0, 10.0, 5.0]
+    y = mds(pairwise_distances(x))
+    assert y.shape == (200, 3)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-9)
+    assert min(rmsd(y, x), mirror_rmsd(y, x)) < 1e-9
+    # axes along decreasing variance
+    var = y.var(axis=0)
+    assert var[0] >= var[1] >= var[2]
+
+
+@pytest.mark.parametrize(
+    "distances",
+    [
+        np.zeros((5, 5)),
+        np.zeros((1, 1)),
+        np.array([[0.0, 3.0], [3.0, 0.0]]),
+        np.full((10, 10), np.nan),
+        np.abs(np.random.default_rng(1).normal(size=(30, 30))) * 50,  # not Euclidean
+    ],
+)
+def test_mds_degenerate_and_non_euclidean_inputs_stay_finite(distances):
+    y = mds(distances)
+    assert y.shape == (len(distances), 3)
+    assert np.isfinite(y).all()
+    if len(distances) == 2:
+        assert np.linalg.norm(y[0] - y[1]) == pytest.approx(3.0)
+
+
+# --------------------------------------------------------------------------- handedness
+
+
+def test_ca_directions_from_phi_are_exact(protein):
+    f = sixd(protein.n, protein.ca, protein.c)
+    cb = cb_of(protein)
+    mask = f.d < 80.0
+    np.fill_diagonal(mask, False)
+    w = ca_directions(cb, f.phi, mask)
+    true = protein.ca - cb
+    true /= np.linalg.norm(true, axis=1, keepdims=True)
+    np.testing.assert_allclose(w, true, atol=1e-8)
+
+
+def test_resolve_handedness_returns_the_image_hand_from_either_input(protein):
+    f = sixd(protein.n, protein.ca, protein.c)
+    cb = cb_of(protein)
+    mask = f.d < 80.0
+    np.fill_diagonal(mask, False)
+    mirror = cb * np.array([1.0, -1.0, 1.0])
+    out1, flipped1, s1 = resolve_handedness(cb, f, mask)
+    out2, flipped2, s2 = resolve_handedness(mirror, f, mask)
+    assert (flipped1, flipped2) == (False, True)
+    assert s1 == pytest.approx(1.0) and s2 == pytest.approx(1.0)
+    assert rmsd(out1, cb) < 1e-9 and rmsd(out2, cb) < 1e-9
+
+
+def test_exact_mirror_image_returns_each_hand(protein):
+    """The exact mirror image of a real protein (every atom, Cb included, reflected) has the
+    same distances and opposite omega and theta. MDS sees identical inputs and so returns the
+    same coordinates for both: one of them is necessarily the wrong hand. The pipeline must
+    return the original handedness for each image."""
+    f = sixd(protein.n, protein.ca, protein.c)
+    mirror_f = f._replace(omega=-f.omega, theta=-f.theta)
+    cb = cb_of(protein)
+    refs = {"original": cb, "mirror": cb * np.array([-1.0, 1.0, 1.0])}
+    images = {
+        "original": dequantize(quantize(features_to_image(f), 16), np.float64),
+        "mirror": dequantize(quantize(features_to_image(mirror_f), 16), np.float64),
+    }
+    np.testing.assert_array_equal(mds(image_to_features(images["original"]).d),
+                                  mds(image_to_features(images["mirror"]).d))  # fmt: skip
+    recs = {name: reconstruct(image) for name, image in images.items()}
+    assert recs["original"].mirrored_before_fix != recs["mirror"].mirrored_before_fix
+    for name, rec in recs.items():
+        other = "mirror" if name == "original" else "original"
+        assert rmsd(rec.cb, refs[name]) < 1e-3
+        assert rmsd(rec.cb, refs[other]) > 5.0
+        assert mirror_rmsd(rec.cb, refs[other]) < 1e-3
+        assert rec.handedness_score > 0.999
+
+
+def test_mirrored_backbone_keeps_its_own_handedness(protein):
+    """A mirrored backbone (N, CA, C reflected; its virtual Cb then follows the seed's formula,
+    so the Cb set is not simply reflected) also comes back with its own handedness."""
+    mirror_bb = protein.coords * np.array([-1.0, 1.0, 1.0])
+    for coords in (protein.coords, mirror_bb):
+        n, ca, c = coords[:, 0], coords[:, 1], coords[:, 2]
+        image = dequantize(quantize(features_to_image(sixd(n, ca, c)), 16), np.float64)
+        m = compare_with_reference(reconstruct(image), coords)
+        assert m["cb_rmsd"] < 1e-3 and not m["mirror_image"]
+
+
+# --------------------------------------------------------------------------- refinement
+
+
+def test_stress_gradient_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 3)) * 10
+    d = pairwise_distances(rng.normal(size=(12, 3)) * 10)
+    clipped = np.zeros((12, 12), dtype=bool)
+    clipped[0, 5] = clipped[5, 0] = clipped[2, 9] = clipped[9, 2] = True
+    dmax = 15.0
+    f, grad = stress(x, d, clipped, dmax)
+    # f is half the mean squared violation over ordered pairs
+    assert f == pytest.approx(distance_rms(x, d, clipped, dmax) ** 2 / 2)
+    eps = 1e-6
+    flat = x.ravel()
+    num = [
+        (stress(flat + eps * e, d, clipped, dmax)[0] - stress(flat - eps * e, d, clipped, dmax)[0])
+        / (2 * eps)
+        for e in np.eye(36)
+    ]
+    np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-9)
+
+
+def test_refinement_recovers_a_protein_with_clipped_pairs(structures_dir):
+    """1avyA00, a 68-residue coiled coil 92 A long: MDS reads its 30 clipped pairs as 80 A and
+    bends it; refinement with the hinge brings it back to the 16-bit precision."""
+    bb = read_backbones(structures_dir / "cathtools__1avyA00.pdb")[0]
+    cb = cb_of(bb)
+    image = image_of(bb)
+    clipped = clipped_mask(image)
+    assert clipped.sum() // 2 == int((pairwise_distances(cb) >= 80.0).sum() // 2) == 30
+    d = image_to_features(image).d
+    x0 = mds(d)
+    assert min(rmsd(x0, cb), mirror_rmsd(x0, cb)) > 1.0
+    x = refine_distances(x0, d, clipped)
+    assert min(rmsd(x, cb), mirror_rmsd(x, cb)) < 1e-3
+    r = pairwise_distances(x)
+    assert r[clipped].min() > 80.0 - 1e-3  # clipped pairs kept apart
+    assert distance_rms(x, d, clipped) < 1e-3 < distance_rms(x0, d, clipped)
+    rec = reconstruct(image)
+    assert rec.refined and rec.clipped_pairs == 30
+    assert rec.distance_rms < 1e-3 < rec.distance_rms_mds
+    assert compare_with_reference(rec, bb)["cb_rmsd"] < 1e-3
+    no = reconstruct(image, refine=False)
+    assert not no.refined and compare_with_reference(no, bb)["cb_rmsd"] > 1.0
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("bit_depth, limit", [(16, 1e-3), (8, 0.05)])
+def test_round_trip_through_png_on_real_proteins(request, bit_depth, limit):
+    """convert -> PNG -> reconstruct, against the Cb of the original file (issue acceptance:
+    median <= 0.001 A from 16 bit, <= 0.05 A from 8 bit, no mirror image)."""
+    folder = request.getfixturevalue(f"converted{bit_depth}")
+    rows = manifest_rows(folder)
+    results = []
+    for sid in SUBSET:
+        row = rows[sid]
+        rec = reconstruct(folder / row["bin"] / f"{sid}.png")
+        m = compare_with_reference(rec, read_backbones(row["source"])[0])
+        assert not m["mirror_image"], sid
+        assert m["tm_score"] > 0.999 and m["lddt"] > 0.999, sid
+        assert m["cb_rmsd"] < 3 * limit, sid
+        results.append(m)
+    assert np.median([m["cb_rmsd"] for m in results]) <= limit
+    clipped = [m for m in results if m["clipped_pairs"]]
+    assert len(clipped) == 3
+
+
+def test_noisy_images_degrade_gracefully(protein):
+    """Model outputs are not exact images: noise, out-of-range values, NaN pixels."""
+    rng = np.random.default_rng(3)
+    image = image_of(protein, None)
+    cb = cb_of(protein)
+    noisy = image + rng.normal(size=image.shape) * 0.02  # ~0.8 A distance noise, ~4 deg angles
+    rec = reconstruct(noisy)
+    m = compare_with_reference(rec, protein)
+    assert m["cb_rmsd"] < 1.0 and not m["mirror_image"] and m["tm_score"] > 0.9
+    assert rec.handedness_score > 0.5
+    wild = noisy * 3.0  # far outside [-1, 1]
+    wild[0, 3, 7] = np.nan
+    wild[1, 10, :] = np.inf
+    for img in (wild, rng.uniform(-1, 1, size=(3, 50, 50)), np.zeros((3, 20, 20))):
+        for backbone in (False,):
+            out = reconstruct(img, backbone=backbone)
+            assert np.isfinite(out.cb).all() and np.isfinite(out.handedness_score)
+    assert np.isfinite(reconstruct(np.ones((3, 1, 1))).cb).all()
+    with pytest.raises(ValueError):
+        load_image(np.zeros((2, 5, 5)))
+    assert rmsd(reconstruct(image).cb, cb) < 1e-6  # the input array was not modified
+
+
+def test_torch_and_batched_inputs(protein):
+    torch = pytest.importorskip("torch")
+    image = image_of(protein)
+    rec = reconstruct(torch.tensor(image[None], dtype=torch.float32))
+    assert rmsd(rec.cb, cb_of(protein)) < 0.01
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_structure_text_has_one_cb_per_residue_numbered_in_image_order(protein):
+    rec = reconstruct(image_of(protein))
+    seq = protein.sequence
+    for fmt in ("pdb", "cif"):
+        text = rec.to_text(sequence=seq, fmt=fmt)
+        st = (
+            gemmi.read_pdb_string(text)
+            if fmt == "pdb"
+            else gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
+        )
+        chain = st[0][0]
+        assert len(chain) == len(protein)
+        assert [r.seqid.num for r in chain] == list(range(1, len(protein) + 1))
+        assert all(len(r) == 1 and r[0].name == "CB" for r in chain)
+        assert gemmi.one_letter_code([r.name for r in chain]) == seq
+        xyz = np.array([[r[0].pos.x, r[0].pos.y, r[0].pos.z] for r in chain])
+        np.testing.assert_allclose(xyz, rec.cb, atol=1e-3)
+    unk = to_structure_text(rec.cb)
+    assert {r.name for r in gemmi.read_pdb_string(unk)[0][0]} == {"UNK"}
+
+
+def test_compare_rejects_a_reference_of_another_length(protein):
+    rec = reconstruct(image_of(protein))
+    with pytest.raises(ValueError):
+        compare_with_reference(rec, protein.coords[:-1])
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_structures_metrics_and_survives_a_bad_image(tmp_path, converted16):
+    from protoken.cli import main
+
+    rows = manifest_rows(converted16)
+    images = tmp_path / "images"
+    images.mkdir()
+    ids = ["biopython__1A8O", "cathtools__1avyA00", "cathtools__1c56A"]
+    for sid in ids:
+        os.link(converted16 / rows[sid]["bin"] / f"{sid}.png", images / f"{sid}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "reconstruct",
+            str(images),
+            "--out",
+            str(out),
+            "--fasta",
+            str(converted16 / "fasta"),
+            "--reference",
+            str(Path(rows[ids[0]]["source"]).parent),
+            "--format",
+            "cif",
+        ]
+    )
+    assert code == 1  # one image failed, the others were written
+    for sid in ids:
+        st = gemmi.read_structure(str(out / f"{sid}.cif"))
+        assert gemmi.one_letter_code([r.name for r in st[0][0]]) == rows[sid]["sequence"]
+    with open(out / "metrics.tsv", newline="") as fh:
+        table = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["id"] for r in sorted(table, key=lambda r: r["id"])] == sorted(ids)
+    assert list(table[0])[:7] == [
+        "id",
+        "length",
+        "cb_rmsd",
+        "tm_score",
+        "lddt",
+        "clipped_pairs",
+        "mirrored_before_fix",
+    ]
+    for r in table:
+        assert float(r["cb_rmsd"]) < 1e-3 and r["mirror_image"] == "false"
+        assert int(r["length"]) == len(rows[r["id"]]["sequence"])
+    assert {r["id"]: int(r["clipped_pairs"]) for r in table}["cathtools__1avyA00"] == 30
+    assert (out / "summary.json").is_file()
+
+
+def test_cli_single_fasta_file_and_written_png(tmp_path, protein):
+    from protoken.cli import main
+
+    write_png(tmp_path / "x.png", image_of(protein, None), 16)
+    (tmp_path / "x.fasta").write_text(">whatever\n" + protein.sequence + "\n")
+    assert main(["reconstruct", str(tmp_path / "x.png"), "--out", str(tmp_path / "o"),
+                 "--fasta", str(tmp_path / "x.fasta")]) == 0  # fmt: skip
+    st = gemmi.read_structure(str(tmp_path / "o" / "x.pdb"))
+    assert gemmi.one_letter_code([r.name for r in st[0][0]]) == protein.sequence
+    assert not (tmp_path / "o" / "metrics.tsv").exists()
