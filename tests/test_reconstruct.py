@@ -288,10 +288,14 @@ def test_structure_text_has_one_cb_per_residue_numbered_in_image_order(protein):
     assert {r.name for r in gemmi.read_pdb_string(unk)[0][0]} == {"UNK"}
 
 
-def test_compare_rejects_a_reference_of_another_length(protein):
+def test_compare_accepts_cb_references_and_rejects_another_length(protein):
     rec = reconstruct(image_of(protein))
+    m = compare_with_reference(rec, cb_of(protein))
+    assert m["cb_rmsd"] < 1e-3 and m["length"] == len(protein)
     with pytest.raises(ValueError):
         compare_with_reference(rec, protein.coords[:-1])
+    with pytest.raises(ValueError):
+        compare_with_reference(rec, np.zeros((len(protein), 4)))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -593,7 +593,8 @@ def to_structure_text(
 
 
 def _reference_atoms(reference) -> dict[str, np.ndarray]:
-    """N, CA, C, CB of a reference: a Backbone, a structure file path, or (L, 3, 3) N/CA/C."""
+    """Atoms of a reference: a Backbone, a structure file path or an (L, 3, 3) N/CA/C array give
+    N, CA, C and their virtual CB; an (L, 3) array is taken as CB only."""
     from protoken.geometry import virtual_cb
 
     if isinstance(reference, str | os.PathLike):
@@ -602,8 +603,12 @@ def _reference_atoms(reference) -> dict[str, np.ndarray]:
         reference = read_backbones(reference, chains="first", models="first")[0]
     coords = getattr(reference, "coords", reference)
     coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim == 2 and coords.shape[1] == 3:
+        return {"CB": coords}
     if coords.ndim != 3 or coords.shape[1:] != (3, 3):
-        raise ValueError(f"reference: expected N/CA/C coordinates (L, 3, 3), got {coords.shape}")
+        raise ValueError(
+            f"reference: expected N/CA/C (L, 3, 3) or CB (L, 3) coordinates, got {coords.shape}"
+        )
     n, ca, c = coords[:, 0], coords[:, 1], coords[:, 2]
     return {"N": n, "CA": ca, "C": c, "CB": virtual_cb(n, ca, c)}
 
@@ -614,9 +619,10 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
     Parameters
     ----------
     rec : Reconstruction
-    reference : Backbone, str/PathLike (structure file; first chain, first model) or
-        array (L, 3, 3) of N, CA, C
-        The reference Cb is the seed's virtual Cb of its N, CA, C.
+    reference : Backbone, str/PathLike (structure file; first chain, first model), array
+        (L, 3, 3) of N, CA, C, or array (L, 3) of Cb
+        The reference Cb is the seed's virtual Cb of its N, CA, C. A Cb-only reference gives
+        the Cb metrics only.
 
     Returns
     -------
@@ -627,7 +633,7 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
         ``distance_rms``, and ``mirror_image`` (True if the reconstruction superposes better
         onto the reference after a reflection: the check that the handedness is right). With a
         backbone also ``bb_rmsd`` (N, CA, C superposed together), ``ca_rmsd`` and
-        ``ca_tm_score``.
+        ``ca_tm_score`` (when the reference has N, CA, C).
 
     Raises
     ------
@@ -652,7 +658,7 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
         "handedness_score": rec.handedness_score,
         "distance_rms": rec.distance_rms,
     }
-    if rec.atoms is not None:
+    if rec.atoms is not None and "N" in ref:
         names = ("N", "CA", "C")
         mine = np.concatenate([rec.atoms[k] for k in names])
         theirs = np.concatenate([ref[k] for k in names])
