@@ -84,21 +84,35 @@ def replicated_bin(root: Path, name: str, dest: Path, at_least: int = 64) -> Pat
     return folder
 
 
-def rate(iterator, seconds: float, count=lambda x: 1, warmup: int = 2) -> float:
-    """Items per second drawn from ``iterator`` for about ``seconds`` (after ``warmup`` draws)."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of live processes (Linux /proc), seconds."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rate(iterator, seconds: float, count=lambda x: 1, warmup: int = 2) -> tuple[float, float]:
+    """Items per wall second and per CPU second (this process and the DataLoader workers) drawn
+    from ``iterator`` for about ``seconds``, after ``warmup`` draws. The machine is shared: the
+    CPU rate is what a worker costs, the wall rate what it gave with the load of the moment."""
     for _ in range(warmup):
         next(iterator)
-    n, t0 = 0, time.perf_counter()
+    pids = [os.getpid()] + [w.pid for w in getattr(iterator, "_workers", [])]
+    n, t0, c0 = 0, time.perf_counter(), cpu_seconds(pids)
     while time.perf_counter() - t0 < seconds:
         n += count(next(iterator))
-    return n / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - c0
+    return n / wall, n / max(cpu, 1e-9)
 
 
 def mean_length(folder: Path) -> float:
     return statistics.mean(read_image(p).shape[-1] for p in sorted(folder.glob("*.png"))[:8])
 
 
-def decode_rates(folder: Path, seconds: float) -> dict[str, float]:
+def decode_rates(folder: Path, seconds: float) -> dict[str, tuple[float, float]]:
     files = sorted(folder.glob("*.png"))
     collate = partial(collate_with_padding, multiple=64)
 
@@ -205,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             8: args.data8 or convert_shared(tmp / "c8", 8),
             16: args.data16 or convert_shared(tmp / "c16", 16),
         }
-        print("\n## decode throughput, images/s (one process = one DataLoader worker)")
+        print("\n## decode throughput: images per wall second / per CPU second")
+        print("# one process = one DataLoader worker; loader_2w counts the CPU of main + workers")
         header = (
             "depth",
             "bin",
@@ -225,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             folder = replicated_bin(roots[depth], name, tmp / f"rep{depth}")
             lengths[name] = mean_length(folder)
             r = decode_rates(folder, args.seconds)
-            per_worker[depth, name] = r["item"]
+            per_worker[depth, name] = r["item"][1]
             cells = [str(depth), name, f"{lengths[name]:.0f}"]
-            cells += [f"{r[k]:.0f}" for k in header[3:-1]]
-            cells.append(f"{r['loader_2w'] / r['loader_0w']:.2f}")
+            cells += [f"{r[k][0]:.0f}/{r[k][1]:.0f}" for k in header[3:-1]]
+            cells.append(f"{r['loader_2w'][0] / r['loader_0w'][0]:.2f}")
             print("\t".join(cells), flush=True)
 
         print(f"\n## training throughput ({args.preset}, batch {args.train_batch}) vs decoding")
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}\t{side}\t{tr:.1f}\t{shares[0]:.2%}\t{shares[1]:.2%}",
                 flush=True,
             )
-        print("# decode_share: decoding one image per worker / training on it (1 core each)")
+        print("# decode_share: CPU time to decode an image / wall time to train on it")
 
         print(f"\n## per-file cost of listing + split + shard + shuffle ({args.listing} files)")
         print("first_epoch\tnext_epochs\t(us per file in the folder, per worker)")

@@ -316,14 +316,20 @@ def test_collate_pads_to_a_multiple_with_exact_masks(converted16, multiple):
         collate_with_padding(items, multiple=0)
 
 
-def test_collate_works_as_a_dataloader_collate_fn(converted8):
+def test_collate_works_as_a_dataloader_collate_fn_in_workers(converted8):
+    """In workers the batch is built in shared memory, uninitialised: padding must be zeroed."""
     ds = IterableImageDatasetUni(
         converted8, split="all", shuffle_buffer=0, only_bins=["bin_65_128"]
     )
-    dl = DataLoader(ds, batch_size=5, collate_fn=partial(collate_with_padding, multiple=64))
-    batches = list(dl)
-    assert all(b["image"].shape[-1] == 128 for b in batches)
-    assert sum(len(b["ids"]) for b in batches) == len(list(ds))
+    items = {it["id"]: it for it in ds}
+    collate = partial(collate_with_padding, multiple=64)
+    batches = list(DataLoader(ds, batch_size=5, collate_fn=collate, num_workers=2))
+    assert sorted(i for b in batches for i in b["ids"]) == sorted(items)
+    for b in batches:
+        ref = collate_with_padding([items[i] for i in b["ids"]], multiple=64)
+        assert b["image"].shape[-1] == 128
+        assert torch.equal(b["image"], ref["image"]) and torch.equal(b["mask"], ref["mask"])
+        assert torch.equal(b["lengths"], ref["lengths"])
 
 
 # --------------------------------------------------------------------------- length-aware batching
