@@ -812,7 +812,8 @@ class IterableImageDataset(_ImageStreamDataset):
         ``batch_size``.
     drop_last : bool
         Finite mode with ``batch_size``: drop the incomplete batches left at the end of the epoch
-        (one per bin and worker at most). Infinite streams carry them over to the next epoch.
+        (one per bin and worker at most). Infinite streams carry them over to the next epoch,
+        so all their batches are full (a shard smaller than a batch repeats files in it).
 
     Raises
     ------
@@ -940,7 +941,9 @@ def take_batches(loader: Iterable[Any], n: int) -> Iterator[Any]:
     """Yield exactly ``n`` batches from a re-iterable ``loader`` (a DataLoader), restarting it
     from its beginning when it ends early: every DDP rank runs the same number of evaluation
     steps even when the shards are uneven. The epoch is not changed, so with a fixed seed the
-    same batches come back at every evaluation.
+    same batches come back at every evaluation. Without a shuffle buffer the bins stream in
+    order of length, so the first ``n`` batches hold the shortest proteins only; a buffer with
+    a fixed seed gives a representative and still deterministic selection.
 
     Raises
     ------
