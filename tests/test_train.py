@@ -168,6 +168,8 @@ def test_clear_errors(small_data, tmp_path, capsys):
     other = config(small_data, run, max_steps=4, model={**MICRO, "codebook_size": 32})
     with pytest.raises(ValueError, match="another model config.*codebook_size: 64 -> 32"):
         train(other, resume=True)
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(config(small_data, run, max_steps=4))  # never overwrites a run by accident
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(config(small_data, tmp_path / "fresh"), resume=True)
 

@@ -545,6 +545,11 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> dict:
     best_path = os.path.join(cfg.out, "best.pt")
 
     ckpt = None
+    if not resume and os.path.exists(last_path):
+        raise ValueError(
+            f"{cfg.out} already holds a run ({last_path}): pass --resume to continue it, "
+            "or choose another --out"
+        )
     if resume:
         if not os.path.exists(last_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
