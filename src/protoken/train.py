@@ -289,7 +289,8 @@ def build_loaders(cfg: TrainConfig, model_cfg: VQVAEConfig, d: Dist):
     def val_loader(sharded: bool):
         kw = dict(common, rank=d.rank if sharded else 0, world_size=d.world_size if sharded else 1)
         try:
-            ds = IterableImageDatasetUni(cfg.data, split="val", shuffle_buffer=0, **kw)
+            # a fixed-seed shuffle: the same batches at every evaluation, drawn from all bins
+            ds = IterableImageDatasetUni(cfg.data, split="val", shuffle_buffer=10_000, **kw)
         except ValueError as exc:
             raise ValueError(f"validation split: {exc} (valid_frac={cfg.valid_frac})") from None
         collate = partial(collate_with_padding, multiple=factor)
