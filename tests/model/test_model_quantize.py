@@ -122,6 +122,25 @@ def test_first_training_step_initialises_codes_from_valid_tokens():
     assert (torch.cdist(TOKENS[4:], vq.embed) > 50).all()  # the padded token was never drawn
 
 
+def test_codes_left_unused_after_initialisation_restart_within_tens_of_steps():
+    """The encoder's outputs move fast early in training; codes must follow within steps."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(2, 2, 8).train()
+    with torch.no_grad():
+        vq.proj.weight.copy_(torch.eye(2).reshape(2, 2, 1, 1))
+        vq.proj.bias.zero_()
+    first = torch.randn(8, 2)
+    vq(_grid(first), torch.ones(1, 1, 8, dtype=torch.bool))  # init: codes = these 8 vectors
+    moved = torch.randn(4, 2) + 50.0  # later batches are somewhere else entirely
+    # one code takes all of them; the others' EMA mass, counted from zero at init, falls below
+    # 3% of the mean after 52 steps here (had they started with the mean: after ~350)
+    for _ in range(60):
+        vq(_grid(moved), torch.ones(1, 1, 4, dtype=torch.bool))
+    assert torch.cdist(moved, vq.embed).min(dim=1).values.max() < 1e-3
+    assert len(set(vq.eval()(_grid(moved), torch.ones(1, 1, 4, dtype=torch.bool))
+                   .indices.flatten().tolist())) == 4
+
+
 def test_straight_through_gradient_is_identity_on_valid_tokens():
     vq = _identity_vq().train()
     x = _grid(TOKENS).requires_grad_()

@@ -86,8 +86,8 @@ class VectorQuantizer(nn.Module):
     dead_code_threshold : float
         Codes whose EMA cluster size is below this fraction of the mean cluster size are
         restarted (at every training step) from random valid inputs of the batch, and given the
-        mean cluster size. 0 disables restarts. The codebook is initialised the same way, from
-        the first training batch.
+        mean cluster size. 0 disables restarts. The codebook is initialised from the first
+        training batch's valid inputs (see :meth:`_initialise`).
     """
 
     def __init__(
@@ -185,7 +185,9 @@ class VectorQuantizer(nn.Module):
         self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
+        # a code with no EMA mass yet (never assigned since its (re)start) keeps its vector
+        used = (self.cluster_size > 0).unsqueeze(1)
+        self.embed.copy_(torch.where(used, self.embed_avg / smoothed.unsqueeze(1), self.embed))
         if self.dead_code_threshold > 0:
             dead = self.cluster_size < self.dead_code_threshold * self.cluster_size.mean()
             if bool(dead.any()):
@@ -242,10 +244,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _initialise(self, z: Tensor) -> None:
-        """Data-dependent init: every code gets the mean cluster size (valid tokens per code over
-        all ranks) and as many codes as there are tokens are set to distinct tokens."""
-        n = _all_reduce(torch.tensor(float(z.shape[0]), device=z.device))
-        self.cluster_size.fill_(float(n) / self.codebook_size)
-        self.embed_avg.copy_(self.embed * self.cluster_size.unsqueeze(1))
+        """Data-dependent init: as many codes as there are tokens (over all ranks) are set to
+        distinct tokens, and every code starts with zero EMA mass.
+
+        Starting the cluster sizes at zero makes the early EMA judge each code on the steps seen
+        so far (as a bias-corrected average would), so codes left unused while the encoder's
+        outputs move fast in the first steps are restarted within a few steps instead of after
+        hundreds, which is what keeps the codebooks from collapsing early in training.
+        """
+        self.cluster_size.zero_()
+        self.embed_avg.zero_()
         self.initialised.fill_(True)
         self._restart(z, torch.ones_like(self.cluster_size, dtype=torch.bool))
