@@ -27,10 +27,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_one(preset: str, size: int, batch: int, steps: int, warmup: int, device: str) -> dict:
+def run_one(
+    preset: str, size: int, batch: int, steps: int, warmup: int, device: str, overrides: dict
+) -> dict:
     """Time ``steps`` training steps at ``size`` x ``size`` after ``warmup`` steps."""
     torch.manual_seed(0)
-    config = VQVAEConfig.preset(preset)
+    config = VQVAEConfig.preset(preset, **overrides)
     if size % config.downsample_factor:
         raise SystemExit(f"size {size} is not a multiple of {config.downsample_factor}")
     model = VQVAE(config).to(device).train()
@@ -61,6 +63,7 @@ def run_one(preset: str, size: int, batch: int, steps: int, warmup: int, device:
     dt = statistics.median(times)  # robust to other processes sharing the cores
     result = {
         "preset": preset,
+        "overrides": overrides,
         "size": size,
         "batch": batch,
         "threads": torch.get_num_threads(),
@@ -87,18 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="{}", help="JSON of config fields to override")
     parser.add_argument("--in-process", action="store_true", help="do not fork per size")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for size in args.sizes:
         if args.in_process or len(args.sizes) == 1:
-            result = run_one(args.preset, size, args.batch, args.steps, args.warmup, args.device)
+            result = run_one(args.preset, size, args.batch, args.steps, args.warmup, args.device,
+                             json.loads(args.config))
             print(json.dumps(result), flush=True)
         else:  # a fresh process per size, so each peak RSS is that size's own
             cmd = [sys.executable, __file__, "--sizes", str(size), "--preset", args.preset,
                    "--batch", str(args.batch), "--threads", str(args.threads),
                    "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--device", args.device]
+                   "--device", args.device, "--config", args.config]
             subprocess.run(cmd, check=True)
     return 0
 

@@ -80,6 +80,7 @@ def test_preset_override_of_rates_rederives_windows():
         {"latent_dim": 30, "n_head": 4},
         {"rope_dim": 6},
         {"dead_code_threshold": 1.0},
+        {"symmetric_output": True, "in_channels": 4},
     ],
 )
 def test_invalid_configs_raise(bad):

@@ -65,6 +65,9 @@ def test_sizes_must_be_multiples_of_the_downsample_factor():
     x, mask = _batch([30], 40)
     with pytest.raises(ValueError, match="multiples of downsample_factor=16"):
         model(x, mask)
+    x, mask = _batch([30], 48)
+    with pytest.raises(ValueError, match="square"):
+        model(x[..., :32], mask[..., :32])
 
 
 def test_loss_is_masked_mse_plus_beta_times_commitment():

@@ -104,6 +104,8 @@ class VQVAEConfig:
         head_dim = self.latent_dim // self.n_head
         if self.rope_dim % 4 or not 0 < self.rope_dim <= head_dim:
             raise ValueError(f"rope_dim must be a multiple of 4 in (0, {head_dim}]")
+        if self.symmetric_output and self.in_channels != 3:
+            raise ValueError("symmetric_output needs the 3-channel (d/omega, theta, phi) image")
         if not 0.0 <= self.dead_code_threshold < 1.0:
             raise ValueError("dead_code_threshold must be in [0, 1)")
 

@@ -295,7 +295,9 @@ class VQVAE(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got {x.shape}")
         f = self.config.downsample_factor
-        if x.shape[-1] % f or x.shape[-2] % f:
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"images must be square, got {tuple(x.shape[-2:])}")
+        if x.shape[-1] % f:
             raise ValueError(f"H and W must be multiples of downsample_factor={f} (pad first)")
         if mask.ndim == 4:
             mask = mask[:, 0]
