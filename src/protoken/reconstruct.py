@@ -85,8 +85,9 @@ class Reconstruction:
     Attributes
     ----------
     cb : ndarray, shape (L, 3)
-        C-beta coordinates, Angstrom, centred (with ``backbone=True``: the refined backbone's
-        virtual Cb).
+        C-beta coordinates, Angstrom, centred: the distance stage's solution (MDS, refinement,
+        handedness), also with ``backbone=True``, where ``atoms["CB"]`` is instead the virtual Cb
+        of the ideal-geometry backbone (within a few hundredths of an Angstrom of ``cb``).
     mirrored_before_fix : bool
         The coordinates had the wrong handedness before :func:`resolve_handedness` mirrored them.
     clipped_pairs : int
@@ -521,8 +522,7 @@ def reconstruct(
         False: classical MDS only.
     backbone : bool
         Also build N, CA, C, O from the orientation channels and refine all atoms
-        (:func:`protoken.backbone.build_backbone`); ``atoms`` is then set and ``cb`` is the
-        refined backbone's Cb.
+        (:func:`protoken.backbone.build_backbone`); ``atoms`` is then set.
 
     Returns
     -------
@@ -557,10 +557,9 @@ def reconstruct(
     if backbone:
         from protoken.backbone import build_backbone
 
-        atoms, info = build_backbone(x, features, known, clipped, dmax=dmax)
+        atoms, info = build_backbone(x, features, known, cb_error=rms)
         rec.atoms = atoms
         rec.backbone_info = info
-        rec.cb = atoms["CB"]
     return rec
 
 
