@@ -3,7 +3,7 @@
     python benchmarks/model.py --preset tiny --sizes 64 128 256
 
 prints one JSON line per size: images_per_s (from the median step time), seconds per step
-(median and mean), and peak memory (CUDA: max
+(median, mean and min), and peak memory (CUDA: max
 allocated; CPU: the peak resident set of a fresh process that runs only that size, and its
 growth over the process's state before the first step).
 """
@@ -71,6 +71,7 @@ def run_one(
         "params": model.num_parameters(),
         "step_s": round(dt, 4),
         "step_s_mean": round(statistics.fmean(times), 4),
+        "step_s_min": round(min(times), 4),
         "images_per_s": round(batch / dt, 2),
     }
     if device == "cuda":
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="{}", help="JSON of config fields to override")
