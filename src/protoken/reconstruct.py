@@ -221,12 +221,19 @@ def mds(distances) -> np.ndarray:
     k = min(3, length)
     w = v = None
     if length > 32:
-        from scipy.sparse.linalg import ArpackError, eigsh
+        from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
+        # B v by einsum rather than BLAS dgemv: multithreaded dgemv on busy cores (or in
+        # several worker processes) is 20x slower than this single-threaded loop
+        op = LinearOperator(
+            (length, length),
+            matvec=lambda x: np.einsum("ij,j->i", b, np.ravel(x)),
+            dtype=np.float64,
+        )
         # a fixed start vector keeps results reproducible (not constant: J maps 1 to 0)
         v0 = np.random.default_rng(0).standard_normal(length)
         try:
-            w, v = eigsh(b, k=k, which="LA", v0=v0)
+            w, v = eigsh(op, k=k, which="LA", v0=v0)
             order = np.argsort(w)
             w, v = w[order], v[:, order]
         except ArpackError:  # pragma: no cover - no convergence: use the dense solver
