@@ -101,13 +101,14 @@ def features_to_image(features: SixD, dmax: float = DMAX) -> np.ndarray:
     Returns
     -------
     ndarray, shape (3, L, L), float64
-        Values in [-1, 1].
+        Values in [-1, 1]. A channels-first view of a channels-last buffer, so that
+        :func:`quantize` (PNG rows are RGB-interleaved) needs no transposing copy.
     """
     d, omega, theta, phi = features
     length = d.shape[0]
-    image = np.empty((3, length, length), dtype=np.float64)
+    image = np.empty((length, length, 3), dtype=np.float64).transpose(2, 0, 1)
     lower = np.tri(length, dtype=bool)  # i >= j
-    np.copyto(image[0], omega / np.pi)
+    np.divide(omega, np.pi, out=image[0])
     np.copyto(image[0], d / dmax * 2.0 - 1.0, where=lower)
     np.divide(theta, np.pi, out=image[1])
     np.multiply(phi, 2.0 / np.pi, out=image[2])
@@ -166,12 +167,15 @@ def quantize(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     8-bit follows the seed exactly: floor((x + 1) / 2 * 255) clipped to 0..255.
     16-bit: round((x + 1) / 2 * 65535).
     """
-    x = (np.asarray(image, dtype=np.float64).transpose(1, 2, 0) + 1.0) / 2.0
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
+    x = np.asarray(image, dtype=np.float64).transpose(1, 2, 0) + 1.0  # a new (L, L, 3) array
+    x *= 0.5  # exact, as the seed's / 2
     if bit_depth == 8:
-        return np.clip(np.floor(x * 255.0), 0, 255).astype(np.uint8)
-    if bit_depth == 16:
-        return np.clip(np.rint(x * 65535.0), 0, 65535).astype(np.uint16)
-    raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
+        x *= 255.0
+        return np.clip(np.floor(x, out=x), 0, 255, out=x).astype(np.uint8)
+    x *= 65535.0
+    return np.clip(np.rint(x, out=x), 0, 65535, out=x).astype(np.uint16)
 
 
 def dequantize(pixels: np.ndarray, dtype=np.float32) -> np.ndarray:
