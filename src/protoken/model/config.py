@@ -60,7 +60,10 @@ class VQVAEConfig:
         restarted from a random encoder output of the batch; 0 disables restarts.
     symmetric_output : bool
         Predict d and omega as two maps, symmetrise each, and assemble channel 0 from them
-        (lower triangle and diagonal: d, upper triangle: omega).
+        (lower triangle and diagonal: d, upper triangle: omega). Off by default: as each
+        quantity is stored once in the image, this only averages the prediction made at
+        (i, j) with the one made at (j, i), where the features describe the other quantity; on
+        held-out proteins (tiny, 600 steps, 2 seeds) it raised the MSE of d about 4x.
     """
 
     in_channels: int = 3
