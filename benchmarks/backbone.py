@@ -5,9 +5,10 @@
 
 Against L: images of the first L residues of d1y5ia2 (a 1074-residue SCOPe domain) at 8 and 16
 bit; for each, the seconds of ``reconstruct(backbone=True)`` (whole pipeline: MDS, refinement,
-handedness, placement, backbone refinement, O) and of the backbone stage alone (median of
-``--repeat`` runs), backbone (N, CA, C) RMSD, CA TM-score and the largest bond-length deviation
-from ideal. One JSON line per (L, bit depth).
+handedness, placement, backbone refinement, bond projection, O) and of the backbone stage alone
+(median of ``--repeat`` runs), backbone (N, CA, C) RMSD, CA TM-score, the largest bond-length
+deviation from ideal after the refinement and in the output, and the largest atom move of the
+final bond projection. One JSON line per (L, bit depth).
 
 Round trip: as ``benchmarks/reconstruct.py --roundtrip`` with ``backbone=True``: distributions of
 backbone RMSD, CA TM-score, bond deviations and time over every single-chain protein.
@@ -59,6 +60,8 @@ def against_length(sizes: list[int], repeat: int) -> None:
                 "bb_rmsd": m["bb_rmsd"],
                 "ca_tm_score": m["ca_tm_score"],
                 "cb_rmsd": m["cb_rmsd"],
+                "max_bond_deviation_refined": info["max_bond_deviation_refined"],
+                "bond_projection_max_shift": info["bond_projection_max_shift"],
                 "max_bond_deviation": info["max_bond_deviation"],
                 "refinement_evaluations": info["iterations"],
                 "pairs": info["pairs"],

@@ -150,8 +150,12 @@ def report(rows: list[dict], bit_depth: int, n_files: int, backbone: bool) -> No
         print(f"backbone RMSD (A)  {_quantiles([r['bb_rmsd'] for r in rows])}")
         print(f"CA RMSD (A)        {_quantiles([r['ca_rmsd'] for r in rows])}")
         print(f"TM-score (CA)      {_quantiles([r['ca_tm_score'] for r in rows])}")
+        devs = [r["info"]["max_bond_deviation_refined"] for r in rows]
+        print(f"max bond dev. (A)  {_quantiles(devs)}  (refinement, before the bond projection)")
+        shifts = [r["info"]["bond_projection_max_shift"] for r in rows]
+        print(f"projection shift   {_quantiles(shifts)}  (largest atom move, A)")
         devs = [r["info"]["max_bond_deviation"] for r in rows]
-        print(f"max bond dev. (A)  {_quantiles(devs)}")
+        print(f"max bond dev. (A)  {_quantiles(devs)}  (output)")
     print(f"seconds / protein  {_quantiles([r['seconds'] for r in rows])}")
     print(
         f"mirror images after the fix: {sum(r['mirror_image'] for r in rows)}; "

@@ -19,7 +19,8 @@ ideal geometry. trRosetta and ProteinSGM need minutes of Rosetta minimisation fo
 4. :func:`refine_backbone`: gradient-based refinement of all N, CA, C (Cb follows from the
    seed's formula, so d, omega, theta and phi are all functions of N, CA, C), with data weights
    set by the image's own noise, so that noisy model outputs still give ideal geometry.
-5. :func:`add_oxygens`: O in the peptide plane, C=O 1.231 A, CA-C-O 120.1 deg, O-C-N 122.7 deg.
+5. :func:`project_bonds`: bond lengths set exactly to ideal (moves of thousandths of an A).
+6. :func:`add_oxygens`: O in the peptide plane, C=O 1.231 A, CA-C-O 120.1 deg, O-C-N 122.7 deg.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from protoken.reconstruct import _cross, _pair_terms, ca_directions
 __all__ = [
     "IDEAL",
     "add_oxygens",
+    "bond_deviations",
     "build_backbone",
     "chain_links",
     "ideal_residue",
     "n_azimuths",
     "place_residues",
+    "project_bonds",
     "refine_backbone",
     "residue_frames",
 ]
@@ -448,6 +451,47 @@ def _refine(torch, cb0, u, v, features, known, links, anchor, cutoff, max_iter, 
 # --------------------------------------------------------------------------- pipeline
 
 
+def project_bonds(
+    atoms: dict[str, np.ndarray], links: np.ndarray, tol: float = 1e-4, max_sweeps: int = 200
+) -> tuple[dict[str, np.ndarray], int]:
+    """Set every backbone bond (N-CA, CA-C, linked C-N) to its ideal length (SHAKE-style).
+
+    The chain N0, CA0, C0, N1, ... is a path; each sweep corrects the even-numbered bonds of
+    the path, then the odd ones (bonds within a group share no atom), moving both atoms of a
+    bond along it by half its error. Bond angles are left as they are. Used after the
+    refinement, where the corrections are thousandths of an Angstrom.
+
+    Returns
+    -------
+    atoms : dict
+        N, CA, C with ideal bond lengths (to ``tol``).
+    sweeps : int
+        Sweeps done.
+    """
+    n, ca, c = (np.asarray(atoms[k], dtype=np.float64) for k in ("N", "CA", "C"))
+    length = len(ca)
+    path = np.stack([n, ca, c], axis=1).reshape(-1, 3).copy()
+    target = np.tile([IDEAL["N-CA"], IDEAL["CA-C"], IDEAL["C-N"]], length)[:-1]
+    active = np.ones(len(target), dtype=bool)
+    active[2::3] = links  # bond 3i + 2 joins C_i to N_{i+1}
+    groups = [k[active[k]] for k in (np.arange(0, len(target), 2), np.arange(1, len(target), 2))]
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):  # noqa: B007 - the count is returned
+        worst = 0.0
+        for k in groups:
+            d = path[k + 1] - path[k]
+            r = np.maximum(np.linalg.norm(d, axis=1), 1e-9)
+            err = r - target[k]
+            worst = max(worst, float(np.abs(err).max(initial=0.0)))
+            shift = (0.5 * err / r)[:, None] * d
+            path[k] += shift
+            path[k + 1] -= shift
+        if worst < tol:
+            break
+    xyz = path.reshape(length, 3, 3)
+    return {"N": xyz[:, 0], "CA": xyz[:, 1], "C": xyz[:, 2]}, sweeps
+
+
 def bond_deviations(atoms: dict[str, np.ndarray], links: np.ndarray) -> np.ndarray:
     """|b - b0| of every backbone bond (N-CA, CA-C, linked C-N, C-O), Angstrom."""
     n, ca, c = atoms["N"], atoms["CA"], atoms["C"]
@@ -480,7 +524,8 @@ def build_backbone(
     known : ndarray of bool, shape (L, L)
         Pairs whose distance (and angles) are known: not clipped, i != j.
     refine : bool
-        Run :func:`refine_backbone` (else the ideal residues as placed).
+        Run :func:`refine_backbone`, then :func:`project_bonds` (else the ideal residues as
+        placed, whose peptide bonds are off by up to ~0.3 A).
     cb_error : float
         Expected error of ``cb``, Angstrom (e.g. the distance stage's RMS violation): the
         refinement keeps each Cb within max(0.03, cb_error) of it.
@@ -493,9 +538,11 @@ def build_backbone(
         ``N``, ``CA``, ``C``, ``O``, ``CB`` (in that order), each (L, 3); CB is the seed's
         virtual Cb of the returned N, CA, C.
     info : dict
-        ``links`` (peptide bonds enforced), ``chain_breaks``, ``max_bond_deviation`` (A),
-        ``seconds``, and the refinement's ``loss_start``, ``loss_end``, ``iterations``,
-        ``pairs``.
+        ``links`` (peptide bonds enforced), ``chain_breaks``, ``max_bond_deviation`` (A, of the
+        returned atoms), ``seconds``; with ``refine``: the refinement's ``loss_start``,
+        ``loss_end``, ``iterations``, ``pairs``, ``distance_rms_start``,
+        ``angle_rms_deg_start``, then ``max_bond_deviation_refined`` (before the projection),
+        ``bond_projection_sweeps`` and ``bond_projection_max_shift`` (A).
     """
     t0 = time.perf_counter()
     cb = np.asarray(cb, dtype=np.float64)
@@ -509,6 +556,12 @@ def build_backbone(
         refine_options.setdefault("anchor_sigma", max(0.03, float(cb_error)))
         atoms, rinfo = refine_backbone(atoms, features, known, links, anchor=cb, **refine_options)
         info.update(rinfo)
+        info["max_bond_deviation_refined"] = float(bond_deviations(atoms, links).max(initial=0.0))
+        projected, info["bond_projection_sweeps"] = project_bonds(atoms, links)
+        info["bond_projection_max_shift"] = float(
+            max(np.linalg.norm(projected[k] - atoms[k], axis=1).max(initial=0.0) for k in atoms)
+        )
+        atoms = projected
     n, ca, c = atoms["N"], atoms["CA"], atoms["C"]
     out = {"N": n, "CA": ca, "C": c, "O": add_oxygens(n, ca, c, links), "CB": virtual_cb(n, ca, c)}
     info["max_bond_deviation"] = float(bond_deviations(out, links).max(initial=0.0))
