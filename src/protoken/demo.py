@@ -14,7 +14,7 @@ import os
 import time
 from importlib import resources
 
-__all__ = ["bundled_structures", "run_demo"]
+__all__ = ["bundled_structures", "demo"]
 
 VALID_FRAC = 0.2
 
@@ -24,7 +24,7 @@ def bundled_structures() -> str:
     return str(resources.files("protoken").joinpath("resources/structures"))
 
 
-def run_demo(out: str, max_steps: int = 600, workers: int | None = None,
+def demo(out: str, max_steps: int = 600, workers: int | None = None,
              log=print) -> dict:  # fmt: skip
     """Run the demo; returns the evaluation summary."""
     from protoken.convert import ConvertOptions, convert, read_manifest
@@ -77,5 +77,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.out, max_steps=args.max_steps, workers=args.workers)
+    demo(args.out, max_steps=args.max_steps, workers=args.workers)
     return 0
