@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -99,8 +99,7 @@ class Row:
     times: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0), repr=False)
 
     def manifest_values(self) -> list[str]:
-        values = asdict(self)
-        return [_clean(str(values[c])) for c in MANIFEST_COLUMNS]
+        return [_clean(str(getattr(self, c))) for c in MANIFEST_COLUMNS]
 
 
 def _clean(text: str) -> str:

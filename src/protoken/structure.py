@@ -182,22 +182,32 @@ def _decode_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def _end_records(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each ``END`` record line (not ENDMDL), found with str.find."""
+    out = []
+    at = 0 if text.startswith("END") else (text.find("\nEND") + 1 or -1)
+    while at >= 0:
+        stop = text.find("\n", at)
+        stop = len(text) if stop < 0 else stop + 1
+        if text[at + 3 : at + 4] in ("", "\n", "\r", " ", "\t"):
+            out.append((at, stop))
+        nxt = text.find("\nEND", stop - 1)
+        at = nxt + 1 if nxt >= 0 else -1
+    return out
+
+
 def _split_pdb_models_on_end(text: str) -> list[str]:
     """Split PDB text at ``END`` records that are followed by more coordinates.
 
     The PDB format ends an entry with ``END``; some tools concatenate several models that way,
-    without MODEL records. Each part that holds coordinates is returned.
+    without MODEL records. Each part that holds coordinates is returned (END lines left out).
     """
-    if "\nEND" not in text and not text.startswith("END"):
+    ends = _end_records(text)
+    if not ends:
         return [text]
-    parts, current = [], []
-    for line in text.splitlines(keepends=True):
-        if line[:3] == "END" and line[3:6].strip() == "":  # END, not ENDMDL
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(line)
-    parts.append("".join(current))
+    starts = [0, *(b for _, b in ends)]
+    stops = [*(a for a, _ in ends), len(text)]
+    parts = [text[a:b] for a, b in zip(starts, stops, strict=True)]
     with_atoms = [p for p in parts if "ATOM  " in p or "HETATM" in p]
     return with_atoms or [text]
 
@@ -220,56 +230,105 @@ def _check_pdb_complete(text: str) -> None:
 # --------------------------------------------------------------------------- gemmi backend
 
 
-def _chains_from_gemmi_model(model) -> list[_Chain]:
-    """Amino-acid residues per chain name, first altloc only.
+def _u64(names: list[str]) -> np.ndarray:
+    """Names as the uint64 view of their 8-byte (S8) form, for fast vectorised comparisons."""
+    return np.array([n.encode() for n in names], dtype="S8").view("<u8")
 
-    Altlocs are resolved here rather than with gemmi's ``remove_alternative_conformations``,
-    which also deletes residues whose number repeats anywhere in a chain (several copies in one
-    chain id, numbering restarted). In a residue with altlocs, N, CA and C are taken from the
-    first altloc found on them (atoms without altloc always match). A residue whose backbone
-    atoms all carry an altloc, at a number already read in the chain, is an alternative
-    residue (a point mutation) and is not read.
+
+_AA_U64 = np.sort(_u64(sorted(AMINO_ACIDS)))
+_BACKBONE_U64 = _u64(list(BACKBONE_ATOMS))
+
+
+def _first_of_runs(sorted_ids: np.ndarray) -> np.ndarray:
+    """Positions of the first element of each run of equal values in a sorted array."""
+    head = np.ones(len(sorted_ids), dtype=bool)
+    head[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return np.flatnonzero(head)
+
+
+def _chains_from_gemmi(st) -> list[_Chain]:
+    """Amino-acid residues of the first model, per chain name, from gemmi's flat atom table.
+
+    Vectorised over atoms (gemmi.FlatStructure, names compared as 8-byte integers) rather than
+    a Python loop over residues. Residues are gemmi's, in file order. Altlocs are resolved here
+    rather than with gemmi's ``remove_alternative_conformations``, which also deletes residues
+    whose number repeats anywhere in a chain (several copies in one chain id, numbering
+    restarted): N, CA and C are taken from the first altloc found on the residue's backbone
+    atoms (atoms without altloc always match). A residue whose backbone atoms all carry an
+    altloc, at a number already read in the chain, is an alternative residue (a point
+    mutation) and is not read.
     """
-    chains: dict[str, tuple[list, list, list, list]] = {}
-    no_alt = "\0"
-    for chain in model:
-        names, rows, present, residues = chains.setdefault(chain.name, ([], [], [], []))
-        seen = None  # residue numbers read in this chain, built only if altlocs show up
-        for res in chain:
-            name = res.name
-            if name not in AMINO_ACIDS:
-                residues.append(res)
-                continue
-            n, ca, c = res.find_atom("N", "*"), res.find_atom("CA", "*"), res.find_atom("C", "*")
-            atoms = (n, ca, c)
-            alts = [a.altloc for a in atoms if a is not None]
-            if alts.count(no_alt) != len(alts):  # some backbone atom has an altloc
-                if seen is None:
-                    seen = {(r.seqid.num, r.seqid.icode) for r in residues}
-                seqid = (res.seqid.num, res.seqid.icode)
-                if seqid in seen and no_alt not in alts:
-                    continue  # an alternative residue at a number already read
-                seen.add(seqid)
-                first = next(x for x in alts if x != no_alt)
-                atoms = tuple(res.find_atom(atom_name, first) for atom_name in BACKBONE_ATOMS)
-            elif seen is not None:
-                seen.add((res.seqid.num, res.seqid.icode))
-            residues.append(res)
-            names.append(name)
-            if None in atoms:
-                rows.append([[0.0, 0.0, 0.0] if a is None else a.pos.tolist() for a in atoms])
-                present.append([a is not None for a in atoms])
-            else:
-                rows.append([atoms[0].pos.tolist(), atoms[1].pos.tolist(), atoms[2].pos.tolist()])
-                present.append(_ALL_PRESENT)
-    return [
-        _make_chain(cid, names, rows, present)
-        for cid, (names, rows, present, _) in chains.items()
-        if names
-    ]
+    import gemmi
 
+    flat = gemmi.FlatStructure(st)
+    flat.strings_as_numbers = False
+    if len(flat) == 0:
+        return []
+    model = flat.model_num
+    n = len(model) if model[-1] == model[0] else int(np.argmax(model != model[0]))
+    chain = flat.chain_ids[:n].view("<u8")
+    resname = flat.residue_names[:n].view("<u8")
+    atom = flat.atom_names[:n].view("<u8")
+    resnum, icode = flat.resnums[:n], flat.icodes[:n]
+    alt, pos = flat.altlocs[:n], flat.pos[:n]
+    # a new residue wherever chain, number, insertion code or name changes (gemmi's grouping)
+    start = np.ones(n, dtype=bool)
+    start[1:] = ((chain[1:] != chain[:-1]) | (resnum[1:] != resnum[:-1])
+                 | (icode[1:] != icode[:-1]) | (resname[1:] != resname[:-1]))  # fmt: skip
+    rid = np.cumsum(start) - 1
+    first_atom = np.flatnonzero(start)
+    n_res = len(first_atom)
+    res_names = resname[first_atom]
+    is_aa = _AA_U64[np.minimum(np.searchsorted(_AA_U64, res_names), len(_AA_U64) - 1)] == res_names
 
-_ALL_PRESENT = [True, True, True]
+    which = np.full(n, -1)
+    for k, name in enumerate(_BACKBONE_U64):
+        which[atom == name] = k
+    bb = (which >= 0) & is_aa[rid]
+    # the first altloc on each residue's backbone atoms
+    res_alt = np.zeros(n_res, dtype=alt.dtype)
+    with_alt = np.flatnonzero(bb & (alt != 0))
+    if len(with_alt):
+        heads = with_alt[_first_of_runs(rid[with_alt])]
+        res_alt[rid[heads]] = alt[heads]
+        bb &= (alt == 0) | (alt == res_alt[rid])
+    coords = np.zeros((n_res, 3, 3))
+    present = np.zeros((n_res, 3), dtype=bool)
+    rows = np.flatnonzero(bb)
+    for k in range(3):
+        sel = rows[which[rows] == k]
+        sel = sel[_first_of_runs(rid[sel])]  # the first atom of that name in each residue
+        coords[rid[sel], k] = pos[sel]
+        present[rid[sel], k] = True
+
+    keep = is_aa.copy()
+    alt_only = np.flatnonzero(is_aa & (res_alt != 0))
+    if len(alt_only):  # point mutations: rare, so checked residue by residue
+        has_plain = np.zeros(n_res, dtype=bool)
+        has_plain[rid[np.flatnonzero((which >= 0) & (alt == 0))]] = True
+        alt_set = set(alt_only[~has_plain[alt_only]].tolist())
+        seen: dict[int, set] = {}
+        for r in range(n_res):
+            a = first_atom[r]
+            key = (int(resnum[a]), int(icode[a]))
+            chain_seen = seen.setdefault(int(chain[a]), set())
+            if r in alt_set and key in chain_seen:
+                keep[r] = False
+            chain_seen.add(key)
+
+    kept = np.flatnonzero(keep)
+    if not len(kept):
+        return []
+    kept_chain = chain[first_atom[kept]]
+    codes, first_seen = np.unique(kept_chain, return_index=True)
+    chain_s8, name_s8 = flat.chain_ids[first_atom[kept]], flat.residue_names[first_atom[kept]]
+    out = []
+    for code, at in sorted(zip(codes, first_seen, strict=True), key=lambda x: x[1]):
+        in_chain = kept_chain == code  # chains in file order
+        res = kept[in_chain]
+        names = [b.decode() for b in name_s8[in_chain].tolist()]
+        out.append(_make_chain(chain_s8[at].decode(), names, coords[res], present[res]))
+    return out
 
 
 def _make_chain(cid: str, names: list[str], rows: list, present: list) -> _Chain:
@@ -290,7 +349,7 @@ def _parse_gemmi_pdb(text: str) -> tuple[int, list[_Chain]]:
     n_models = len(st)
     if n_models == 0:
         return 0, []
-    return n_models, _chains_from_gemmi_model(st[0])
+    return n_models, _chains_from_gemmi(st)
 
 
 def _parse_gemmi_cif(text: str) -> tuple[int, list[_Chain], int]:
@@ -304,7 +363,7 @@ def _parse_gemmi_cif(text: str) -> tuple[int, list[_Chain], int]:
     n_models = len(st)
     if n_models == 0:
         return 0, [], len(blocks)
-    return n_models, _chains_from_gemmi_model(st[0]), len(blocks)
+    return n_models, _chains_from_gemmi(st), len(blocks)
 
 
 # --------------------------------------------------------------------------- biotite backend
