@@ -310,3 +310,15 @@ def test_cli_reports_a_summary(tmp_path, structures_dir, capsys):
     )
     assert pixels.dtype == np.uint16
     assert main(["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_settings_are_recorded_and_mixing_is_refused(tmp_path, structures_dir):
+    from protoken.convert import read_settings
+
+    out = tmp_path / "out"
+    src = str(structures_dir / "foldseek__d1asha_.pdb")
+    convert([src], ConvertOptions(out=str(out), dmax=40.0), workers=1, progress=False)
+    assert read_settings(str(out))["dmax"] == 40.0 and read_settings(str(out))["bit_depth"] == 8
+    with pytest.raises(ValueError, match="converted with dmax=40.0"):
+        convert([src], ConvertOptions(out=str(out)), workers=1, progress=False)
+    assert main(["convert", src, "--out", str(out), "--bit-depth", "16", "--dmax", "40"]) == 2
