@@ -8,6 +8,7 @@ import gemmi
 import numpy as np
 import pytest
 
+from helpers import random_rotation
 from protoken.geometry import angle, dihedral, sixd, virtual_cb
 from protoken.structure import read_backbones
 
@@ -130,14 +131,6 @@ def test_sixd_conventions(protein):
     assert np.abs(f.omega).max() <= np.pi and np.abs(f.theta).max() <= np.pi
     # neighbouring Cb in a folded protein: 4-7 A
     assert 3.5 < np.median(np.diag(f.d, 1)) < 7.0
-
-
-def random_rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return q
 
 
 def test_sixd_invariant_under_rotation_and_translation(protein):

@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import random_rotation
 from protoken.metrics import d0, kabsch, lddt, mirror_rmsd, rmsd, superpose, tm_score
 from protoken.structure import read_backbones
-
-
-def random_rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return q
 
 
 @pytest.fixture(scope="module")

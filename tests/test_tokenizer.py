@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import MICRO
 from protoken.cli import main
 from protoken.codec import CodecSettings, read_image
 from protoken.model import VQVAE, VQVAEConfig
@@ -16,10 +17,6 @@ from protoken.structure import read_backbones
 from protoken.tokenizer import Tokenizer, load_tokens, save_tokens
 from protoken.train import CHECKPOINT_FORMAT, save_checkpoint
 
-MICRO = {
-    "n_embd": 32, "mlp_hidden_dim": 64, "n_head": 2, "latent_dim": 32, "rope_dim": 8,
-    "q_channels": 16, "codebook_dim": 16, "codebook_size": 64, "refine_channels": 16,
-}  # fmt: skip
 NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb",
          "biotite__1aki.pdb"]  # fmt: skip
 

@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import MICRO
 from protoken.train import TrainConfig, learning_rate, load_checkpoint, parse_bool, train
-
-# A model smaller than the tiny preset, so a CPU test step takes a fraction of a second.
-MICRO = {
-    "n_embd": 32, "mlp_hidden_dim": 64, "n_head": 2, "latent_dim": 32, "rope_dim": 8,
-    "q_channels": 16, "codebook_dim": 16, "codebook_size": 64, "refine_channels": 16,
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
