@@ -65,7 +65,8 @@ def _init_worker() -> None:
 
 def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
-             models: str = "skip-multi", log=print) -> dict:  # fmt: skip
+             models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
+             log=print) -> dict:  # fmt: skip
     """Evaluate a tokenizer on structure files (or PNGs: then the reference is the 3D
     reconstruction of the input image itself). Returns the summary (also in OUT/summary.json).
     """
@@ -78,7 +79,8 @@ def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
     items, skipped = [], []
     for path in inputs:
         try:
-            items.extend(tokenizer.prepare(path, chains=chains, models=models))
+            items.extend(tokenizer.prepare(path, chains=chains, models=models, min_len=min_len,
+                                           max_len=max_len))  # fmt: skip
         except (SkipStructure, StructureError, ValueError, OSError) as exc:
             skipped.append((path, str(exc)))
             log(f"protoken evaluate: skipped {path}: {exc}")
@@ -311,7 +313,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--chains", choices=["skip-multi", "split", "first"], default="skip-multi")
     parser.add_argument("--models", choices=["skip-multi", "first"], default="skip-multi")
-    parser.add_argument("--no-progress", action="store_true")  # fmt: skip
+    parser.add_argument("--min-len", type=int, default=40, help="skip shorter chains (40)")
+    parser.add_argument("--max-len", type=int, default=1024, help="skip longer chains (1024)")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = evaluate(tok, list(_inputs(args.inputs)), args.out, backbone=args.backbone,
                            workers=args.workers, progress=not args.no_progress,
-                           chains=args.chains, models=args.models,
+                           chains=args.chains, models=args.models, min_len=args.min_len,
+                           max_len=args.max_len,
                            log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     except ValueError as exc:
         print(f"protoken evaluate: {exc}", file=sys.stderr)

@@ -129,18 +129,19 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ inputs
 
-    def prepare(self, source, sequence: str = "", chains: str = "first",
-                models: str = "first") -> list[Item]:  # fmt: skip
+    def prepare(self, source, sequence: str = "", chains: str = "first", models: str = "first",
+                min_len: int = 1, max_len: int | None = None) -> list[Item]:  # fmt: skip
         """Turn an input into model-ready items.
 
         ``source`` may be a structure file (every protein chain under ``chains``/``models``
         policies, as ``protoken convert``), a PNG written by ``protoken convert``, an image
         array (3, L, L) in [-1, 1], or a :class:`protoken.structure.Backbone`. Structures are
         turned into images with the checkpoint's dmax and passed through its bit depth, so the
-        model sees exactly what it was trained on.
+        model sees exactly what it was trained on. Chains outside ``min_len``..``max_len`` are
+        left out (``SkipStructure`` when none is left).
         """
         from protoken.codec import read_image
-        from protoken.structure import Backbone, read_backbones, structure_id
+        from protoken.structure import Backbone, SkipStructure, read_backbones, structure_id
 
         if isinstance(source, Backbone):
             return [self._from_backbone(source)]
@@ -149,7 +150,14 @@ class Tokenizer:
             if path.lower().endswith(".png"):
                 image = read_image(path)
                 return [Item(structure_id(path[:-4]), image, sequence)]
-            return [self._from_backbone(bb) for bb in read_backbones(path, chains, models)]
+            backbones = read_backbones(path, chains, models)
+            kept = [bb for bb in backbones
+                    if min_len <= len(bb) and (max_len is None or len(bb) <= max_len)]  # fmt: skip
+            if not kept:
+                n = len(backbones[0])
+                raise SkipStructure(f"too short: {n} residues < {min_len}" if n < min_len
+                                    else f"too long: {n} residues > {max_len}")  # fmt: skip
+            return [self._from_backbone(bb) for bb in kept]
         image = np.asarray(source, dtype=np.float32)
         return [Item("image", image, sequence)]
 
@@ -359,6 +367,8 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", required=True, help="token file to write (.npz)")
     parser.add_argument("--chains", choices=["skip-multi", "split", "first"], default="skip-multi")
     parser.add_argument("--models", choices=["skip-multi", "first"], default="skip-multi")
+    parser.add_argument("--min-len", type=int, default=40, help="skip shorter chains (40)")
+    parser.add_argument("--max-len", type=int, default=1024, help="skip longer chains (1024)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -376,7 +386,8 @@ def run_encode(args: argparse.Namespace) -> int:
     pending: list[Item] = []
     for path in bar:
         try:
-            pending.extend(tok.prepare(path, chains=args.chains, models=args.models))
+            pending.extend(tok.prepare(path, chains=args.chains, models=args.models,
+                                       min_len=args.min_len, max_len=args.max_len))  # fmt: skip
         except (SkipStructure, StructureError, ValueError, OSError) as exc:
             skipped += 1
             tqdm.write(f"protoken encode: skipped {path}: {exc}", file=sys.stderr)
