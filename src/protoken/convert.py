@@ -37,9 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protoken.codec import decode_png, encode_png, features_to_image, quantize
-from protoken.fileio import atomic_write, walk_files
+from protoken.fileio import atomic_write, read_fasta, walk_files
 from protoken.geometry import DMAX, sixd
-from protoken.structure import SkipStructure, StructureError, read_backbones, structure_id
+from protoken.structure import (
+    STRUCTURE_EXTENSIONS,
+    SkipStructure,
+    StructureError,
+    read_backbones,
+    structure_id,
+)
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -55,9 +61,7 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence")
-STRUCTURE_SUFFIXES = tuple(
-    ext + gz for ext in (".pdb", ".ent", ".cif", ".mmcif", ".bcif") for gz in ("", ".gz")
-)
+STRUCTURE_SUFFIXES = tuple(ext + gz for ext in STRUCTURE_EXTENSIONS for gz in ("", ".gz"))
 
 
 @dataclass(frozen=True)
@@ -610,8 +614,7 @@ def _unlink_quiet(path: str) -> None:
 def _fill_from_fasta(row: Row, fasta: str) -> None:
     """Fill length, bin and sequence of a row from existing outputs (resume bookkeeping)."""
     try:
-        with open(fasta) as fh:
-            seq = "".join(line.strip() for line in fh if not line.startswith(">"))
+        seq = next(iter(read_fasta(fasta).values()), "")
     except OSError:
         return
     if seq:

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from protoken.fileio import atomic_write
+from protoken.fileio import atomic_write, single_threaded
 
 __all__ = ["COLUMNS", "evaluate", "write_report"]
 
@@ -55,12 +55,6 @@ def _reconstruct_and_compare(task: tuple) -> dict:
     row["cb"] = rec.cb
     row["ca"] = rec.atoms["CA"] if rec.atoms is not None else None
     return row
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
@@ -101,7 +95,7 @@ def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
         tasks.append((dec, reference, dmax, backbone))
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(workers, initializer=single_threaded) as pool:
             results = list(tqdm(pool.map(_reconstruct_and_compare, tasks), total=len(tasks),
                                 desc="3D", disable=not progress, file=sys.stderr))  # fmt: skip
     else:
@@ -132,7 +126,8 @@ def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
         usage.append(len(used[used >= 0]) / tokenizer.config.codebook_size)
     summary = summarize(rows, usage, skipped)
     summary["checkpoint"] = getattr(tokenizer, "checkpoint", "")
-    write_report(out, rows, summary, items, decoded, results, backbone)
+    write_report(out, rows, summary, items, decoded, results, backbone,
+                 [task[1] for task in tasks])  # fmt: skip
     return summary
 
 
@@ -161,8 +156,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_report(out: str, rows, summary, items, decoded, results, backbone: bool) -> None:
-    """metrics.tsv, summary.json, pictures and report.md."""
+def write_report(out: str, rows, summary, items, decoded, results, backbone: bool,
+                 references) -> None:  # fmt: skip
+    """metrics.tsv, summary.json, pictures and report.md (``references``: per protein the
+    true N/CA/C (L, 3, 3), or the Cb (L, 3) reconstructed from an input PNG)."""
     cols = COLUMNS + (BACKBONE_COLUMNS if backbone else ())
     lines = ["\t".join(cols)] + ["\t".join(_fmt(r[c]) for c in cols) for r in rows]
     atomic_write(os.path.join(out, "metrics.tsv"), "\n".join(lines) + "\n")
@@ -171,7 +168,7 @@ def write_report(out: str, rows, summary, items, decoded, results, backbone: boo
     order = np.argsort([r["tm_score"] for r in rows])
     picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]),
              "best": int(order[-1])}  # fmt: skip
-    pictures = _pictures(out, rows, items, decoded, results, picks)
+    pictures = _pictures(out, rows, items, decoded, results, picks, references)
 
     s = summary
     md = [
@@ -223,7 +220,8 @@ def write_report(out: str, rows, summary, items, decoded, results, backbone: boo
     atomic_write(os.path.join(out, "report.md"), "\n".join(md) + "\n")
 
 
-def _pictures(out, rows, items, decoded, results, picks) -> dict[str, tuple[str, str]]:
+def _pictures(out, rows, items, decoded, results, picks,
+              references) -> dict[str, tuple[str, str]]:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,17 +259,12 @@ def _pictures(out, rows, items, decoded, results, picks) -> dict[str, tuple[str,
         images_png = f"images_{which}.png"
         save(fig, images_png)
 
-        truth = items[i].backbone
-        pred = results[i]["cb"]
-        if truth is not None:
+        ref = np.asarray(references[i])
+        if ref.ndim == 3:  # N, CA, C of the true structure
             from protoken.geometry import virtual_cb
 
-            ref = virtual_cb(truth[:, 0], truth[:, 1], truth[:, 2])
-        else:
-            from protoken.reconstruct import reconstruct
-
-            ref = reconstruct(items[i].image, dmax=80.0).cb
-        aligned = superpose(pred, ref)
+            ref = virtual_cb(ref[:, 0], ref[:, 1], ref[:, 2])
+        aligned = superpose(results[i]["cb"], ref)
         fig = plt.figure(figsize=(5, 5))
         ax = fig.add_subplot(projection="3d")
         ax.plot(*ref.T, color="#333333", lw=1.5, label="true (Cb trace)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-__all__ = ["atomic_write", "walk_files"]
+__all__ = ["atomic_write", "read_fasta", "single_threaded", "walk_files"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False) -> None:
@@ -30,6 +30,35 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False
         except OSError:
             pass
         raise
+
+
+def read_fasta(path: str | os.PathLike) -> dict[str, str]:
+    """Records of a FASTA file: id (first word of the header) -> sequence (one-letter)."""
+    out: dict[str, str] = {}
+    name, chunks = None, []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line.startswith(">"):
+                if name is not None:
+                    out[name] = "".join(chunks)
+                name, chunks = (line[1:].split() or [""])[0], []
+            elif line and name is not None:
+                chunks.append(line)
+    if name is not None:
+        out[name] = "".join(chunks)
+    return out
+
+
+def single_threaded() -> None:
+    """Process-pool initializer: one torch thread per worker process (the pool provides the
+    parallelism; more threads would only oversubscribe the cores)."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:

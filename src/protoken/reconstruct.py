@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protoken.codec import image_to_features, read_image
+from protoken.fileio import read_fasta, single_threaded
 from protoken.geometry import DMAX, SixD
 
 __all__ = [
@@ -697,24 +698,6 @@ def image_id(path: str | os.PathLike) -> str:
     return name[:-4] if name.lower().endswith(".png") else name
 
 
-def read_fasta(path: str | os.PathLike) -> dict[str, str]:
-    """Records of a FASTA file: id (first word of the header) -> sequence (one-letter)."""
-    out: dict[str, str] = {}
-    name, chunks = None, []
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if line.startswith(">"):
-                if name is not None:
-                    out[name] = "".join(chunks)
-                name, chunks = (line[1:].split() or [""])[0], []
-            elif line and name is not None:
-                chunks.append(line)
-    if name is not None:
-        out[name] = "".join(chunks)
-    return out
-
-
 class _Sequences:
     """``--fasta``: one FASTA file (records matched by id; a single record also serves a single
     image of any id) or a folder of ID.fasta files."""
@@ -911,15 +894,6 @@ def _discover_images(inputs: list[str]) -> list[str]:
     return images
 
 
-def _init_worker() -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         images = _discover_images(args.inputs)
@@ -955,7 +929,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1 and len(tasks) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(args.workers, initializer=single_threaded) as pool:
             rows = list(pool.map(_run_one, tasks, chunksize=1))
     else:
         rows = [_run_one(t) for t in tasks]

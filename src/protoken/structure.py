@@ -30,6 +30,7 @@ from protoken.fileio import atomic_write
 
 __all__ = [
     "AMINO_ACIDS",
+    "STRUCTURE_EXTENSIONS",
     "Backbone",
     "SkipStructure",
     "StructureError",
@@ -67,7 +68,8 @@ AMINO_ACIDS: dict[str, str] = {
 
 BACKBONE_ATOMS = ("N", "CA", "C")
 
-_STRUCTURE_EXTS = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
+#: File extensions read as structures (each also with ``.gz``).
+STRUCTURE_EXTENSIONS = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
 _PDB_RECORDS = (b"ATOM", b"HETATM", b"HEADER", b"MODEL", b"REMARK", b"CRYST1", b"TITLE", b"COMPND")
 
 
@@ -140,7 +142,7 @@ def structure_id(path: str | os.PathLike) -> str:
     if name.lower().endswith(".gz"):
         name = name[:-3]
     stem, ext = os.path.splitext(name)
-    return stem if ext.lower() in _STRUCTURE_EXTS else name
+    return stem if ext.lower() in STRUCTURE_EXTENSIONS else name
 
 
 def _format_of(path: str) -> str:
