@@ -176,8 +176,19 @@ def test_clear_errors(small_data, tmp_path, capsys):
 
 def test_booleans_and_schedule():
     assert parse_bool("False") is False and parse_bool("yes") is True
-    with pytest.raises(Exception, match="expected true or false"):
+    with pytest.raises(ValueError, match="expected true or false"):
         parse_bool("maybe")
+    from protoken.cli import build_parser
+    from protoken.train import config_from_args
+
+    args = build_parser("train").parse_args(
+        ["--data", "d", "--out", "o", "--set", "group_by_bin=False", "--set", "lr=0.01"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.group_by_bin is False and cfg.lr == 0.01
+    args = build_parser("train").parse_args(["--data", "d", "--out", "o", "--set", "wandb=maybe"])
+    with pytest.raises(ValueError, match="--set wandb: expected true or false"):
+        config_from_args(args)
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert learning_rate(0, cfg) == pytest.approx(0.1)
     assert learning_rate(9, cfg) == pytest.approx(1.0)

@@ -182,7 +182,7 @@ def parse_bool(text: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    raise ValueError(f"expected true or false, not {text!r}")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -830,7 +830,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             base[key] = value
     if args.wandb:
         base["wandb"] = True
+    bools = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type) == "bool"}
     for key, value in args.overrides:
+        if key in bools and isinstance(value, str):  # --set group_by_bin=False means False
+            try:
+                value = parse_bool(value)
+            except ValueError as exc:
+                raise ValueError(f"--set {key}: {exc}") from None
         base[key] = value
     if not base.get("data"):
         raise ValueError("--data is required (a folder written by protoken convert)")
