@@ -625,7 +625,7 @@ def _fill_from_fasta(row: Row, fasta: str) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _shard(text: str) -> tuple[int, int]:
+def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -671,7 +671,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shard",
-        type=_shard,
+        type=parse_shard,
         default=None,
         metavar="I/N",
         help="convert only shard I of N (hash of each input's relative path)",

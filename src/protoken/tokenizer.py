@@ -342,22 +342,22 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
 # --------------------------------------------------------------------------- CLI
 
 
-def _inputs(paths: Sequence[str]) -> Iterator[str]:
-    """Files and folders (walked) of structures or PNG images."""
-    from protoken.convert import discover
+def _inputs(paths: Sequence[str], shard: tuple[int, int] | None = None) -> Iterator[str]:
+    """Files and folders of structures or PNG images, streamed (a folder holding PNGs is read
+    as images, any other as structures); with ``shard=(I, N)`` only shard I, by the same hash of
+    the relative path as ``protoken convert --shard``."""
+    from protoken.convert import discover, in_shard
+    from protoken.fileio import walk_files
 
     for p in paths:
+        pngs = False
         if os.path.isdir(p):
-            from protoken.fileio import walk_files
-
-            pngs = False
             for f in walk_files(p, (".png",)):
                 pngs = True
-                yield f
-            if not pngs:
-                yield from discover([p])
-        else:
-            yield from discover([p])
+                if in_shard(os.path.relpath(f, p), shard):
+                    yield f
+        if not pngs:
+            yield from discover([p], shard)
 
 
 def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -370,6 +370,15 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-len", type=int, default=40, help="skip shorter chains (40)")
     parser.add_argument("--max-len", type=int, default=1024, help="skip longer chains (1024)")
     parser.add_argument("--batch-size", type=int, default=8)
+    from protoken.convert import parse_shard
+
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="I/N",
+        help="encode only shard I of N (as convert --shard), one file per job",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -381,7 +390,7 @@ def run_encode(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
     tokens: list[Tokens] = []
     skipped = 0
-    paths = list(_inputs(args.inputs))
+    paths = _inputs(args.inputs, args.shard)  # streamed: no listing of millions of paths
     bar = tqdm(paths, desc="encode", unit="file", disable=args.no_progress, file=sys.stderr)
     pending: list[Item] = []
     for path in bar:
