@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protoken.codec import decode_png, encode_png, features_to_image, quantize
-from protoken.fileio import atomic_write, read_fasta, walk_files
+from protoken.fileio import atomic_write, read_fasta, temp_name, walk_files
 from protoken.geometry import DMAX, sixd
 from protoken.structure import (
     STRUCTURE_EXTENSIONS,
@@ -167,10 +167,6 @@ def discover(inputs: Iterable[str], shard: tuple[int, int] | None = None) -> Ite
 # --------------------------------------------------------------------------- one file
 
 
-def _tmp_name(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
-
-
 def convert_file(path: str, opts: ConvertOptions) -> list[Row]:
     """Convert one structure file; outputs are left under temporary names for the caller.
 
@@ -210,7 +206,7 @@ def convert_file(path: str, opts: ConvertOptions) -> list[Row]:
             row.bin = bin_name(length)
             png_path = os.path.join(opts.out, row.bin, f"{bb.id}.png")
             fasta_path = os.path.join(opts.fasta_folder, f"{bb.id}.fasta")
-            row.png_tmp, row.fasta_tmp = _tmp_name(png_path), _tmp_name(fasta_path)
+            row.png_tmp, row.fasta_tmp = temp_name(png_path), temp_name(fasta_path)
             png = encode_png(image, opts.bit_depth)
             fasta = f">{bb.id}\n{bb.sequence}\n"
             os.makedirs(os.path.dirname(png_path), exist_ok=True)

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from protoken.fileio import atomic_write, single_threaded
+from protoken.fileio import atomic_write, format_value, single_threaded
 
 __all__ = ["COLUMNS", "evaluate", "write_report"]
 
@@ -148,20 +148,12 @@ def summarize(rows: list[dict], usage: list[float], skipped: list) -> dict:
     return out
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool | np.bool_):
-        return str(bool(v)).lower()
-    if isinstance(v, float | np.floating):
-        return f"{v:.4f}"
-    return str(v)
-
-
 def write_report(out: str, rows, summary, items, decoded, results, backbone: bool,
                  references) -> None:  # fmt: skip
     """metrics.tsv, summary.json, pictures and report.md (``references``: per protein the
     true N/CA/C (L, 3, 3), or the Cb (L, 3) reconstructed from an input PNG)."""
     cols = COLUMNS + (BACKBONE_COLUMNS if backbone else ())
-    lines = ["\t".join(cols)] + ["\t".join(_fmt(r[c]) for c in cols) for r in rows]
+    lines = ["\t".join(cols)] + ["\t".join(format_value(r[c]) for c in cols) for r in rows]
     atomic_write(os.path.join(out, "metrics.tsv"), "\n".join(lines) + "\n")
     atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
@@ -216,7 +208,7 @@ def write_report(out: str, rows, summary, items, decoded, results, backbone: boo
     md += ["## Per protein", "", "| " + " | ".join(cols) + " |",
            "|" + "---|" * len(cols)]  # fmt: skip
     for i in order[::-1]:
-        md.append("| " + " | ".join(_fmt(rows[i][c]) for c in cols) + " |")
+        md.append("| " + " | ".join(format_value(rows[i][c]) for c in cols) + " |")
     atomic_write(os.path.join(out, "report.md"), "\n".join(md) + "\n")
 
 

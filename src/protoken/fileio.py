@@ -1,28 +1,38 @@
-"""Small file helpers shared by the writers: atomic writes and streamed directory walks."""
+"""Small file helpers shared by the writers: atomic writes, FASTA, TSV values, directory walks."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["atomic_write", "read_fasta", "single_threaded", "walk_files"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "format_value",
+    "read_fasta",
+    "single_threaded",
+    "temp_name",
+    "walk_files",
+]
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+def temp_name(path: str | os.PathLike, suffix: str = "") -> str:
+    """The temporary name a file is written under before it is renamed to ``path``."""
+    return f"{os.fspath(path)}.tmp{os.getpid()}{suffix}"
 
-    The data go to a temporary file in the same folder, which is then renamed over ``path``
-    (``os.replace`` is atomic on POSIX). A crash leaves at most a ``*.tmp<pid>`` file behind.
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path to write ``path``'s content to; rename it over ``path`` on success.
+
+    Readers see the old file or the whole new one (``os.replace`` is atomic on POSIX). On an
+    error the temporary file is removed; a crash leaves at most a ``*.tmp<pid>`` file behind.
+    ``suffix`` keeps an extension some writers insist on (``np.savez`` adds ``.npz``).
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(data, bytes | bytearray | memoryview) else "w"
+    tmp = temp_name(path, suffix)
     try:
-        with open(tmp, mode) as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -30,6 +40,28 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False
         except OSError:
             pass
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False) -> None:
+    """Write ``data`` (bytes or text) to ``path`` atomically (see :func:`atomic_path`)."""
+    mode = "wb" if isinstance(data, bytes | bytearray | memoryview) else "w"
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def format_value(value) -> str:
+    """A metric as written in TSV and Markdown tables: booleans lower-case, floats with 4
+    decimals (small non-zero ones with 6 significant digits, so 0.00015 A stays visible)."""
+    import numpy as np
+
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    if isinstance(value, float | np.floating):
+        return f"{value:.6g}" if abs(value) < 1e-3 and value else f"{value:.4f}"
+    return str(value)
 
 
 def read_fasta(path: str | os.PathLike) -> dict[str, str]:

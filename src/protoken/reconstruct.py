@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protoken.codec import image_to_features, read_image
-from protoken.fileio import read_fasta, single_threaded
+from protoken.fileio import format_value, read_fasta, single_threaded
 from protoken.geometry import DMAX, SixD
 
 __all__ = [
@@ -798,14 +798,6 @@ def _run_one(task: _Task) -> dict:
     return row
 
 
-def _fmt(value) -> str:
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value)).lower()
-    if isinstance(value, float | np.floating):
-        return f"{value:.6g}" if abs(value) < 1e-3 and value else f"{value:.4f}"
-    return str(value)
-
-
 def summarize(rows: list[dict]) -> dict:
     """Summary statistics of metric rows (those compared with a reference)."""
     scored = [r for r in rows if r.get("has_reference")]
@@ -948,7 +940,7 @@ def run(args: argparse.Namespace) -> int:
         lines = ["\t".join(columns)]
         for row in rows:
             if row.get("has_reference"):
-                lines.append("\t".join(_fmt(row.get(c, "")) for c in columns))
+                lines.append("\t".join(format_value(row.get(c, "")) for c in columns))
         atomic_write(os.path.join(args.out, "metrics.tsv"), "\n".join(lines) + "\n")
         atomic_write(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     print(summary_line(summary))

@@ -313,9 +313,10 @@ def save_tokens(path: str, tokens: Sequence[Tokens], meta: dict) -> None:
         grids = [np.asarray(t.levels[lv]).ravel() for t in tokens]
         arrays[f"level{lv}_codes"] = np.concatenate(grids).astype(dtype)
         arrays[f"level{lv}_offsets"] = np.concatenate([[0], np.cumsum([g.size for g in grids])])
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    from protoken.fileio import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def load_tokens(path: str) -> tuple[list[Tokens], dict]:

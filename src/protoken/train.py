@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from protoken import __version__
 from protoken.codec import CodecSettings
+from protoken.fileio import atomic_path
 from protoken.model import VQVAE, VQVAEConfig
 
 __all__ = ["TrainConfig", "load_checkpoint", "main", "train"]
@@ -369,9 +370,8 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str, **payload) -> None:
     """torch.save to a temporary file in the same folder, then rename (atomic)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -491,10 +491,9 @@ def save_samples(path: str, samples, codec: CodecSettings) -> None:
                 if r == 0:
                     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the loop
