@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from helpers import MICRO
+from protoken import checkpoint as ckpt_io
 from protoken.cli import main
 from protoken.codec import CodecSettings, read_image
-from protoken.model import VQVAE, VQVAEConfig
+from protoken.model import VQVAE, VQVAEConfig, config_to_dict
 from protoken.structure import read_backbones
 from protoken.tokenizer import Tokenizer, load_tokens, save_tokens
-from protoken.train import CHECKPOINT_FORMAT, save_checkpoint
 
 NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb",
          "biotite__1aki.pdb"]  # fmt: skip
@@ -33,8 +33,14 @@ def checkpoint(tmp_path_factory, structures_dir) -> str:
     model.train()
     model(x, mask)  # data-dependent codebook initialisation
     path = str(tmp_path_factory.mktemp("ckpt") / "best.pt")
-    save_checkpoint(path, format=CHECKPOINT_FORMAT, model=model.state_dict(),
-                    model_config=cfg.to_dict(), codec=CodecSettings().to_dict())  # fmt: skip
+    ckpt_io.save(
+        path,
+        {
+            "model": model.state_dict(),
+            "model_config": config_to_dict(cfg),
+            "codec": CodecSettings().to_dict(),
+        },
+    )
     return path
 
 

@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     args = build_parser(command).parse_args(rest)
     run = getattr(module, f"run_{command}", None) or module.run
-    return int(run(args) or 0)
+    from protoken.checkpoint import CheckpointError
+
+    try:
+        return int(run(args) or 0)
+    except CheckpointError as exc:  # one line naming the file, whichever command loaded it
+        print(f"protoken {command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -117,13 +117,12 @@ class Tokenizer:
 
     @classmethod
     def from_checkpoint(cls, path: str, device=None, batch_size: int = 8) -> Tokenizer:
-        """Load a checkpoint written by ``protoken train`` (``best.pt`` or ``last.pt``)."""
-        from protoken.model import VQVAE, VQVAEConfig
-        from protoken.train import load_checkpoint
+        """Load a checkpoint written by ``protoken train`` (``best.pt`` or ``last.pt``) with
+        ``weights_only=True`` (see :mod:`protoken.checkpoint`)."""
+        from protoken import checkpoint
 
-        ckpt = load_checkpoint(path)
-        model = VQVAE(VQVAEConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        ckpt = checkpoint.load(path)
+        model = checkpoint.build_model(ckpt)
         codec = CodecSettings.from_dict(ckpt["codec"])
         return cls(model, codec, checkpoint_id(path), device, batch_size)
 

@@ -74,7 +74,10 @@ class Attention(nn.Module):
         q, k, v = rearrange(
             qkv,
             "b (nh wh) (nw ww) (three heads d) -> three (b nh nw) heads (wh ww) d",
-            nh=nh, nw=nw, three=3, heads=self.n_head,
+            nh=nh,
+            nw=nw,
+            three=3,
+            heads=self.n_head,
         )
         # relative rotations only depend on position differences, so the grid's own indices do
         freqs = self.rotary.get_axial_freqs(H, W).to(q.device)
@@ -82,10 +85,10 @@ class Attention(nn.Module):
         freqs = freqs.repeat(B, 1, 1, 1)
         q, k = apply_rotary_emb(freqs, q), apply_rotary_emb(freqs, k)
         keys = rearrange(mask, "b (nh wh) (nw ww) -> (b nh nw) 1 1 (wh ww)", nh=nh, nw=nw)
-        if bool(keys.all()):
-            attn_mask = None
-        else:  # a window without any valid key attends everywhere (finite, masked out later)
-            attn_mask = keys | ~keys.any(dim=-1, keepdim=True)
+        # always masked: testing whether the batch has padding would cost a host sync per
+        # call (on GPU); a window without any valid key attends everywhere (finite, masked out
+        # later)
+        attn_mask = keys | ~keys.any(dim=-1, keepdim=True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         y = rearrange(
             y, "(b nh nw) heads (wh ww) d -> b (nh wh) (nw ww) (heads d)", b=B, nh=nh, wh=wh

@@ -223,12 +223,22 @@ def symmetrise(y: Tensor) -> Tensor:
 
 @dataclass
 class VQVAEOutput:
-    """What :meth:`VQVAE.forward` returns. Per-level lists and tensors are coarsest first.
+    """What :meth:`VQVAE.forward` returns (the model output contract of :mod:`protoken.model`,
+    plus the VQ-VAE's own fields). Per-level lists and tensors are coarsest first.
 
     Attributes
     ----------
     recon : Tensor
         ``(B, 3, H, W)`` reconstruction, 0 at padded pixels.
+    loss_sum : Tensor
+        Scalar float32, sum of the squared errors over valid pixels and channels.
+    weight : Tensor
+        Scalar, what ``loss_sum`` is a sum over: valid pixels x channels
+        (:meth:`VQVAE.loss_weight` of the mask).
+    aux_loss : Tensor
+        Scalar ``beta * commit_loss``, already normalised (a mean).
+    metrics : dict of str to Tensor
+        Detached values to log: ``codebook_usage`` and ``perplexity`` per level.
     loss : Tensor
         Scalar ``recon_loss + beta * commit_loss``.
     recon_loss : Tensor
@@ -246,6 +256,10 @@ class VQVAEOutput:
     """
 
     recon: Tensor
+    loss_sum: Tensor
+    weight: Tensor
+    aux_loss: Tensor
+    metrics: dict[str, Tensor]
     loss: Tensor
     recon_loss: Tensor
     commit_loss: Tensor
@@ -284,6 +298,12 @@ class VQVAE(nn.Module):
             for level in range(n)
         )
         self.head = RefineHead(config)
+
+    def loss_weight(self, mask: Tensor) -> int:
+        """What :attr:`VQVAEOutput.loss_sum` of a batch with this ``(B, H, W)`` mask sums over
+        (valid pixels x channels), computed where the mask is (on the host for a loader's
+        batch, so the training loop knows the global weight before the forward passes)."""
+        return int(mask.sum()) * self.config.in_channels
 
     def num_parameters(self) -> int:
         """Number of trainable parameters (codebooks are EMA buffers, not counted)."""
@@ -354,18 +374,26 @@ class VQVAE(nn.Module):
         codes, outs, masks = self._encode(x, mask)
         recon = self._decode_codes(codes, masks, mask)
         m = mask[:, None]
-        n_valid = (mask.sum() * x.shape[1]).clamp(min=1)
-        recon_loss = (((recon.float() - x.float()) * m) ** 2).sum() / n_valid
+        weight = mask.sum() * x.shape[1]
+        loss_sum = (((recon.float() - x.float()) * m) ** 2).sum()
+        recon_loss = loss_sum / weight.clamp(min=1)
         commit_losses = torch.stack([o.commit_loss for o in reversed(outs)])
         commit_loss = commit_losses.sum()
+        aux_loss = self.config.beta * commit_loss
+        usage = torch.stack([o.usage for o in reversed(outs)])
+        perplexity = torch.stack([o.perplexity for o in reversed(outs)])
         return VQVAEOutput(
             recon=recon,
-            loss=recon_loss + self.config.beta * commit_loss,
+            loss_sum=loss_sum,
+            weight=weight,
+            aux_loss=aux_loss,
+            metrics={"codebook_usage": usage.detach(), "perplexity": perplexity.detach()},
+            loss=recon_loss + aux_loss,
             recon_loss=recon_loss,
             commit_loss=commit_loss,
             indices=[o.indices for o in reversed(outs)],
-            usage=torch.stack([o.usage for o in reversed(outs)]),
-            perplexity=torch.stack([o.perplexity for o in reversed(outs)]),
+            usage=usage,
+            perplexity=perplexity,
             commit_losses=commit_losses.detach(),
         )
 
