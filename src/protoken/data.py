@@ -16,7 +16,7 @@ How a dataset streams (every step in constant memory, whatever the number of fil
   separators, e.g. ``bin_65_128/ID.png``), read as a 64-bit fraction, is below ``valid_frac``.
   Moving or copying the root keeps the split; a bin folder opened alone
   (:class:`IterableImageDataset`) splits exactly as inside its root
-  (:class:`IterableImageDatasetUni`).
+  (:class:`IterableBinnedImageDataset`).
 - Sharding: the ``world_size * num_workers`` DataLoader workers of all ranks take disjoint shards
   of the split by a hash of the same relative path (crc32 modulo the number of shards): every file
   is read exactly once per epoch overall, whatever the order the file system lists it in on each
@@ -73,10 +73,21 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from protoken.codec import SEED_MEAN, SEED_STD, decode_png, dequantize
+from protoken.codec import (
+    SEED_MEAN,
+    SEED_STD,
+    decode_png,
+    dequantize,
+    standardize,
+    unstandardize,
+)
 from protoken.fileio import walk_files
 
 __all__ = [
+    "BatchPlan",
+    "ImageIndex",
+    "IndexedBatches",
+    "IterableBinnedImageDataset",
     "IterableImageDataset",
     "IterableImageDatasetUni",
     "Normalization",
@@ -86,7 +97,9 @@ __all__ = [
     "collate_with_padding",
     "cycle",
     "decode_image",
+    "ignore_signals",
     "in_valid_split",
+    "read_id_list",
     "take_batches",
 ]
 
@@ -103,11 +116,10 @@ MAX_PASSES = 16
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel standardisation of images in [-1, 1], and its inverse.
-
-    ``forward(x) = ((x + 1) / 2 - mean) / std`` (the seed's ``ToTensor`` + ``Normalize`` on
-    pixels scaled to [0, 1]); ``inverse`` maps back to [-1, 1]. Both accept numpy arrays or
-    torch tensors whose channel axis is -3: an image (3, L, L) or a batch (B, 3, H, W).
+    """Per-channel standardisation of images in [-1, 1], and its inverse: the constants of
+    :func:`protoken.codec.standardize` / :func:`~protoken.codec.unstandardize`, which do the
+    arithmetic (``forward(x) = ((x + 1) / 2 - mean) / std``, the seed's ``ToTensor`` +
+    ``Normalize``). Both accept numpy arrays or torch tensors whose channel axis is -3.
 
     Attributes
     ----------
@@ -134,28 +146,13 @@ class Normalization:
         ``"custom"``."""
         return "seed" if (self.mean, self.std) == (SEED_MEAN, SEED_STD) else "custom"
 
-    def _constants(self, x):
-        shape = (3, 1, 1)
-        if isinstance(x, torch.Tensor):
-            dtype = x.dtype if x.is_floating_point() else torch.float32
-            m = torch.tensor(self.mean, dtype=dtype, device=x.device).view(shape)
-            s = torch.tensor(self.std, dtype=dtype, device=x.device).view(shape)
-            return m, s
-        dtype = x.dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else np.float64
-        return (
-            np.asarray(self.mean, dtype=dtype).reshape(shape),
-            np.asarray(self.std, dtype=dtype).reshape(shape),
-        )
-
     def forward(self, x):
         """[-1, 1] -> standardised; ``x`` of shape (..., 3, H, W)."""
-        m, s = self._constants(x)
-        return ((x + 1.0) * 0.5 - m) / s
+        return standardize(x, self.mean, self.std)
 
     def inverse(self, x):
         """Standardised -> [-1, 1]; ``x`` of shape (..., 3, H, W)."""
-        m, s = self._constants(x)
-        return (x * s + m) * 2.0 - 1.0
+        return unstandardize(x, self.mean, self.std)
 
     __call__ = forward
 
@@ -179,22 +176,18 @@ class _Decoder:
     """PNG pixels (L, L, 3) uint8/uint16 -> float32 image (3, L, L), optionally standardised.
 
     Without normalisation the result is bitwise :func:`protoken.codec.dequantize` (8-bit through
-    a 256-entry table computed by it, 16-bit by it directly). With normalisation the
-    standardisation is folded into the same float64 arithmetic and rounded once to float32.
+    a 256-entry table computed by it, 16-bit by it directly). With normalisation
+    :func:`protoken.codec.standardize` runs in float64 (on the table for 8-bit) and the result
+    is rounded once to float32.
     """
 
     def __init__(self, normalization: Normalization | None):
         self.normalization = normalization
         levels = np.arange(256, dtype=np.uint8)[:, None, None].repeat(3, axis=2)  # (256, 1, 3)
-        lut = dequantize(levels, dtype=np.float64)[:, :, 0]  # (3, 256)
+        lut = dequantize(levels, dtype=np.float64)  # (3, 256, 1)
         if normalization is not None:
-            m = np.asarray(normalization.mean)[:, None]
-            s = np.asarray(normalization.std)[:, None]
-            lut = ((lut + 1.0) * 0.5 - m) / s
-            # 16-bit: x = v * 2 / 65535 - 1, so ((x + 1) / 2 - m) / s = v * a + b
-            self._a16 = (1.0 / (65535.0 * s))[:, :, None]
-            self._b16 = (-m / s)[:, :, None]
-        self._lut8 = lut.astype(np.float32)
+            lut = normalization.forward(lut)
+        self._lut8 = lut[:, :, 0].astype(np.float32)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -209,10 +202,7 @@ class _Decoder:
             raise ValueError(f"expected uint8 or uint16 pixels, got {pixels.dtype}")
         if self.normalization is None:
             return dequantize(pixels, dtype=np.float32)
-        chw = pixels.transpose(2, 0, 1).astype(np.float64)
-        chw *= self._a16
-        chw += self._b16
-        return chw.astype(np.float32)
+        return self.normalization.forward(dequantize(pixels, dtype=np.float64)).astype(np.float32)
 
 
 def decode_image(data: bytes, normalization: Normalization | None = None) -> np.ndarray:
@@ -779,7 +769,7 @@ class IterableImageDataset(_ImageStreamDataset):
     root : path, optional
         The dataset root the split and shard keys are relative to. Default: the folder's parent,
         so ``OUT/bin_65_128/ID.png`` has the key ``bin_65_128/ID.png`` and splits exactly as in
-        ``IterableImageDatasetUni(OUT)``.
+        ``IterableBinnedImageDataset(OUT)``.
     split : {"train", "val", "all"}
         Which part of the md5 split to stream.
     valid_frac : float
@@ -843,7 +833,7 @@ class IterableImageDataset(_ImageStreamDataset):
         super().__init__([_Stream(os.path.basename(folder), folder, prefix)], **options)
 
 
-class IterableImageDatasetUni(_ImageStreamDataset):
+class IterableBinnedImageDataset(_ImageStreamDataset):
     """Stream the PNG images of all length bins (``bin_LO_HI`` folders) under one or more roots.
 
     Takes the options of :class:`IterableImageDataset` (``split``, ``valid_frac``,
@@ -905,6 +895,444 @@ class IterableImageDatasetUni(_ImageStreamDataset):
             raise ValueError(f"no PNG image in the selected bins under {roots}")
         self.roots = roots
         super().__init__(streams, **options)
+
+
+#: The former name of :class:`IterableBinnedImageDataset` (kept for old code).
+IterableImageDatasetUni = IterableBinnedImageDataset
+
+
+# --------------------------------------------------------------------------- index and sampling
+
+
+def _manifest_files(root: str) -> list[str]:
+    """``manifest.tsv`` and the ``manifest.shard-I-of-N.tsv`` of sharded conversions."""
+    with os.scandir(root) as it:
+        names = [e.name for e in it if e.is_file() and _MANIFEST_RE.fullmatch(e.name)]
+    return [os.path.join(root, n) for n in sorted(names)]
+
+
+_MANIFEST_RE = re.compile(r"manifest(\.shard-\d+-of-\d+)?\.tsv")
+
+
+def _manifest_rows(path: str) -> Iterator[tuple[str, str, int]]:
+    """``(id, bin, length)`` of the ``ok`` rows of a manifest written by ``protoken convert``.
+
+    Reads the first 7 columns of each line only (``str.split`` with a limit), so the
+    sequences are never split; a partial last line (a killed conversion) is skipped.
+    """
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        header = fh.readline().rstrip("\n").split("\t")
+        try:
+            c_id, c_status = header.index("id"), header.index("status")
+            c_len, c_bin = header.index("length"), header.index("bin")
+        except ValueError:
+            raise ValueError(f"{path}: not a protoken manifest (header {header})") from None
+        limit = max(c_id, c_status, c_len, c_bin) + 1
+        for line in fh:
+            cols = line.split("\t", limit)
+            if len(cols) <= limit or cols[c_status] != "ok" or not line.endswith("\n"):
+                continue
+            yield cols[c_id], cols[c_bin], int(cols[c_len])
+
+
+@dataclass(frozen=True, eq=False)
+class ImageIndex:
+    """The images of a folder written by ``protoken convert``: id, bin and length of each,
+    in numpy arrays (about 30 bytes per image, shared by forked DataLoader workers).
+
+    Built once (:meth:`build`) from ``manifest.tsv`` (the ``ok`` rows; sharded conversions'
+    ``manifest.shard-I-of-N.tsv`` too), without reading a directory, or, for a folder without
+    a manifest (images copied by hand, the seed's folders), from one walk of its bin folders
+    (lengths then unknown, 0). Image ``i`` is ``ROOT/bins[bin_of[i]]/ID.png``.
+
+    Attributes
+    ----------
+    root : str
+        Absolute path of the dataset folder.
+    bins : tuple of str
+        The bin folder names, in order of length.
+    bin_of : ndarray (N,) int16
+        Each image's bin, an index into ``bins``.
+    lengths : ndarray (N,) int32
+        Residues (0 when unknown).
+    source : str
+        ``"manifest"`` or ``"walk"``.
+    """
+
+    root: str
+    bins: tuple[str, ...]
+    bin_of: np.ndarray
+    lengths: np.ndarray
+    names: bytes  # the ids, UTF-8, concatenated
+    offsets: np.ndarray  # (N + 1,) int64: id i is names[offsets[i]:offsets[i + 1]]
+    source: str = "manifest"
+
+    def __len__(self) -> int:
+        return len(self.bin_of)
+
+    def id(self, i: int) -> str:
+        """Image id (file name without ``.png``)."""
+        return self.names[self.offsets[i] : self.offsets[i + 1]].decode("utf-8", "surrogateescape")
+
+    def key(self, i: int) -> str:
+        """Path relative to the root, POSIX separators: ``bin_65_128/ID.png``."""
+        return f"{self.bins[self.bin_of[i]]}/{self.id(i)}.png"
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.bins[self.bin_of[i]], self.id(i) + ".png")
+
+    @classmethod
+    def build(
+        cls,
+        root: str | os.PathLike,
+        only_bins: Iterable[str] | None = None,
+        skip_bins: Iterable[str] | None = None,
+    ) -> ImageIndex:
+        """Index ``root`` (see the class docstring), keeping only the selected bins.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``root`` is not a folder.
+        ValueError
+            A malformed bin name, or no image left in the selected bins.
+        """
+        root = _abs(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset root not found (or not a folder): {root}")
+        skip = set(skip_bins or ())
+        only = None if only_bins is None else set(only_bins)
+        for name in skip | (only or set()):
+            bin_range(name)  # raises on a malformed name
+        manifests = _manifest_files(root)
+        if manifests:
+            rows = itertools.chain.from_iterable(_manifest_rows(p) for p in manifests)
+            source = "manifest"
+        else:
+            rows = _walk_rows(root)
+            source = "walk"
+        ids: list[bytes] = []
+        bin_names: list[str] = []
+        bin_of: list[int] = []
+        lengths: list[int] = []
+        seen_bins: dict[str, int] = {}
+        for image_id, name, length in rows:
+            if name in skip or (only is not None and name not in only):
+                continue
+            b = seen_bins.get(name)
+            if b is None:
+                bin_range(name)
+                b = seen_bins[name] = len(bin_names)
+                bin_names.append(name)
+            ids.append(image_id.encode("utf-8", "surrogateescape"))
+            bin_of.append(b)
+            lengths.append(length)
+        if not ids:
+            where = "bins " + ", ".join(sorted(only)) if only else "its bins"
+            raise ValueError(f"no PNG image in {where} under {root} (index from the {source})")
+        # bins in order of length; images in (bin, id) order: the index does not depend on the
+        # order of the manifest rows or of the directory listing
+        bins = sorted(bin_names, key=bin_range)
+        remap = np.array([bins.index(n) for n in bin_names], dtype=np.int16)
+        bin_arr = remap[np.asarray(bin_of, dtype=np.int64)]
+        order = sorted(range(len(ids)), key=lambda i: (bin_arr[i], ids[i]))
+        ids = [ids[i] for i in order]
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in ids], out=offsets[1:])
+        return cls(
+            root=root,
+            bins=tuple(bins),
+            bin_of=bin_arr[order].astype(np.int16),
+            lengths=np.asarray(lengths, dtype=np.int32)[order],
+            names=b"".join(ids),
+            offsets=offsets,
+            source=source,
+        )
+
+    def split_rows(
+        self,
+        split: str,
+        valid_frac: float,
+        split_key_regex: str | None = None,
+        exclude_ids: Iterable[str] = (),
+    ) -> np.ndarray:
+        """Rows (image numbers, ascending) of ``split`` (``"train"``, ``"val"`` or ``"all"``).
+
+        An image is in ``"val"`` when the md5 of its split key, read as a 64-bit fraction, is
+        below ``valid_frac`` (:func:`in_valid_split`). The split key is the image's path
+        relative to the root (``bin_65_128/ID.png``, as the streaming datasets) or, with
+        ``split_key_regex``, the first group of the regex that matched, searched in the id:
+        ``^bm5__([0-9A-Za-z]{4})_`` keeps the four near-duplicate files of one BM5 complex on
+        one side. Images whose id or split key is in ``exclude_ids`` (a held-out test set) are
+        in no split; a listed id is mapped through the regex too, so its near-duplicates are
+        excluded with it.
+
+        Raises
+        ------
+        ValueError
+            A bad split name or fraction, or an id the regex does not match (every image
+            needs a key; add an alternative such as ``|^(.+)$`` to key the others by id).
+        """
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', not {split!r}")
+        if not 0.0 <= valid_frac <= 1.0:
+            raise ValueError(f"valid_frac must be in [0, 1], not {valid_frac}")
+        pattern = re.compile(split_key_regex) if split_key_regex else None
+        excluded = {x for x in exclude_ids if x}
+        if pattern is not None:
+            excluded |= {k for x in list(excluded) if (k := _regex_key(pattern, x)) is not None}
+        cut = _split_cut(valid_frac)
+        keep = np.zeros(len(self), dtype=bool)
+        for i in range(len(self)):
+            image_id = self.id(i)
+            if pattern is None:
+                key = self.key(i)
+            else:
+                key = _regex_key(pattern, image_id)
+                if key is None:
+                    raise ValueError(
+                        f"split_key_regex {split_key_regex!r} gives no key for image id "
+                        f"{image_id!r}: make it match every id (e.g. add '|^(.+)$')"
+                    )
+            if image_id in excluded or key in excluded:
+                continue
+            if split == "all":
+                keep[i] = True
+            else:
+                keep[i] = (_md5_fraction(key) < cut) == (split == "val")
+        return np.flatnonzero(keep)
+
+
+def _regex_key(pattern: re.Pattern, text: str) -> str | None:
+    m = pattern.search(text)
+    if m is None:
+        return None
+    groups = [g for g in m.groups() if g is not None]
+    return groups[0] if groups else (m.group(0) if not pattern.groups else None)
+
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """Ids listed one per line (first word of each line; ``#`` starts a comment)."""
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            words = line.split("#", 1)[0].split()
+            if words:
+                out.append(words[0])
+    return out
+
+
+def _walk_rows(root: str) -> Iterator[tuple[str, str, int]]:
+    """``(id, bin, 0)`` of the PNGs of the bin folders of ``root``: one directory walk."""
+    with os.scandir(root) as it:
+        names = sorted(e.name for e in it if e.is_dir() and _BIN_RE.fullmatch(e.name))
+    for name in names:
+        folder = os.path.join(root, name)
+        for path in walk_files(folder, (".png",)):
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            yield rel[:-4], name, 0
+
+
+class BatchPlan:
+    """Which images make up each batch of an epoch: a pure function of ``(seed, epoch)``.
+
+    Epoch ``e``: a permutation of the rows seeded by ``(seed, e)``; with ``group_by_bin`` the
+    rows of each bin, in permutation order, are cut into batches of ``batch_size`` (the last
+    batch of a bin may be smaller: every image once per epoch, and with the pixel-weighted
+    loss a smaller batch weighs no more per pixel), and the batches of all bins are put in a
+    second seeded random order. Without ``group_by_bin`` the permutation is cut as it is.
+    Costs O(N) per epoch (a permutation and a stable sort), whatever the epoch number.
+
+    Parameters
+    ----------
+    index : ImageIndex
+    rows : ndarray of int
+        The images of the split (:meth:`ImageIndex.split_rows`).
+    batch_size : int or dict
+        Images per batch, or per bin name (``group_by_bin`` only).
+    group_by_bin : bool
+    seed : int
+    """
+
+    def __init__(
+        self, index: ImageIndex, rows: np.ndarray, batch_size, group_by_bin: bool, seed: int
+    ):
+        self.index = index
+        self.rows = np.asarray(rows, dtype=np.int64)
+        if not len(self.rows):
+            raise ValueError(f"no image in this split of {index.root}")
+        self.group_by_bin = bool(group_by_bin)
+        self.seed = int(seed)
+        bins = index.bin_of[self.rows]
+        if isinstance(batch_size, Mapping):
+            if not self.group_by_bin:
+                raise ValueError("a batch size per bin needs group_by_bin=True")
+            missing = sorted({index.bins[b] for b in np.unique(bins)} - set(batch_size))
+            if missing:
+                raise ValueError(f"batch_size has no entry for bins {missing}")
+            sizes = {index.bins.index(k): int(v) for k, v in batch_size.items() if k in index.bins}
+        else:
+            sizes = dict.fromkeys(range(len(index.bins)), int(batch_size))
+        if any(v < 1 for v in sizes.values()):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size}")
+        self._sizes = sizes
+        if self.group_by_bin:
+            counts = np.bincount(bins, minlength=len(index.bins))
+            self.batches_per_epoch = int(
+                sum(-(-int(c) // sizes[b]) for b, c in enumerate(counts) if c)
+            )
+        else:
+            self.batches_per_epoch = -(-len(self.rows) // sizes[0])
+        self._cached: tuple[int, tuple] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(order, bounds, batch_order)``: batch ``k`` of the epoch is
+        ``order[bounds[j]:bounds[j + 1]]`` with ``j = batch_order[k]``."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng([self.seed, epoch & _MASK64, epoch < 0])
+        order = self.rows[rng.permutation(len(self.rows))]
+        if self.group_by_bin:
+            bins = self.index.bin_of[order]
+            sort = np.argsort(bins, kind="stable")
+            order, bins = order[sort], bins[sort]
+            bounds = [0]
+            starts = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]])
+            ends = np.r_[starts[1:], len(order)]
+            for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+                size = self._sizes[int(bins[lo])]
+                bounds.extend(range(lo + size, hi, size))
+                bounds.append(hi)
+            bounds = np.asarray(bounds, dtype=np.int64)
+        else:
+            bounds = np.r_[np.arange(0, len(order), self._sizes[0]), len(order)]
+        batch_order = rng.permutation(len(bounds) - 1)
+        self._cached = (epoch, (order, bounds, batch_order))
+        return self._cached[1]
+
+    def batch(self, epoch: int, k: int) -> np.ndarray:
+        """Rows of batch ``k`` (``0 <= k < batches_per_epoch``) of ``epoch``."""
+        order, bounds, batch_order = self._epoch(epoch)
+        j = batch_order[k]
+        return order[bounds[j] : bounds[j + 1]]
+
+
+class IndexedBatches(IterableDataset):
+    """Padded batches of an :class:`ImageIndex` split, in the order of a :class:`BatchPlan`:
+    the batch stream of one DDP rank, split among its DataLoader workers.
+
+    The stream is a pure function of ``(seed, epoch, position, rank, world_size, worker)``:
+    the ``i``-th batch of rank ``r`` is the plan's global batch ``t = position + i *
+    world_size + r`` counted from the start of ``epoch`` (``t // batches_per_epoch`` epochs
+    later, batch ``t % batches_per_epoch``), and worker ``w`` of ``W`` makes the batches with
+    ``i % W == w``, which the DataLoader takes in turn, so the rank sees the same stream
+    whatever the number of workers. Starting at any ``(epoch, position)`` costs one epoch plan
+    (no replay): :meth:`position_after` says where the stream stands after each rank consumed
+    ``n`` batches, which is what a checkpoint records. Resuming with another ``world_size``
+    continues the same global sequence of batches (each global batch used once); only the
+    grouping of batches into steps changes.
+
+    With ``num_batches`` the stream is finite: exactly that many batches per rank, all from
+    one fixed epoch (``fixed_epoch``) cycled if need be -- the same batches at every
+    evaluation, every rank the same count so collectives line up, no directory read.
+
+    Items are dicts as :func:`collate_with_padding` returns, plus ``"epoch"`` and
+    ``"position"`` of the batch. A file that cannot be read is logged and left out of its
+    batch; a batch none of whose files can be read is an error naming them.
+
+    Parameters
+    ----------
+    plan : BatchPlan
+    multiple : int
+        Padding multiple (the model's ``downsample_factor``).
+    epoch, position : int
+        Where the stream starts.
+    rank, world_size : int
+    num_batches : int, optional
+        Finite stream of this many batches per rank, from epoch ``epoch`` only.
+    normalize, mean, std
+        As :class:`IterableImageDataset`.
+    """
+
+    def __init__(
+        self,
+        plan: BatchPlan,
+        multiple: int,
+        *,
+        epoch: int = 0,
+        position: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_batches: int | None = None,
+        normalize: str | None = None,
+        mean=None,
+        std=None,
+    ):
+        super().__init__()
+        self.plan = plan
+        self.multiple = int(multiple)
+        self.epoch, self.position = int(epoch), int(position)
+        self.rank, self.world_size = _dist_rank(rank, world_size)
+        self.num_batches = num_batches
+        self.normalization = _normalization(normalize, mean, std)
+
+    def position_after(self, n: int) -> tuple[int, int]:
+        """``(epoch, position)`` of the stream once every rank consumed ``n`` batches."""
+        t = self.position + n * self.world_size
+        m = self.plan.batches_per_epoch
+        return self.epoch + t // m, t % m
+
+    def _where(self, i: int) -> tuple[int, int]:
+        t = self.position + i * self.world_size + self.rank
+        m = self.plan.batches_per_epoch
+        if self.num_batches is not None:
+            return self.epoch, t % m
+        return self.epoch + t // m, t % m
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        decoder = _Decoder(self.normalization)
+        index = self.plan.index
+        i = worker
+        while self.num_batches is None or i < self.num_batches:
+            epoch, k = self._where(i)
+            items = []
+            rows = self.plan.batch(epoch, k)
+            for row in rows.tolist():
+                path = index.path(row)
+                try:
+                    with open(path, "rb") as fh:
+                        image = decoder(decode_png(fh.read()))
+                except (OSError, ValueError) as exc:
+                    logger.warning("skipping unreadable image %s: %s", path, exc)
+                    continue
+                items.append(
+                    {
+                        "image": torch.from_numpy(image),
+                        "length": image.shape[-1],
+                        "id": index.id(row),
+                        "path": path,
+                    }
+                )
+            if not items:
+                names = ", ".join(index.path(r) for r in rows[:3].tolist())
+                raise RuntimeError(f"no readable image in batch {k} of epoch {epoch}: {names}")
+            batch = collate_with_padding(items, self.multiple)
+            batch["epoch"], batch["position"] = epoch, k
+            yield batch
+            i += n_workers
+
+
+def ignore_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, SIGINT and SIGUSR1, so a signal
+    sent to the whole process group (how SLURM and Kubernetes pre-empt a job, or Ctrl-C)
+    reaches the main process, which stops at a step boundary, instead of killing the
+    workers under it."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- loading loops

@@ -24,8 +24,7 @@ def bundled_structures() -> str:
     return str(resources.files("protoken").joinpath("resources/structures"))
 
 
-def demo(out: str, max_steps: int = 600, workers: int | None = None,
-             log=print) -> dict:  # fmt: skip
+def demo(out: str, max_steps: int = 600, workers: int | None = None, log=print) -> dict:
     """Run the demo; returns the evaluation summary."""
     from protoken.convert import ConvertOptions, convert, read_manifest
     from protoken.data import in_valid_split
@@ -36,18 +35,30 @@ def demo(out: str, max_steps: int = 600, workers: int | None = None,
     t0 = time.perf_counter()
     images = os.path.join(out, "images")
     log(f"[1/3] converting the bundled structures into {images}")
-    summary = convert([bundled_structures()], ConvertOptions(out=images), workers=workers,
-                      progress=False)  # fmt: skip
+    summary = convert(
+        [bundled_structures()], ConvertOptions(out=images), workers=workers, progress=False
+    )
     log(summary.text())
 
     run_dir = os.path.join(out, time.strftime("run-%Y%m%d-%H%M%S"))
     log(f"[2/3] training the tiny tokenizer for {max_steps} steps on CPU into {run_dir}")
     cfg = TrainConfig(
-        data=images, out=run_dir, preset="tiny", valid_frac=VALID_FRAC, max_steps=max_steps,
-        batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=min(50, max_steps // 10 + 1),
-        eval_interval=max(1, max_steps // 3), eval_batches=2, log_interval=max(1, max_steps // 20),
-        ckpt_interval=max(1, max_steps // 3), num_workers=1, shuffle_buffer=1000, seed=0,
-    )  # fmt: skip
+        data=images,
+        out=run_dir,
+        preset="tiny",
+        valid_frac=VALID_FRAC,
+        max_steps=max_steps,
+        batch_size=8,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=min(50, max_steps // 10 + 1),
+        eval_interval=max(1, max_steps // 3),
+        eval_batches=2,
+        log_interval=max(1, max_steps // 20),
+        ckpt_interval=max(1, max_steps // 3),
+        num_workers=1,
+        seed=0,
+    )
     train(cfg)
 
     held_out = []
@@ -57,16 +68,16 @@ def demo(out: str, max_steps: int = 600, workers: int | None = None,
     report = os.path.join(out, "report")
     log(f"[3/3] evaluating on the {len(held_out)} held-out proteins (full backbone) in {report}")
     tok = Tokenizer.from_checkpoint(os.path.join(run_dir, "best.pt"))
-    result = evaluate(tok, sorted(held_out), report, backbone=True, workers=workers,
-                      progress=False)  # fmt: skip
+    result = evaluate(tok, sorted(held_out), report, backbone=True, workers=workers, progress=False)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     log(headline(result, report))
     return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="protoken-demo",
-                        help="output folder (default ./protoken-demo)")  # fmt: skip
+    parser.add_argument(
+        "--out", default="protoken-demo", help="output folder (default ./protoken-demo)"
+    )
     parser.add_argument(
         "--max-steps",
         type=int,

@@ -1,201 +1,209 @@
-"""Training the hierarchical VQ-VAE: one process, or DDP under torchrun.
+"""Training a tokenizer (any model family of :mod:`protoken.model`): one process, or DDP.
 
     protoken train --data IMAGES --out RUN --preset tiny --max-steps 2000
     torchrun --nproc_per_node=8 -m protoken train --data IMAGES --out RUN --preset small
+    srun --ntasks-per-node=8 --signal=USR1@60 python -m protoken train --data ... --out RUN
 
-Like nanoGPT's train.py, the whole loop is this one file, read top to bottom: configuration,
-distributed set-up, data, model and optimiser, then the loop (learning-rate schedule, gradient
-accumulation with ``no_sync``, mixed precision, clipping), evaluation, logging and checkpoints.
+Like nanoGPT's train.py the loop (:func:`train`) reads top to bottom: config, distributed
+set-up, data, model and optimiser, then steps (learning-rate schedule, gradient accumulation,
+mixed precision, clipping), logging, evaluation and checkpoints. The pieces it calls are
+above it, in that order.
 
-What a run leaves in RUN:
+The loss weighs every residue pair alike: each micro-batch's summed pixel error
+(``loss_sum`` of the model output contract) is divided by the number of valid pixels of the
+whole step, over every rank and accumulation step, known on the host before the first
+forward pass. A pixel of a 50-residue protein then counts as much as one of a 1000-residue
+protein, whatever batch each sits in (``loss_weighting: batch`` gives the former per-batch
+mean, for comparison).
 
-- ``config.json``: the full training configuration (model config included);
-- ``metrics.jsonl``: one JSON object per logged step and per evaluation;
-- ``last.pt`` (every ``ckpt_interval`` steps, at the end, and on SIGTERM / SIGINT) and ``best.pt``
-  (lowest validation loss): self-describing checkpoints (model config, codec settings, version)
-  that ``--resume`` continues exactly and ``protoken encode/decode/evaluate`` load;
-- ``samples/step_NNNNNN.png``: input | reconstruction | error, per channel, for a few
-  validation proteins at each evaluation.
+What a run leaves in RUN: ``config.json`` (the config, its model config and codec),
+``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``last.pt`` (every
+``ckpt_interval`` steps, at the end, on pre-emption) and ``best.pt`` (lowest validation
+loss), checkpoints of :mod:`protoken.checkpoint`; ``samples/step_NNNNNN.png``.
+
+Pre-emption: SIGTERM, SIGINT or SIGUSR1, to the main process or its whole process group
+(DataLoader workers ignore them), makes every rank stop at the next step boundary; rank 0
+writes ``last.pt`` there and the process exits with :data:`EXIT_PREEMPTED` (75,
+``EX_TEMPFAIL``: "requeue me"). ``--resume`` continues exactly: the sample order is a pure
+function of (seed, epoch, position, rank, worker) (:class:`protoken.data.IndexedBatches`),
+so nothing is replayed.
+
+Exit codes of ``protoken train``: 0 done, 2 bad config / data / checkpoint, 75 pre-empted
+(``RUN/last.pt`` written; run the same command with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from protoken import __version__
+from protoken import checkpoint
 from protoken.codec import CodecSettings
-from protoken.fileio import atomic_path
-from protoken.model import VQVAE, VQVAEConfig
+from protoken.model import config_to_dict, preset_config
 
-__all__ = ["TrainConfig", "load_checkpoint", "main", "train"]
+__all__ = ["EXIT_PREEMPTED", "RESUMABLE", "TrainConfig", "main", "train"]
 
-CHECKPOINT_FORMAT = 1
+#: Exit code of a run stopped by a signal after writing RUN/last.pt (sysexits' EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+#: Config fields ``--resume`` lets change; any other difference from RUN/config.json is refused.
+RESUMABLE = frozenset(
+    {
+        "data",
+        "max_steps",
+        "eval_interval",
+        "eval_batches",
+        "eval_structures",
+        "log_interval",
+        "ckpt_interval",
+        "num_workers",
+        "wandb",
+        "wandb_project",
+        "wandb_run_name",
+    }
+)
+#: Keys of old configs that no longer mean anything (ignored with a warning).
+_OBSOLETE = {"shuffle_buffer": "the sample order is a seeded permutation per epoch"}
 
 
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(BaseModel):
     """Everything a training run depends on (saved as RUN/config.json).
 
-    ``preset`` names a model preset (tiny, small, seed) and ``model`` overrides its fields,
-    e.g. ``{"codebook_size": 512}``. ``dmax`` and ``bit_depth`` default to what
-    ``protoken convert`` recorded in DATA/convert.json.
+    Validated by pydantic in strict mode: a value of the wrong type (``batch_size: 8x``, the
+    string ``"False"`` for a boolean), an unknown key or a value out of range is refused with
+    the field's name. ``preset`` names a model preset of any family (``tiny``, ``small``,
+    ``seed``, ...) and ``model`` overrides its fields, e.g. ``{"codebook_size": 512}``.
+    ``dmax`` and ``bit_depth`` default to what ``protoken convert`` recorded.
     """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     data: str = ""
     out: str = "runs/protoken"
     preset: str = "tiny"
-    model: dict = field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
     # data
-    only_bins: list = field(default_factory=list)
-    skip_bins: list = field(default_factory=list)
-    valid_frac: float = 0.05
-    batch_size: int = 8
+    only_bins: list[str] = Field(default_factory=list)
+    skip_bins: list[str] = Field(default_factory=list)
+    valid_frac: float = Field(0.05, ge=0.0, le=1.0)
+    split_key_regex: str | None = None  # e.g. "^bm5__([0-9A-Za-z]{4})_": split by complex
+    exclude_ids_file: str | None = None  # ids (one a line) kept out of every split
+    batch_size: int = Field(8, ge=1)
     group_by_bin: bool = True
-    shuffle_buffer: int = 10_000
-    num_workers: int = 2
-    normalize: str = "none"
+    num_workers: int = Field(2, ge=0)
+    normalize: Literal["none", "seed"] = "none"
     dmax: float | None = None
     bit_depth: int | None = None
     # optimisation
-    max_steps: int = 2000
-    grad_accum: int = 1
+    max_steps: int = Field(2000, ge=1)
+    grad_accum: int = Field(1, ge=1)
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = Field(100, ge=0)
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32, bfloat16, float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    loss_weighting: Literal["pixel", "batch"] = "pixel"
     # evaluation, logging, checkpoints
-    eval_interval: int = 200
-    eval_batches: int = 4
-    eval_structures: int = 3
-    log_interval: int = 10
-    ckpt_interval: int = 200
+    eval_interval: int = Field(200, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    eval_structures: int = Field(3, ge=0)
+    log_interval: int = Field(10, ge=1)
+    ckpt_interval: int = Field(200, ge=1)
     seed: int = 0
     wandb: bool = False
     wandb_project: str = "protoken"
     wandb_run_name: str = ""
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
-            )
-        if self.normalize not in ("none", "seed"):
-            raise ValueError(f"normalize must be 'none' or 'seed', not {self.normalize!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
-                     "ckpt_interval"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_obsolete(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in set(values) & set(_OBSOLETE):
+                print(f"protoken train: ignoring {key} ({_OBSOLETE[key]})", file=sys.stderr)
+                values = {k: v for k, v in values.items() if k != key}
+        return values
 
-    def model_config(self) -> VQVAEConfig:
-        return VQVAEConfig.preset(self.preset, **_tuples(self.model))
+    def model_cfg(self):
+        """The model config: the preset with ``model`` overrides (any family)."""
+        return preset_config(self.preset, self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
+        """Validate a dict; raises ValueError with one line per bad field."""
+        try:
+            return cls(**d)
+        except ValidationError as exc:
+            raise ValueError(_explain(exc)) from None
 
     @classmethod
     def from_file(cls, path: str) -> TrainConfig:
         """Load a JSON or YAML file (``.json``, ``.yaml``, ``.yml``)."""
-        with open(path) as fh:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                d = yaml.safe_load(fh) or {}
-            else:
-                d = json.load(fh)
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        return cls.from_dict(d)
+        return cls.from_dict(_read_mapping(path))
 
 
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {name}")
+        else:
+            lines.append(f"config value {name}={err.get('input')!r}: {err['msg']}")
+    return "; ".join(lines)
 
 
-def _check_types(cfg: TrainConfig) -> None:
-    """Reject values of the wrong type with one clear message (a YAML '8x' or a bool typo)."""
-    hints = {f.name: f.type for f in dataclasses.fields(cfg)}
-    for name, hint in hints.items():
-        value = getattr(cfg, name)
-        hint = str(hint)
-        ok = True
-        if hint == "bool":
-            ok = isinstance(value, bool)
-        elif hint == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif hint == "float":
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if ok:
-                setattr(cfg, name, float(value))
-        elif hint == "float | None":
-            ok = value is None or (isinstance(value, int | float) and not isinstance(value, bool))
-        elif hint == "int | None":
-            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
-        elif hint == "str":
-            ok = isinstance(value, str)
-        elif hint == "list":
-            ok = isinstance(value, list | tuple)
-        elif hint == "dict":
-            ok = isinstance(value, dict)
-        if not ok:
-            raise ValueError(
-                f"config value {name}={value!r} has the wrong type "
-                f"({type(value).__name__}, expected {hint})"
-            )
+def _read_mapping(path: str) -> dict[str, Any]:
+    with open(path) as fh:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            d = yaml.safe_load(fh) or {}
+        else:
+            d = json.load(fh)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return d
 
 
-def parse_bool(text: str) -> bool:
-    """Strict boolean parsing for flags (the seed's ``type=bool`` makes 'False' true)."""
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, not {text!r}")
+def resumed_config(saved: TrainConfig, new: TrainConfig) -> TrainConfig:
+    """``new`` if it differs from the run's ``saved`` config only in :data:`RESUMABLE` fields.
 
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as JSON when it parses (numbers, true, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+    Raises
+    ------
+    ValueError
+        Naming the fields that may not change.
+    """
+    a, b = saved.to_dict(), new.to_dict()
+    fixed = [k for k in a if a[k] != b[k] and k not in RESUMABLE]
+    if fixed:
+        diff = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in fixed)
+        raise ValueError(
+            f"--resume cannot change {diff}; only {', '.join(sorted(RESUMABLE))} may change "
+            "(start a new run to change the others)"
+        )
+    return new
 
 
 # --------------------------------------------------------------------------- distributed
@@ -203,10 +211,14 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 @dataclass
 class Dist:
+    """This process's place in the job. ``control`` is a gloo group on the CPU for the small
+    per-step agreements (global loss weight, stop flag), so they never wait for the GPU."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    control: Any = None
 
     @property
     def master(self) -> bool:
@@ -218,35 +230,40 @@ class Dist:
 
 
 def setup_distributed() -> Dist:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) and start the process group: NCCL on
-    CUDA, gloo on CPU. Without torchrun: one process, CUDA if available."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) or SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID (``srun`` with one task per process; MASTER_ADDR and MASTER_PORT must be set)
+    and start the process group: NCCL on CUDA, gloo on CPU. Otherwise one process."""
+    env = os.environ
+    if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["WORLD_SIZE"], env["RANK"] = env["SLURM_NTASKS"], env["SLURM_PROCID"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    world_size = int(env.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
-    if world_size > 1:
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        return Dist(rank, local_rank, world_size, device)
-    return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    if world_size == 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank = int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    control = dist.new_group(backend="gloo") if cuda else None
+    return Dist(rank, local_rank, world_size, device, control)
 
 
-def _all_mean(value: float, d: Dist) -> float:
+def agree(values: list[float], d: Dist, op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a few numbers on the CPU control group (no GPU sync)."""
     if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return float(t) / d.world_size
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=d.control)
+    return t.tolist()
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _codec_settings(cfg: TrainConfig) -> CodecSettings:
+def codec_settings(cfg: TrainConfig) -> CodecSettings:
+    """dmax and bit depth recorded by ``protoken convert`` (a config value must agree)."""
     from protoken.convert import read_settings
 
     recorded = read_settings(cfg.data) or {}
@@ -260,59 +277,60 @@ def _codec_settings(cfg: TrainConfig) -> CodecSettings:
     return CodecSettings(dmax=float(dmax), bit_depth=int(bit_depth), normalize=cfg.normalize)
 
 
-def build_loaders(cfg: TrainConfig, model_cfg: VQVAEConfig, d: Dist):
-    """Infinite shuffled training loader and finite validation loader (see protoken.data)."""
+@dataclass
+class Data:
+    """The training stream and the evaluation batches of one rank."""
+
+    train: Any  # protoken.data.IndexedBatches
+    train_loader: Any
+    val_loader: Any
+    n_train: int
+    n_val: int
+
+
+def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: int) -> Data:
+    """Index the dataset once (from its manifest, no directory walk), split it, and make the
+    training stream (starting at ``epoch``, ``position``) and the fixed evaluation batches."""
     from torch.utils.data import DataLoader
 
-    from protoken.data import IterableImageDatasetUni, collate_with_padding
+    from protoken.data import BatchPlan, ImageIndex, IndexedBatches, ignore_signals, read_id_list
 
     if not cfg.data or not os.path.isdir(cfg.data):
         raise FileNotFoundError(f"data folder not found: {cfg.data!r} (run protoken convert)")
+    index = ImageIndex.build(cfg.data, cfg.only_bins or None, cfg.skip_bins or None)
+    exclude = read_id_list(cfg.exclude_ids_file) if cfg.exclude_ids_file else []
+    rows = {
+        split: index.split_rows(split, cfg.valid_frac, cfg.split_key_regex, exclude)
+        for split in ("train", "val")
+    }
+    for split, r in rows.items():
+        if not len(r):
+            raise ValueError(
+                f"the {split} split of {cfg.data} is empty (valid_frac={cfg.valid_frac}, "
+                f"{len(index)} images): change valid_frac or add images"
+            )
     common = dict(
-        valid_frac=cfg.valid_frac,
-        normalize=None if cfg.normalize == "none" else cfg.normalize,
+        multiple=multiple,
         rank=d.rank,
         world_size=d.world_size,
-        only_bins=cfg.only_bins or None,
-        skip_bins=cfg.skip_bins or None,
-        seed=cfg.seed,
+        normalize=None if cfg.normalize == "none" else cfg.normalize,
     )
-    factor = model_cfg.downsample_factor
-    train_ds = IterableImageDatasetUni(
-        cfg.data, split="train", infinite=True, shuffle_buffer=cfg.shuffle_buffer,
-        batch_size=cfg.batch_size, group_by_bin=cfg.group_by_bin, multiple=factor, **common,
-    )  # fmt: skip
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
+    train_plan = BatchPlan(index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed)
+    train = IndexedBatches(train_plan, epoch=epoch, position=position, **common)
+    val_plan = BatchPlan(index, rows["val"], cfg.batch_size, cfg.group_by_bin, cfg.seed)
+    val = IndexedBatches(val_plan, epoch=-1, num_batches=cfg.eval_batches, **common)
+    workers = dict(num_workers=cfg.num_workers, worker_init_fn=ignore_signals)
     if cfg.num_workers > 0:
-        loader_kw["prefetch_factor"] = 4
-    train_dl = DataLoader(train_ds, batch_size=None, **loader_kw)
-
-    def val_loader(sharded: bool):
-        kw = dict(common, rank=d.rank if sharded else 0, world_size=d.world_size if sharded else 1)
-        try:
-            # a fixed-seed shuffle: the same batches at every evaluation, drawn from all bins
-            ds = IterableImageDatasetUni(cfg.data, split="val", shuffle_buffer=10_000, **kw)
-        except ValueError as exc:
-            raise ValueError(f"validation split: {exc} (valid_frac={cfg.valid_frac})") from None
-        collate = partial(collate_with_padding, multiple=factor)
-        return DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=0)
-
-    # every rank must run the same number of validation batches: shard the split by rank when
-    # every rank gets some of it, else let every rank evaluate the whole (small) split
-    val_dl = val_loader(sharded=True)
-    has_val = next(iter(val_dl), None) is not None
-    if d.enabled:
-        flag = torch.tensor([1.0 if has_val else 0.0], device=d.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() == 0:
-            val_dl = val_loader(sharded=False)
-            has_val = next(iter(val_dl), None) is not None
-    if not has_val:
-        raise ValueError(
-            f"the validation split of {cfg.data} is empty (valid_frac={cfg.valid_frac}): "
-            "raise valid_frac or add images"
-        )
-    return train_ds, train_dl, val_dl
+        workers["prefetch_factor"] = 4
+    train_loader = DataLoader(
+        train,
+        batch_size=None,
+        pin_memory=d.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **workers,
+    )
+    val_loader = DataLoader(val, batch_size=None, num_workers=0)
+    return Data(train, train_loader, val_loader, len(rows["train"]), len(rows["val"]))
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -320,13 +338,10 @@ def build_loaders(cfg: TrainConfig, model_cfg: VQVAEConfig, d: Dist):
 
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """AdamW; weight decay on matrices and convolution kernels only (not on biases, norms)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
@@ -341,89 +356,115 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+def autocast(cfg: TrainConfig, device: torch.device):
+    """(autocast context, dtype): bf16 on CUDA and fp32 on CPU for ``auto``."""
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        cfg.dtype
-    ]
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = names[cfg.dtype]
+    if dtype == torch.float32:
+        return nullcontext(), dtype
+    return torch.autocast(device_type=device.type, dtype=dtype), dtype
+
+
+def micro_loss(out, step_weight: float, cfg: TrainConfig, d: Dist) -> torch.Tensor:
+    """What one micro-batch adds to the step's loss, so that the gradient summed over
+    micro-batches (and averaged over ranks by DDP) is that of
+    ``sum(loss_sum) / step_weight + mean(aux_loss)`` over the whole step."""
+    if cfg.loss_weighting == "batch":  # the per-batch pixel mean, averaged
+        recon = out.loss_sum / out.weight.clamp(min=1) / cfg.grad_accum
+    else:
+        recon = out.loss_sum * (d.world_size / step_weight)
+    return recon + out.aux_loss / cfg.grad_accum
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002
-             "torch": torch.get_rng_state()}  # fmt: skip
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def replica_checksum(model: torch.nn.Module, optimizer) -> float:
+    """A weighted sum over what DDP replicas must agree on: parameters and persistent buffers
+    (codebooks and their EMA statistics: the state_dict) and the optimiser state. Caches
+    (rotary-embedding tables, which depend on the image sizes a rank has seen) are not in
+    the state_dict and do not count."""
+    tensors = list(model.state_dict().values())
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    total = torch.zeros((), dtype=torch.float64)
+    for k, t in enumerate(tensors):
+        flat = t.detach().double().flatten()
+        phase = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device) * 0.7 + k
+        total += (flat * torch.cos(phase)).sum().cpu()
+    return float(total)
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002 - global state, for exact resume
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, **payload) -> None:
-    """torch.save to a temporary file in the same folder, then rename (atomic)."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a training checkpoint; raises ValueError with a clear message on a foreign file."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a protoken checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
+def save_checkpoint(path: str, state: dict, model, optimizer, d: Dist) -> None:
+    """Check the replicas agree, gather every rank's RNG state, let rank 0 write ``path``."""
+    rng = [checkpoint.rng_state()]
+    if d.enabled:
+        sums = [None] * d.world_size
+        dist.all_gather_object(sums, replica_checksum(model, optimizer))
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"DDP replicas diverged at step {state['step']}: checksums {sums}")
+        if d.master:
+            print(
+                f"step {state['step']}: {d.world_size} replicas identical "
+                f"(checksum {sums[0]:.12g})",
+                flush=True,
+            )
+        rng = [None] * d.world_size
+        dist.all_gather_object(rng, checkpoint.rng_state())
+    if d.master:
+        checkpoint.save(
+            path,
+            {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng},
+        )
+    if d.enabled:
+        dist.barrier()
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model, val_dl, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp) -> tuple:
-    """Masked validation loss and Cb-distance MAE over ``eval_batches`` batches on every rank
-    (identical counts, so collectives line up), plus structure metrics of a few proteins.
+def evaluate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp) -> tuple:
+    """Validation loss (weighted as in training), Cb-distance MAE per protein, and the MDS Cb
+    RMSD / TM-score of a few proteins, over the same ``eval_batches`` batches on every rank.
 
-    Returns (metrics dict, a few (input, recon, length, id) samples as numpy arrays).
+    Returns (metrics, samples for :func:`protoken.plots.save_samples`).
     """
-    from protoken.data import take_batches
+    from protoken.evaluate import image_errors
 
-    raw = model.module if isinstance(model, DDP) else model
-    raw.eval()
-    tot_loss = tot_recon = tot_mae = 0.0
-    n = 0
+    model.eval()
+    loss_sum = weight = aux = mae_sum = 0.0
+    n_batches = n_proteins = 0
     samples = []
-    for batch in take_batches(val_dl, cfg.eval_batches):
+    for batch in loader:
         x, mask = batch["image"].to(d.device), batch["mask"].to(d.device)
         with amp:
-            out = raw(x, mask)
-        tot_loss += float(out.loss)
-        tot_recon += float(out.recon_loss)
-        tot_mae += _distance_mae(x, out.recon.float(), mask, codec)
-        n += 1
-        for i, pid in enumerate(batch["ids"]):
-            if len(samples) < cfg.eval_structures and pid not in {smp[3] for smp in samples}:
-                length = int(batch["lengths"][i])
-                samples.append((
-                    _to_unit(x[i, :, :length, :length], codec).cpu().numpy(),
-                    _to_unit(out.recon[i, :, :length, :length].float(), codec).cpu().numpy(),
-                    length,
-                    batch["ids"][i],
-                ))  # fmt: skip
-    raw.train()
+            out = model(x, mask)
+        loss_sum += float(out.loss_sum)
+        weight += float(out.weight)
+        aux += float(out.aux_loss)
+        n_batches += 1
+        truth, recon = _to_unit(x.float(), codec).cpu(), _to_unit(out.recon.float(), codec).cpu()
+        for i, length in enumerate(batch["lengths"].tolist()):
+            inp = truth[i, :, :length, :length].numpy()
+            rec = recon[i, :, :length, :length].numpy()
+            mae_sum += image_errors(inp, rec, codec.dmax)[1]
+            n_proteins += 1
+            if len(samples) < cfg.eval_structures and batch["ids"][i] not in {
+                s[3] for s in samples
+            }:
+                samples.append((inp, np.clip(rec, -1, 1), length, batch["ids"][i]))
+    model.train()
+    loss_sum, weight, aux, mae_sum, n_batches, n_proteins = agree(
+        [loss_sum, weight, aux, mae_sum, n_batches, n_proteins], d
+    )
     metrics = {
-        "val_loss": _all_mean(tot_loss / max(n, 1), d),
-        "val_recon": _all_mean(tot_recon / max(n, 1), d),
-        "val_cb_distance_mae": _all_mean(tot_mae / max(n, 1), d),
+        "val_loss": loss_sum / weight + aux / n_batches,
+        "val_recon": loss_sum / weight,
+        "val_cb_distance_mae": mae_sum / n_proteins,
     }
     if d.master and samples:
         metrics.update(_structure_metrics(samples, codec))
@@ -439,17 +480,6 @@ def _to_unit(image: torch.Tensor, codec: CodecSettings) -> torch.Tensor:
     return unstandardize(image)
 
 
-def _distance_mae(x, recon, mask, codec: CodecSettings) -> float:
-    """Mean |d_recon - d_true| in Angstrom over valid pixels of the lower triangle (i > j)."""
-    xt, rt = _to_unit(x.float(), codec), _to_unit(recon, codec)
-    n = x.shape[-1]
-    lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    valid = mask & lower
-    d_true = (xt[:, 0] + 1) / 2 * codec.dmax
-    d_rec = (rt[:, 0].clamp(-1, 1) + 1) / 2 * codec.dmax
-    return float(((d_rec - d_true).abs() * valid).sum() / valid.sum().clamp(min=1))
-
-
 def _structure_metrics(samples, codec: CodecSettings) -> dict:
     """MDS Cb RMSD and TM-score of each reconstruction against the input image's own MDS."""
     from protoken.metrics import rmsd, tm_score
@@ -458,61 +488,121 @@ def _structure_metrics(samples, codec: CodecSettings) -> dict:
     rmsds, tms = [], []
     for inp, rec, _length, _id in samples:
         truth = reconstruct(inp, dmax=codec.dmax).cb
-        pred = reconstruct(np.clip(rec, -1, 1), dmax=codec.dmax).cb
+        pred = reconstruct(rec, dmax=codec.dmax).cb
         rmsds.append(rmsd(pred, truth))
         tms.append(tm_score(pred, truth))
     return {"val_cb_rmsd": float(np.mean(rmsds)), "val_tm_score": float(np.mean(tms))}
 
 
-def save_samples(path: str, samples, codec: CodecSettings) -> None:
-    """A PNG grid: one row per protein and channel, columns input | reconstruction | |error|."""
-    import matplotlib
+# --------------------------------------------------------------------------- logging
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = len(samples) * 3
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.4 * rows), squeeze=False)
-    names = ("ch0: d (lower) / omega (upper)", "ch1: theta", "ch2: phi")
-    for k, (inp, rec, length, pid) in enumerate(samples):
-        for c in range(3):
-            r = 3 * k + c
-            for col, (img, title, cmap, vmax) in enumerate((
-                (inp[c], "input", "viridis", 1), (rec[c], "reconstruction", "viridis", 1),
-                (np.abs(rec[c] - inp[c]), "|error|", "magma", 0.5),
-            )):  # fmt: skip
-                ax = axes[r, col]
-                ax.imshow(img, cmap=cmap, vmin=0 if col == 2 else -1, vmax=vmax,
-                          interpolation="nearest")  # fmt: skip
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if col == 0:
-                    ax.set_ylabel(f"{pid} (L={length})\n{names[c]}", fontsize=7)
-                if r == 0:
-                    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+class Metrics:
+    """RUN/metrics.jsonl, the console and (optionally) Weights & Biases, on rank 0."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg: dict):
+        self.path = os.path.join(cfg.out, "metrics.jsonl")
+        self.master = d.master
+        self.wandb = None
+        if cfg.wandb and d.master:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError(
+                    "--wandb needs the wandb package: pip install 'protoken[wandb]'"
+                ) from None
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.wandb_run_name or None,
+                dir=cfg.out,
+                config={**cfg.to_dict(), "model_config": model_cfg},
+            )
+
+    def log(self, record: dict, text: str, image: str | None = None) -> None:
+        if not self.master:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(text, flush=True)
+        if self.wandb is not None:
+            payload = {}
+            for key, value in record.items():
+                if isinstance(value, list):
+                    payload.update({f"{key}/level{i}": v for i, v in enumerate(value)})
+                elif key != "step":
+                    payload[key] = value
+            if image is not None:
+                import wandb
+
+                payload["samples"] = wandb.Image(image)
+            self.wandb.log(payload, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class StepStats:
+    """Loss terms and model metrics of the current step, kept as tensors (no host sync) and
+    read on logging steps only."""
+
+    def __init__(self) -> None:
+        self.loss_sum = self.weight = self.aux = 0.0
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def add(self, out) -> None:
+        self.loss_sum = self.loss_sum + out.loss_sum.detach()
+        self.weight = self.weight + out.weight.detach()
+        self.aux = self.aux + out.aux_loss.detach()
+        self.metrics = out.metrics
+
+    def reduce(self, n_micro: int, d: Dist) -> dict[str, Any]:
+        """The step's loss over all ranks and micro-batches, and the metrics averaged over
+        ranks (of each rank's last micro-batch). One all-reduce."""
+        names = sorted(self.metrics)
+        flat = [self.metrics[k].detach().float().reshape(-1) for k in names]
+        head = torch.stack(
+            [
+                torch.as_tensor(v, dtype=torch.float64).cpu()
+                for v in (self.loss_sum, self.weight, self.aux)
+            ]
+        )
+        values = torch.cat([head] + [f.double().cpu() for f in flat])
+        if d.enabled:
+            dist.all_reduce(values, group=d.control)
+        loss_sum, weight, aux = values[:3].tolist()
+        out = {
+            "loss": loss_sum / weight + aux / (n_micro * d.world_size),
+            "recon": loss_sum / weight,
+            "aux": aux / (n_micro * d.world_size),
+        }
+        offset = 3
+        for name, f in zip(names, flat, strict=True):
+            v = (values[offset : offset + f.numel()] / d.world_size).tolist()
+            out[name] = [round(x, 4) for x in v] if f.numel() > 1 else round(v[0], 4)
+            offset += f.numel()
+        return out
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-class _Stop:
-    """Set by SIGTERM / SIGINT: the loop saves last.pt at the next step boundary and exits."""
+class StopSignal:
+    """SIGTERM, SIGINT or SIGUSR1 set :attr:`received`; the loop stops at the next step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.received: int | None = None
         self._old: dict = {}
 
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        self.received = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
@@ -520,284 +610,215 @@ class _Stop:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or resume) training; returns the last logged metrics.
+    """Run (or resume) training; returns the last logged metrics, with ``"preempted": True``
+    when a signal stopped it (RUN/last.pt then holds the step reached).
 
     Raises
     ------
     FileNotFoundError
         The data folder is missing; or ``resume`` without RUN/last.pt.
     ValueError
-        An empty dataset, a bad config value, or a checkpoint made with another config.
+        An empty split, a bad config value, a config or checkpoint ``--resume`` cannot
+        continue (:class:`protoken.checkpoint.CheckpointError`).
     """
     d = setup_distributed()
     try:
-        return _train(cfg, resume, d)
+        with StopSignal() as stop:
+            return _train(cfg, resume, d, stop)
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, resume: bool, d: Dist) -> dict:
-    model_cfg = cfg.model_config()
-    codec = _codec_settings(cfg)
-    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
-    last_path = os.path.join(cfg.out, "last.pt")
-    best_path = os.path.join(cfg.out, "best.pt")
-
-    ckpt = None
-    if not resume and os.path.exists(last_path):
+def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
+    # -- config and checkpoint
+    last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
+    ckpt = _resume_checkpoint(cfg, last_path, d) if resume else None
+    if ckpt is None and os.path.exists(last_path):
         raise ValueError(
-            f"{cfg.out} already holds a run ({last_path}): pass --resume to continue it, "
-            "or choose another --out"
+            f"{cfg.out} already holds a run ({last_path}): pass --resume to "
+            "continue it, or choose another --out"
         )
-    if resume:
-        if not os.path.exists(last_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-        ckpt = load_checkpoint(last_path, map_location=d.device)
-        if ckpt["model_config"] != model_cfg.to_dict():
-            raise ValueError(
-                f"{last_path} was trained with another model config; "
-                f"differences: {_dict_diff(ckpt['model_config'], model_cfg.to_dict())}"
-            )
-        if ckpt["codec"] != codec.to_dict():
-            raise ValueError(f"{last_path} used codec settings {ckpt['codec']}, now {codec}")
+    model_cfg, codec = cfg.model_cfg(), codec_settings(cfg)
+    model_cfg_dict = config_to_dict(model_cfg)
+    if ckpt is not None and ckpt["codec"] != codec.to_dict():
+        raise ValueError(f"{last_path} used codec settings {ckpt['codec']}, now {codec}")
+    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
 
-    # identical initial weights on every rank; data order differs by rank through sharding
+    # -- model, optimiser, precision: identical initial weights on every rank
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)  # noqa: NPY002
-    model = VQVAE(model_cfg).to(d.device)
+    model = _build(model_cfg).to(d.device)
     optimizer = configure_optimizer(model, cfg, d.device)
-    dtype = autocast_dtype(cfg, d.device)
-    amp = (torch.autocast(device_type=d.device.type, dtype=dtype)
-           if dtype != torch.float32 else nullcontext())  # fmt: skip
+    amp, dtype = autocast(cfg, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-
-    step, best_val, consumed = 0, float("inf"), 0
+    step, best_val, epoch, position = 0, math.inf, 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, best_val, consumed = ckpt["step"], ckpt["best_val"], ckpt["batches_consumed"]
-
-    train_ds, train_dl, val_dl = build_loaders(cfg, model_cfg, d)
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        epoch, position = ckpt["data"]["epoch"], ckpt["data"]["position"]
+        checkpoint.set_rng_state(ckpt["rng"][d.rank % len(ckpt["rng"])])
     # EMA statistics are all-reduced inside the quantisers, so every rank holds the same
-    # codebooks: no buffer broadcast (the seed's broadcast overwrote every rank's update)
-    ddp = DDP(model, **_no_buffer_broadcast()) if d.enabled else model
-    raw = model
+    # codebooks: no buffer broadcast at each forward
+    ddp = DDP(model, **_no_buffer_sync()) if d.enabled else model
+
+    # -- data: the stream continues where the checkpoint left it, without replay
+    data = build_data(cfg, model_cfg.downsample_factor, d, epoch, position)
+    plan_size = data.train.plan.batches_per_epoch
+    if ckpt is not None and ckpt["data"]["batches_per_epoch"] != plan_size:
+        raise ValueError(
+            f"the training split of {cfg.data} changed since {last_path} "
+            f"({ckpt['data']['batches_per_epoch']} batches per epoch then, {plan_size} now): "
+            "the data order cannot be continued; start a new run"
+        )
+    batches = iter(data.train_loader)
+    consumed = 0  # batches of the stream used by completed steps, per rank
 
     if d.master:
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump({**cfg.to_dict(), "model_config": model_cfg.to_dict(),
-                       "codec": codec.to_dict()}, fh, indent=1)  # fmt: skip
-        print(f"protoken train: {raw.num_parameters():,} parameters, preset {cfg.preset}, "
-              f"{d.world_size} process(es) on {d.device}, dtype {dtype}, "
-              f"padding multiple {model_cfg.downsample_factor}", flush=True)  # fmt: skip
-    wandb_run = _init_wandb(cfg, model_cfg, d) if cfg.wandb and d.master else None
+            json.dump(
+                {**cfg.to_dict(), "model_config": model_cfg_dict, "codec": codec.to_dict()},
+                fh,
+                indent=1,
+            )
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"protoken train: {n_params:,} parameters, preset {cfg.preset}, "
+            f"{d.world_size} process(es) on {d.device}, dtype {dtype}, {data.n_train} "
+            f"training / {data.n_val} validation images, {plan_size} batches per epoch, "
+            f"from step {step} (epoch {epoch}, batch {position})",
+            flush=True,
+        )
+    log = Metrics(cfg, d, model_cfg_dict)
 
-    from protoken.data import cycle
+    def state() -> dict:
+        e, p = data.train.position_after(consumed)
+        return {
+            "step": step,
+            "best_val": best_val,
+            "config": cfg.to_dict(),
+            "model_config": model_cfg_dict,
+            "codec": codec.to_dict(),
+            "scaler": scaler.state_dict(),
+            "data": {
+                "epoch": e,
+                "position": p,
+                "batches_per_epoch": plan_size,
+                "world_size": d.world_size,
+            },
+        }
 
-    batches = cycle(train_dl)
-    if ckpt is not None:
-        # replay the data stream to where the checkpoint was taken, then restore the random
-        # state saved there (after the loader iterator drew its seed, as in the first run)
-        for _ in range(consumed):
-            next(batches)
-        if consumed == 0:
-            batches = _prepend(next(batches), batches)
-        _set_rng_state(ckpt["rng"][min(d.rank, len(ckpt["rng"]) - 1)])
-
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    # -- the loop
     last: dict = {}
     window_images, window_start = 0, time.perf_counter()
     ddp.train()
-    with _Stop() as stop:
-        while step < cfg.max_steps:
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = recon_sum = commit_sum = 0.0
-            usage = perplexity = None
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                consumed += 1
-                x = batch["image"].to(d.device, non_blocking=True)
-                mask = batch["mask"].to(d.device, non_blocking=True)
-                last_micro = micro == cfg.grad_accum - 1
-                sync = nullcontext() if (last_micro or not d.enabled) else ddp.no_sync()
-                with sync:
-                    with amp:
-                        out = ddp(x, mask)
-                        loss = out.loss / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += out.loss.item() / cfg.grad_accum
-                recon_sum += out.recon_loss.item() / cfg.grad_accum
-                commit_sum += out.commit_loss.item() / cfg.grad_accum
-                usage, perplexity = out.usage.detach(), out.perplexity.detach()
-                window_images += x.shape[0]
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    while step < cfg.max_steps:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        local_weight = sum(model.loss_weight(b["mask"]) for b in micro)
+        step_weight, stopping = agree([local_weight, stop.received is not None], d)
+        if stopping:  # a rank got a signal: all stop here, at the same step
+            break
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = StepStats()
+        for i, batch in enumerate(micro):
+            x = batch["image"].to(d.device, non_blocking=True)
+            mask = batch["mask"].to(d.device, non_blocking=True)
+            sync = ddp.no_sync() if d.enabled and i < len(micro) - 1 else nullcontext()
+            with sync:
+                with amp:
+                    out = ddp(x, mask)
+                    loss = micro_loss(out, step_weight, cfg, d)
+                scaler.scale(loss).backward()
+            stats.add(out)
+            window_images += x.shape[0]
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        consumed += len(micro)
 
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                last = {
-                    "step": step,
-                    "loss": _all_mean(loss_sum, d),
-                    "recon": _all_mean(recon_sum, d),
-                    "commit": _all_mean(commit_sum, d),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "images_per_s": window_images * d.world_size / max(elapsed, 1e-9),
-                    "codebook_usage": [round(float(u), 4) for u in usage],
-                    "perplexity": [round(float(p), 2) for p in perplexity],
-                }
-                window_images, window_start = 0, time.perf_counter()
-                if d.master:
-                    _log(metrics_path, last, wandb_run)
-                    print(f"step {step:6d} | loss {last['loss']:.4f} | recon {last['recon']:.4f} "
-                          f"| commit {last['commit']:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} "
-                          f"| {last['images_per_s']:.1f} img/s | usage "
-                          f"{'/'.join(f'{u:.2f}' for u in last['codebook_usage'])}",
-                          flush=True)  # fmt: skip
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            last = {
+                "step": step,
+                **stats.reduce(len(micro), d),
+                "lr": lr,
+                "grad_norm": round(float(grad_norm), 4),
+                "images_per_s": round(window_images * d.world_size / elapsed, 2),
+            }
+            log.log(
+                last,
+                f"step {step:6d} | loss {last['loss']:.4f} | recon {last['recon']:.4f}"
+                f" | lr {lr:.2e} | grad {last['grad_norm']:.2f} | "
+                f"{last['images_per_s']:.1f} img/s",
+            )
+            window_images, window_start = 0, time.perf_counter()
 
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val, samples = evaluate(ddp, val_dl, cfg, codec, d, amp)
-                val["step"] = step
-                improved = val["val_loss"] < best_val
-                best_val = min(best_val, val["val_loss"])
-                if d.master:
-                    sample_path = os.path.join(cfg.out, "samples", f"step_{step:06d}.png")
-                    save_samples(sample_path, samples, codec)
-                    _log(metrics_path, val, wandb_run, image=sample_path)
-                    print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()
-                                               if k != "step"), flush=True)  # fmt: skip
-                last.update(val)
-                if improved:
-                    _checkpoint(best_path, raw, optimizer, scaler, step, best_val, consumed,
-                                cfg, model_cfg, codec, d)  # fmt: skip
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val, samples = evaluate(model, data.val_loader, cfg, codec, d, amp)
+            val["step"] = step
+            improved = val["val_loss"] < best_val
+            best_val = min(best_val, val["val_loss"])
+            image = None
+            if d.master and samples:
+                from protoken.plots import save_samples
 
-            stop_now = _agree(stop.signal is not None, d)
-            if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop_now:
-                _checkpoint(last_path, raw, optimizer, scaler, step, best_val, consumed, cfg,
-                            model_cfg, codec, d)  # fmt: skip
-            if stop_now:
-                if d.master:
-                    print(f"protoken train: stopped by signal at step {step}; "
-                          f"{last_path} saved, continue with --resume", flush=True)  # fmt: skip
-                break
-    if wandb_run is not None:
-        wandb_run.finish()
+                image = os.path.join(cfg.out, "samples", f"step_{step:06d}.png")
+                save_samples(image, samples)
+            log.log(
+                val,
+                "eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step"),
+                image,
+            )
+            last.update(val)
+            if improved:
+                save_checkpoint(best_path, state(), model, optimizer, d)
+
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+            save_checkpoint(last_path, state(), model, optimizer, d)
+
+    if step < cfg.max_steps:  # stopped by a signal
+        save_checkpoint(last_path, state(), model, optimizer, d)
+        if d.master:
+            print(
+                f"protoken train: stopped by signal at step {step}; {last_path} saved; "
+                f"continue with --resume (exit code {EXIT_PREEMPTED})",
+                flush=True,
+            )
+        last["preempted"] = True
+    log.finish()
     return last
 
 
-def _no_buffer_broadcast() -> dict:
-    """DDP keyword that stops the per-forward buffer broadcast (buffers still synced at init)."""
+def _no_buffer_sync() -> dict:
+    """DDP keyword that stops the per-forward buffer broadcast (renamed in torch 2.13)."""
     import inspect
 
-    if "forward_sync_buffers" in inspect.signature(DDP).parameters:  # torch >= 2.13
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
 
 
-def _prepend(first, rest):
-    yield first
-    yield from rest
+def _build(model_cfg):
+    from protoken.model import build_model
+
+    return build_model(model_cfg)
 
 
-def _agree(flag: bool, d: Dist) -> bool:
-    """True on every rank when any rank got a stop signal (so all stop at the same step)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
-def replica_checksum(model: torch.nn.Module) -> float:
-    """A weighted sum over every parameter and buffer: equal on all ranks iff (barring a
-    one-in-2^52 coincidence) the replicas hold the same weights and codebooks."""
-    total = torch.zeros((), dtype=torch.float64)
-    for k, t in enumerate(list(model.parameters()) + list(model.buffers())):
-        flat = t.detach().double().flatten()
-        weights = torch.cos(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)
-                            * 0.7 + k)  # fmt: skip
-        total += (flat * weights).sum().cpu()
-    return float(total)
-
-
-def _checkpoint(path, model, optimizer, scaler, step, best_val, consumed, cfg, model_cfg, codec,
-                d: Dist) -> None:  # fmt: skip
-    """Check the DDP replicas agree, gather every rank's RNG state, and let rank 0 write the
-    checkpoint atomically."""
-    rng = [_rng_state()]
-    if d.enabled:
-        sums = [None] * d.world_size
-        dist.all_gather_object(sums, replica_checksum(model))
-        if len(set(sums)) != 1:
-            raise RuntimeError(f"DDP replicas diverged at step {step}: checksums {sums}")
-        if d.master:
-            print(f"step {step}: {d.world_size} replicas identical (checksum {sums[0]:.12g})",
-                  flush=True)  # fmt: skip
-        gathered = [None] * d.world_size
-        dist.all_gather_object(gathered, rng[0])
-        rng = gathered
-    if d.master:
-        save_checkpoint(
-            path,
-            format=CHECKPOINT_FORMAT,
-            version=__version__,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict(),
-            step=step,
-            best_val=best_val,
-            batches_consumed=consumed,
-            config=cfg.to_dict(),
-            model_config=model_cfg.to_dict(),
-            codec=codec.to_dict(),
-            rng=rng,
-        )
-    if d.enabled:
-        dist.barrier()
-
-
-def _log(path: str, record: dict, wandb_run, image: str | None = None) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    if wandb_run is not None:
-        payload = {k: v for k, v in record.items() if k != "step"}
-        for key in ("codebook_usage", "perplexity"):
-            if key in payload:
-                for level, value in enumerate(payload.pop(key)):
-                    payload[f"{key}/level{level}"] = value
-        if image is not None:
-            import wandb
-
-            payload["samples"] = wandb.Image(image)
-        wandb_run.log(payload, step=record["step"])
-
-
-def _init_wandb(cfg: TrainConfig, model_cfg: VQVAEConfig, d: Dist):
-    """Start a W&B run (optional extra; honours WANDB_MODE, e.g. offline)."""
-    try:
-        import wandb
-    except ImportError:
-        raise RuntimeError(
-            "--wandb needs the wandb package: pip install 'protoken[wandb]'"
-        ) from None
-    return wandb.init(
-        project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.out,
-        config={**cfg.to_dict(), "model_config": model_cfg.to_dict()},
-    )  # fmt: skip
-
-
-def _dict_diff(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b))
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+def _resume_checkpoint(cfg: TrainConfig, last_path: str, d: Dist) -> dict:
+    """RUN/last.pt, checked against the run's config.json and the config asked for."""
+    if not os.path.exists(last_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+    ckpt = checkpoint.load(last_path)  # on the CPU: RNG states must stay there
+    checkpoint.validate(ckpt, last_path, training=True)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    resumed_config(saved, cfg)
+    return ckpt
 
 
 # --------------------------------------------------------------------------- CLI
@@ -807,36 +828,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder written by protoken convert (bin_*/ID.png)")
     parser.add_argument("--out", help="run folder (checkpoints, metrics, samples)")
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig values")
-    parser.add_argument("--preset", choices=["tiny", "small", "seed"], help="model preset")
+    parser.add_argument("--preset", help="model preset (tiny, small, seed, ...)")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--num-workers", type=int, help="DataLoader workers per process")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue RUN/last.pt with RUN/config.json; only "
+        f"{', '.join(sorted(RESUMABLE))} may be changed",
+    )
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        type=_parse_override, metavar="KEY=VALUE",
-                        help="any TrainConfig value, e.g. --set eval_interval=100 "
-                             "--set 'model={\"codebook_size\": 512}' (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=_parse_override,
+        metavar="KEY=VALUE",
+        help="any TrainConfig value, e.g. --set eval_interval=100 "
+        "--set 'model={\"codebook_size\": 512}' (repeatable)",
+    )
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (numbers, true, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = {"True": True, "False": False}.get(raw, raw)
+    return key.strip(), value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    """The config of ``protoken train``: RUN/config.json with ``--resume``, else defaults;
+    then ``--config``, the flags and ``--set`` in that order."""
+    base: dict[str, Any] = {}
+    if args.resume:
+        out = args.out or (args.config and _read_mapping(args.config).get("out"))
+        if not out:
+            raise ValueError("--resume needs --out (the run folder)")
+        path = os.path.join(out, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no {path}")
+        base = {k: v for k, v in _read_mapping(path).items() if k not in ("model_config", "codec")}
+    if args.config:
+        base.update(_read_mapping(args.config))
     for key in ("data", "out", "preset", "max_steps", "batch_size", "lr", "num_workers", "dtype"):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
     if args.wandb:
         base["wandb"] = True
-    bools = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type) == "bool"}
-    for key, value in args.overrides:
-        if key in bools and isinstance(value, str):  # --set group_by_bin=False means False
-            try:
-                value = parse_bool(value)
-            except ValueError as exc:
-                raise ValueError(f"--set {key}: {exc}") from None
-        base[key] = value
+    base.update(args.overrides)
     if not base.get("data"):
         raise ValueError("--data is required (a folder written by protoken convert)")
     if not base.get("out"):
@@ -847,11 +895,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
-        train(cfg, resume=args.resume)
+        last = train(cfg, resume=args.resume)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"protoken train: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_PREEMPTED if last.get("preempted") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
