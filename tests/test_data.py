@@ -547,3 +547,128 @@ def test_bin_selection_and_several_roots(converted8, converted16):
         str(converted8),
         str(converted16),
     }
+
+
+# --------------------------------------------------------------------------- index and sampling
+
+
+def test_index_from_the_manifest_reads_no_directory_and_matches_the_disk(converted8, monkeypatch):
+    calls = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": calls.append(p) or real_scandir(p))
+    index = pd.ImageIndex.build(converted8)
+    assert index.source == "manifest" and calls == [str(converted8)]  # the root, for manifests
+    on_disk = {rel_key(converted8, p) for p in png_files(converted8)}
+    assert {index.key(i) for i in range(len(index))} == on_disk
+    for i in range(0, len(index), 17):
+        assert read_image(index.path(i)).shape[-1] == index.lengths[i]
+    # evaluation batches come from the index: no directory read at all
+    plan = pd.BatchPlan(index, index.split_rows("val", 0.2), 4, True, seed=0)
+    calls.clear()
+    batches = list(pd.IndexedBatches(plan, 16, epoch=-1, num_batches=5))
+    assert calls == [] and len(batches) == 5
+    # without a manifest: one walk, the same index
+    copy = converted8.parent / "no_manifest"
+    if not copy.exists():
+        shutil.copytree(converted8, copy, ignore=shutil.ignore_patterns("manifest*.tsv"))
+    walked = pd.ImageIndex.build(copy)
+    assert walked.source == "walk" and walked.bins == index.bins
+    assert [walked.key(i) for i in range(len(walked))] == [index.key(i) for i in range(len(index))]
+
+
+def test_split_key_regex_keeps_each_group_on_one_side_and_exclusions_leave_both(
+    converted8, tmp_path
+):
+    index = pd.ImageIndex.build(converted8)
+    ids = [index.id(i) for i in range(len(index))]
+    # default: the streaming datasets' rule, md5 of the relative path
+    default = set(index.split_rows("val", 0.3).tolist())
+    keys = [index.key(i) for i in range(len(index))]
+    assert {keys[i] for i in default} == expected_val(keys, 0.3)
+    # keyed by the source collection (the part before "__"): groups never straddle the split
+    regex = r"^([a-z0-9_]+?)__"
+    val = set(index.split_rows("val", 0.3, regex).tolist())
+    train = set(index.split_rows("train", 0.3, regex).tolist())
+    assert val.isdisjoint(train) and len(val | train) == len(index)
+    group = {i: ids[i].split("__")[0] for i in range(len(index))}
+    val_groups = {group[i] for i in val}
+    assert val_groups == expected_val(set(group.values()), 0.3)
+    assert val_groups.isdisjoint({group[i] for i in train})
+    # an excluded id takes its whole group out of both splits
+    victim = ids[0]
+    listed = tmp_path / "test_ids.txt"
+    listed.write_text(f"# held out\n{victim}  a comment\n")
+    excluded = pd.read_id_list(listed)
+    assert excluded == [victim]
+    kept = set(index.split_rows("all", 0.3, regex, excluded).tolist())
+    assert kept == {i for i in range(len(index)) if group[i] != group[0]}
+    kept = set(index.split_rows("all", 0.3, None, excluded).tolist())
+    assert kept == set(range(1, len(index)))
+    with pytest.raises(ValueError, match="gives no key for image id"):
+        index.split_rows("train", 0.3, r"^nomatch_(.*)")
+
+
+def test_batch_plan_one_bin_per_batch_every_image_once_per_epoch(converted8):
+    index = pd.ImageIndex.build(converted8)
+    rows = index.split_rows("train", 0.1)
+    plan = pd.BatchPlan(index, rows, 8, True, seed=5)
+    orders = []
+    for epoch in (0, 1):
+        batches = [plan.batch(epoch, k) for k in range(plan.batches_per_epoch)]
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == rows.tolist()  # each training image once
+        assert all(len(set(index.bin_of[b].tolist())) == 1 for b in batches)
+        short = [b for b in batches if len(b) < 8]
+        assert len(short) <= len(index.bins)  # at most the last batch of each bin
+        orders.append(flat.tolist())
+    assert orders[0] != orders[1]  # re-shuffled each epoch
+    again = pd.BatchPlan(index, rows, 8, True, seed=5)
+    assert [again.batch(1, k).tolist() for k in range(3)] == [
+        plan.batch(1, k).tolist() for k in range(3)
+    ]
+
+
+def _stream_ids(ds, n, workers=0):
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=pd.ignore_signals)
+    out = []
+    for batch in loader:
+        out.append((batch["epoch"], batch["position"], tuple(batch["ids"])))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_stream_is_a_pure_function_of_the_position_whatever_workers_or_world_size(converted8):
+    index = pd.ImageIndex.build(converted8, only_bins=["bin_40_64", "bin_65_128"])
+    plan = pd.BatchPlan(index, index.split_rows("train", 0.1), 4, True, seed=1)
+    m = plan.batches_per_epoch
+    start = dict(epoch=3, position=m - 5)  # crosses an epoch boundary
+    ranks = [pd.IndexedBatches(plan, 16, rank=r, world_size=2, **start) for r in (0, 1)]
+    want = [_stream_ids(ds, 6) for ds in ranks]
+    assert _stream_ids(ranks[1], 6, workers=2) == want[1]  # workers only split the work
+    # rank r's i-th batch is global batch position + 2 i + r of the plan
+    for r in (0, 1):
+        for i, (epoch, k, ids) in enumerate(want[r]):
+            t = m - 5 + 2 * i + r
+            assert (epoch, k) == (3 + t // m, t % m)
+            assert list(ids) == [index.id(j) for j in plan.batch(epoch, k)]
+    # resume after 3 batches per rank with one process: the global sequence goes on
+    epoch, position = ranks[0].position_after(3)
+    assert (epoch, position) == (4, 1)
+    single = _stream_ids(pd.IndexedBatches(plan, 16, epoch=epoch, position=position), 4)
+    used = [(e, k) for w in want for e, k, _ in w[:3]] + [(e, k) for e, k, _ in single]
+    assert sorted(used) == [(3, m - 5 + j) for j in range(5)] + [(4, j) for j in range(5)]
+
+
+def test_resuming_far_into_a_run_decodes_only_the_batch_it_needs(converted8, monkeypatch):
+    """O(1) resume: the first batch at epoch 10**6 costs one plan and its own images."""
+    index = pd.ImageIndex.build(converted8)
+    plan = pd.BatchPlan(index, index.split_rows("train", 0.1), 4, True, seed=0)
+    decoded = []
+    real = pd.decode_png
+    monkeypatch.setattr(pd, "decode_png", lambda b: decoded.append(1) or real(b))
+    ds = pd.IndexedBatches(plan, 16, epoch=10**6, position=7, rank=1, world_size=4)
+    batch = next(iter(ds))
+    assert (batch["epoch"], batch["position"]) == (10**6, 8)
+    assert batch["ids"] == [index.id(j) for j in plan.batch(10**6, 8)]
+    assert len(decoded) == len(batch["ids"])

@@ -1,13 +1,30 @@
-"""Streaming datasets of 6D images for training at scale (millions of PNGs, DDP, many workers).
+"""Datasets of 6D images for training at scale (millions of PNGs, DDP, many workers).
 
-The images are the PNGs written by ``protoken convert``: ``ROOT/bin_LO_HI/ID.png``. Each item of
-a dataset is a dict::
+The images are the PNGs written by ``protoken convert``: ``ROOT/bin_LO_HI/ID.png``. Items
+are dicts::
 
     {"image": FloatTensor (3, L, L), "length": L, "id": "ID", "path": "/abs/ROOT/bin_LO_HI/ID.png"}
 
 with the image in [-1, 1] (the codec's exact inverse of the 8- or 16-bit PNG), or standardised
-per channel when the dataset was asked to (``normalize="seed"`` or ``mean``/``std``; undo it with
-:meth:`denormalize`). :func:`collate_with_padding` pads a list of items to a batch.
+per channel when asked (``normalize="seed"`` or ``mean``/``std``, by
+:func:`protoken.codec.standardize`; undo it with :meth:`denormalize`).
+:func:`collate_with_padding` pads a list of items to a batch.
+
+Training and evaluation (``protoken train``) use an index:
+
+- :class:`ImageIndex`: id, bin and length of every image, built once from ``manifest.tsv``
+  (no directory read) or from one walk when there is no manifest; ~30 bytes per image.
+- :meth:`ImageIndex.split_rows`: the md5 split of a split key (the relative path, or the
+  first group of ``split_key_regex`` so near-duplicates stay on one side), minus an
+  exclusion list.
+- :class:`BatchPlan`: per epoch, a seeded permutation cut into batches of one bin each.
+- :class:`IndexedBatches`: one rank's stream, a pure function of (seed, epoch, position,
+  rank, worker): O(1) to start anywhere, the same whatever the number of workers, and
+  continued by any world size; finite and fixed for evaluation.
+
+The streaming datasets below (:class:`IterableImageDataset` for one bin folder,
+:class:`IterableBinnedImageDataset` for all bins under roots) need no index and hold constant
+memory whatever the number of files; they suit one-off passes over a folder.
 
 How a dataset streams (every step in constant memory, whatever the number of files):
 
@@ -45,10 +62,10 @@ How a dataset streams (every step in constant memory, whatever the number of fil
 - A corrupt or unreadable PNG is logged (``logging.warning`` with its path) and skipped; the
   worker goes on. A missing or empty folder is an error at construction.
 
-Typical training use::
+Typical use::
 
     from functools import partial
-    ds = IterableImageDatasetUni(root, split="train", shuffle_buffer=100_000, infinite=True,
+    ds = IterableBinnedImageDataset(root, split="train", shuffle_buffer=100_000, infinite=True,
                                  seed=0, skip_bins=["bin_961_1024"])
     dl = DataLoader(ds, batch_size=32, num_workers=8,
                     collate_fn=partial(collate_with_padding, multiple=cfg.downsample_factor))
