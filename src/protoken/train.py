@@ -10,11 +10,12 @@ mixed precision, clipping), logging, evaluation and checkpoints. The pieces it c
 above it, in that order.
 
 The loss weighs every residue pair alike: each micro-batch's summed pixel error
-(``loss_sum`` of the model output contract) is divided by the number of valid pixels of the
-whole step, over every rank and accumulation step, known on the host before the first
-forward pass. A pixel of a 50-residue protein then counts as much as one of a 1000-residue
-protein, whatever batch each sits in (``loss_weighting: batch`` gives the former per-batch
-mean, for comparison).
+(``loss_sum`` of the model output contract) is divided by one constant, the mean number of
+valid pixels of a step (over ranks and accumulation steps) computed from the index's lengths,
+so a pixel of a 50-residue protein counts as much as one of a 1000-residue protein whatever
+batch or step it sits in. The former per-batch mean (``loss_weighting: batch``, kept for
+comparison) gave every batch the same total weight, so with batches of one bin each a pixel
+of a short protein weighed up to ~400x one of a long protein.
 
 What a run leaves in RUN: ``config.json`` (the config, its model config and codec),
 ``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``last.pt`` (every
@@ -371,12 +372,32 @@ def autocast(cfg: TrainConfig, device: torch.device):
 def micro_loss(out, step_weight: float, cfg: TrainConfig, d: Dist) -> torch.Tensor:
     """What one micro-batch adds to the step's loss, so that the gradient summed over
     micro-batches (and averaged over ranks by DDP) is that of
-    ``sum(loss_sum) / step_weight + mean(aux_loss)`` over the whole step."""
+    ``sum(loss_sum) / step_weight + mean(aux_loss)`` over the whole step (``step_weight``:
+    the constant of :func:`reference_weight`)."""
     if cfg.loss_weighting == "batch":  # the per-batch pixel mean, averaged
         recon = out.loss_sum / out.weight.clamp(min=1) / cfg.grad_accum
     else:
         recon = out.loss_sum * (d.world_size / step_weight)
     return recon + out.aux_loss / cfg.grad_accum
+
+
+def reference_weight(model, data: Data, cfg: TrainConfig, d: Dist) -> float | None:
+    """The mean loss weight of a step: what ``loss_sum`` sums over in the average step (all
+    ranks and micro-batches), from the lengths in the index, using the model's own
+    ``loss_weight`` (additive over proteins) for each distinct length. None when the index
+    has no lengths (built by a walk): the loop then uses each step's own global weight."""
+    from protoken.model import mask_from_lengths
+
+    plan = data.train.plan
+    lengths = plan.index.lengths[plan.rows]
+    if not len(lengths) or lengths.min() <= 0:
+        return None
+    values, counts = np.unique(lengths, return_counts=True)
+    total = sum(
+        int(c) * model.loss_weight(mask_from_lengths([int(v)], int(v)))
+        for v, c in zip(values, counts, strict=True)
+    )
+    return total / plan.batches_per_epoch * d.world_size * cfg.grad_accum
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -674,6 +695,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
         )
     batches = iter(data.train_loader)
     consumed = 0  # batches of the stream used by completed steps, per rank
+    loss_norm = reference_weight(model, data, cfg, d)
 
     if d.master:
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
@@ -715,10 +737,11 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
     ddp.train()
     while step < cfg.max_steps:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        local_weight = sum(model.loss_weight(b["mask"]) for b in micro)
+        local_weight = sum(model.loss_weight(b["mask"]) for b in micro) if not loss_norm else 0
         step_weight, stopping = agree([local_weight, stop.received is not None], d)
         if stopping:  # a rank got a signal: all stop here, at the same step
             break
+        step_weight = loss_norm or step_weight
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
