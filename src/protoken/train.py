@@ -288,6 +288,10 @@ class Data:
     n_train: int
     n_val: int
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.train.plan.batches_per_epoch
+
 
 def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: int) -> Data:
     """Index the dataset once (from its manifest, no directory walk), split it, and make the
@@ -654,17 +658,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
     # -- config and checkpoint
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
-    ckpt = _resume_checkpoint(cfg, last_path, d) if resume else None
+    ckpt = _resume_checkpoint(cfg, last_path) if resume else None
     if ckpt is None and os.path.exists(last_path):
         raise ValueError(
             f"{cfg.out} already holds a run ({last_path}): pass --resume to "
             "continue it, or choose another --out"
         )
     model_cfg, codec = cfg.model_cfg(), codec_settings(cfg)
-    model_cfg_dict = config_to_dict(model_cfg)
     if ckpt is not None and ckpt["codec"] != codec.to_dict():
         raise ValueError(f"{last_path} used codec settings {ckpt['codec']}, now {codec}")
-    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
 
     # -- model, optimiser, precision: identical initial weights on every rank
     torch.manual_seed(cfg.seed)
@@ -680,56 +682,20 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
         step, best_val = ckpt["step"], ckpt["best_val"]
         epoch, position = ckpt["data"]["epoch"], ckpt["data"]["position"]
         checkpoint.set_rng_state(ckpt["rng"][d.rank % len(ckpt["rng"])])
-    # EMA statistics are all-reduced inside the quantisers, so every rank holds the same
-    # codebooks: no buffer broadcast at each forward
+    # the quantisers all-reduce their EMA statistics: no buffer broadcast at each forward
     ddp = DDP(model, **_no_buffer_sync()) if d.enabled else model
 
     # -- data: the stream continues where the checkpoint left it, without replay
     data = build_data(cfg, model_cfg.downsample_factor, d, epoch, position)
-    plan_size = data.train.plan.batches_per_epoch
-    if ckpt is not None and ckpt["data"]["batches_per_epoch"] != plan_size:
+    if ckpt is not None and ckpt["data"]["batches_per_epoch"] != data.batches_per_epoch:
         raise ValueError(
-            f"the training split of {cfg.data} changed since {last_path} "
-            f"({ckpt['data']['batches_per_epoch']} batches per epoch then, {plan_size} now): "
-            "the data order cannot be continued; start a new run"
+            f"the training split of {cfg.data} changed since {last_path}: the "
+            "data order cannot be continued; start a new run"
         )
-    batches = iter(data.train_loader)
-    consumed = 0  # batches of the stream used by completed steps, per rank
+    batches, consumed = iter(data.train_loader), 0  # consumed: batches of finished steps
     loss_norm = reference_weight(model, data, cfg, d)
-
-    if d.master:
-        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump(
-                {**cfg.to_dict(), "model_config": model_cfg_dict, "codec": codec.to_dict()},
-                fh,
-                indent=1,
-            )
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(
-            f"protoken train: {n_params:,} parameters, preset {cfg.preset}, "
-            f"{d.world_size} process(es) on {d.device}, dtype {dtype}, {data.n_train} "
-            f"training / {data.n_val} validation images, {plan_size} batches per epoch, "
-            f"from step {step} (epoch {epoch}, batch {position})",
-            flush=True,
-        )
-    log = Metrics(cfg, d, model_cfg_dict)
-
-    def state() -> dict:
-        e, p = data.train.position_after(consumed)
-        return {
-            "step": step,
-            "best_val": best_val,
-            "config": cfg.to_dict(),
-            "model_config": model_cfg_dict,
-            "codec": codec.to_dict(),
-            "scaler": scaler.state_dict(),
-            "data": {
-                "epoch": e,
-                "position": p,
-                "batches_per_epoch": plan_size,
-                "world_size": d.world_size,
-            },
-        }
+    run = Run(cfg, d, model_cfg, codec, data)
+    run.announce(model, dtype, step, epoch, position)
 
     # -- the loop
     last: dict = {}
@@ -737,11 +703,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
     ddp.train()
     while step < cfg.max_steps:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        local_weight = sum(model.loss_weight(b["mask"]) for b in micro) if not loss_norm else 0
-        step_weight, stopping = agree([local_weight, stop.received is not None], d)
-        if stopping:  # a rank got a signal: all stop here, at the same step
+        weight = 0 if loss_norm else sum(model.loss_weight(b["mask"]) for b in micro)
+        weight, stopping = agree([weight, stop.received is not None], d)
+        if stopping:  # a rank got a signal: every rank stops here, at the same step
             break
-        step_weight = loss_norm or step_weight
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -753,7 +718,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             with sync:
                 with amp:
                     out = ddp(x, mask)
-                    loss = micro_loss(out, step_weight, cfg, d)
+                    loss = micro_loss(out, loss_norm or weight, cfg, d)
                 scaler.scale(loss).backward()
             stats.add(out)
             window_images += x.shape[0]
@@ -766,56 +731,110 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
         consumed += len(micro)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
+            seconds = time.perf_counter() - window_start
             last = {
                 "step": step,
                 **stats.reduce(len(micro), d),
                 "lr": lr,
                 "grad_norm": round(float(grad_norm), 4),
-                "images_per_s": round(window_images * d.world_size / elapsed, 2),
+                "images_per_s": round(window_images * d.world_size / seconds, 2),
             }
-            log.log(
-                last,
-                f"step {step:6d} | loss {last['loss']:.4f} | recon {last['recon']:.4f}"
-                f" | lr {lr:.2e} | grad {last['grad_norm']:.2f} | "
-                f"{last['images_per_s']:.1f} img/s",
-            )
+            run.log_step(last)
             window_images, window_start = 0, time.perf_counter()
 
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val, samples = evaluate(model, data.val_loader, cfg, codec, d, amp)
-            val["step"] = step
-            improved = val["val_loss"] < best_val
-            best_val = min(best_val, val["val_loss"])
-            image = None
-            if d.master and samples:
-                from protoken.plots import save_samples
-
-                image = os.path.join(cfg.out, "samples", f"step_{step:06d}.png")
-                save_samples(image, samples)
-            log.log(
-                val,
-                "eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "step"),
-                image,
-            )
+            run.log_eval(step, val, samples)
             last.update(val)
-            if improved:
-                save_checkpoint(best_path, state(), model, optimizer, d)
+            if val["val_loss"] < best_val:
+                best_val = val["val_loss"]
+                save_checkpoint(
+                    best_path, run.state(step, best_val, consumed, scaler), model, optimizer, d
+                )
 
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(last_path, state(), model, optimizer, d)
+            save_checkpoint(
+                last_path, run.state(step, best_val, consumed, scaler), model, optimizer, d
+            )
 
     if step < cfg.max_steps:  # stopped by a signal
-        save_checkpoint(last_path, state(), model, optimizer, d)
-        if d.master:
-            print(
-                f"protoken train: stopped by signal at step {step}; {last_path} saved; "
-                f"continue with --resume (exit code {EXIT_PREEMPTED})",
-                flush=True,
-            )
+        save_checkpoint(last_path, run.state(step, best_val, consumed, scaler), model, optimizer, d)
+        run.say(
+            f"protoken train: stopped by signal at step {step}; {last_path} saved; "
+            f"continue with --resume (exit code {EXIT_PREEMPTED})"
+        )
         last["preempted"] = True
-    log.finish()
+    run.finish()
     return last
+
+
+class Run:
+    """What the loop writes besides checkpoints (rank 0): RUN/config.json, the console,
+    RUN/metrics.jsonl, sample pictures, Weights & Biases; and the checkpoint's run state."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg, codec: CodecSettings, data: Data):
+        self.cfg, self.d, self.codec, self.data = cfg, d, codec, data
+        self.model_cfg = config_to_dict(model_cfg)
+        self.metrics = Metrics(cfg, d, self.model_cfg)
+        if d.master:
+            os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+            info = {**cfg.to_dict(), "model_config": self.model_cfg, "codec": codec.to_dict()}
+            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+                json.dump(info, fh, indent=1)
+
+    def say(self, text: str) -> None:
+        if self.d.master:
+            print(text, flush=True)
+
+    def announce(self, model, dtype, step: int, epoch: int, position: int) -> None:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.say(
+            f"protoken train: {n_params:,} parameters, preset {self.cfg.preset}, "
+            f"{self.d.world_size} process(es) on {self.d.device}, dtype {dtype}, "
+            f"{self.data.n_train} training / {self.data.n_val} validation images, "
+            f"{self.data.batches_per_epoch} batches per epoch, from step {step} "
+            f"(epoch {epoch}, batch {position})"
+        )
+
+    def log_step(self, rec: dict) -> None:
+        self.metrics.log(
+            rec,
+            f"step {rec['step']:6d} | loss {rec['loss']:.4f} | recon "
+            f"{rec['recon']:.4f} | lr {rec['lr']:.2e} | grad "
+            f"{rec['grad_norm']:.2f} | {rec['images_per_s']:.1f} img/s",
+        )
+
+    def log_eval(self, step: int, val: dict, samples: list) -> None:
+        image = None
+        if self.d.master and samples:
+            from protoken.plots import save_samples
+
+            image = os.path.join(self.cfg.out, "samples", f"step_{step:06d}.png")
+            save_samples(image, samples)
+        text = "eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items())
+        self.metrics.log({"step": step, **val}, text, image)
+
+    def state(self, step: int, best_val: float, consumed: int, scaler) -> dict:
+        """Everything of a checkpoint but the model, optimiser and RNG states."""
+        epoch, position = self.data.train.position_after(consumed)
+        data = {
+            "epoch": epoch,
+            "position": position,
+            "world_size": self.d.world_size,
+            "batches_per_epoch": self.data.batches_per_epoch,
+        }
+        return {
+            "step": step,
+            "best_val": best_val,
+            "config": self.cfg.to_dict(),
+            "model_config": self.model_cfg,
+            "codec": self.codec.to_dict(),
+            "scaler": scaler.state_dict(),
+            "data": data,
+        }
+
+    def finish(self) -> None:
+        self.metrics.finish()
 
 
 def _no_buffer_sync() -> dict:
@@ -833,7 +852,7 @@ def _build(model_cfg):
     return build_model(model_cfg)
 
 
-def _resume_checkpoint(cfg: TrainConfig, last_path: str, d: Dist) -> dict:
+def _resume_checkpoint(cfg: TrainConfig, last_path: str) -> dict:
     """RUN/last.pt, checked against the run's config.json and the config asked for."""
     if not os.path.exists(last_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
