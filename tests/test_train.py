@@ -322,7 +322,7 @@ def test_gradient_accumulation_equals_one_large_batch(mixed_data):
 
     weight = sum(model.loss_weight(b["mask"]) for b in micro)
     grads = {}
-    for weighting in ("pixel", "batch"):
+    for weighting in ("step", "batch"):
         for b in micro:
             out = model(b["image"], b["mask"])
             assert int(out.weight) == model.loss_weight(b["mask"])
@@ -332,7 +332,7 @@ def test_gradient_accumulation_equals_one_large_batch(mixed_data):
             n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
         }
         model.zero_grad()
-    accumulated = grads["pixel"]
+    accumulated = grads["step"]
     assert len(accumulated) > 0.9 * len(list(model.parameters()))
 
     items = [
@@ -432,3 +432,22 @@ def test_mixed_precision_logic_on_cpu(mixed_data, tmp_path):
     ckpt = checkpoint.load(str(tmp_path / "bf16" / "last.pt"))
     embeds = [v for k, v in ckpt["model"].items() if k.endswith("embed")]
     assert embeds and all(e.dtype == torch.float32 for e in embeds)
+
+
+def test_pixel_weighting_divides_by_the_mean_pixels_of_a_step(mixed_data):
+    """loss_weighting=pixel: one constant, 3 x sum(L^2) over the training images per batch
+    of the epoch, times ranks and micro-batches (lengths read from the PNGs here)."""
+    from types import SimpleNamespace
+
+    from protoken.codec import read_image
+    from protoken.data import BatchPlan, ImageIndex
+    from protoken.model import build_model
+    from protoken.train import reference_weight
+
+    index = ImageIndex.build(mixed_data)
+    plan = BatchPlan(index, index.split_rows("train", 0.1), 4, True, seed=0)
+    pixels = sum(read_image(index.path(i)).shape[-1] ** 2 for i in plan.rows)
+    data = SimpleNamespace(train=SimpleNamespace(plan=plan))
+    cfg = config(mixed_data, Path("unused"), grad_accum=2)
+    got = reference_weight(build_model("tiny", MICRO), data, cfg, SimpleNamespace(world_size=3))
+    assert got == pytest.approx(3 * pixels / plan.batches_per_epoch * 3 * 2)
