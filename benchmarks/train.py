@@ -1,18 +1,18 @@
-"""Training: images/s of 1 vs 2 processes (DDP, gloo on CPU) and resume latency at step 50 vs
-step 5,000.
+"""Training throughput: images/s and peak memory per preset on CPU, 1 vs 2 DataLoader workers;
+and images/s of 1 vs 2 processes (DDP, gloo).
 
-Usage: python benchmarks/train.py [--preset tiny] [--steps 30] [--batch-size 8]
-                                  [--bins bin_65_128] [--shared ../shared] [--skip-throughput]
+Usage: python benchmarks/train.py [--presets tiny small] [--workers 1 2] [--steps 30]
+                                  [--bins bin_65_128] [--batch-size 8] [--shared ../shared]
+                                  [--processes-only]
 
-Throughput: `protoken train` (one process) and `torchrun --nproc_per_node=2` on real images
-converted from ../shared, one thread per process (OMP_NUM_THREADS=1), one DataLoader worker
-each; images/s of the last log window (all ranks together) and their ratio.
+Each (preset, workers) runs `protoken train` in a fresh process on real images converted from
+../shared (one length bin, so every run sees the same image sizes) and prints one JSON line:
+images/s over the steps after the first log window (warm-up excluded) and the peak resident
+memory of the whole process tree. The last lines give the 2-worker / 1-worker ratios.
 
-Resume latency: a short run writes last.pt; copies of it are stamped as if taken at step 50
-and at step 5,000 (step and data position rewritten: what a resume reads; the weights and the
-file size do not depend on the step), and `protoken train --resume` is timed from launch to
-the first step after the checkpoint (read from metrics.jsonl). Target: within 2x of each
-other (the former resume replayed the data stream, ~linear in the step).
+Processes: `torchrun --nproc_per_node=1` and `=2` with the first preset, one thread per process
+(OMP_NUM_THREADS=1) and one DataLoader worker each; images/s of the last log window (all ranks
+together) and their ratio. The resume latency is in benchmarks/resume.py.
 """
 
 from __future__ import annotations
@@ -20,17 +20,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+CHILD = r"""
+import json, resource, sys
+from protoken.train import TrainConfig, train
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+train(cfg)
+rows = [json.loads(l) for l in open(cfg.out + "/metrics.jsonl") if '"images_per_s"' in l]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print("RESULT " + json.dumps({"images_per_s": rows[-1]["images_per_s"],
+      "peak_rss_mb": round(peak / 1024, 1), "peak_worker_rss_mb": round(peak_children / 1024, 1)}))
+"""
 
 
 def write_config(path: str, **cfg) -> list[str]:
@@ -48,7 +56,7 @@ def throughput(data: str, tmp: str, args) -> None:
     window = max(1, args.steps // 3)
     cfg = dict(
         data=data,
-        preset=args.preset,
+        preset=args.presets[0],
         only_bins=args.bins,
         batch_size=args.batch_size,
         num_workers=1,
@@ -83,7 +91,7 @@ def throughput(data: str, tmp: str, args) -> None:
                     "figure": "images_per_s",
                     "processes": nproc,
                     "threads_each": 1,
-                    "preset": args.preset,
+                    "preset": args.presets[0],
                     "bins": args.bins,
                     "batch_size_per_process": args.batch_size,
                     "images_per_s": results[nproc],
@@ -97,89 +105,20 @@ def throughput(data: str, tmp: str, args) -> None:
     )
 
 
-def resume_latency(data: str, tmp: str, args) -> None:
-    run = os.path.join(tmp, "base")
-    cfg = dict(
-        data=data,
-        preset=args.preset,
-        only_bins=args.bins,
-        batch_size=args.batch_size,
-        num_workers=1,
-        max_steps=2,
-        log_interval=1,
-        eval_interval=10**9,
-        ckpt_interval=10**9,
-        valid_frac=0.1,
-        warmup_steps=1,
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "protoken", "train", *write_config(run + ".json", out=run, **cfg)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    if done.returncode:
-        print(json.dumps({"figure": "resume", "error": done.stderr[-800:]}))
-        return
-    base = torch.load(os.path.join(run, "last.pt"), weights_only=True)
-    per_epoch = base["data"]["batches_per_epoch"]
-    latency = {}
-    for step in (50, 5000):
-        out = os.path.join(tmp, f"resume_{step}")
-        shutil.copytree(run, out)
-        ckpt = dict(base)
-        ckpt["step"] = step
-        ckpt["data"] = {**base["data"], "epoch": step // per_epoch, "position": step % per_epoch}
-        ckpt["config"] = {**base["config"], "out": out, "max_steps": step + 1}
-        torch.save(ckpt, os.path.join(out, "last.pt"))
-        with open(os.path.join(out, "config.json")) as fh:
-            saved = json.load(fh)
-        with open(os.path.join(out, "config.json"), "w") as fh:
-            json.dump({**saved, "out": out, "max_steps": step + 1}, fh)
-        os.remove(os.path.join(out, "metrics.jsonl"))
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "protoken", "train", "--out", out, "--resume"],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        metrics = os.path.join(out, "metrics.jsonl")
-        while not (os.path.exists(metrics) and f'"step": {step + 1}' in open(metrics).read()):
-            if proc.poll() is not None and proc.returncode:
-                print(json.dumps({"figure": "resume", "error": proc.stderr.read()[-800:]}))
-                return
-            time.sleep(0.01)
-        latency[step] = time.perf_counter() - t0
-        proc.wait()
-        print(
-            json.dumps(
-                {
-                    "figure": "resume_to_first_step_s",
-                    "step": step,
-                    "epoch": ckpt["data"]["epoch"],
-                    "seconds": round(latency[step], 2),
-                }
-            ),
-            flush=True,
-        )
-    ratio = latency[5000] / latency[50]
-    print(f"resume latency step 5000 / step 50 = {ratio:.2f} (target <= 2)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bins", nargs="+", default=["bin_65_128"])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
-    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--processes-only", action="store_true")
     args = parser.parse_args()
 
     from protoken.convert import ConvertOptions, convert
 
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "images")
         convert(
@@ -187,9 +126,52 @@ def main() -> None:
             ConvertOptions(out=data),
             progress=False,
         )
-        resume_latency(data, tmp, args)
-        if not args.skip_throughput:
-            throughput(data, tmp, args)
+        throughput(data, tmp, args)
+        for preset in [] if args.processes_only else args.presets:
+            for workers in args.workers:
+                window = max(1, args.steps // 3)
+                cfg = dict(
+                    data=data,
+                    out=os.path.join(tmp, f"run_{preset}_{workers}"),
+                    preset=preset,
+                    only_bins=args.bins,
+                    batch_size=args.batch_size,
+                    num_workers=workers,
+                    max_steps=args.steps,
+                    log_interval=window,
+                    eval_interval=10**9,
+                    ckpt_interval=10**9,
+                    valid_frac=0.1,
+                    warmup_steps=1,
+                )
+                cfg["max_steps"] = window * 3  # three log windows; the last one is reported
+                done = subprocess.run(
+                    [sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True
+                )
+                line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+                if done.returncode or not line:
+                    print(
+                        json.dumps(
+                            {"preset": preset, "workers": workers, "error": done.stderr[-500:]}
+                        )
+                    )
+                    continue
+                res = json.loads(line[0][7:])
+                res.update(
+                    preset=preset,
+                    dataloader_workers=workers,
+                    bins=args.bins,
+                    batch_size=args.batch_size,
+                    steps=cfg["max_steps"],
+                    threads=os.cpu_count(),
+                )
+                results[(preset, workers)] = res
+                print(json.dumps(res), flush=True)
+    for preset in args.presets:
+        one, two = results.get((preset, 1)), results.get((preset, 2))
+        if one and two:
+            ratio = two["images_per_s"] / one["images_per_s"]
+            print(f"{preset}: 2 workers / 1 worker images/s = {ratio:.2f}")
 
 
 if __name__ == "__main__":

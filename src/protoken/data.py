@@ -1052,8 +1052,8 @@ class ImageIndex:
         bins = sorted(bin_names, key=bin_range)
         remap = np.array([bins.index(n) for n in bin_names], dtype=np.int16)
         bin_arr = remap[np.asarray(bin_of, dtype=np.int64)]
-        order = sorted(range(len(ids)), key=lambda i: (bin_arr[i], ids[i]))
-        ids = [ids[i] for i in order]
+        order = np.lexsort((np.array(ids, dtype=object), bin_arr))
+        ids = [ids[i] for i in order.tolist()]
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids], out=offsets[1:])
         return cls(

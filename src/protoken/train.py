@@ -21,8 +21,9 @@ output contract) of each micro-batch:
   moves the weights more than a step of short ones.
 - ``batch``: the former per-batch mean, averaged over micro-batches and ranks.
 
-On held-out BM5 complexes ``pixel`` gave lower TM-scores than the per-step weighting in
-every length bin (README, "Measured here"), hence the default.
+On held-out BM5 complexes (tiny preset, 200 steps, 2 seeds) ``pixel`` gave a lower mean
+TM-score than the per-step weighting in every length bin (README, "Measured here"), hence
+the default.
 
 What a run leaves in RUN: ``config.json`` (the config, its model config and codec),
 ``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``last.pt`` (every
@@ -51,169 +52,22 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from protoken import checkpoint
 from protoken.codec import CodecSettings
-from protoken.model import config_to_dict, preset_config
+from protoken.model import config_to_dict
+from protoken.train_config import RESUMABLE, TrainConfig, read_mapping, resumed_config
 
 __all__ = ["EXIT_PREEMPTED", "RESUMABLE", "TrainConfig", "main", "train"]
 
 #: Exit code of a run stopped by a signal after writing RUN/last.pt (sysexits' EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
-#: Config fields ``--resume`` lets change; any other difference from RUN/config.json is refused.
-RESUMABLE = frozenset(
-    {
-        "data",
-        "max_steps",
-        "eval_interval",
-        "eval_batches",
-        "eval_structures",
-        "log_interval",
-        "ckpt_interval",
-        "num_workers",
-        "wandb",
-        "wandb_project",
-        "wandb_run_name",
-    }
-)
-#: Keys of old configs that no longer mean anything (ignored with a warning).
-_OBSOLETE = {"shuffle_buffer": "the sample order is a seeded permutation per epoch"}
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-class TrainConfig(BaseModel):
-    """Everything a training run depends on (saved as RUN/config.json).
-
-    Validated by pydantic in strict mode: a value of the wrong type (``batch_size: 8x``, the
-    string ``"False"`` for a boolean), an unknown key or a value out of range is refused with
-    the field's name. ``preset`` names a model preset of any family (``tiny``, ``small``,
-    ``seed``, ...) and ``model`` overrides its fields, e.g. ``{"codebook_size": 512}``.
-    ``dmax`` and ``bit_depth`` default to what ``protoken convert`` recorded.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    data: str = ""
-    out: str = "runs/protoken"
-    preset: str = "tiny"
-    model: dict[str, Any] = Field(default_factory=dict)
-    # data
-    only_bins: list[str] = Field(default_factory=list)
-    skip_bins: list[str] = Field(default_factory=list)
-    valid_frac: float = Field(0.05, ge=0.0, le=1.0)
-    split_key_regex: str | None = None  # e.g. "^bm5__([0-9A-Za-z]{4})_": split by complex
-    exclude_ids_file: str | None = None  # ids (one a line) kept out of every split
-    batch_size: int = Field(8, ge=1)
-    group_by_bin: bool = True
-    num_workers: int = Field(2, ge=0)
-    normalize: Literal["none", "seed"] = "none"
-    dmax: float | None = None
-    bit_depth: int | None = None
-    # optimisation
-    max_steps: int = Field(2000, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    loss_weighting: Literal["step", "pixel", "batch"] = "step"
-    # evaluation, logging, checkpoints
-    eval_interval: int = Field(200, ge=1)
-    eval_batches: int = Field(4, ge=1)
-    eval_structures: int = Field(3, ge=0)
-    log_interval: int = Field(10, ge=1)
-    ckpt_interval: int = Field(200, ge=1)
-    seed: int = 0
-    wandb: bool = False
-    wandb_project: str = "protoken"
-    wandb_run_name: str = ""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_obsolete(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            for key in set(values) & set(_OBSOLETE):
-                print(f"protoken train: ignoring {key} ({_OBSOLETE[key]})", file=sys.stderr)
-                values = {k: v for k, v in values.items() if k != key}
-        return values
-
-    def model_cfg(self):
-        """The model config: the preset with ``model`` overrides (any family)."""
-        return preset_config(self.preset, self.model)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Validate a dict; raises ValueError with one line per bad field."""
-        try:
-            return cls(**d)
-        except ValidationError as exc:
-            raise ValueError(_explain(exc)) from None
-
-    @classmethod
-    def from_file(cls, path: str) -> TrainConfig:
-        """Load a JSON or YAML file (``.json``, ``.yaml``, ``.yml``)."""
-        return cls.from_dict(_read_mapping(path))
-
-
-def _explain(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {name}")
-        else:
-            lines.append(f"config value {name}={err.get('input')!r}: {err['msg']}")
-    return "; ".join(lines)
-
-
-def _read_mapping(path: str) -> dict[str, Any]:
-    with open(path) as fh:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            d = yaml.safe_load(fh) or {}
-        else:
-            d = json.load(fh)
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
-    return d
-
-
-def resumed_config(saved: TrainConfig, new: TrainConfig) -> TrainConfig:
-    """``new`` if it differs from the run's ``saved`` config only in :data:`RESUMABLE` fields.
-
-    Raises
-    ------
-    ValueError
-        Naming the fields that may not change.
-    """
-    a, b = saved.to_dict(), new.to_dict()
-    fixed = [k for k in a if a[k] != b[k] and k not in RESUMABLE]
-    if fixed:
-        diff = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in fixed)
-        raise ValueError(
-            f"--resume cannot change {diff}; only {', '.join(sorted(RESUMABLE))} may change "
-            "(start a new run to change the others)"
-        )
-    return new
-
-
 # --------------------------------------------------------------------------- distributed
 
 
@@ -529,51 +383,6 @@ def _structure_metrics(samples, codec: CodecSettings) -> dict:
 # --------------------------------------------------------------------------- logging
 
 
-class Metrics:
-    """RUN/metrics.jsonl, the console and (optionally) Weights & Biases, on rank 0."""
-
-    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg: dict):
-        self.path = os.path.join(cfg.out, "metrics.jsonl")
-        self.master = d.master
-        self.wandb = None
-        if cfg.wandb and d.master:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError(
-                    "--wandb needs the wandb package: pip install 'protoken[wandb]'"
-                ) from None
-            self.wandb = wandb.init(
-                project=cfg.wandb_project,
-                name=cfg.wandb_run_name or None,
-                dir=cfg.out,
-                config={**cfg.to_dict(), "model_config": model_cfg},
-            )
-
-    def log(self, record: dict, text: str, image: str | None = None) -> None:
-        if not self.master:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(text, flush=True)
-        if self.wandb is not None:
-            payload = {}
-            for key, value in record.items():
-                if isinstance(value, list):
-                    payload.update({f"{key}/level{i}": v for i, v in enumerate(value)})
-                elif key != "step":
-                    payload[key] = value
-            if image is not None:
-                import wandb
-
-                payload["samples"] = wandb.Image(image)
-            self.wandb.log(payload, step=record["step"])
-
-    def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 class StepStats:
     """Loss terms and model metrics of the current step, kept as tensors (no host sync) and
     read on logging steps only."""
@@ -782,7 +591,8 @@ class Run:
     def __init__(self, cfg: TrainConfig, d: Dist, model_cfg, codec: CodecSettings, data: Data):
         self.cfg, self.d, self.codec, self.data = cfg, d, codec, data
         self.model_cfg = config_to_dict(model_cfg)
-        self.metrics = Metrics(cfg, d, self.model_cfg)
+        self.path = os.path.join(cfg.out, "metrics.jsonl")
+        self.wandb = _init_wandb(cfg, self.model_cfg) if cfg.wandb and d.master else None
         if d.master:
             os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
             info = {**cfg.to_dict(), "model_config": self.model_cfg, "codec": codec.to_dict()}
@@ -804,7 +614,7 @@ class Run:
         )
 
     def log_step(self, rec: dict) -> None:
-        self.metrics.log(
+        self.log(
             rec,
             f"step {rec['step']:6d} | loss {rec['loss']:.4f} | recon "
             f"{rec['recon']:.4f} | lr {rec['lr']:.2e} | grad "
@@ -819,7 +629,7 @@ class Run:
             image = os.path.join(self.cfg.out, "samples", f"step_{step:06d}.png")
             save_samples(image, samples)
         text = "eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items())
-        self.metrics.log({"step": step, **val}, text, image)
+        self.log({"step": step, **val}, text, image)
 
     def state(self, step: int, best_val: float, consumed: int, scaler) -> dict:
         """Everything of a checkpoint but the model, optimiser and RNG states."""
@@ -840,8 +650,43 @@ class Run:
             "data": data,
         }
 
+    def log(self, record: dict, text: str, image: str | None = None) -> None:
+        """A line of RUN/metrics.jsonl, the console and W&B (rank 0)."""
+        if not self.d.master:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(text, flush=True)
+        if self.wandb is not None:
+            payload = {}
+            for key, value in record.items():
+                if isinstance(value, list):
+                    payload.update({f"{key}/level{i}": v for i, v in enumerate(value)})
+                elif key != "step":
+                    payload[key] = value
+            if image is not None:
+                import wandb
+
+                payload["samples"] = wandb.Image(image)
+            self.wandb.log(payload, step=record["step"])
+
     def finish(self) -> None:
-        self.metrics.finish()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(cfg: TrainConfig, model_cfg: dict):
+    """A W&B run (optional extra; honours WANDB_MODE, e.g. offline)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(
+            "--wandb needs the wandb package: pip install 'protoken[wandb]'"
+        ) from None
+    config = {**cfg.to_dict(), "model_config": model_cfg}
+    return wandb.init(
+        project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.out, config=config
+    )
 
 
 def _no_buffer_sync() -> dict:
@@ -919,15 +764,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     then ``--config``, the flags and ``--set`` in that order."""
     base: dict[str, Any] = {}
     if args.resume:
-        out = args.out or (args.config and _read_mapping(args.config).get("out"))
+        out = args.out or (args.config and read_mapping(args.config).get("out"))
         if not out:
             raise ValueError("--resume needs --out (the run folder)")
         path = os.path.join(out, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume: no {path}")
-        base = {k: v for k, v in _read_mapping(path).items() if k not in ("model_config", "codec")}
+        base = {k: v for k, v in read_mapping(path).items() if k not in ("model_config", "codec")}
     if args.config:
-        base.update(_read_mapping(args.config))
+        base.update(read_mapping(args.config))
     for key in ("data", "out", "preset", "max_steps", "batch_size", "lr", "num_workers", "dtype"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
