@@ -261,6 +261,7 @@ def test_srun_launch_and_sigusr1_exit_75_on_every_task(mixed_data, tmp_path):
     for rank in range(2):
         env = dict(
             ENV,
+            SLURM_STEP_ID="0",
             SLURM_PROCID=str(rank),
             SLURM_NTASKS="2",
             SLURM_LOCALID=str(rank),

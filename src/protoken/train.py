@@ -92,11 +92,12 @@ class Dist:
 
 
 def setup_distributed() -> Dist:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) or SLURM_PROCID / SLURM_NTASKS /
-    SLURM_LOCALID (``srun`` with one task per process; MASTER_ADDR and MASTER_PORT must be set)
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) or, in an ``srun`` step with one task per
+    process, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (MASTER_ADDR and MASTER_PORT must be set)
     and start the process group: NCCL on CUDA, gloo on CPU. Otherwise one process."""
     env = os.environ
-    if "WORLD_SIZE" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # inside an srun step (not an salloc shell, where SLURM_NTASKS is set too)
+    if "WORLD_SIZE" not in env and "SLURM_STEP_ID" in env and int(env["SLURM_NTASKS"]) > 1:
         env["WORLD_SIZE"], env["RANK"] = env["SLURM_NTASKS"], env["SLURM_PROCID"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     world_size = int(env.get("WORLD_SIZE", "1"))
