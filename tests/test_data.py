@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from protoken import data as pd
 from protoken.codec import SEED_MEAN, SEED_STD, read_image, standardize, write_png
 from protoken.data import (
+    IterableBinnedImageDataset,
     IterableImageDataset,
-    IterableImageDatasetUni,
     Normalization,
     batch_sizes_for_budget,
     bin_range,
@@ -91,7 +91,7 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("fixture", ["converted8", "converted16"])
 def test_items_are_the_codecs_exact_inverse(fixture, request):
     root = request.getfixturevalue(fixture)
-    ds = IterableImageDatasetUni(root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"])
+    ds = IterableBinnedImageDataset(root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"])
     items = list(ds)
     expected = png_files(root)
     assert sorted(paths_of(items)) == sorted(str(p) for p in expected if "bin_65_128" in str(p))
@@ -107,7 +107,7 @@ def test_items_are_the_codecs_exact_inverse(fixture, request):
 @pytest.mark.parametrize("fixture", ["converted8", "converted16"])
 def test_standardisation_and_its_inverse(fixture, request):
     root = request.getfixturevalue(fixture)
-    ds = IterableImageDatasetUni(
+    ds = IterableBinnedImageDataset(
         root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"], normalize="seed"
     )
     assert ds.normalization == Normalization(SEED_MEAN, SEED_STD)
@@ -120,7 +120,7 @@ def test_standardisation_and_its_inverse(fixture, request):
         assert max_abs_diff(ds.denormalize(x).numpy(), ref) < 2e-6
         n += 1
     assert n > 10
-    custom = IterableImageDatasetUni(
+    custom = IterableBinnedImageDataset(
         root,
         split="all",
         shuffle_buffer=0,
@@ -135,12 +135,12 @@ def test_standardisation_and_its_inverse(fixture, request):
 
 def test_normalization_options_are_validated(converted8):
     with pytest.raises(ValueError, match="both"):
-        IterableImageDatasetUni(converted8, mean=(0.5,) * 3)
+        IterableBinnedImageDataset(converted8, mean=(0.5,) * 3)
     with pytest.raises(ValueError, match="normalize"):
-        IterableImageDatasetUni(converted8, normalize="imagenet")
+        IterableBinnedImageDataset(converted8, normalize="imagenet")
     with pytest.raises(ValueError, match="positive"):
         Normalization((0.5,) * 3, (0.5, 0.0, 0.5))
-    assert IterableImageDatasetUni(converted8, normalize="none").normalization is None
+    assert IterableBinnedImageDataset(converted8, normalize="none").normalization is None
 
 
 # --------------------------------------------------------------------------- split
@@ -151,7 +151,7 @@ def test_split_is_the_md5_of_the_relative_path_deterministic_and_disjoint(conver
     frac = 0.3
 
     def split(name):
-        ds = IterableImageDatasetUni(converted8, split=name, valid_frac=frac, shuffle_buffer=50)
+        ds = IterableBinnedImageDataset(converted8, split=name, valid_frac=frac, shuffle_buffer=50)
         return [rel_key(converted8, p) for p in paths_of(ds)]
 
     train, val, every = split("train"), split("val"), split("all")
@@ -167,7 +167,7 @@ def test_split_survives_moving_the_root_and_opening_one_bin(converted8, tmp_path
     shutil.copytree(converted8, moved)
 
     def val_keys(root, **kw):
-        ds = IterableImageDatasetUni(root, split="val", valid_frac=0.4, shuffle_buffer=0, **kw)
+        ds = IterableBinnedImageDataset(root, split="val", valid_frac=0.4, shuffle_buffer=0, **kw)
         return {rel_key(root, p) for p in paths_of(ds)}
 
     assert val_keys(converted8) == val_keys(moved)
@@ -182,7 +182,7 @@ def test_split_survives_moving_the_root_and_opening_one_bin(converted8, tmp_path
 
 
 def _rank_loader(root, rank, **kw):
-    ds = IterableImageDatasetUni(root, rank=rank, world_size=2, **kw)
+    ds = IterableBinnedImageDataset(root, rank=rank, world_size=2, **kw)
     return DataLoader(ds, batch_size=None, num_workers=2)
 
 
@@ -210,7 +210,7 @@ def test_shards_partition_without_processes(tiny_root, monkeypatch):
         for worker in range(2):
             info = type("Info", (), {"id": worker, "num_workers": 2})()
             monkeypatch.setattr(pd, "get_worker_info", lambda info=info: info)
-            ds = IterableImageDatasetUni(
+            ds = IterableBinnedImageDataset(
                 tiny_root, split="all", rank=rank, world_size=3, shuffle_buffer=100
             )
             seen += [rel_key(tiny_root, p) for p in paths_of(ds)]
@@ -218,26 +218,26 @@ def test_shards_partition_without_processes(tiny_root, monkeypatch):
 
 
 def test_rank_defaults_to_torch_distributed(converted8, monkeypatch):
-    ds = IterableImageDatasetUni(converted8)
+    ds = IterableBinnedImageDataset(converted8)
     assert (ds.rank, ds.world_size) == (0, 1)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
-    ds = IterableImageDatasetUni(converted8)
+    ds = IterableBinnedImageDataset(converted8)
     assert (ds.rank, ds.world_size) == (2, 4)
     with pytest.raises(ValueError, match="rank"):
-        IterableImageDatasetUni(converted8, rank=4, world_size=4)
+        IterableBinnedImageDataset(converted8, rank=4, world_size=4)
 
 
 # --------------------------------------------------------------------------- shuffle
 
 
 def test_shuffle_is_near_uniform_with_a_buffer_of_ten_percent(tiny_root):
-    plain = paths_of(IterableImageDatasetUni(tiny_root, split="all", shuffle_buffer=0))
+    plain = paths_of(IterableBinnedImageDataset(tiny_root, split="all", shuffle_buffer=0))
     position = {p: i for i, p in enumerate(plain)}
     rhos = []
     for seed in range(4):
-        ds = IterableImageDatasetUni(tiny_root, split="all", shuffle_buffer=200, seed=seed)
+        ds = IterableBinnedImageDataset(tiny_root, split="all", shuffle_buffer=200, seed=seed)
         order = paths_of(ds)
         assert sorted(order) == sorted(plain)  # a permutation: every file once
         rhos.append(spearman([position[p] for p in order], np.arange(len(order))))
@@ -293,7 +293,7 @@ def test_epochs_reseed_the_shuffle(tiny_root):
 
 @pytest.mark.parametrize("multiple", [1, 2, 64])
 def test_collate_pads_to_a_multiple_with_exact_masks(converted16, multiple):
-    ds = IterableImageDatasetUni(
+    ds = IterableBinnedImageDataset(
         converted16, split="all", shuffle_buffer=0, only_bins=["bin_40_64", "bin_129_192"]
     )
     items = list(ds)[::6]
@@ -318,7 +318,7 @@ def test_collate_pads_to_a_multiple_with_exact_masks(converted16, multiple):
 
 def test_collate_works_as_a_dataloader_collate_fn_in_workers(converted8):
     """In workers the batch is built in shared memory, uninitialised: padding must be zeroed."""
-    ds = IterableImageDatasetUni(
+    ds = IterableBinnedImageDataset(
         converted8, split="all", shuffle_buffer=0, only_bins=["bin_65_128"]
     )
     items = {it["id"]: it for it in ds}
@@ -337,7 +337,7 @@ def test_collate_works_as_a_dataloader_collate_fn_in_workers(converted8):
 
 def test_group_by_bin_batches_one_bin_each_and_every_file_once(converted8):
     small = ["bin_40_64", "bin_65_128", "bin_129_192", "bin_193_256"]
-    ds = IterableImageDatasetUni(
+    ds = IterableBinnedImageDataset(
         converted8, split="all", only_bins=small, batch_size=4, group_by_bin=True, multiple=64
     )
     batches = list(DataLoader(ds, batch_size=None))
@@ -361,20 +361,20 @@ def test_batch_size_per_bin_and_infinite_batches_are_full(tiny_root):
     assert sizes == {"bin_1_39": 7, "bin_40_64": 7}
     sizes = batch_sizes_for_budget(["bin_1_39", "bin_40_64"], pixels=40 * 40 * 10, multiple=8)
     assert sizes == {"bin_1_39": 10, "bin_40_64": 3}  # sides 40 and 64: 16000 // 4096
-    ds = IterableImageDatasetUni(
+    ds = IterableBinnedImageDataset(
         tiny_root, batch_size=sizes, group_by_bin=True, multiple=8, infinite=True, shuffle_buffer=50
     )
     for batch, _ in zip(ds, range(300), strict=False):
         name = Path(batch["paths"][0]).parent.name
         assert len(batch["ids"]) == sizes[name]
     with pytest.raises(ValueError, match="no entry"):
-        IterableImageDatasetUni(
+        IterableBinnedImageDataset(
             tiny_root, batch_size={"bin_1_39": 2}, group_by_bin=True, multiple=8
         )
     with pytest.raises(ValueError, match="multiple"):
-        IterableImageDatasetUni(tiny_root, batch_size=4)
+        IterableBinnedImageDataset(tiny_root, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
-        IterableImageDatasetUni(tiny_root, group_by_bin=True)
+        IterableBinnedImageDataset(tiny_root, group_by_bin=True)
 
 
 # --------------------------------------------------------------------------- infinite / eval
@@ -383,9 +383,9 @@ def test_batch_size_per_bin_and_infinite_batches_are_full(tiny_root):
 def test_infinite_stream_repeats_each_ranks_shard_every_epoch(converted8):
     kw = dict(split="all", only_bins=["bin_40_64", "bin_65_128"], world_size=2, shuffle_buffer=8)
     for rank in (0, 1):
-        shard = sorted(paths_of(IterableImageDatasetUni(converted8, rank=rank, **kw)))
+        shard = sorted(paths_of(IterableBinnedImageDataset(converted8, rank=rank, **kw)))
         n = len(shard)
-        stream = iter(IterableImageDatasetUni(converted8, rank=rank, infinite=True, **kw))
+        stream = iter(IterableBinnedImageDataset(converted8, rank=rank, infinite=True, **kw))
         first = [next(stream)["path"] for _ in range(n)]
         second = [next(stream)["path"] for _ in range(n)]
         assert sorted(first) == sorted(second) == shard
@@ -432,7 +432,7 @@ def test_take_batches_gives_exactly_n_batches_on_every_rank(converted8):
     collate = partial(collate_with_padding, multiple=64)
     counts = []
     for rank in (0, 1):
-        ds = IterableImageDatasetUni(
+        ds = IterableBinnedImageDataset(
             converted8,
             split="val",
             valid_frac=0.3,
@@ -480,13 +480,13 @@ def test_corrupt_pngs_are_logged_and_skipped(converted8, tmp_path, caplog):
     root, bad = _with_corrupt_files(converted8, tmp_path / "root")
     good = sorted(str(p) for p in png_files(root) if p not in bad)
     with caplog.at_level(logging.WARNING, logger="protoken.data"):
-        items = list(IterableImageDatasetUni(root, split="all", shuffle_buffer=10))
+        items = list(IterableBinnedImageDataset(root, split="all", shuffle_buffer=10))
     assert sorted(paths_of(items)) == good
     for path in bad:
         assert any(str(path) in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="protoken.data"):
-        ds = IterableImageDatasetUni(
+        ds = IterableBinnedImageDataset(
             root, split="all", batch_size=3, group_by_bin=True, multiple=64, shuffle_buffer=0
         )
         batches = list(ds)
@@ -497,7 +497,7 @@ def test_corrupt_pngs_are_logged_and_skipped(converted8, tmp_path, caplog):
 
 def test_corrupt_pngs_do_not_kill_dataloader_workers(converted8, tmp_path):
     root, bad = _with_corrupt_files(converted8, tmp_path / "root")
-    ds = IterableImageDatasetUni(root, split="all", only_bins=["bin_40_64"], shuffle_buffer=0)
+    ds = IterableBinnedImageDataset(root, split="all", only_bins=["bin_40_64"], shuffle_buffer=0)
     dl = DataLoader(ds, batch_size=None, num_workers=2)
     got = sorted(it["path"] for it in dl)
     assert got == sorted(str(p) for p in png_files(root) if "bin_40_64" in str(p) and p not in bad)
@@ -514,31 +514,31 @@ def test_missing_or_empty_folders_are_clear_errors(tmp_path, converted8):
     with pytest.raises(FileNotFoundError, match="not found"):
         IterableImageDataset(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="not found"):
-        IterableImageDatasetUni(tmp_path / "nope")
+        IterableBinnedImageDataset(tmp_path / "nope")
     (tmp_path / "bin_40_64").mkdir()
     (tmp_path / "bin_40_64" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no PNG"):
         IterableImageDataset(tmp_path / "bin_40_64")
     with pytest.raises(ValueError, match="no PNG"):
-        IterableImageDatasetUni(tmp_path)
+        IterableBinnedImageDataset(tmp_path)
     with pytest.raises(ValueError, match="no bin_LO_HI"):
-        IterableImageDatasetUni(tmp_path / "bin_40_64")
+        IterableBinnedImageDataset(tmp_path / "bin_40_64")
     with pytest.raises(ValueError, match="bin folder name"):
-        IterableImageDatasetUni(converted8, skip_bins=["65_128"])
+        IterableBinnedImageDataset(converted8, skip_bins=["65_128"])
     with pytest.raises(ValueError, match="no bin_LO_HI"):
-        IterableImageDatasetUni(converted8, only_bins=["bin_1_39"])
+        IterableBinnedImageDataset(converted8, only_bins=["bin_1_39"])
     with pytest.raises(ValueError, match="empty"):
-        IterableImageDatasetUni(converted8, split="val", valid_frac=0.0)
+        IterableBinnedImageDataset(converted8, split="val", valid_frac=0.0)
     with pytest.raises(ValueError, match="split"):
-        IterableImageDatasetUni(converted8, split="test")
+        IterableBinnedImageDataset(converted8, split="test")
 
 
 def test_bin_selection_and_several_roots(converted8, converted16):
     names = {p.parent.name for p in png_files(converted8)}
-    ds = IterableImageDatasetUni(converted8, skip_bins=["bin_40_64", "bin_961_1024"])
+    ds = IterableBinnedImageDataset(converted8, skip_bins=["bin_40_64", "bin_961_1024"])
     assert set(ds.bins) == names - {"bin_40_64"}
     assert [bin_range(b)[0] for b in ds.bins] == sorted(bin_range(b)[0] for b in ds.bins)
-    both = IterableImageDatasetUni(
+    both = IterableBinnedImageDataset(
         [converted8, converted16], split="all", only_bins=["bin_40_64"], shuffle_buffer=0
     )
     got = paths_of(both)
@@ -658,6 +658,10 @@ def test_stream_is_a_pure_function_of_the_position_whatever_workers_or_world_siz
     single = _stream_ids(pd.IndexedBatches(plan, 16, epoch=epoch, position=position), 4)
     used = [(e, k) for w in want for e, k, _ in w[:3]] + [(e, k) for e, k, _ in single]
     assert sorted(used) == [(3, m - 5 + j) for j in range(5)] + [(4, j) for j in range(5)]
+
+
+def test_the_former_dataset_name_still_works():
+    assert pd.IterableImageDatasetUni is IterableBinnedImageDataset
 
 
 def test_resuming_far_into_a_run_decodes_only_the_batch_it_needs(converted8, monkeypatch):
