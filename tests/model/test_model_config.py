@@ -46,11 +46,8 @@ def test_codebooks_are_buffers_not_parameters():
     model = VQVAE(c)
     names = {n for n, _ in model.named_buffers()}
     assert "quantizers.0.embed" in names and "quantizers.0.cluster_size" in names
-    assert not any(
-        "embed" in n and "quantizers" in n
-        for n, _ in model.named_parameters()
-        if n.endswith(("embed", "embed_avg"))
-    )
+    assert not any("embed" in n and "quantizers" in n for n, _ in model.named_parameters()
+                   if n.endswith(("embed", "embed_avg")))
 
 
 def test_dict_round_trip_through_json():

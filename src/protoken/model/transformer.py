@@ -74,10 +74,7 @@ class Attention(nn.Module):
         q, k, v = rearrange(
             qkv,
             "b (nh wh) (nw ww) (three heads d) -> three (b nh nw) heads (wh ww) d",
-            nh=nh,
-            nw=nw,
-            three=3,
-            heads=self.n_head,
+            nh=nh, nw=nw, three=3, heads=self.n_head,
         )
         # relative rotations only depend on position differences, so the grid's own indices do
         freqs = self.rotary.get_axial_freqs(H, W).to(q.device)
