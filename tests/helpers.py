@@ -6,7 +6,7 @@ import numpy as np
 
 # A model smaller than the tiny preset, so that a CPU test step takes a fraction of a second.
 MICRO = {
-    "n_embd": 32, "mlp_hidden_dim": 64, "n_head": 2, "latent_dim": 32, "rope_dim": 8,
+    "n_embd": 32, "mlp_hidden_dim": 64, "n_head": 2, "attn_dim": 32, "rope_dim": 8,
     "q_channels": 16, "codebook_dim": 16, "codebook_size": 64, "refine_channels": 16,
 }  # fmt: skip
 

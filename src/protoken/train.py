@@ -723,7 +723,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder written by protoken convert (bin_*/ID.png)")
     parser.add_argument("--out", help="run folder (checkpoints, metrics, samples)")
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig values")
-    parser.add_argument("--preset", help="model preset (tiny, small, seed, ...)")
+    parser.add_argument("--preset", help="model preset (tiny, small, reference, ...)")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)

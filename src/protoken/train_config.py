@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     Validated by pydantic in strict mode: a value of the wrong type (``batch_size: 8x``, the
     string ``"False"`` for a boolean), an unknown key or a value out of range is refused with
     the field's name. ``preset`` names a model preset of any family (``tiny``, ``small``,
-    ``seed``, ...) and ``model`` overrides its fields, e.g. ``{"codebook_size": 512}``.
+    ``reference``, ...) and ``model`` overrides its fields, e.g. ``{"codebook_size": 512}``.
     ``dmax`` and ``bit_depth`` default to what ``protoken convert`` recorded.
     """
 

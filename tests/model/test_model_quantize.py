@@ -137,8 +137,16 @@ def test_codes_left_unused_after_initialisation_restart_within_tens_of_steps():
     for _ in range(60):
         vq(_grid(moved), torch.ones(1, 1, 4, dtype=torch.bool))
     assert torch.cdist(moved, vq.embed).min(dim=1).values.max() < 1e-3
-    assert len(set(vq.eval()(_grid(moved), torch.ones(1, 1, 4, dtype=torch.bool))
-                   .indices.flatten().tolist())) == 4
+    assert (
+        len(
+            set(
+                vq.eval()(_grid(moved), torch.ones(1, 1, 4, dtype=torch.bool))
+                .indices.flatten()
+                .tolist()
+            )
+        )
+        == 4
+    )
 
 
 def test_straight_through_gradient_is_identity_on_valid_tokens():

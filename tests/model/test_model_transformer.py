@@ -9,7 +9,7 @@ from rotary_embedding_torch import apply_rotary_emb
 from protoken.model import VQVAEConfig
 from protoken.model.transformer import Attention, Transformer
 
-CFG = VQVAEConfig.preset("tiny", n_embd=16, latent_dim=16, n_head=2, rope_dim=8)
+CFG = VQVAEConfig.preset("tiny", n_embd=16, attn_dim=16, n_head=2, rope_dim=8)
 
 
 def _reference_attention(attn: Attention, x, mask, groups):
@@ -23,15 +23,20 @@ def _reference_attention(attn: Attention, x, mask, groups):
     for b in range(B):
         for i in range(h):
             for j in range(w):
-                keys = [(a, c) for a in range(h) for c in range(w)
-                        if mask[b, a, c] and groups[a][c] == groups[i][j]]
+                keys = [
+                    (a, c)
+                    for a in range(h)
+                    for c in range(w)
+                    if mask[b, a, c] and groups[a][c] == groups[i][j]
+                ]
                 if not keys:
                     continue
                 for head in range(nh):
                     sl = slice(head * hd, (head + 1) * hd)
                     qi = apply_rotary_emb(freqs[i, j], q[b, i, j, sl])
-                    ks = torch.stack([apply_rotary_emb(freqs[a, c], k[b, a, c, sl])
-                                      for a, c in keys])
+                    ks = torch.stack(
+                        [apply_rotary_emb(freqs[a, c], k[b, a, c, sl]) for a, c in keys]
+                    )
                     vs = torch.stack([v[b, a, c, sl] for a, c in keys])
                     wgt = torch.softmax(ks @ qi / math.sqrt(hd), dim=0)
                     out[b, i, j, sl] = wgt @ vs

@@ -75,10 +75,13 @@ def test_loss_is_masked_mse_plus_beta_times_commitment():
     x, mask = _batch([37, 20], 48)
     out = model(x, mask)
     n = 3 * (37**2 + 20**2)
-    recon_loss = sum(
-        ((out.recon[b, :, :n_, :n_] - x[b, :, :n_, :n_]) ** 2).sum()
-        for b, n_ in enumerate([37, 20])
-    ) / n
+    recon_loss = (
+        sum(
+            ((out.recon[b, :, :n_, :n_] - x[b, :, :n_, :n_]) ** 2).sum()
+            for b, n_ in enumerate([37, 20])
+        )
+        / n
+    )
     torch.testing.assert_close(out.recon_loss, recon_loss)
     torch.testing.assert_close(out.commit_loss, out.commit_losses.sum())
     torch.testing.assert_close(out.loss, out.recon_loss + 0.25 * out.commit_loss)
@@ -160,8 +163,13 @@ def test_a_few_steps_of_training_reduce_the_loss():
     model = VQVAE(VQVAEConfig.preset("tiny"))
     # smooth, structured images (distance-map-like), not noise
     t = torch.linspace(0, 1, 32)
-    base = torch.stack([(t[:, None] - t[None, :]).abs(), torch.sin(6 * t)[:, None] * t,
-                        torch.cos(4 * t)[None, :] * t[:, None]])
+    base = torch.stack(
+        [
+            (t[:, None] - t[None, :]).abs(),
+            torch.sin(6 * t)[:, None] * t,
+            torch.cos(4 * t)[None, :] * t[:, None],
+        ]
+    )
     x = torch.stack([base * s for s in (0.5, 0.8, 1.0, -0.7)])
     mask = torch.ones(4, 32, 32, dtype=torch.bool)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -7,7 +7,7 @@
 >>> images = model.decode(codes, lengths)        # (B, 3, H, W)
 
 Families: ``hierarchical`` (:class:`VQVAE`, grids of codes per level; presets ``tiny``,
-``small``, ``seed``). A family registers its config class, model class and presets in
+``small``, ``reference``; ``seed``, the old name of ``reference``, is still read). A family registers its config class, model class and presets in
 :data:`FAMILIES`; a checkpoint's ``model_config`` names its family (no name: hierarchical, as
 every checkpoint written before families existed).
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from torch import nn
 
-from protoken.model.config import PRESETS, VQVAEConfig
+from protoken.model.config import PRESET_ALIASES, PRESETS, VQVAEConfig
 from protoken.model.quantize import QuantizerOutput, VectorQuantizer
 from protoken.model.vqvae import VQVAE, VQVAEOutput, mask_from_lengths, symmetrise
 
@@ -95,6 +95,7 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The config of a preset of any family (``tiny``, ``residue-small``, ...) with some
     fields overridden (lists become tuples)."""
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
+    name = PRESET_ALIASES.get(name, name)  # names of older versions
     for config_cls, _, presets in FAMILIES.values():
         if name in presets:
             if hasattr(config_cls, "preset"):

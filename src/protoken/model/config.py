@@ -1,4 +1,9 @@
-"""The hyper-parameters of the hierarchical VQ-VAE, as one JSON-serialisable dataclass."""
+"""The hyper-parameters of the hierarchical VQ-VAE, as one JSON-serialisable dataclass.
+
+Configs and checkpoints written before a field or preset was renamed still load: old field names
+(:data:`RENAMED_FIELDS`, e.g. ``latent_dim``) and preset names (:data:`PRESET_ALIASES`, e.g.
+``seed``) are read as the new ones.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,19 @@ _GLOBAL_ATTN_MAX_GRID = 32
 _DESIGN_MAX_SIZE = 1024
 _DEFAULT_WINDOW = 8
 
+#: Field names of older versions -> their current names (read by :meth:`VQVAEConfig.from_dict`
+#: and :meth:`VQVAEConfig.preset`). ``latent_dim`` was the attention width, not the latent.
+RENAMED_FIELDS = {"latent_dim": "attn_dim"}
+#: Preset names of older versions -> their current names. "seed" now means only an RNG seed.
+PRESET_ALIASES = {"seed": "reference"}
+
 
 @dataclass(frozen=True)
 class VQVAEConfig:
     """Hyper-parameters of :class:`protoken.model.VQVAE`.
 
-    The defaults are the seed's model (the ``"seed"`` preset). Names follow the seed.
+    The defaults are the reference design's model (the ``"reference"`` preset); most names follow
+    it.
 
     Parameters
     ----------
@@ -29,12 +41,13 @@ class VQVAEConfig:
     mlp_hidden_dim : int
         Hidden width of the transformer MLPs.
     n_head : int
-        Attention heads; ``latent_dim`` is split into ``n_head`` heads.
-    latent_dim : int
-        Width of Q, K and V (all heads together).
+        Attention heads; ``attn_dim`` is split into ``n_head`` heads.
+    attn_dim : int
+        Width of Q, K and V (all heads together). Called ``latent_dim`` before (and by the
+        reference design), a name still read from old configs; the latent is ``codebook_dim``.
     rope_dim : int
         Features of each head rotated by the 2D axial rotary embedding (half per image axis);
-        even, at most ``latent_dim // n_head``.
+        a multiple of 4, at most ``attn_dim // n_head``.
     q_channels : int
         Channels of a coarse level's decoder output, which conditions the quantiser of the
         next finer level.
@@ -70,7 +83,7 @@ class VQVAEConfig:
     n_embd: int = 1024
     mlp_hidden_dim: int = 2048
     n_head: int = 16
-    latent_dim: int = 256
+    attn_dim: int = 256
     rope_dim: int = 16
     q_channels: int = 256
     codebook_dim: int = 1024
@@ -102,9 +115,9 @@ class VQVAEConfig:
         object.__setattr__(self, "window_sizes", windows)
         if len(windows) != len(rates) or any(w < 0 for w in windows):
             raise ValueError(f"window_sizes needs one entry >= 0 per level, got {windows}")
-        if self.latent_dim % self.n_head:
-            raise ValueError("latent_dim must be divisible by n_head")
-        head_dim = self.latent_dim // self.n_head
+        if self.attn_dim % self.n_head:
+            raise ValueError("attn_dim must be divisible by n_head")
+        head_dim = self.attn_dim // self.n_head
         if self.rope_dim % 4 or not 0 < self.rope_dim <= head_dim:
             raise ValueError(f"rope_dim must be a multiple of 4 in (0, {head_dim}]")
         if self.symmetric_output and self.in_channels != 3:
@@ -135,7 +148,8 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        """Inverse of :meth:`to_dict` (old field names accepted); unknown keys are an error."""
+        d = _current_names(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -144,21 +158,37 @@ class VQVAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> VQVAEConfig:
-        """A named preset (``seed``, ``small``, ``tiny``), optionally with fields overridden."""
+        """A named preset (``reference``, ``small``, ``tiny``; old names accepted), optionally
+        with fields overridden (old field names accepted)."""
+        name = PRESET_ALIASES.get(name, name)
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        overrides = _current_names(overrides)
         if "scaling_rates" in overrides:  # re-derive the windows unless given
             overrides.setdefault("window_sizes", None)
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
+def _current_names(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with the field names of older versions (:data:`RENAMED_FIELDS`) renamed."""
+    out = dict(d)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"both {old!r} (the old name of {new!r}) and {new!r} given")
+            out[new] = out.pop(old)
+    return out
+
+
+#: The presets by name: ``reference`` (the reference design's sizes, 182 M parameters),
+#: ``small`` (12 M) and ``tiny`` (0.29 M, the demo).
 PRESETS: dict[str, VQVAEConfig] = {}
-PRESETS["seed"] = VQVAEConfig()
+PRESETS["reference"] = VQVAEConfig()
 PRESETS["small"] = VQVAEConfig(
     n_embd=256,
     mlp_hidden_dim=512,
     n_head=8,
-    latent_dim=256,
+    attn_dim=256,
     rope_dim=32,
     q_channels=64,
     codebook_dim=64,
@@ -173,7 +203,7 @@ PRESETS["tiny"] = VQVAEConfig(
     n_embd=64,
     mlp_hidden_dim=128,
     n_head=4,
-    latent_dim=64,
+    attn_dim=64,
     rope_dim=16,
     q_channels=32,
     codebook_dim=32,

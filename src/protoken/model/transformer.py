@@ -29,15 +29,15 @@ class LayerNorm2d(nn.LayerNorm):
 class Attention(nn.Module):
     """Multi-head self-attention over a token grid with 2D axial rotary embeddings.
 
-    Q, K and V have ``latent_dim`` features split into ``n_head`` heads; the first
+    Q, K and V have ``attn_dim`` features split into ``n_head`` heads; the first
     ``rope_dim`` features of each head are rotated, half by the row and half by the column index.
     """
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.latent_dim, bias=False)
-        self.proj = nn.Linear(config.latent_dim, config.n_embd)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.attn_dim, bias=False)
+        self.proj = nn.Linear(config.attn_dim, config.n_embd)
         self.rotary = RotaryEmbedding(dim=config.rope_dim // 2)
 
     def forward(self, x: Tensor, mask: Tensor, window: int = 0, shift: int = 0) -> Tensor:
@@ -74,7 +74,10 @@ class Attention(nn.Module):
         q, k, v = rearrange(
             qkv,
             "b (nh wh) (nw ww) (three heads d) -> three (b nh nw) heads (wh ww) d",
-            nh=nh, nw=nw, three=3, heads=self.n_head,
+            nh=nh,
+            nw=nw,
+            three=3,
+            heads=self.n_head,
         )
         # relative rotations only depend on position differences, so the grid's own indices do
         freqs = self.rotary.get_axial_freqs(H, W).to(q.device)

@@ -1,7 +1,7 @@
-"""The hierarchical VQ-VAE (seed section 3): encoders, quantisers and decoders per level.
+"""The hierarchical VQ-VAE (the reference design's section 3): encoders, quantisers, decoders.
 
 Level 0 is the finest; level ``l`` works on a grid ``s_l = prod(scaling_rates[:l + 1])`` times
-smaller than the image. Encoding runs bottom-up, quantisation top-down as in the seed::
+smaller than the image. Encoding runs bottom-up, quantisation top-down as in the reference design::
 
     e_0 = Enc_0(x),  e_l = Enc_l(e_{l-1})
     q_{n-1} = Q_{n-1}(e_{n-1})
