@@ -26,8 +26,9 @@ import time
 import numpy as np
 
 from protoken.codec import dequantize, features_to_image, quantize
+from protoken.evaluate import compare_with_reference
 from protoken.geometry import sixd
-from protoken.reconstruct import compare_with_reference, reconstruct
+from protoken.reconstruct import reconstruct
 from protoken.structure import read_backbones
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

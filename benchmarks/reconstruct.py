@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from protoken.codec import dequantize, features_to_image, image_to_distances, quantize
+from protoken.evaluate import compare_with_reference
 from protoken.geometry import sixd
 from protoken.reconstruct import (
     clipped_mask,
-    compare_with_reference,
     mds,
     reconstruct,
     refine_distances,

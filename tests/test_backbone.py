@@ -27,9 +27,10 @@ from protoken.backbone import (
     residue_frames,
 )
 from protoken.codec import dequantize, features_to_image, quantize
-from protoken.geometry import angle, dihedral, sixd, virtual_cb
+from protoken.evaluate import compare_with_reference
+from protoken.geometry import angle, ca_directions, dihedral, sixd, virtual_cb
 from protoken.metrics import rmsd
-from protoken.reconstruct import ca_directions, compare_with_reference, reconstruct
+from protoken.reconstruct import reconstruct
 from protoken.structure import read_backbones
 
 SUBSET = [
@@ -245,23 +246,3 @@ def test_noisy_and_degenerate_images_give_finite_ideal_backbones(protein):
     m = compare_with_reference(reconstruct(image + rng.normal(size=image.shape) * 0.03,
                                            backbone=True), protein)  # fmt: skip
     assert m["bb_rmsd"] < 0.6 and m["ca_tm_score"] > 0.95 and not m["mirror_image"]
-
-
-def test_cli_backbone_writes_five_atoms_per_residue_and_backbone_metrics(
-    tmp_path, structures_dir, protein
-):
-    from protoken.cli import main
-    from protoken.codec import write_png
-
-    write_png(tmp_path / "foldseek__d1asha_.png", features_to_image(exact_features(protein)), 16)
-    ref = structures_dir / "foldseek__d1asha_.pdb"
-    out = tmp_path / "out"
-    assert main(["reconstruct", str(tmp_path), "--out", str(out), "--backbone",
-                 "--reference", str(ref)]) == 0  # fmt: skip
-    with open(out / "metrics.tsv", newline="") as fh:
-        (row,) = list(csv.DictReader(fh, delimiter="\t"))
-    assert float(row["bb_rmsd"]) < 0.1 and float(row["ca_tm_score"]) > 0.99
-    assert float(row["cb_rmsd"]) < 1e-3
-    chain = gemmi.read_structure(str(out / "foldseek__d1asha_.pdb"))[0][0]
-    assert len(chain) == len(protein)
-    assert all([a.name for a in res] == ["N", "CA", "C", "O", "CB"] for res in chain)

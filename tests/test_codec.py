@@ -22,7 +22,7 @@ from protoken.codec import (
     image_to_features,
     quantize,
     read_image,
-    seed_dequantize,
+    reference_dequantize,
     standardize,
     unstandardize,
     write_png,
@@ -137,7 +137,7 @@ def test_sixteen_bit_png_is_rgb16_and_decodes_within_one_level(image):
 def test_eight_bit_decodes_at_bin_centres(image):
     pixels = quantize(image, 8)
     ours = dequantize(pixels, dtype=np.float64)
-    seed = seed_dequantize(pixels)
+    seed = reference_dequantize(pixels)
     assert np.abs(ours - image).max() <= 1.0 / 255 + 1e-12  # half a bin (1 bin = 2/255)
     # the seed's v/255*2-1 is biased low by half a bin; ours is unbiased
     assert abs((seed - image).mean()) > 0.5 / 255

@@ -15,15 +15,9 @@ import pytest
 
 from protoken.cli import main
 from protoken.codec import read_image
-from protoken.convert import (
-    MANIFEST_COLUMNS,
-    ConvertOptions,
-    bin_name,
-    convert,
-    in_shard,
-    read_manifest,
-)
-from protoken.structure import read_backbones, structure_id
+from protoken.convert import MANIFEST_COLUMNS, ConvertOptions, bin_name, convert, read_manifest
+from protoken.inputs import in_shard, structure_id
+from protoken.structure import read_backbones
 from test_geometry import plain_sixd
 from test_structure import BAD, LENGTH_EXCEPTIONS, expected_outcome
 

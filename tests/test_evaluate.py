@@ -1,15 +1,27 @@
-"""protoken evaluate: honest metrics (a perfect decoder scores RMSD ~0, TM ~1) and the report."""
+"""Evaluation: comparisons with references, reference and sequence lookup, summaries, and
+protoken evaluate's honest metrics (a perfect decoder scores RMSD ~0, TM ~1) with its report."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
-from protoken.codec import CodecSettings
-from protoken.evaluate import COLUMNS, evaluate
+from protoken.codec import CodecSettings, dequantize, features_to_image, quantize
+from protoken.evaluate import (
+    ReferenceIndex,
+    SequenceLookup,
+    compare_with_reference,
+    evaluate,
+    summarize,
+)
+from protoken.geometry import sixd, virtual_cb
+from protoken.reconstruct import reconstruct
+from protoken.report import EVALUATE_COLUMNS as COLUMNS
+from protoken.structure import read_backbones
 from protoken.tokenizer import Tokenizer
 
 NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb"]
@@ -71,3 +83,72 @@ def test_bad_inputs_are_skipped_with_a_reason(structures_dir, bad_inputs_dir, tm
     with pytest.raises(ValueError, match="no protein"):
         evaluate(IdentityTokenizer(), [str(bad_inputs_dir / "empty.pdb")], str(tmp_path),
                  workers=1, progress=False, log=messages.append)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+@pytest.fixture(scope="module")
+def protein(structures_dir):
+    """d1asha_, a 147-residue SCOPe domain."""
+    return read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
+
+
+def test_compare_accepts_cb_references_and_rejects_another_length(protein):
+    image = features_to_image(sixd(protein.n, protein.ca, protein.c))
+    rec = reconstruct(dequantize(quantize(image, 16), np.float64))
+    m = compare_with_reference(rec, virtual_cb(protein.n, protein.ca, protein.c))
+    assert m["cb_rmsd"] < 1e-3 and m["length"] == len(protein)
+    with pytest.raises(ValueError):
+        compare_with_reference(rec, protein.coords[:-1])
+    with pytest.raises(ValueError):
+        compare_with_reference(rec, np.zeros((len(protein), 4)))
+
+
+def test_compare_flags_a_mirror_image(protein):
+    image = features_to_image(sixd(protein.n, protein.ca, protein.c))
+    rec = reconstruct(dequantize(quantize(image, 16), np.float64))
+    rec.cb = rec.cb * np.array([1.0, 1.0, -1.0])  # what a reflection-blind pipeline returns
+    m = compare_with_reference(rec, protein)
+    assert m["mirror_image"] and m["cb_rmsd"] > 5.0 and m["tm_score"] < 0.5
+
+
+def test_summarize_counts_and_statistics():
+    rows = [
+        {"cb_rmsd": 1.0, "tm_score": 0.95, "mirror_image": False, "mirrored_before_fix": True},
+        {"cb_rmsd": 3.0, "tm_score": 0.40, "mirror_image": True, "mirrored_before_fix": False},
+        {"cb_rmsd": 8.0, "tm_score": 0.60, "mirror_image": False, "mirrored_before_fix": True},
+    ]
+    s = summarize(rows)
+    assert s["cb_rmsd"] == {"median": 3.0, "mean": 4.0, "min": 1.0, "max": 8.0}
+    assert s["tm_score"]["median"] == 0.60
+    assert s["fraction_tm_above_0.5"] == pytest.approx(2 / 3)
+    assert s["fraction_tm_above_0.9"] == pytest.approx(1 / 3)
+    assert (s["mirror_images"], s["mirrored_before_fix"]) == (1, 2)
+    assert "lddt" not in s and "bb_rmsd" not in s  # only what the rows hold
+    assert summarize([]) == {"mirror_images": 0, "mirrored_before_fix": 0}
+
+
+def test_references_are_found_by_id_and_by_chain(structures_dir, tmp_path):
+    folder = tmp_path / "refs" / "deeper"
+    folder.mkdir(parents=True)
+    for name in ("foldseek__1tim.pdb.gz", "foldseek__d1asha_.pdb"):
+        shutil.copy(structures_dir / name, folder / name)
+    index = ReferenceIndex(tmp_path / "refs")
+    assert sorted(index.files) == ["foldseek__1tim", "foldseek__d1asha_"]
+    assert len(index.find("foldseek__d1asha_")) == 147
+    chain_b = index.find("foldseek__1tim_B")  # an id of protoken convert --chains split
+    assert chain_b.id == "foldseek__1tim_B" and chain_b.chain_id == "B"
+    assert index.find("foldseek__1tim_Z") is None and index.find("nothing") is None
+    assert not ReferenceIndex(None) and ReferenceIndex(folder / "foldseek__d1asha_.pdb")
+
+
+def test_sequences_from_a_fasta_file_or_folder(tmp_path):
+    (tmp_path / "a.fasta").write_text(">a desc\nMKV\nLL\n")
+    (tmp_path / "b.fa").write_text(">whatever\nGG\n")
+    folder = SequenceLookup(tmp_path, n_images=2)
+    assert (folder.get("a"), folder.get("b"), folder.get("c")) == ("MKVLL", "GG", None)
+    one = SequenceLookup(tmp_path / "a.fasta", n_images=1)
+    assert one.get("a") == one.get("any id") == "MKVLL"  # one record serves one image
+    assert SequenceLookup(tmp_path / "a.fasta", n_images=2).get("other") is None
+    assert SequenceLookup(None, n_images=1).get("a") is None

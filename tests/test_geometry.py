@@ -1,4 +1,5 @@
-"""6D geometry against known geometry and a plain, loop-based implementation of the seed."""
+"""6D geometry against known geometry and a plain, loop-based implementation of the reference
+design, and the pair helpers shared with the way back (distances, omega, CA directions)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import numpy as np
 import pytest
 
 from helpers import random_rotation
-from protoken.geometry import angle, dihedral, sixd, virtual_cb
+from protoken.geometry import (
+    angle,
+    ca_directions,
+    cross,
+    dihedral,
+    omega_parts,
+    pairwise_distances,
+    sixd,
+    virtual_cb,
+)
 from protoken.structure import read_backbones
 
 
@@ -172,3 +182,45 @@ def test_sixd_handles_degenerate_input():
     x[:, 2] = [-0.55, 1.42, 0]
     f = sixd(x[:, 0], x[:, 1], x[:, 2])
     assert all(np.isfinite(a).all() for a in f)
+
+
+# --------------------------------------------------------------------------- pair helpers
+
+
+def test_cross_and_pairwise_distances_match_numpy_and_loops():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(2, 7, 5, 3))
+    np.testing.assert_allclose(cross(a, b), np.cross(a, b), atol=1e-12)
+    x = rng.normal(size=(60, 3)) * 30 + 500.0  # far from the origin: centring matters
+    want = np.array([[np.linalg.norm(p - q) for q in x] for p in x])
+    d = pairwise_distances(x)
+    np.testing.assert_allclose(d, want, atol=1e-9)
+    np.testing.assert_allclose(d, d.T, atol=1e-12)
+    assert (np.diag(d) == 0).all()
+    assert pairwise_distances(np.zeros((0, 3))).shape == (0, 0)
+
+
+def test_omega_parts_is_the_ca_cb_cb_ca_dihedral():
+    rng = np.random.default_rng(5)
+    cb = rng.normal(size=(25, 3)) * 8
+    u = rng.normal(size=(25, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    ca = cb - 1.53 * u
+    d = pairwise_distances(cb)
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    y, x = omega_parts(cb - cb.mean(axis=0), u, inv)
+    omega = np.arctan2(y, x)
+    for i, j in [(0, 1), (3, 17), (24, 2), (11, 12)]:
+        assert omega[i, j] == pytest.approx(plain_dihedral(ca[i], cb[i], cb[j], ca[j]), abs=1e-9)
+    np.testing.assert_allclose(omega, omega.T, atol=1e-9)
+
+
+def test_ca_directions_from_phi_are_exact(protein):
+    f = sixd(protein.n, protein.ca, protein.c)
+    cb = virtual_cb(protein.n, protein.ca, protein.c)
+    mask = f.d < 80.0
+    np.fill_diagonal(mask, False)
+    w = ca_directions(cb, f.phi, mask)
+    true = protein.ca - cb
+    true /= np.linalg.norm(true, axis=1, keepdims=True)
+    np.testing.assert_allclose(w, true, atol=1e-8)

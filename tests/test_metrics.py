@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from helpers import random_rotation
-from protoken.metrics import d0, kabsch, lddt, mirror_rmsd, rmsd, superpose, tm_score
+from protoken.metrics import (
+    d0,
+    distance_mae,
+    kabsch,
+    lddt,
+    mirror_rmsd,
+    rmsd,
+    superpose,
+    tm_score,
+)
 from protoken.structure import read_backbones
 
 
@@ -133,3 +142,27 @@ def test_bad_inputs_raise():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError):
         tm_score(bad, a)
+
+
+def test_distance_mae_reads_distances_from_the_lower_triangle():
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(-1, 1, size=(3, 6, 6))
+    decoded = truth.copy()
+    lower = np.tri(6, k=-1, dtype=bool)
+    decoded[0][lower] += 0.01  # 0.01 in image units is 0.4 A at dmax 80
+    decoded[0][~lower] += 0.5  # omega, the diagonal and the other channels do not count
+    decoded[1:] -= 0.3
+    assert distance_mae(truth, decoded, 80.0) == pytest.approx(0.4)
+    # decoded values are clipped to [-1, 1] first: 3 past the top reads as dmax
+    far = truth.copy()
+    far[0, 5, 0] = 3.0
+    expected = (1.0 - truth[0, 5, 0]) / 2 * 80.0 / 15
+    assert distance_mae(truth, far, 80.0) == pytest.approx(expected)
+    # batches pool every valid pair; the mask leaves out padding
+    batch_t, batch_d = np.stack([truth, truth]), np.stack([decoded, truth])
+    mask = np.zeros((2, 6, 6), dtype=bool)
+    mask[0, :4, :4] = mask[1] = True
+    assert distance_mae(batch_t, batch_d, 80.0, mask) == pytest.approx(0.4 * 6 / (6 + 15))
+    assert distance_mae(truth[:, :1, :1], decoded[:, :1, :1], 80.0) == 0.0
+    with pytest.raises(ValueError):
+        distance_mae(truth, decoded[:, :5, :5], 80.0)

@@ -1,28 +1,26 @@
-"""Image -> 3D: MDS, handedness, refinement with clipped pairs, output, metrics and the CLI.
+"""Image -> 3D: MDS, handedness, refinement with clipped pairs, structure output.
 
 Expectations are independent of the code under test: the Cb computed from the original files
-(protoken.geometry, itself tested against the seed's formulas), known geometry, and mirror
-images built here. The full-set figures (all single-chain proteins, 8 and 16 bit) are printed by
-``benchmarks/reconstruct.py --roundtrip``; here a representative subset is checked.
+(protoken.geometry, itself tested against the reference design's formulas), known geometry, and
+mirror images built here. The full-set figures (all single-chain proteins, 8 and 16 bit) are printed
+by ``benchmarks/reconstruct.py --roundtrip``; here a representative subset is checked.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import gemmi
 import numpy as np
 import pytest
 
-from protoken.codec import dequantize, features_to_image, image_to_features, quantize, write_png
+from protoken.codec import dequantize, features_to_image, image_to_features, quantize
+from protoken.evaluate import compare_with_reference
 from protoken.geometry import pairwise_distances, sixd, virtual_cb
 from protoken.metrics import mirror_rmsd, rmsd
 from protoken.reconstruct import (
-    ca_directions,
     clipped_mask,
-    compare_with_reference,
     distance_rms,
     load_image,
     mds,
@@ -30,9 +28,8 @@ from protoken.reconstruct import (
     refine_distances,
     resolve_handedness,
     stress,
-    to_structure_text,
 )
-from protoken.structure import read_backbones
+from protoken.structure import read_backbones, structure_to_text
 
 # a spread of sizes and folds; 1avyA00 (68, coiled coil), 3po3S (164) and 6WQA (391) have
 # clipped pairs
@@ -102,17 +99,6 @@ def test_mds_degenerate_and_non_euclidean_inputs_stay_finite(distances):
 
 
 # --------------------------------------------------------------------------- handedness
-
-
-def test_ca_directions_from_phi_are_exact(protein):
-    f = sixd(protein.n, protein.ca, protein.c)
-    cb = cb_of(protein)
-    mask = f.d < 80.0
-    np.fill_diagonal(mask, False)
-    w = ca_directions(cb, f.phi, mask)
-    true = protein.ca - cb
-    true /= np.linalg.norm(true, axis=1, keepdims=True)
-    np.testing.assert_allclose(w, true, atol=1e-8)
 
 
 def test_resolve_handedness_returns_the_image_hand_from_either_input(protein):
@@ -284,78 +270,5 @@ def test_structure_text_has_one_cb_per_residue_numbered_in_image_order(protein):
         assert gemmi.one_letter_code([r.name for r in chain]) == seq
         xyz = np.array([[r[0].pos.x, r[0].pos.y, r[0].pos.z] for r in chain])
         np.testing.assert_allclose(xyz, rec.cb, atol=1e-3)
-    unk = to_structure_text(rec.cb)
+    unk = structure_to_text(rec.cb)
     assert {r.name for r in gemmi.read_pdb_string(unk)[0][0]} == {"UNK"}
-
-
-def test_compare_accepts_cb_references_and_rejects_another_length(protein):
-    rec = reconstruct(image_of(protein))
-    m = compare_with_reference(rec, cb_of(protein))
-    assert m["cb_rmsd"] < 1e-3 and m["length"] == len(protein)
-    with pytest.raises(ValueError):
-        compare_with_reference(rec, protein.coords[:-1])
-    with pytest.raises(ValueError):
-        compare_with_reference(rec, np.zeros((len(protein), 4)))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def test_cli_writes_structures_metrics_and_survives_a_bad_image(tmp_path, converted16):
-    from protoken.cli import main
-
-    rows = manifest_rows(converted16)
-    images = tmp_path / "images"
-    images.mkdir()
-    ids = ["biopython__1A8O", "cathtools__1avyA00", "cathtools__1c56A"]
-    for sid in ids:
-        os.link(converted16 / rows[sid]["bin"] / f"{sid}.png", images / f"{sid}.png")
-    (images / "broken.png").write_bytes(b"not a png")
-    out = tmp_path / "out"
-    code = main(
-        [
-            "reconstruct",
-            str(images),
-            "--out",
-            str(out),
-            "--fasta",
-            str(converted16 / "fasta"),
-            "--reference",
-            str(Path(rows[ids[0]]["source"]).parent),
-            "--format",
-            "cif",
-        ]
-    )
-    assert code == 1  # one image failed, the others were written
-    for sid in ids:
-        st = gemmi.read_structure(str(out / f"{sid}.cif"))
-        assert gemmi.one_letter_code([r.name for r in st[0][0]]) == rows[sid]["sequence"]
-    with open(out / "metrics.tsv", newline="") as fh:
-        table = list(csv.DictReader(fh, delimiter="\t"))
-    assert [r["id"] for r in sorted(table, key=lambda r: r["id"])] == sorted(ids)
-    assert list(table[0])[:7] == [
-        "id",
-        "length",
-        "cb_rmsd",
-        "tm_score",
-        "lddt",
-        "clipped_pairs",
-        "mirrored_before_fix",
-    ]
-    for r in table:
-        assert float(r["cb_rmsd"]) < 1e-3 and r["mirror_image"] == "false"
-        assert int(r["length"]) == len(rows[r["id"]]["sequence"])
-    assert {r["id"]: int(r["clipped_pairs"]) for r in table}["cathtools__1avyA00"] == 30
-    assert (out / "summary.json").is_file()
-
-
-def test_cli_single_fasta_file_and_written_png(tmp_path, protein):
-    from protoken.cli import main
-
-    write_png(tmp_path / "x.png", image_of(protein, None), 16)
-    (tmp_path / "x.fasta").write_text(">whatever\n" + protein.sequence + "\n")
-    assert main(["reconstruct", str(tmp_path / "x.png"), "--out", str(tmp_path / "o"),
-                 "--fasta", str(tmp_path / "x.fasta")]) == 0  # fmt: skip
-    st = gemmi.read_structure(str(tmp_path / "o" / "x.pdb"))
-    assert gemmi.one_letter_code([r.name for r in st[0][0]]) == protein.sequence
-    assert not (tmp_path / "o" / "metrics.tsv").exists()

@@ -15,7 +15,6 @@ from protoken.structure import (
     SkipStructure,
     StructureError,
     read_backbones,
-    structure_id,
     structure_to_text,
 )
 
@@ -191,14 +190,6 @@ def test_gzip_is_detected_by_content_not_name(structures_dir, tmp_path):
     ref = read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
     np.testing.assert_array_equal(bb.coords, ref.coords)
     assert bb.id == "d1asha_"
-
-
-def test_structure_id_strips_structure_and_compression_extensions():
-    assert structure_id("/x/1abc.cif.gz") == "1abc"
-    assert structure_id("pdb1abc.ent.gz") == "pdb1abc"
-    assert structure_id("d1asha_") == "d1asha_"
-    assert structure_id("AF-P1-F1-model_v4.pdb") == "AF-P1-F1-model_v4"
-    assert structure_id("B4DXN4.DomSerf.1.pdb") == "B4DXN4.DomSerf.1"
 
 
 @pytest.mark.parametrize("fmt", ["pdb", "cif"])

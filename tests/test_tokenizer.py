@@ -1,21 +1,24 @@
-"""Tokenizer: decode(encode(x)) is the model's reconstruction; token files; CLI."""
+"""Tokenizer: decode(encode(x)) is the model's reconstruction; token files; files of older
+versions."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
-import gemmi
 import numpy as np
 import pytest
 import torch
 
 from helpers import MICRO
 from protoken import checkpoint as ckpt_io
-from protoken.cli import main
-from protoken.codec import CodecSettings, read_image
+from protoken.codec import CodecSettings
 from protoken.model import VQVAE, VQVAEConfig, config_to_dict
-from protoken.structure import read_backbones
+from protoken.structure import SkipStructure, read_backbones
 from protoken.tokenizer import Tokenizer, load_tokens, save_tokens
+
+DATA = Path(__file__).parent / "data"
 
 NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb",
          "biotite__1aki.pdb"]  # fmt: skip
@@ -105,23 +108,46 @@ def test_token_files_round_trip_and_read_with_plain_numpy(tok, structures_dir, t
     )
 
 
-def test_encode_and_decode_cli(checkpoint, structures_dir, tmp_path, capsys):
-    src = [str(structures_dir / n) for n in NAMES[:2]] + [
-        str(structures_dir / "foldseek__1tim.pdb.gz")
-    ]
-    out = tmp_path / "t.npz"
-    assert main(["encode", *src, "-c", checkpoint, "-o", str(out), "--no-progress"]) == 0
-    text = capsys.readouterr()
-    assert "encoded 2 proteins (1 inputs skipped)" in text.out
-    assert "multi-chain" in text.err
-    dec = tmp_path / "dec"
-    assert main(["decode", str(out), "-c", checkpoint, "-o", str(dec), "--no-progress"]) == 0
-    png = dec / "foldseek__d1asha_.png"
-    assert read_image(png).shape == (3, 147, 147)
-    assert __import__("imagecodecs").png_decode(png.read_bytes()).dtype == np.uint16
-    st = gemmi.read_structure(str(dec / "foldseek__d1asha_.pdb"))
-    residues = list(st[0][0])
-    bb = read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
-    assert len(residues) == 147 and all(len(r) == 1 and r[0].name == "CB" for r in residues)
-    assert "".join(gemmi.find_tabulated_residue(r.name).one_letter_code.upper()
-                   for r in residues) == bb.sequence  # fmt: skip
+def test_encode_many_streams_batches_and_reports_unusable_inputs(tok, structures_dir,
+                                                                 bad_inputs_dir):  # fmt: skip
+    tok2 = Tokenizer(tok.model, tok.codec, device="cpu", batch_size=2)
+    sources = [structures_dir / "foldseek__1tim.pdb.gz", *(structures_dir / n for n in NAMES),
+               bad_inputs_dir / "empty.pdb", structures_dir / "foldseek__d1asha_.pdb"]  # fmt: skip
+    errors = []
+
+    def on_error(source, exc):
+        errors.append((source, exc))
+
+    tokens = list(tok2.encode_many(sources, min_len=100, on_error=on_error))
+    # 1tim: two chains (skip-multi); 1CTF_A and 1avyA00: 68 residues (< 100); empty.pdb: unreadable
+    assert [type(e).__name__ for _, e in errors] == ["SkipStructure"] * 3 + ["StructureError"]
+    assert [str(s).rsplit("/", 1)[1] for s, _ in errors] == [
+        "foldseek__1tim.pdb.gz", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb", "empty.pdb",
+    ]  # fmt: skip
+    assert [t.id for t in tokens] == ["foldseek__d1asha_", "biotite__1aki", "foldseek__d1asha_"]
+    # the same tokens as one protein at a time: batching does not change them
+    for t in tokens:
+        one = tok.encode(structures_dir / f"{t.id}.pdb")
+        for a, b in zip(t.levels, one.levels, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(SkipStructure):  # without on_error an unusable input raises
+        list(tok.encode_many(sources))
+
+
+def test_files_of_the_previous_version_load_and_give_the_same_tokens(structures_dir):
+    """A checkpoint, its run config and a token file written by protoken 8c8b70e, when the
+    attention width was called ``latent_dim`` (tests/data/make_old_fixtures.py)."""
+    tok = Tokenizer.from_checkpoint(str(DATA / "old-checkpoint.pt"), device="cpu")
+    old, meta = load_tokens(str(DATA / "old-tokens.npz"))
+    assert meta["model_config"]["latent_dim"] == 8 and "attn_dim" not in meta["model_config"]
+    assert tok.config.attn_dim == 8 and VQVAEConfig.from_dict(meta["model_config"]) == tok.config
+    run_config = json.loads((DATA / "old-run-config.json").read_text())
+    assert VQVAEConfig.preset(run_config["preset"], **run_config["model"]) == tok.config
+    # today's code encodes the same structures to the same tokens, and decodes as before
+    new = list(tok.encode_many([structures_dir / f"{t.id}.pdb" for t in old]))
+    assert [(t.id, t.length, t.sequence) for t in new] == [(t.id, t.length, t.sequence)
+                                                          for t in old]  # fmt: skip
+    for a, b in zip(old, new, strict=True):
+        for ga, gb in zip(a.levels, b.levels, strict=True):
+            np.testing.assert_array_equal(ga, gb)
+    np.testing.assert_allclose(tok.decode(old[0]), np.load(DATA / "old-decoded-0.npy"), atol=1e-6)

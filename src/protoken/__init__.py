@@ -1,6 +1,6 @@
 """protoken: protein structures <-> trRosetta 6D images <-> discrete tokens."""
 
-__version__ = "0.1.0"
+from protoken._version import __version__
 
 __all__ = ["Tokenizer", "__version__"]
 

@@ -1,14 +1,14 @@
-"""The full backbone (N, CA, C, O, CB) from a 6D image, beyond the seed's Cb-only MDS.
+"""The full backbone (N, CA, C, O, CB) from a 6D image, beyond the reference design's Cb-only MDS.
 
-Per residue, the image fixes a rigid frame: the Cb position (MDS), the CA direction from the
-phi angles, and the azimuth of N about the CA-Cb axis from the theta angles. Internal geometry
-is not in the image, so an ideal residue (Engh & Huber 1991 bond lengths and angles, Cb by the
-seed's formula) is placed on each frame, then all atoms are refined together (torch, L-BFGS,
-~1 s for 256 residues on one core) against the image's d, omega, theta, phi on the known pairs,
-ideal bond lengths and angles, peptide planarity and chain connectivity; O is added last from
-ideal geometry. trRosetta and ProteinSGM need minutes of Rosetta minimisation for this step.
+Per residue, the image fixes a rigid frame: the Cb position (MDS), the CA direction from the phi
+angles, and the azimuth of N about the CA-Cb axis from the theta angles. Internal geometry is not in
+the image, so an ideal residue (Engh & Huber 1991 bond lengths and angles, Cb by the reference
+design's formula) is placed on each frame, then all atoms are refined together (torch, L-BFGS, ~1 s
+for 256 residues on one core) against the image's d, omega, theta, phi on the known pairs, ideal
+bond lengths and angles, peptide planarity and chain connectivity; O is added last from ideal
+geometry. trRosetta and ProteinSGM need minutes of Rosetta minimisation for this step.
 
-1. :func:`ca_directions` (in :mod:`protoken.reconstruct`): phi_ij = angle(CA_i, Cb_i, Cb_j), so
+1. :func:`protoken.geometry.ca_directions`: phi_ij = angle(CA_i, Cb_i, Cb_j), so
    the unit vector w_i from Cb_i to CA_i satisfies w_i . e_ij = cos(phi_ij) for every partner j;
    least squares over all j.
 2. :func:`n_azimuths`: theta_ij = dihedral(N_i, CA_i, Cb_i, Cb_j) is the angle, about the axis
@@ -16,8 +16,8 @@ ideal geometry. trRosetta and ProteinSGM need minutes of Rosetta minimisation fo
    direction back by theta_ij gives the N_i direction, averaged over all j.
 3. :func:`place_residues`: the ideal residue on each frame (N, CA, C exact up to the
    protein's deviations from ideal geometry, ~0.03 A).
-4. :func:`refine_backbone`: gradient-based refinement of all N, CA, C (Cb follows from the
-   seed's formula, so d, omega, theta and phi are all functions of N, CA, C), with data weights
+4. :func:`refine_backbone`: gradient-based refinement of all N, CA, C (Cb follows from the reference
+   design's formula, so d, omega, theta and phi are all functions of N, CA, C), with data weights
    set by the image's own noise, so that noisy model outputs still give ideal geometry.
 5. :func:`project_bonds`: bond lengths set exactly to ideal (moves of thousandths of an A).
 6. :func:`add_oxygens`: O in the peptide plane, C=O 1.231 A, CA-C-O 120.1 deg, O-C-N 122.7 deg.
@@ -30,8 +30,16 @@ import time
 
 import numpy as np
 
-from protoken.geometry import CB_A, CB_B, CB_C, SixD, virtual_cb
-from protoken.reconstruct import _cross, _pair_terms, ca_directions
+from protoken.geometry import (
+    CB_A,
+    CB_B,
+    CB_C,
+    SixD,
+    ca_directions,
+    cross,
+    pairwise_distances,
+    virtual_cb,
+)
 
 __all__ = [
     "IDEAL",
@@ -62,7 +70,7 @@ IDEAL = {
 
 
 def ideal_residue() -> dict[str, np.ndarray]:
-    """N, CA, C and the seed's virtual Cb of an ideal residue, in its Cb frame.
+    """N, CA, C and the reference design's virtual Cb of an ideal residue, in its Cb frame.
 
     Frame: origin Cb; x along Cb - CA (so CA = (-|CA-Cb|, 0, 0)); N in the xy plane with y > 0;
     z = x cross y. Returns atom name -> (3,) coordinates.
@@ -99,7 +107,7 @@ def n_azimuths(cb: np.ndarray, u: np.ndarray, theta: np.ndarray, mask: np.ndarra
     -------
     ndarray, shape (L, 3)
     """
-    r = _pair_terms(cb - cb.mean(axis=0))
+    r = pairwise_distances(cb)
     m = np.asarray(mask, dtype=bool) & (r > 1e-6)
     inv2 = np.divide(1.0, r * r, out=np.zeros_like(r), where=m)
     sums = []
@@ -107,12 +115,12 @@ def n_azimuths(cb: np.ndarray, u: np.ndarray, theta: np.ndarray, mask: np.ndarra
         s = weight @ cb - weight.sum(axis=1)[:, None] * cb  # sum_j w_ij (Cb_j - Cb_i)
         s -= np.sum(s * u, axis=1, keepdims=True) * u  # perpendicular to u_i
         sums.append(s)
-    out = sums[0] - _cross(u, sums[1])
+    out = sums[0] - cross(u, sums[1])
     norm = np.linalg.norm(out, axis=1)
     bad = ~(np.isfinite(norm) & (norm > 1e-9))
     if bad.any():  # no usable partner: any direction perpendicular to u
         helper = np.where(np.abs(u[bad, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
-        alt = _cross(u[bad], helper)
+        alt = cross(u[bad], helper)
         out[bad] = alt
         norm[bad] = np.linalg.norm(alt, axis=1)
     return out / norm[:, None]
@@ -123,7 +131,7 @@ def place_residues(cb: np.ndarray, u: np.ndarray, v: np.ndarray) -> dict[str, np
 
     Returns N, CA, C (each (L, 3)); their virtual Cb is ``cb`` exactly.
     """
-    w = _cross(u, v)
+    w = cross(u, v)
     out = {}
     for name, (a, b, c) in ideal_residue().items():
         if name != "CB":
@@ -199,8 +207,8 @@ def _pairs(d: np.ndarray, known: np.ndarray, cutoff: float) -> tuple[np.ndarray,
 
 
 def residue_frames(n: np.ndarray, ca: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(Cb, u, v) of residues: Cb by the seed's formula, u = unit(Cb - CA), v the unit part of
-    N - CA perpendicular to u (the frame :func:`place_residues` builds on)."""
+    """(Cb, u, v) of residues: Cb by the reference design's formula, u = unit(Cb - CA), v the unit
+    part of N - CA perpendicular to u (the frame :func:`place_residues` builds on)."""
     cb = virtual_cb(n, ca, c)
     u = cb - ca
     u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
@@ -231,8 +239,8 @@ def refine_backbone(
     iterations where plain coordinates need hundreds). Optimised with torch's L-BFGS (strong
     Wolfe line search, float64): the weighted sum of the means of
 
-    - (|Cb_i - Cb_j| - d_ij)^2 over the known pairs closer than ``cutoff`` (Cb by the seed's
-      formula from N, CA, C);
+    - (|Cb_i - Cb_j| - d_ij)^2 over the known pairs closer than ``cutoff`` (Cb by the reference
+      design's formula from N, CA, C);
     - 1 - cos(x - x_image) for x = omega_ij, theta_ij, phi_ij over the same pairs;
     - (b - b0)^2 for the bonds N-CA, CA-C, and C_i-N_{i+1} across the peptide bonds in
       ``links``;
@@ -347,7 +355,7 @@ def _refine(torch, cb0, u, v, features, known, links, anchor, cutoff, max_iter, 
         return eye + a * k + b * (k @ k)
 
     def dihedral_parts(a, b, c, d):
-        """(y, x) of the seed's dihedral a-b-c-d: angle = atan2(y, x)."""
+        """(y, x) of the reference design's dihedral a-b-c-d: angle = atan2(y, x)."""
         b1 = c - b
         b1 = b1 / norm(b1)[..., None]
         b0, b2 = a - b, d - c
@@ -535,8 +543,8 @@ def build_backbone(
     Returns
     -------
     atoms : dict
-        ``N``, ``CA``, ``C``, ``O``, ``CB`` (in that order), each (L, 3); CB is the seed's
-        virtual Cb of the returned N, CA, C.
+        ``N``, ``CA``, ``C``, ``O``, ``CB`` (in that order), each (L, 3); CB is the reference
+        design's virtual Cb of the returned N, CA, C.
     info : dict
         ``links`` (peptide bonds enforced), ``chain_breaks``, ``max_bond_deviation`` (A, of the
         returned atoms), ``seconds``; with ``refine``: the refinement's ``loss_start``,

@@ -1,6 +1,7 @@
 """The image codec: 6D features <-> 3-channel image in [-1, 1] <-> 8- or 16-bit PNG.
 
-Image layout (the seed's): an array of shape (3, L, L), pixel (i, j) describing residues i, j:
+Image layout (the reference design's): an array of shape (3, L, L), pixel (i, j) describing
+residues i and j:
 
 - channel 0: lower triangle (diagonal included) d / dmax * 2 - 1, strict upper triangle omega / pi;
 - channel 1: theta / pi;
@@ -8,8 +9,9 @@ Image layout (the seed's): an array of shape (3, L, L), pixel (i, j) describing 
 
 PNG storage (RGB, row i = residue i):
 
-- 8-bit, the seed's rule: v = floor((x + 1) / 2 * 255), clipped to 0..255. Decoded at bin centres,
-  x = (v + 0.5) / 255 * 2 - 1 clipped to 1, which halves the error of the seed's v / 255 * 2 - 1.
+- 8-bit, the reference design's rule: v = floor((x + 1) / 2 * 255), clipped to 0..255. Decoded
+  at bin centres, x = (v + 0.5) / 255 * 2 - 1 clipped to 1, which halves the error of its
+  v / 255 * 2 - 1.
 - 16-bit: v = round((x + 1) / 2 * 65535); decoded as v / 65535 * 2 - 1 (error <= 1.5e-5).
 
 PNGs are written and read with imagecodecs (libpng), which handles 16-bit RGB (Pillow does not)
@@ -38,7 +40,7 @@ __all__ = [
     "image_to_features",
     "quantize",
     "read_image",
-    "seed_dequantize",
+    "reference_dequantize",
     "standardize",
     "unstandardize",
     "write_png",
@@ -89,7 +91,7 @@ class CodecSettings:
 
 
 def features_to_image(features: SixD, dmax: float = DMAX) -> np.ndarray:
-    """Normalise and merge 6D features into the seed's 3-channel image.
+    """Normalise and merge 6D features into the reference design's 3-channel image.
 
     Parameters
     ----------
@@ -164,13 +166,13 @@ def image_to_distances(image: np.ndarray, dmax: float = DMAX) -> np.ndarray:
 def quantize(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     """Image (3, L, L) in [-1, 1] -> PNG pixel array (L, L, 3) of uint8 or uint16.
 
-    8-bit follows the seed exactly: floor((x + 1) / 2 * 255) clipped to 0..255.
+    8-bit follows the reference design exactly: floor((x + 1) / 2 * 255) clipped to 0..255.
     16-bit: round((x + 1) / 2 * 65535).
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
     x = np.asarray(image, dtype=np.float64).transpose(1, 2, 0) + 1.0  # a new (L, L, 3) array
-    x *= 0.5  # exact, as the seed's / 2
+    x *= 0.5  # exact, as the reference design's / 2
     if bit_depth == 8:
         x *= 255.0
         return np.clip(np.floor(x, out=x), 0, 255, out=x).astype(np.uint8)
@@ -182,7 +184,7 @@ def dequantize(pixels: np.ndarray, dtype=np.float32) -> np.ndarray:
     """PNG pixel array (L, L, 3) -> image (3, L, L) in [-1, 1].
 
     uint8 is decoded at bin centres ((v + 0.5) / 255 * 2 - 1, clipped to 1): the exact inverse
-    in expectation of the seed's floor rule. uint16 is decoded as v / 65535 * 2 - 1.
+    in expectation of the reference design's floor rule. uint16 is decoded as v / 65535 * 2 - 1.
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -197,8 +199,8 @@ def dequantize(pixels: np.ndarray, dtype=np.float32) -> np.ndarray:
     return out.astype(dtype, copy=False)
 
 
-def seed_dequantize(pixels: np.ndarray) -> np.ndarray:
-    """The seed's decoding of 8-bit pixels, v / 255 * 2 - 1 (for comparison only)."""
+def reference_dequantize(pixels: np.ndarray) -> np.ndarray:
+    """The reference design's decoding of 8-bit pixels, v / 255 * 2 - 1 (for comparison only)."""
     return np.asarray(pixels, dtype=np.float64).transpose(2, 0, 1) / 255.0 * 2.0 - 1.0
 
 
@@ -232,7 +234,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike, dtype=np.float32) -> np.ndarray:
-    """Read a protoken (or seed) PNG as an image (3, L, L) in [-1, 1]."""
+    """Read a PNG of protoken (or of the reference design) as an image (3, L, L) in [-1, 1]."""
     with open(path, "rb") as fh:
         return dequantize(decode_png(fh.read()), dtype=dtype)
 
@@ -244,7 +246,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bit_depth: int = 8) ->
 
 def standardize(image, mean=SEED_MEAN, std=SEED_STD):
     """Per-channel standardisation of an image in [-1, 1] (numpy or torch, channels first
-    at axis -3): ((x + 1) / 2 - mean) / std, as the seed's ToTensor + Normalize."""
+    at axis -3): ((x + 1) / 2 - mean) / std, as the reference design's ToTensor + Normalize."""
     m, s = _channel_constants(image, mean, std)
     return ((image + 1.0) / 2.0 - m) / s
 

@@ -1,6 +1,6 @@
 """Batch conversion: structure files -> 6D images (PNG) + FASTA, binned by length.
 
-Layout of the output folder ``OUT`` (the seed's)::
+Layout of the output folder ``OUT`` (the reference design's)::
 
     OUT/bin_40_64/ID.png, OUT/bin_65_128/ID.png, ..., OUT/bin_961_1024/ID.png
     OUT/fasta/ID.fasta            (or --fasta-dir)
@@ -8,7 +8,8 @@ Layout of the output folder ``OUT`` (the seed's)::
 
 How it stays safe at scale:
 
-- Inputs are streamed (``os.scandir``), never listed or counted up front.
+- Inputs are streamed (:func:`protoken.inputs.find_structures`), never listed or counted up
+  front.
 - Workers parse, compute and write their PNG and FASTA under temporary names; the main process
   commits them (rename PNG, then FASTA) and appends the manifest row. A killed run leaves at
   most ``*.tmp*`` files, never a truncated PNG or FASTA, and a FASTA only next to its PNG.
@@ -21,7 +22,6 @@ How it stays safe at scale:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -37,31 +37,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protoken.codec import decode_png, encode_png, features_to_image, quantize
-from protoken.fileio import atomic_write, read_fasta, temp_name, walk_files
+from protoken.fileio import atomic_write, read_fasta, temp_name
 from protoken.geometry import DMAX, sixd
-from protoken.structure import (
-    STRUCTURE_EXTENSIONS,
-    SkipStructure,
-    StructureError,
-    read_backbones,
-    structure_id,
-)
+from protoken.inputs import find_structures, structure_id
+from protoken.structure import SkipStructure, StructureError, read_backbones
 
 __all__ = [
     "MANIFEST_COLUMNS",
     "ConvertOptions",
     "Row",
+    "Summary",
     "bin_name",
     "convert",
     "convert_file",
-    "discover",
-    "in_shard",
+    "manifest_path",
     "read_manifest",
     "read_settings",
 ]
 
 MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence")
-STRUCTURE_SUFFIXES = tuple(ext + gz for ext in STRUCTURE_EXTENSIONS for gz in ("", ".gz"))
 
 
 @dataclass(frozen=True)
@@ -111,9 +105,10 @@ def _clean(text: str) -> str:
 
 
 def bin_name(length: int) -> str:
-    """Length bin folder, as the seed: bin_40_64, bin_65_128, ..., bin_961_1024 (steps of 64).
+    """Length bin folder, as the reference design: bin_40_64, bin_65_128, ..., bin_961_1024 (steps
+    of 64).
 
-    Lengths outside the seed's 40-1024 (with --min-len / --max-len) extend the scheme:
+    Lengths outside the reference design's 40-1024 (with --min-len / --max-len) extend the scheme:
     bin_1_39 below, bin_1025_1088, ... above.
     """
     if length < 1:
@@ -124,44 +119,6 @@ def bin_name(length: int) -> str:
         return "bin_40_64"
     lo = (length - 1) // 64 * 64 + 1
     return f"bin_{lo}_{lo + 63}"
-
-
-def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
-    """Whether ``key`` (an input path relative to its root) belongs to shard (I, N)."""
-    if shard is None:
-        return True
-    index, count = shard
-    digest = hashlib.md5(key.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % count == index
-
-
-def _is_structure_name(name: str) -> bool:
-    low = name.lower()
-    if low.endswith(STRUCTURE_SUFFIXES):
-        return True
-    base = low[:-3] if low.endswith(".gz") else low
-    return "." not in base  # extension-less PDB files, as the seed accepts
-
-
-def discover(inputs: Iterable[str], shard: tuple[int, int] | None = None) -> Iterator[str]:
-    """Stream the structure files of ``inputs`` (files, or folders walked recursively).
-
-    Files named explicitly are always taken; inside folders, names ending in a structure
-    extension (.pdb .ent .cif .mmcif .bcif, optionally .gz) or with no extension are taken.
-    With ``shard=(I, N)`` only the files whose path relative to their input folder hashes to
-    shard I are yielded.
-    """
-    for item in inputs:
-        if os.path.isdir(item):
-            for path in walk_files(item):
-                if _is_structure_name(os.path.basename(path)):
-                    if in_shard(os.path.relpath(path, item), shard):
-                        yield path
-        elif os.path.exists(item):
-            if in_shard(os.path.basename(item), shard):
-                yield item
-        else:
-            raise FileNotFoundError(f"input not found: {item}")
 
 
 # --------------------------------------------------------------------------- one file
@@ -463,7 +420,7 @@ def convert(
     )
 
     def pending_inputs() -> Iterator[str]:
-        for path in discover(inputs, shard):
+        for path in find_structures(inputs, shard):
             if _contains(done, _key(path)):
                 summary.resumed += 1
                 bar.update()
@@ -616,97 +573,3 @@ def _fill_from_fasta(row: Row, fasta: str) -> None:
     if seq:
         row.sequence, row.length = seq, len(seq)
         row.bin = bin_name(len(seq))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4, not {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"shard I/N needs 0 <= I < N, not {text!r}")
-    return i, n
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="structure files or folders (walked recursively)"
-    )
-    parser.add_argument("--out", "-o", required=True, help="output folder")
-    parser.add_argument("--fasta-dir", help="FASTA folder (default OUT/fasta)")
-    parser.add_argument(
-        "--workers", "-j", type=int, default=None, help="worker processes (default: all cores)"
-    )
-    parser.add_argument(
-        "--chains",
-        choices=["skip-multi", "split", "first"],
-        default="skip-multi",
-        help="files with several protein chains: skip them (default, as the "
-        "seed), one image per chain (id STEM_CHAIN), or the first chain",
-    )
-    parser.add_argument(
-        "--models",
-        choices=["skip-multi", "first"],
-        default="skip-multi",
-        help="files with several models: skip them (default) or use the first",
-    )
-    parser.add_argument("--min-len", type=int, default=40, help="minimum residues (default 40)")
-    parser.add_argument("--max-len", type=int, default=1024, help="maximum residues (default 1024)")
-    parser.add_argument(
-        "--dmax", type=float, default=DMAX, help="distance cut-off in Angstrom (default 80)"
-    )
-    parser.add_argument(
-        "--bit-depth",
-        type=int,
-        choices=[8, 16],
-        default=8,
-        help="PNG bit depth: 8 (default, as the seed) or 16 (near lossless)",
-    )
-    parser.add_argument(
-        "--shard",
-        type=parse_shard,
-        default=None,
-        metavar="I/N",
-        help="convert only shard I of N (hash of each input's relative path)",
-    )
-    parser.add_argument(
-        "--delete-source",
-        action="store_true",
-        help="delete each input once all its outputs were written and verified "
-        "(never a skipped or failed input)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="seconds allowed per file before it is recorded as failed",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    opts = ConvertOptions(
-        out=args.out,
-        fasta_dir=args.fasta_dir,
-        chains=args.chains,
-        models=args.models,
-        min_len=args.min_len,
-        max_len=args.max_len,
-        dmax=args.dmax,
-        bit_depth=args.bit_depth,
-        delete_source=args.delete_source,
-        timeout=args.timeout,
-    )
-    try:
-        summary = convert(
-            args.inputs, opts, workers=args.workers, shard=args.shard, progress=not args.no_progress
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"protoken convert: {exc}", file=sys.stderr)
-        return 2
-    print(summary.text())
-    print(f"manifest: {manifest_path(opts.out, args.shard)}")
-    return 0

@@ -28,7 +28,7 @@ memory whatever the number of files; they suit one-off passes over a folder.
 
 How a dataset streams (every step in constant memory, whatever the number of files):
 
-- Discovery: ``os.scandir`` walks (:func:`protoken.fileio.walk_files`), never a listing in memory.
+- Discovery: ``os.scandir`` walks (:func:`protoken.inputs.walk_files`), never a listing in memory.
 - Split: a file is in ``"val"`` when the md5 of its path relative to the dataset root (POSIX
   separators, e.g. ``bin_65_128/ID.png``), read as a 64-bit fraction, is below ``valid_frac``.
   Moving or copying the root keeps the split; a bin folder opened alone
@@ -98,7 +98,7 @@ from protoken.codec import (
     standardize,
     unstandardize,
 )
-from protoken.fileio import walk_files
+from protoken.inputs import walk_files
 
 __all__ = [
     "BatchPlan",

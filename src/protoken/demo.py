@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from importlib import resources
@@ -28,7 +27,8 @@ def demo(out: str, max_steps: int = 600, workers: int | None = None, log=print) 
     """Run the demo; returns the evaluation summary."""
     from protoken.convert import ConvertOptions, convert, read_manifest
     from protoken.data import in_valid_split
-    from protoken.evaluate import evaluate, headline
+    from protoken.evaluate import evaluate
+    from protoken.report import headline
     from protoken.tokenizer import Tokenizer
     from protoken.train import TrainConfig, train
 
@@ -72,21 +72,3 @@ def demo(out: str, max_steps: int = 600, workers: int | None = None, log=print) 
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     log(headline(result, report))
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", default="protoken-demo", help="output folder (default ./protoken-demo)"
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=600,
-        help="training steps (default 600, a few minutes on 2 CPU cores)",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="processes (default all cores)")
-
-
-def run(args: argparse.Namespace) -> int:
-    demo(args.out, max_steps=args.max_steps, workers=args.workers)
-    return 0

@@ -1,55 +1,338 @@
-"""``protoken evaluate``: round-trip structures through a tokenizer and report honestly.
+"""Evaluation: reconstructions compared with the structures they came from, honestly.
 
-For each protein: structure -> image (the checkpoint's dmax and bit depth) -> tokens ->
-decoded image -> 3D (MDS, handedness from the image, refinement; optionally the full
-backbone) -> compared with the true structure (never with a mirror image: proper rotations
-only). Written to OUT:
+- :func:`compare_with_reference`: the metrics of one reconstruction against its true structure
+  (proper rotations only: a mirror image never hides behind a reflection).
+- :func:`reconstruct_images` (``protoken reconstruct``): images -> structure files, compared
+  with references found by id (:class:`ReferenceIndex`), residue names from FASTA
+  (:class:`SequenceLookup`).
+- :func:`evaluate` (``protoken evaluate``): structures -> image (the checkpoint's dmax and bit
+  depth) -> tokens -> decoded image -> 3D (MDS, handedness from the image, refinement;
+  optionally the full backbone) -> compared with the true structure.
+- :func:`summarize`: the statistics of metric rows that both commands write to
+  ``summary.json``.
 
-- ``metrics.tsv``: one row per protein (columns in :data:`COLUMNS`);
-- ``summary.json``: medians, means, fractions with TM > 0.5 and > 0.9, codebook usage;
-- ``report.md``: the summary, the per-protein table and the pictures below;
-- ``hist_rmsd.png``, ``hist_tm.png``; ``images_{best,median,worst}.png`` (input | decoded
-  image, per channel); ``overlay_{best,median,worst}.png`` (truth vs reconstruction in 3D).
+What the commands write (tables, report, pictures) is in :mod:`protoken.report`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from protoken.fileio import atomic_write, format_value, single_threaded
+from protoken.fileio import read_fasta
+from protoken.geometry import DMAX, virtual_cb
+from protoken.inputs import STRUCTURE_SUFFIXES, image_id, structure_id, walk_files
+from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
+from protoken.reconstruct import Reconstruction, reconstruct
+from protoken.structure import Backbone, read_backbones
 
-__all__ = ["COLUMNS", "evaluate", "write_report"]
+__all__ = [
+    "METRICS",
+    "ReferenceIndex",
+    "SequenceLookup",
+    "compare_with_reference",
+    "evaluate",
+    "reconstruct_images",
+    "summarize",
+]
 
-COLUMNS = (
-    "id", "length", "image_mse", "distance_mae", "cb_rmsd", "tm_score", "lddt",
-    "tokens_per_residue", "bits_per_residue", "mirrored_before_fix",
+#: Metrics summarised by :func:`summarize` (median, mean, min, max), when rows hold them.
+METRICS = (
+    "cb_rmsd", "tm_score", "lddt", "distance_mae", "image_mse", "tokens_per_residue",
+    "bits_per_residue", "bb_rmsd", "ca_rmsd", "ca_tm_score",
 )  # fmt: skip
-BACKBONE_COLUMNS = ("bb_rmsd", "ca_tm_score")
 
 
-def image_errors(truth: np.ndarray, decoded: np.ndarray, dmax: float) -> tuple[float, float]:
-    """(MSE over all pixels and channels in [-1, 1] units, mean |d_decoded - d_true| in Angstrom
-    over the pairs i > j)."""
-    mse = float(np.mean((decoded.astype(np.float64) - truth) ** 2))
-    lower = np.tril_indices(truth.shape[-1], k=-1)
-    d_true = (truth[0][lower] + 1) / 2 * dmax
-    d_dec = (np.clip(decoded[0][lower], -1, 1) + 1) / 2 * dmax
-    return mse, float(np.mean(np.abs(d_dec - d_true))) if len(d_true) else 0.0
+# --------------------------------------------------------------------------- comparison
+
+
+def _reference_atoms(reference) -> dict[str, np.ndarray]:
+    """Atoms of a reference: a Backbone, a structure file path or an (L, 3, 3) N/CA/C array give
+    N, CA, C and their virtual CB; an (L, 3) array is taken as CB only."""
+    if isinstance(reference, str | os.PathLike):
+        reference = read_backbones(reference, chains="first", models="first")[0]
+    coords = getattr(reference, "coords", reference)
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim == 2 and coords.shape[1] == 3:
+        return {"CB": coords}
+    if coords.ndim != 3 or coords.shape[1:] != (3, 3):
+        raise ValueError(
+            f"reference: expected N/CA/C (L, 3, 3) or CB (L, 3) coordinates, got {coords.shape}"
+        )
+    n, ca, c = coords[:, 0], coords[:, 1], coords[:, 2]
+    return {"N": n, "CA": ca, "C": c, "CB": virtual_cb(n, ca, c)}
+
+
+def compare_with_reference(rec: Reconstruction, reference) -> dict:
+    """Metrics of a reconstruction against the structure its image was made from.
+
+    Parameters
+    ----------
+    rec : Reconstruction
+    reference : Backbone, str/PathLike (structure file; first chain, first model), array
+        (L, 3, 3) of N, CA, C, or array (L, 3) of Cb
+        The reference Cb is the reference design's virtual Cb of its N, CA, C. A Cb-only
+        reference gives the Cb metrics only.
+
+    Returns
+    -------
+    dict
+        ``length``; ``cb_rmsd`` (Angstrom, after superposition by a proper rotation),
+        ``tm_score`` (on Cb, fixed correspondence, :func:`protoken.metrics.tm_score`),
+        ``lddt`` (on Cb), ``clipped_pairs``, ``mirrored_before_fix``, ``handedness_score``,
+        ``distance_rms``, and ``mirror_image`` (True if the reconstruction superposes better
+        onto the reference after a reflection: the check that the handedness is right). With a
+        backbone also ``bb_rmsd`` (N, CA, C superposed together), ``ca_rmsd`` and
+        ``ca_tm_score`` (when the reference has N, CA, C).
+
+    Raises
+    ------
+    ValueError
+        The reference has a different number of residues.
+    """
+    ref = _reference_atoms(reference)
+    length = len(ref["CB"])
+    if length != len(rec.cb):
+        raise ValueError(f"reference has {length} residues, the reconstruction {len(rec.cb)}")
+    cb_rmsd = rmsd(rec.cb, ref["CB"])
+    out = {
+        "length": length,
+        "cb_rmsd": cb_rmsd,
+        "tm_score": tm_score(rec.cb, ref["CB"]),
+        "lddt": lddt(rec.cb, ref["CB"]),
+        "clipped_pairs": rec.clipped_pairs,
+        "mirrored_before_fix": rec.mirrored_before_fix,
+        "mirror_image": bool(length >= 4 and mirror_rmsd(rec.cb, ref["CB"]) < cb_rmsd),
+        "handedness_score": rec.handedness_score,
+        "distance_rms": rec.distance_rms,
+    }
+    if rec.atoms is not None and "N" in ref:
+        names = ("N", "CA", "C")
+        mine = np.concatenate([rec.atoms[k] for k in names])
+        theirs = np.concatenate([ref[k] for k in names])
+        out["bb_rmsd"] = rmsd(mine, theirs)
+        out["ca_rmsd"] = rmsd(rec.atoms["CA"], ref["CA"])
+        out["ca_tm_score"] = tm_score(rec.atoms["CA"], ref["CA"])
+    return out
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Statistics of metric rows (each a dict as from :func:`compare_with_reference`).
+
+    Returns, for every key of :data:`METRICS` that the rows hold, its ``median``, ``mean``,
+    ``min`` and ``max``; with TM-scores the fractions of rows above 0.5 and 0.9; the number of
+    ``mirror_images`` (reconstructions that superpose better onto the truth after a reflection:
+    the wrong hand) and of ``mirrored_before_fix`` (fixed by the handedness step).
+    """
+    out: dict = {}
+    for key in METRICS:
+        vals = np.array([r[key] for r in rows if key in r], dtype=np.float64)
+        if len(vals):
+            out[key] = {"median": float(np.median(vals)), "mean": float(np.mean(vals)),
+                        "min": float(vals.min()), "max": float(vals.max())}  # fmt: skip
+    tm = np.array([r["tm_score"] for r in rows if "tm_score" in r])
+    if len(tm):
+        out["fraction_tm_above_0.5"] = float(np.mean(tm > 0.5))
+        out["fraction_tm_above_0.9"] = float(np.mean(tm > 0.9))
+    out["mirror_images"] = int(sum(bool(r.get("mirror_image")) for r in rows))
+    out["mirrored_before_fix"] = int(sum(bool(r.get("mirrored_before_fix")) for r in rows))
+    return out
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+class SequenceLookup:
+    """Residue names for images (``--fasta``): one FASTA file, whose records are matched by id
+    (a single record also serves a single image of any id), or a folder of ID.fasta files."""
+
+    def __init__(self, path: str | os.PathLike | None, n_images: int):
+        self.path = os.fspath(path) if path else None
+        self.records: dict[str, str] = {}
+        self.single = None
+        if self.path and os.path.isfile(self.path):
+            self.records = read_fasta(self.path)
+            if len(self.records) == 1 and n_images == 1:
+                self.single = next(iter(self.records.values()))
+
+    def get(self, sid: str) -> str | None:
+        """The sequence of image ``sid``, or None."""
+        if not self.path:
+            return None
+        if os.path.isdir(self.path):
+            for ext in (".fasta", ".fa", ".faa"):
+                fasta = os.path.join(self.path, sid + ext)
+                if os.path.isfile(fasta):
+                    return next(iter(read_fasta(fasta).values()), None)
+            return None
+        return self.records.get(sid, self.single)
+
+
+class ReferenceIndex:
+    """Reference structures by id (``--reference``): a structure file, or a folder walked
+    recursively (of several files with one id the first in sorted path order is used)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.files: dict[str, str] = {}
+        if not path:
+            return
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            self.files = {structure_id(path): path}
+            return
+        for f in sorted(walk_files(path, STRUCTURE_SUFFIXES)):
+            self.files.setdefault(structure_id(f), f)
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def find(self, sid: str) -> Backbone | None:
+        """The reference of image ``sid``: file ID.*, or chain CHAIN of STEM.* for the ids
+        ``STEM_CHAIN`` that ``protoken convert --chains split`` makes. None if absent."""
+        if sid in self.files:
+            return read_backbones(self.files[sid], chains="first", models="first")[0]
+        stem, _, chain = sid.rpartition("_")
+        if stem in self.files and chain:
+            for bb in read_backbones(self.files[stem], chains="split", models="first"):
+                if bb.id == sid:
+                    return bb
+        return None
+
+
+# --------------------------------------------------------------------------- process pool
+
+
+def _single_threaded() -> None:
+    """Pool initializer: one torch thread per worker process (the pool provides the
+    parallelism; more threads would only oversubscribe the cores)."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _map(fn: Callable, tasks: Sequence, workers: int | None, progress: bool = False,
+         desc: str = "") -> list:  # fmt: skip
+    """``[fn(t) for t in tasks]``, in ``workers`` processes when there is more than one."""
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(tasks) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, initializer=_single_threaded) as pool:
+            results = pool.map(fn, tasks, chunksize=1)
+            return list(tqdm(results, total=len(tasks), desc=desc, disable=not progress,
+                             file=sys.stderr))  # fmt: skip
+    return [fn(t) for t in tqdm(tasks, desc=desc, disable=not progress, file=sys.stderr)]
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+@dataclass
+class _ImageTask:
+    image: str
+    out: str
+    fmt: str
+    dmax: float
+    refine: bool
+    backbone: bool
+    sequence: str | None
+    references: ReferenceIndex
+
+
+def _reconstruct_image(task: _ImageTask) -> dict:
+    """Reconstruct one image, write its structure, compare with its reference if any."""
+    from protoken.fileio import atomic_write
+
+    sid = image_id(task.image)
+    row: dict = {"id": sid}
+    try:
+        t0 = time.perf_counter()
+        rec = reconstruct(task.image, dmax=task.dmax, refine=task.refine, backbone=task.backbone)
+        row["seconds"] = time.perf_counter() - t0
+        seq = task.sequence
+        note = ""
+        if seq is not None and len(seq) != len(rec):
+            note = f"sequence has {len(seq)} residues, image {len(rec)}: residues written as UNK"
+            seq = None
+        path = os.path.join(task.out, f"{sid}.{task.fmt}")
+        atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
+        row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
+        row["mirrored_before_fix"] = rec.mirrored_before_fix
+        if task.references:
+            ref = task.references.find(sid)
+            if ref is None:
+                row["note"] = (note + "; " if note else "") + "no reference"
+            else:
+                row.update(compare_with_reference(rec, ref))
+                row["has_reference"] = True
+    except Exception as exc:  # noqa: BLE001 - one bad input must not stop a batch
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None,
+                       reference: str | None = None, dmax: float = DMAX, refine: bool = True,
+                       backbone: bool = False, fmt: str = "pdb",
+                       workers: int | None = 1) -> tuple[list[dict], dict]:  # fmt: skip
+    """Reconstruct PNG images into ``out/ID.{fmt}`` (``protoken reconstruct``).
+
+    Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK. With ``reference``
+    (:class:`ReferenceIndex`) each structure is compared with its reference
+    (:func:`compare_with_reference`) and ``out/metrics.tsv`` and ``out/summary.json`` are
+    written. An image that fails is recorded (``error``), never stops the others.
+
+    Returns
+    -------
+    rows : list of dict
+        Per image: ``id``, and ``error``, or ``length``, ``clipped_pairs``, ``note``, the
+        metrics (``has_reference``) ...
+    summary : dict
+        ``images``, ``failed``, ``with_reference``, :func:`summarize` of the compared rows and
+        ``clipped_proteins``.
+    """
+    from protoken.report import write_reconstruct_tables
+
+    os.makedirs(out, exist_ok=True)
+    sequences = SequenceLookup(fasta, len(images))
+    references = ReferenceIndex(reference)
+    tasks = [_ImageTask(image, out, fmt, dmax, refine, backbone, sequences.get(image_id(image)),
+                        references) for image in images]  # fmt: skip
+    rows = _map(_reconstruct_image, tasks, workers)
+    scored = [r for r in rows if r.get("has_reference")]
+    summary: dict = {
+        "images": len(rows),
+        "failed": sum("error" in r for r in rows),
+        "with_reference": len(scored),
+    }
+    if scored:
+        summary.update(summarize(scored))
+        summary["clipped_proteins"] = [
+            {k: r[k] for k in ("id", "length", "clipped_pairs", "cb_rmsd", "tm_score")}
+            for r in scored
+            if r["clipped_pairs"]
+        ]
+    if reference:
+        write_reconstruct_tables(out, scored, summary, backbone)
+    return rows, summary
+
+
+# --------------------------------------------------------------------------- evaluate
 
 
 def _reconstruct_and_compare(task: tuple) -> dict:
     """Worker: reconstruct a decoded image and compare it with the reference."""
     decoded, reference, dmax, backbone = task
-    from protoken.reconstruct import compare_with_reference, reconstruct
-
     rec = reconstruct(decoded, dmax=dmax, backbone=backbone)
     row = compare_with_reference(rec, reference)
     row["cb"] = rec.cb
@@ -57,27 +340,31 @@ def _reconstruct_and_compare(task: tuple) -> dict:
     return row
 
 
-def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
+def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
              models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
              log=print) -> dict:  # fmt: skip
     """Evaluate a tokenizer on structure files (or PNGs: then the reference is the 3D
-    reconstruction of the input image itself). Returns the summary (also in OUT/summary.json).
+    reconstruction of the input image itself). Writes OUT/metrics.tsv, OUT/summary.json and
+    OUT/report.md with its pictures (:func:`protoken.report.write_report`); returns the summary.
+
+    Per protein: ``length``, ``image_mse`` (over all pixels and channels, [-1, 1] units),
+    ``distance_mae`` (:func:`protoken.metrics.distance_mae`, Angstrom), the metrics of
+    :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``.
     """
     from tqdm import tqdm
 
-    from protoken.reconstruct import reconstruct
-    from protoken.structure import SkipStructure, StructureError
+    from protoken.report import write_report
 
     os.makedirs(out, exist_ok=True)
-    items, skipped = [], []
-    for path in inputs:
-        try:
-            items.extend(tokenizer.prepare(path, chains=chains, models=models, min_len=min_len,
-                                           max_len=max_len))  # fmt: skip
-        except (SkipStructure, StructureError, ValueError, OSError) as exc:
-            skipped.append((path, str(exc)))
-            log(f"protoken evaluate: skipped {path}: {exc}")
+    skipped: list[tuple[str, str]] = []
+
+    def skip(source, exc: Exception) -> None:
+        skipped.append((str(source), str(exc)))
+        log(f"protoken evaluate: skipped {source}: {exc}")
+
+    items = list(tokenizer.prepare_many(inputs, chains=chains, models=models, min_len=min_len,
+                                        max_len=max_len, on_error=skip))  # fmt: skip
     if not items:
         raise ValueError("no protein to evaluate")
     dmax = tokenizer.codec.dmax
@@ -93,25 +380,19 @@ def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
     for it, dec in zip(items, decoded, strict=True):
         reference = it.backbone if it.backbone is not None else reconstruct(it.image, dmax=dmax).cb
         tasks.append((dec, reference, dmax, backbone))
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(workers, initializer=single_threaded) as pool:
-            results = list(tqdm(pool.map(_reconstruct_and_compare, tasks), total=len(tasks),
-                                desc="3D", disable=not progress, file=sys.stderr))  # fmt: skip
-    else:
-        results = [_reconstruct_and_compare(t) for t in tqdm(tasks, desc="3D",
-                                                             disable=not progress)]  # fmt: skip
+    results = _map(_reconstruct_and_compare, tasks, workers, progress, desc="3D")
 
     bits = math.log2(tokenizer.config.codebook_size)
     rows = []
     for it, lv, dec, res in zip(items, levels, decoded, results, strict=True):
-        mse, mae = image_errors(it.image, dec, dmax)
+        length = int(it.image.shape[-1])
         n_tok = int(sum(np.asarray(g).size for g in lv))
         row = {
-            "id": it.id, "length": int(it.image.shape[-1]), "image_mse": mse, "distance_mae": mae,
+            "id": it.id, "length": length,
+            "image_mse": float(np.mean((dec.astype(np.float64) - it.image) ** 2)),
+            "distance_mae": distance_mae(it.image, dec, dmax),
             "cb_rmsd": res["cb_rmsd"], "tm_score": res["tm_score"], "lddt": res["lddt"],
-            "tokens_per_residue": n_tok / it.image.shape[-1],
-            "bits_per_residue": n_tok * bits / it.image.shape[-1],
+            "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
             "mirrored_before_fix": res["mirrored_before_fix"],
             "mirror_image": res["mirror_image"],
         }  # fmt: skip
@@ -124,208 +405,9 @@ def evaluate(tokenizer, inputs: Sequence[str], out: str, backbone: bool = False,
     for lv in range(len(levels[0])):
         used = np.unique(np.concatenate([np.asarray(p[lv]).ravel() for p in levels]))
         usage.append(len(used[used >= 0]) / tokenizer.config.codebook_size)
-    summary = summarize(rows, usage, skipped)
+    summary = {"proteins": len(rows), "skipped_inputs": len(skipped), **summarize(rows)}
+    summary["codebook_usage_per_level_coarsest_first"] = [round(u, 4) for u in usage]
     summary["checkpoint"] = getattr(tokenizer, "checkpoint", "")
-    write_report(out, rows, summary, items, decoded, results, backbone,
-                 [task[1] for task in tasks])  # fmt: skip
+    truth = [_reference_atoms(task[1])["CB"] for task in tasks]
+    write_report(out, rows, summary, items, decoded, [r["cb"] for r in results], truth, backbone)
     return summary
-
-
-def summarize(rows: list[dict], usage: list[float], skipped: list) -> dict:
-    tm = np.array([r["tm_score"] for r in rows])
-    out = {"proteins": len(rows), "skipped_inputs": len(skipped)}
-    for key in ("cb_rmsd", "tm_score", "lddt", "distance_mae", "image_mse", "tokens_per_residue",
-                "bits_per_residue", *BACKBONE_COLUMNS):  # fmt: skip
-        vals = np.array([r[key] for r in rows if key in r], dtype=np.float64)
-        if len(vals):
-            out[key] = {"median": float(np.median(vals)), "mean": float(np.mean(vals)),
-                        "min": float(vals.min()), "max": float(vals.max())}  # fmt: skip
-    out["fraction_tm_above_0.5"] = float(np.mean(tm > 0.5))
-    out["fraction_tm_above_0.9"] = float(np.mean(tm > 0.9))
-    out["codebook_usage_per_level_coarsest_first"] = [round(u, 4) for u in usage]
-    # reconstructions that superpose better onto the truth after a reflection: wrong hand
-    out["mirror_images"] = int(sum(bool(r["mirror_image"]) for r in rows))
-    return out
-
-
-def write_report(out: str, rows, summary, items, decoded, results, backbone: bool,
-                 references) -> None:  # fmt: skip
-    """metrics.tsv, summary.json, pictures and report.md (``references``: per protein the
-    true N/CA/C (L, 3, 3), or the Cb (L, 3) reconstructed from an input PNG)."""
-    cols = COLUMNS + (BACKBONE_COLUMNS if backbone else ())
-    lines = ["\t".join(cols)] + ["\t".join(format_value(r[c]) for c in cols) for r in rows]
-    atomic_write(os.path.join(out, "metrics.tsv"), "\n".join(lines) + "\n")
-    atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-
-    order = np.argsort([r["tm_score"] for r in rows])
-    picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]),
-             "best": int(order[-1])}  # fmt: skip
-    pictures = _pictures(out, rows, items, decoded, results, picks, references)
-
-    s = summary
-    md = [
-        "# protoken evaluation",
-        "",
-        f"Checkpoint `{s.get('checkpoint', '')}`, {s['proteins']} proteins "
-        f"({s['skipped_inputs']} inputs skipped). Structures are reconstructed from the decoded "
-        "images (classical MDS, handedness from the image's own chiral channels, distance "
-        "refinement" + (", full backbone" if backbone else "") + ") and compared with the true "
-        "structures after superposition by a proper rotation.",
-        "",
-        "| metric | median | mean | min | max |",
-        "|---|---|---|---|---|",
-    ]
-    labels = {
-        "tm_score": "TM-score (Cb)", "cb_rmsd": "Cb RMSD (A)", "lddt": "lDDT (Cb)",
-        "distance_mae": "Cb distance MAE (A)", "image_mse": "image MSE", "bb_rmsd":
-        "backbone RMSD (A)", "ca_tm_score": "TM-score (CA)", "tokens_per_residue":
-        "tokens / residue", "bits_per_residue": "bits / residue",
-    }  # fmt: skip
-    for key, label in labels.items():
-        if key in s:
-            v = s[key]
-            md.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
-                      f"| {v['max']:.4f} |")  # fmt: skip
-    md += [
-        "",
-        f"Fraction with TM-score > 0.5: {s['fraction_tm_above_0.5']:.3f}; "
-        f"> 0.9: {s['fraction_tm_above_0.9']:.3f}.",
-        f"Codebook usage per level (coarsest first): "
-        f"{', '.join(f'{u:.3f}' for u in s['codebook_usage_per_level_coarsest_first'])}.",
-        "",
-        "![Cb RMSD](hist_rmsd.png) ![TM-score](hist_tm.png)",
-        "",
-    ]
-    for name in ("best", "median", "worst"):
-        r = rows[picks[name]]
-        md += [
-            f"## {name}: {r['id']} (L={r['length']}, TM {r['tm_score']:.3f}, "
-            f"Cb RMSD {r['cb_rmsd']:.2f} A)",
-            "",
-            f"![{name} images]({pictures[name][0]}) ![{name} 3D]({pictures[name][1]})",
-            "",
-        ]
-    md += ["## Per protein", "", "| " + " | ".join(cols) + " |",
-           "|" + "---|" * len(cols)]  # fmt: skip
-    for i in order[::-1]:
-        md.append("| " + " | ".join(format_value(rows[i][c]) for c in cols) + " |")
-    atomic_write(os.path.join(out, "report.md"), "\n".join(md) + "\n")
-
-
-def _pictures(out, rows, items, decoded, results, picks,
-              references) -> dict[str, tuple[str, str]]:  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from protoken.metrics import superpose
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=90)
-        plt.close(fig)
-
-    for key, label, name in (("cb_rmsd", "Cb RMSD (A)", "hist_rmsd.png"),
-                             ("tm_score", "TM-score", "hist_tm.png")):  # fmt: skip
-        fig, ax = plt.subplots(figsize=(4.5, 3))
-        vals = [r[key] for r in rows]
-        ax.hist(vals, bins=min(30, max(5, len(vals))), color="#4477aa")
-        ax.set_xlabel(label)
-        ax.set_ylabel("proteins")
-        ax.set_title(f"{label}: median {np.median(vals):.3f}", fontsize=10)
-        save(fig, name)
-
-    names = ("ch0: d (lower) / omega (upper)", "ch1: theta", "ch2: phi")
-    pictures = {}
-    for which, i in picks.items():
-        fig, axes = plt.subplots(2, 3, figsize=(9, 6.2))
-        for c in range(3):
-            for r, (img, title) in enumerate(((items[i].image, "input"), (decoded[i], "decoded"))):
-                ax = axes[r, c]
-                ax.imshow(img[c], vmin=-1, vmax=1, cmap="viridis", interpolation="nearest")
-                ax.set_title(f"{title} {names[c]}", fontsize=8)
-                ax.set_xticks([])
-                ax.set_yticks([])
-        fig.suptitle(f"{rows[i]['id']} ({which}, TM {rows[i]['tm_score']:.3f})", fontsize=10)
-        images_png = f"images_{which}.png"
-        save(fig, images_png)
-
-        ref = np.asarray(references[i])
-        if ref.ndim == 3:  # N, CA, C of the true structure
-            from protoken.geometry import virtual_cb
-
-            ref = virtual_cb(ref[:, 0], ref[:, 1], ref[:, 2])
-        aligned = superpose(results[i]["cb"], ref)
-        fig = plt.figure(figsize=(5, 5))
-        ax = fig.add_subplot(projection="3d")
-        ax.plot(*ref.T, color="#333333", lw=1.5, label="true (Cb trace)")
-        ax.plot(*aligned.T, color="#ee6677", lw=1.2, label="from tokens")
-        ax.set_title(f"{rows[i]['id']}: Cb RMSD {rows[i]['cb_rmsd']:.2f} A", fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_zticks([])
-        overlay_png = f"overlay_{which}.png"
-        save(fig, overlay_png)
-        pictures[which] = (images_png, overlay_png)
-    return pictures
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="structure files or folders (PNG images also accepted)",
-    )
-    parser.add_argument("--checkpoint", "-c", required=True)
-    parser.add_argument("--out", "-o", required=True, help="report folder")
-    parser.add_argument(
-        "--backbone",
-        action="store_true",
-        help="rebuild the full backbone; report backbone RMSD and CA TM-score",
-    )
-    parser.add_argument(
-        "--workers",
-        "-j",
-        type=int,
-        default=None,
-        help="processes for the 3D reconstruction (default: all cores)",
-    )
-    parser.add_argument("--chains", choices=["skip-multi", "split", "first"], default="skip-multi")
-    parser.add_argument("--models", choices=["skip-multi", "first"], default="skip-multi")
-    parser.add_argument("--min-len", type=int, default=40, help="skip shorter chains (40)")
-    parser.add_argument("--max-len", type=int, default=1024, help="skip longer chains (1024)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    from protoken.tokenizer import Tokenizer, _inputs
-
-    tok = Tokenizer.from_checkpoint(args.checkpoint)
-    try:
-        summary = evaluate(tok, list(_inputs(args.inputs)), args.out, backbone=args.backbone,
-                           workers=args.workers, progress=not args.no_progress,
-                           chains=args.chains, models=args.models, min_len=args.min_len,
-                           max_len=args.max_len,
-                           log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-    except ValueError as exc:
-        print(f"protoken evaluate: {exc}", file=sys.stderr)
-        return 2
-    print(headline(summary, args.out))
-    return 0
-
-
-def headline(summary: dict, out: str) -> str:
-    s = summary
-    text = (f"{s['proteins']} proteins: TM-score median {s['tm_score']['median']:.3f}, "
-            f"Cb RMSD median {s['cb_rmsd']['median']:.2f} A, lDDT median "
-            f"{s['lddt']['median']:.3f}, TM > 0.5 for {100 * s['fraction_tm_above_0.5']:.0f}%, "
-            f"{s['bits_per_residue']['median']:.0f} bits/residue")  # fmt: skip
-    if "bb_rmsd" in s:
-        text += f", backbone RMSD median {s['bb_rmsd']['median']:.2f} A"
-    return text + f"\nreport: {os.path.join(out, 'report.md')}"

@@ -1,9 +1,9 @@
-"""Small file helpers shared by the writers: atomic writes, FASTA, TSV values, directory walks."""
+"""Small file helpers shared by the writers: atomic writes, FASTA, TSV tables."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 __all__ = [
@@ -11,9 +11,8 @@ __all__ = [
     "atomic_write",
     "format_value",
     "read_fasta",
-    "single_threaded",
     "temp_name",
-    "walk_files",
+    "write_tsv",
 ]
 
 
@@ -64,6 +63,14 @@ def format_value(value) -> str:
     return str(value)
 
 
+def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping]) -> None:
+    """Write a TSV table atomically: a header row of ``columns``, then one line per row with
+    its values (missing ones empty) formatted by :func:`format_value`."""
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(format_value(row.get(c, "")) for c in columns) for row in rows]
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
 def read_fasta(path: str | os.PathLike) -> dict[str, str]:
     """Records of a FASTA file: id (first word of the header) -> sequence (one-letter)."""
     out: dict[str, str] = {}
@@ -80,51 +87,3 @@ def read_fasta(path: str | os.PathLike) -> dict[str, str]:
     if name is not None:
         out[name] = "".join(chunks)
     return out
-
-
-def single_threaded() -> None:
-    """Process-pool initializer: one torch thread per worker process (the pool provides the
-    parallelism; more threads would only oversubscribe the cores)."""
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
-    """Yield the files under ``root`` recursively, streamed with os.scandir.
-
-    Files are yielded in the order the file system lists them, as they are listed, so even one
-    flat folder of millions of files is walked in constant memory; only the names of
-    subfolders are kept (visited in sorted order). Hidden entries (``.name``) are skipped.
-    ``suffixes``, when given, keeps only names ending with one of them (case-insensitive).
-    ``root`` may itself be a file.
-    """
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        if os.path.isfile(root) and (suffixes is None or root.lower().endswith(suffixes)):
-            yield root
-        return
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        subdirs = []
-        try:
-            with os.scandir(folder) as it:
-                for entry in it:
-                    if entry.name.startswith("."):
-                        continue
-                    try:
-                        if entry.is_dir():
-                            subdirs.append(entry.path)
-                        elif entry.is_file() and (
-                            suffixes is None or entry.name.lower().endswith(suffixes)
-                        ):
-                            yield entry.path
-                    except OSError:
-                        continue
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        stack.extend(sorted(subdirs, reverse=True))

@@ -1,6 +1,6 @@
 """Back-conversion: a 6D image -> 3D coordinates (Cb, optionally the full backbone) -> PDB/mmCIF.
 
-The seed's section 4, plus what it leaves out:
+The reference design's section 4, plus what it leaves out:
 
 1. **Distances** from channel 0's lower triangle, d = (x + 1) / 2 * dmax, symmetric, zero
    diagonal (:func:`protoken.codec.image_to_distances`). A pair whose pixel is at the top of the
@@ -16,13 +16,13 @@ The seed's section 4, plus what it leaves out:
    pulled closer than dmax are pushed out, those beyond dmax are free), with scipy's L-BFGS and
    an analytic gradient. This recovers every clipped-pair protein of the test set to the
    image's precision, and lowers the Cb error of 8-bit images by about a quarter.
-4. **Handedness** (:func:`resolve_handedness`): distances cannot tell a structure from its
-   mirror image; the image's chiral channel can. The CA direction of each residue is placed
-   from its phi angles to every known partner (:func:`ca_directions`), the omega dihedrals are
+4. **Handedness** (:func:`resolve_handedness`): distances cannot tell a structure from its mirror
+   image; the image's chiral channel can. The CA direction of each residue is placed from its phi
+   angles to every known partner (:func:`protoken.geometry.ca_directions`), the omega dihedrals are
    recomputed from these, and their signs are compared with channel 0's upper triangle: if they
-   disagree the coordinates are mirrored. The seed's Procrustes, which allows reflections,
-   hides this; here the mirror image is fixed before any comparison, and the metrics never
-   allow reflections (:mod:`protoken.metrics`).
+   disagree the coordinates are mirrored. The reference design's Procrustes, which allows
+   reflections, hides this; here the mirror image is fixed before any comparison, and the metrics
+   never allow reflections (:mod:`protoken.metrics`).
 5. Optionally the **full backbone** (N, CA, C, O, CB) from the orientation channels
    (:mod:`protoken.backbone`).
 
@@ -33,31 +33,27 @@ result but never raise or produce NaN.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from protoken.backbone import build_backbone
 from protoken.codec import image_to_features, read_image
-from protoken.fileio import format_value, read_fasta, single_threaded
-from protoken.geometry import DMAX, SixD
+from protoken.geometry import DMAX, SixD, ca_directions, omega_parts, pairwise_distances
+from protoken.structure import structure_to_text
 
 __all__ = [
     "Reconstruction",
-    "ca_directions",
     "clipped_mask",
-    "compare_with_reference",
     "distance_rms",
+    "handedness_score",
     "load_image",
     "mds",
     "reconstruct",
     "refine_distances",
     "resolve_handedness",
     "stress",
-    "to_structure_text",
 ]
 
 #: A pixel of channel 0's lower triangle at or above 1 - CLIP_TOL is a clipped pair (d >= dmax).
@@ -67,13 +63,6 @@ CLIP_TOL = 1e-5
 #: ``reconstruct(refine=True)`` refines the MDS solution when its RMS distance violation exceeds
 #: this (Angstrom) or any pair is clipped; 16-bit images of real proteins give ~0.0003.
 REFINE_RMS = 1e-3
-
-
-def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cross product of (L, 3) arrays (np.cross has a large fixed cost)."""
-    a0, a1, a2 = a[..., 0], a[..., 1], a[..., 2]
-    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
-    return np.stack((a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0), axis=-1)
 
 
 # --------------------------------------------------------------------------- result
@@ -132,8 +121,9 @@ class Reconstruction:
         return self.atoms if self.atoms is not None else {"CB": self.cb}
 
     def to_text(self, sequence: str | None = None, fmt: str = "pdb") -> str:
-        """PDB or mmCIF text (see :func:`to_structure_text`)."""
-        return to_structure_text(self.output_atoms, sequence=sequence, fmt=fmt)
+        """PDB or mmCIF text of :attr:`output_atoms`, residues numbered 1..L in image order
+        (:func:`protoken.structure.structure_to_text`)."""
+        return structure_to_text(self.output_atoms, sequence=sequence, fmt=fmt)
 
 
 # --------------------------------------------------------------------------- image
@@ -252,18 +242,6 @@ def mds(distances) -> np.ndarray:
 # --------------------------------------------------------------------------- refinement
 
 
-def _pair_terms(x: np.ndarray) -> np.ndarray:
-    """Pairwise distances (L, L) of centred coordinates by the Gram matrix."""
-    sq = x @ x.T
-    n = sq.diagonal().copy()
-    sq *= -2.0
-    sq += n[:, None]
-    sq += n[None, :]
-    np.maximum(sq, 0.0, out=sq)
-    np.fill_diagonal(sq, 0.0)
-    return np.sqrt(sq, out=sq)
-
-
 def _residuals(r: np.ndarray, d: np.ndarray, clip_idx: np.ndarray, dmax: float) -> np.ndarray:
     """r - d on known pairs, min(r - dmax, 0) on the clipped ones (flat indices ``clip_idx``);
     zero diagonal."""
@@ -292,7 +270,7 @@ def distance_rms(x, distances, clipped=None, dmax: float = DMAX) -> float:
     if length < 2:
         return 0.0
     d = np.asarray(distances, dtype=np.float64)
-    res = _residuals(_pair_terms(x - x.mean(axis=0)), d, _clip_index(clipped, d.shape), dmax)
+    res = _residuals(pairwise_distances(x), d, _clip_index(clipped, d.shape), dmax)
     return float(np.sqrt(np.einsum("ij,ij->", res, res) / (length * (length - 1))))
 
 
@@ -300,7 +278,7 @@ def _stress(x: np.ndarray, d: np.ndarray, clip_idx: np.ndarray, dmax: float):
     length = len(x)
     norm = 1.0 / max(length * (length - 1), 1)
     x = x - x.mean(axis=0)
-    r = _pair_terms(x)
+    r = pairwise_distances(x)
     res = _residuals(r, d, clip_idx, dmax)
     f = 0.5 * norm * float(np.einsum("ij,ij->", res, res))
     # d/dx_i of sum_{i<j} res_ij^2 is sum_j 2 res_ij (x_i - x_j) / r_ij (res_ii = 0)
@@ -391,85 +369,18 @@ def refine_distances(
 # --------------------------------------------------------------------------- handedness
 
 
-def ca_directions(cb, phi, mask) -> np.ndarray:
-    """Unit vectors from each Cb to its CA, placed from the phi angles.
-
-    phi_ij = angle(CA_i, Cb_i, Cb_j), so w_i = (CA_i - Cb_i) / |CA_i - Cb_i| satisfies
-    w_i . e_ij = cos(phi_ij) with e_ij the unit vector from Cb_i to Cb_j. Each w_i is the
-    least-squares solution over every partner j in ``mask`` (a 3x3 system per residue,
-    assembled with (L, L) x (L, 9) products), then normalised.
-
-    Parameters
-    ----------
-    cb : array_like, shape (L, 3)
-    phi : array_like, shape (L, L)
-        Radians; row i is measured at residue i.
-    mask : array_like of bool, shape (L, L)
-        Pairs to use (known distances, i != j).
-
-    Returns
-    -------
-    ndarray, shape (L, 3)
-        Unit vectors (for a residue with no usable partner: the direction away from the
-        centroid, a fallback that only matters for degenerate input).
-    """
-    cb = np.asarray(cb, dtype=np.float64)
-    cb = cb - cb.mean(axis=0)
-    length = len(cb)
-    r = _pair_terms(cb)
-    m = np.asarray(mask, dtype=bool) & (r > 1e-6)
-    np.fill_diagonal(m, False)
-    inv = np.divide(1.0, r, out=np.zeros_like(r), where=m)
-    g = inv * inv  # weights of e e^T = (cb_j - cb_i)(cb_j - cb_i)^T / r^2
-    h = np.cos(np.asarray(phi, dtype=np.float64)) * inv  # weights of cos(phi) e
-    outer = (cb[:, :, None] * cb[:, None, :]).reshape(length, 9)
-    gsum = g.sum(axis=1)
-    gcb = g @ cb
-    a = (g @ outer).reshape(length, 3, 3)
-    a -= cb[:, :, None] * gcb[:, None, :]
-    a -= gcb[:, :, None] * cb[:, None, :]
-    a += gsum[:, None, None] * (cb[:, :, None] * cb[:, None, :])
-    b = h @ cb - h.sum(axis=1)[:, None] * cb
-    # a tiny ridge keeps the 3x3 systems solvable when partners are few or collinear
-    ridge = 1e-10 * np.trace(a, axis1=1, axis2=2) + 1e-12
-    a += ridge[:, None, None] * np.eye(3)
-    w = np.linalg.solve(a, b[:, :, None])[:, :, 0]
-    norm = np.linalg.norm(w, axis=1)
-    bad = ~(np.isfinite(norm) & (norm > 1e-8))
-    if bad.any():
-        fallback = cb[bad] / np.maximum(np.linalg.norm(cb[bad], axis=1, keepdims=True), 1e-12)
-        fallback[np.linalg.norm(fallback, axis=1) < 0.5] = (1.0, 0.0, 0.0)
-        w[bad] = fallback
-        norm[bad] = 1.0
-    return w / norm[:, None]
-
-
-def omega_from_directions(cb: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sin, cos)-proportional parts (y, x) of omega_ij = dihedral(CA_i, Cb_i, Cb_j, CA_j) from
-    Cb and the unit vectors u = (Cb - CA) / |Cb - CA|: omega = atan2(y, x) with
-    y = e . (u_i x u_j), x = u_i . u_j - (u_i . e)(u_j . e), e = (Cb_j - Cb_i) / d_ij."""
-    r = _pair_terms(cb)
-    inv = np.divide(1.0, r, out=np.zeros_like(r), where=r > 1e-9)
-    y = u @ _cross(u, cb).T
-    y -= _cross(cb, u) @ u.T
-    y *= inv
-    ui_e = (u @ cb.T - np.einsum("ik,ik->i", u, cb)[:, None]) * inv  # u_i . e_ij
-    uj_e = (np.einsum("ik,ik->i", u, cb)[None, :] - cb @ u.T) * inv  # u_j . e_ij
-    x = u @ u.T - ui_e * uj_e
-    return y, x
-
-
 def handedness_score(cb, features: SixD, mask) -> float:
-    """Correlation in [-1, 1] between sin(omega) of the image and of the structure ``cb``
-    with CA directions placed from phi (:func:`ca_directions`); the mirror image scores the
-    negative. Pairs outside ``mask`` are ignored."""
+    """Correlation in [-1, 1] between sin(omega) of the image and of the structure ``cb`` with CA
+    directions placed from phi (:func:`protoken.geometry.ca_directions`); the mirror image scores
+    the negative. Pairs outside ``mask`` are ignored."""
     cb = np.asarray(cb, dtype=np.float64)
     cb = cb - cb.mean(axis=0)
     if len(cb) < 4:
         return 0.0
     m = np.asarray(mask, dtype=bool)
     u = -ca_directions(cb, features.phi, m)
-    y, x = omega_from_directions(cb, u)
+    r = pairwise_distances(cb)
+    y, x = omega_parts(cb, u, np.divide(1.0, r, out=np.zeros_like(r), where=r > 1e-9))
     s_rec = np.divide(y, np.hypot(x, y), out=np.zeros_like(y), where=np.hypot(x, y) > 1e-12)
     s_img = np.sin(features.omega)
     num = float(np.sum(s_img * s_rec, where=m))
@@ -520,8 +431,8 @@ def reconstruct(
     Parameters
     ----------
     image_or_path : str, PathLike or array_like (3, L, L)
-        A protoken/seed PNG (8 or 16 bit) or an image in [-1, 1] (numpy or torch; noisy model
-        outputs are fine, see :func:`load_image`).
+        A PNG of protoken or the reference design (8 or 16 bit) or an image in [-1, 1] (numpy or
+        torch; noisy model outputs are fine, see :func:`load_image`).
     dmax : float
         The distance cut-off the image was made with, Angstrom.
     refine : bool
@@ -563,385 +474,7 @@ def reconstruct(
         dmax=dmax,
     )
     if backbone:
-        from protoken.backbone import build_backbone
-
         atoms, info = build_backbone(x, features, known, cb_error=rms)
         rec.atoms = atoms
         rec.backbone_info = info
     return rec
-
-
-# --------------------------------------------------------------------------- output
-
-
-def to_structure_text(
-    atoms, sequence: str | None = None, fmt: str = "pdb", chain_id: str = "A"
-) -> str:
-    """Coordinates -> PDB or mmCIF text, residues numbered 1..L in image order.
-
-    Parameters
-    ----------
-    atoms : ndarray (L, 3), dict of str to ndarray (L, 3), or Reconstruction
-        A bare array is written as one CB atom per residue.
-    sequence : str, optional
-        One-letter sequence of length L (residue names); else every residue is UNK.
-    fmt : {"pdb", "cif"}
-    """
-    from protoken.structure import structure_to_text
-
-    if isinstance(atoms, Reconstruction):
-        atoms = atoms.output_atoms
-    elif not isinstance(atoms, dict):
-        atoms = {"CB": np.asarray(atoms, dtype=np.float64)}
-    return structure_to_text(atoms, sequence=sequence or None, fmt=fmt, chain_id=chain_id)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _reference_atoms(reference) -> dict[str, np.ndarray]:
-    """Atoms of a reference: a Backbone, a structure file path or an (L, 3, 3) N/CA/C array give
-    N, CA, C and their virtual CB; an (L, 3) array is taken as CB only."""
-    from protoken.geometry import virtual_cb
-
-    if isinstance(reference, str | os.PathLike):
-        from protoken.structure import read_backbones
-
-        reference = read_backbones(reference, chains="first", models="first")[0]
-    coords = getattr(reference, "coords", reference)
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim == 2 and coords.shape[1] == 3:
-        return {"CB": coords}
-    if coords.ndim != 3 or coords.shape[1:] != (3, 3):
-        raise ValueError(
-            f"reference: expected N/CA/C (L, 3, 3) or CB (L, 3) coordinates, got {coords.shape}"
-        )
-    n, ca, c = coords[:, 0], coords[:, 1], coords[:, 2]
-    return {"N": n, "CA": ca, "C": c, "CB": virtual_cb(n, ca, c)}
-
-
-def compare_with_reference(rec: Reconstruction, reference) -> dict:
-    """Metrics of a reconstruction against the structure its image was made from.
-
-    Parameters
-    ----------
-    rec : Reconstruction
-    reference : Backbone, str/PathLike (structure file; first chain, first model), array
-        (L, 3, 3) of N, CA, C, or array (L, 3) of Cb
-        The reference Cb is the seed's virtual Cb of its N, CA, C. A Cb-only reference gives
-        the Cb metrics only.
-
-    Returns
-    -------
-    dict
-        ``length``; ``cb_rmsd`` (Angstrom, after superposition by a proper rotation),
-        ``tm_score`` (on Cb, fixed correspondence, :func:`protoken.metrics.tm_score`),
-        ``lddt`` (on Cb), ``clipped_pairs``, ``mirrored_before_fix``, ``handedness_score``,
-        ``distance_rms``, and ``mirror_image`` (True if the reconstruction superposes better
-        onto the reference after a reflection: the check that the handedness is right). With a
-        backbone also ``bb_rmsd`` (N, CA, C superposed together), ``ca_rmsd`` and
-        ``ca_tm_score`` (when the reference has N, CA, C).
-
-    Raises
-    ------
-    ValueError
-        The reference has a different number of residues.
-    """
-    from protoken.metrics import lddt, mirror_rmsd, rmsd, tm_score
-
-    ref = _reference_atoms(reference)
-    length = len(ref["CB"])
-    if length != len(rec.cb):
-        raise ValueError(f"reference has {length} residues, the reconstruction {len(rec.cb)}")
-    cb_rmsd = rmsd(rec.cb, ref["CB"])
-    out = {
-        "length": length,
-        "cb_rmsd": cb_rmsd,
-        "tm_score": tm_score(rec.cb, ref["CB"]),
-        "lddt": lddt(rec.cb, ref["CB"]),
-        "clipped_pairs": rec.clipped_pairs,
-        "mirrored_before_fix": rec.mirrored_before_fix,
-        "mirror_image": bool(length >= 4 and mirror_rmsd(rec.cb, ref["CB"]) < cb_rmsd),
-        "handedness_score": rec.handedness_score,
-        "distance_rms": rec.distance_rms,
-    }
-    if rec.atoms is not None and "N" in ref:
-        names = ("N", "CA", "C")
-        mine = np.concatenate([rec.atoms[k] for k in names])
-        theirs = np.concatenate([ref[k] for k in names])
-        out["bb_rmsd"] = rmsd(mine, theirs)
-        out["ca_rmsd"] = rmsd(rec.atoms["CA"], ref["CA"])
-        out["ca_tm_score"] = tm_score(rec.atoms["CA"], ref["CA"])
-    return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-METRICS_COLUMNS = (
-    "id",
-    "length",
-    "cb_rmsd",
-    "tm_score",
-    "lddt",
-    "clipped_pairs",
-    "mirrored_before_fix",
-    "mirror_image",
-    "handedness_score",
-    "distance_rms",
-)
-BACKBONE_COLUMNS = ("bb_rmsd", "ca_rmsd", "ca_tm_score")
-
-
-def image_id(path: str | os.PathLike) -> str:
-    """The id of an image file: its name without ``.png``."""
-    name = os.path.basename(os.fspath(path))
-    return name[:-4] if name.lower().endswith(".png") else name
-
-
-class _Sequences:
-    """``--fasta``: one FASTA file (records matched by id; a single record also serves a single
-    image of any id) or a folder of ID.fasta files."""
-
-    def __init__(self, path: str | None, n_images: int):
-        self.path = path
-        self.records: dict[str, str] = {}
-        self.single = None
-        if path and os.path.isfile(path):
-            self.records = read_fasta(path)
-            if len(self.records) == 1 and n_images == 1:
-                self.single = next(iter(self.records.values()))
-
-    def get(self, sid: str) -> str | None:
-        if not self.path:
-            return None
-        if os.path.isdir(self.path):
-            for ext in (".fasta", ".fa", ".faa"):
-                fasta = os.path.join(self.path, sid + ext)
-                if os.path.isfile(fasta):
-                    return next(iter(read_fasta(fasta).values()), None)
-            return None
-        return self.records.get(sid, self.single)
-
-
-def _reference_index(path: str | None) -> dict[str, str]:
-    """``--reference``: structure id -> file (a file, or a folder walked recursively; of several
-    files with one id the first in sorted path order is used)."""
-    if not path:
-        return {}
-    from protoken.convert import STRUCTURE_SUFFIXES
-    from protoken.fileio import walk_files
-    from protoken.structure import structure_id
-
-    index: dict[str, str] = {}
-    if os.path.isfile(path):
-        return {structure_id(path): path}
-    for f in sorted(walk_files(path, STRUCTURE_SUFFIXES)):
-        index.setdefault(structure_id(f), f)
-    return index
-
-
-def _find_reference(sid: str, index: dict[str, str]):
-    """The reference Backbone of image ``sid``: file ID.*, or chain CHAIN of STEM.* for the ids
-    ``STEM_CHAIN`` that ``protoken convert --chains split`` makes. None if absent."""
-    from protoken.structure import read_backbones
-
-    if sid in index:
-        return read_backbones(index[sid], chains="first", models="first")[0]
-    stem, _, chain = sid.rpartition("_")
-    if stem in index and chain:
-        for bb in read_backbones(index[stem], chains="split", models="first"):
-            if bb.id == sid:
-                return bb
-    return None
-
-
-@dataclass
-class _Task:
-    image: str
-    out: str
-    fmt: str
-    dmax: float
-    refine: bool
-    backbone: bool
-    sequence: str | None
-    reference_index: dict[str, str]
-
-
-def _run_one(task: _Task) -> dict:
-    """Reconstruct one image, write its structure, compare with its reference if any."""
-    sid = image_id(task.image)
-    row: dict = {"id": sid}
-    try:
-        t0 = time.perf_counter()
-        rec = reconstruct(task.image, dmax=task.dmax, refine=task.refine, backbone=task.backbone)
-        row["seconds"] = time.perf_counter() - t0
-        seq = task.sequence
-        note = ""
-        if seq is not None and len(seq) != len(rec):
-            note = f"sequence has {len(seq)} residues, image {len(rec)}: residues written as UNK"
-            seq = None
-        from protoken.fileio import atomic_write
-
-        path = os.path.join(task.out, f"{sid}.{task.fmt}")
-        atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
-        row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
-        row["mirrored_before_fix"] = rec.mirrored_before_fix
-        if task.reference_index:
-            ref = _find_reference(sid, task.reference_index)
-            if ref is None:
-                row["note"] = (note + "; " if note else "") + "no reference"
-            else:
-                row.update(compare_with_reference(rec, ref))
-                row["has_reference"] = True
-    except Exception as exc:  # noqa: BLE001 - one bad input must not stop a batch
-        row["error"] = f"{type(exc).__name__}: {exc}"
-    return row
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Summary statistics of metric rows (those compared with a reference)."""
-    scored = [r for r in rows if r.get("has_reference")]
-    out: dict = {
-        "images": len(rows),
-        "failed": sum("error" in r for r in rows),
-        "with_reference": len(scored),
-    }
-    if not scored:
-        return out
-    for key in ("cb_rmsd", "tm_score", "lddt", *BACKBONE_COLUMNS):
-        vals = np.array([r[key] for r in scored if key in r], dtype=np.float64)
-        if len(vals):
-            out[key] = {
-                "median": float(np.median(vals)),
-                "mean": float(vals.mean()),
-                "min": float(vals.min()),
-                "max": float(vals.max()),
-            }
-    out["mirror_images"] = sum(bool(r["mirror_image"]) for r in scored)
-    out["mirrored_before_fix"] = sum(bool(r["mirrored_before_fix"]) for r in scored)
-    clipped = [r for r in scored if r["clipped_pairs"]]
-    out["clipped_proteins"] = [
-        {k: r[k] for k in ("id", "length", "clipped_pairs", "cb_rmsd", "tm_score")} for r in clipped
-    ]
-    return out
-
-
-def summary_line(summary: dict) -> str:
-    """One line for the terminal."""
-    text = f"reconstructed {summary['images'] - summary['failed']} of {summary['images']} images"
-    if not summary.get("with_reference"):
-        return text
-    cb, tm, ld = summary["cb_rmsd"], summary["tm_score"], summary["lddt"]
-    text += (
-        f"; vs reference ({summary['with_reference']}): Cb RMSD median {cb['median']:.4f} A"
-        f" (max {cb['max']:.4f}), TM-score median {tm['median']:.4f} (min {tm['min']:.4f}),"
-        f" lDDT median {ld['median']:.4f}; mirror images {summary['mirror_images']}"
-    )
-    if "bb_rmsd" in summary:
-        text += (
-            f"; backbone RMSD median {summary['bb_rmsd']['median']:.4f} A"
-            f", CA TM-score median {summary['ca_tm_score']['median']:.4f}"
-        )
-    clipped = summary["clipped_proteins"]
-    if clipped:
-        worst = max(r["cb_rmsd"] for r in clipped)
-        text += f"; {len(clipped)} with clipped pairs (max Cb RMSD {worst:.4f} A)"
-    return text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="PNG images or folders (recursive)"
-    )
-    parser.add_argument("--out", "-o", required=True, help="output folder (DIR/ID.pdb)")
-    parser.add_argument(
-        "--fasta", metavar="FILE_OR_DIR", help="sequences: a FASTA file or a folder of ID.fasta"
-    )
-    parser.add_argument(
-        "--reference",
-        metavar="STRUCTURE_OR_DIR",
-        help="reference structures matched by id; writes DIR/metrics.tsv and DIR/summary.json",
-    )
-    parser.add_argument(
-        "--dmax", type=float, default=DMAX, help="distance cut-off of the images (default 80)"
-    )
-    parser.add_argument(
-        "--backbone", action="store_true", help="full backbone N, CA, C, O, CB (default: CB only)"
-    )
-    parser.add_argument("--format", choices=["pdb", "cif"], default="pdb", help="output format")
-    parser.add_argument(
-        "--no-refine", action="store_true", help="classical MDS only (no distance refinement)"
-    )
-    parser.add_argument("--workers", "-j", type=int, default=1, help="processes (default 1)")
-
-
-def _discover_images(inputs: list[str]) -> list[str]:
-    from protoken.fileio import walk_files
-
-    images: list[str] = []
-    for item in inputs:
-        if not os.path.exists(item):
-            raise FileNotFoundError(f"no such file or folder: {item}")
-        images.extend(walk_files(item, (".png",)))
-    return images
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        images = _discover_images(args.inputs)
-    except FileNotFoundError as exc:
-        print(f"protoken reconstruct: {exc}", file=sys.stderr)
-        return 2
-    if not images:
-        print("protoken reconstruct: no .png images found", file=sys.stderr)
-        return 2
-    for opt in ("fasta", "reference"):
-        value = getattr(args, opt)
-        if value and not os.path.exists(value):
-            print(
-                f"protoken reconstruct: --{opt}: no such file or folder: {value}", file=sys.stderr
-            )
-            return 2
-    os.makedirs(args.out, exist_ok=True)
-    seqs = _Sequences(args.fasta, len(images))
-    index = _reference_index(args.reference)
-    tasks = [
-        _Task(
-            image=img,
-            out=args.out,
-            fmt=args.format,
-            dmax=args.dmax,
-            refine=not args.no_refine,
-            backbone=args.backbone,
-            sequence=seqs.get(image_id(img)),
-            reference_index=index,
-        )
-        for img in images
-    ]
-    if args.workers > 1 and len(tasks) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.workers, initializer=single_threaded) as pool:
-            rows = list(pool.map(_run_one, tasks, chunksize=1))
-    else:
-        rows = [_run_one(t) for t in tasks]
-    for row in rows:
-        if "error" in row:
-            print(f"{row['id']}: failed: {row['error']}", file=sys.stderr)
-        elif row.get("note"):
-            print(f"{row['id']}: {row['note']}", file=sys.stderr)
-    summary = summarize(rows)
-    if args.reference:
-        import json
-
-        from protoken.fileio import atomic_write
-
-        columns = METRICS_COLUMNS + (BACKBONE_COLUMNS if args.backbone else ())
-        lines = ["\t".join(columns)]
-        for row in rows:
-            if row.get("has_reference"):
-                lines.append("\t".join(format_value(row.get(c, "")) for c in columns))
-        atomic_write(os.path.join(args.out, "metrics.tsv"), "\n".join(lines) + "\n")
-        atomic_write(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    print(summary_line(summary))
-    return 1 if summary["failed"] else 0

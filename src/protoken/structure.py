@@ -8,8 +8,8 @@ Readers: gemmi parses PDB and mmCIF (about 20x faster than biotite's ``PDBFile``
 structures, see ``benchmarks/convert.py``); biotite reads BinaryCIF, which gemmi cannot, and is the
 fallback for the PDB files gemmi rejects (malformed charge columns, MODEL without ENDMDL).
 
-Only amino-acid residues are kept: the 20 standard ones, ``UNK`` and the seed's map of 145
-non-standard residues (``MSE`` -> ``MET`` ...). A residue lacking any of N, CA, C is dropped and
+Only amino-acid residues are kept: the 20 standard ones, ``UNK`` and the reference design's map of
+145 non-standard residues (``MSE`` -> ``MET`` ...). A residue lacking any of N, CA, C is dropped and
 counted. The first alternate location is used. Insertion codes are separate residues, in file order.
 """
 
@@ -27,19 +27,20 @@ from importlib import resources
 import numpy as np
 
 from protoken.fileio import atomic_write
+from protoken.inputs import structure_id
 
 __all__ = [
     "AMINO_ACIDS",
-    "STRUCTURE_EXTENSIONS",
+    "CHAIN_POLICIES",
+    "MODEL_POLICIES",
     "Backbone",
     "SkipStructure",
     "StructureError",
     "THREE_TO_ONE",
-    "structure_to_text",
-    "write_structure",
     "one_letter",
     "read_backbones",
-    "structure_id",
+    "structure_to_text",
+    "write_structure",
 ]
 
 #: The 20 standard amino acids and UNK, three-letter -> one-letter.
@@ -57,7 +58,7 @@ def _load_nonstandard() -> dict[str, str]:
     return {r["nonstandard"]: r["standard"] for r in rows}
 
 
-#: The seed's map of non-standard residue names to the standard residue they stand for.
+#: The reference design's map of non-standard residue names to the standard residue they stand for.
 NONSTANDARD: dict[str, str] = _load_nonstandard()
 
 #: Every residue name treated as an amino acid, mapped to its one-letter code.
@@ -68,8 +69,11 @@ AMINO_ACIDS: dict[str, str] = {
 
 BACKBONE_ATOMS = ("N", "CA", "C")
 
-#: File extensions read as structures (each also with ``.gz``).
-STRUCTURE_EXTENSIONS = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
+#: ``chains`` policies of :func:`read_backbones` (files with several protein chains).
+CHAIN_POLICIES = ("skip-multi", "split", "first")
+#: ``models`` policies of :func:`read_backbones` (files with several models).
+MODEL_POLICIES = ("skip-multi", "first")
+
 _PDB_RECORDS = (b"ATOM", b"HETATM", b"HEADER", b"MODEL", b"REMARK", b"CRYST1", b"TITLE", b"COMPND")
 
 
@@ -134,15 +138,6 @@ class _Chain:
 def one_letter(res_name: str) -> str:
     """One-letter code of an amino-acid residue name (``MSE`` -> ``M``, ``UNK`` -> ``X``)."""
     return AMINO_ACIDS[res_name]
-
-
-def structure_id(path: str | os.PathLike) -> str:
-    """File name without its structure and compression extensions (``1abc.cif.gz`` -> ``1abc``)."""
-    name = os.path.basename(os.fspath(path))
-    if name.lower().endswith(".gz"):
-        name = name[:-3]
-    stem, ext = os.path.splitext(name)
-    return stem if ext.lower() in STRUCTURE_EXTENSIONS else name
 
 
 def _format_of(path: str) -> str:
@@ -489,8 +484,8 @@ def read_backbones(
     path : str or PathLike
         A PDB, mmCIF or BinaryCIF file, optionally gzipped.
     chains : {"skip-multi", "split", "first"}
-        More than one protein chain: skip the file (the seed's behaviour), return each chain
-        (ids ``STEM_CHAIN``), or return the first one only.
+        More than one protein chain: skip the file (the reference design's behaviour), return each
+        chain (ids ``STEM_CHAIN``), or return the first one only.
     models : {"skip-multi", "first"}
         More than one model (NMR ensembles, END-separated models, several mmCIF data blocks):
         skip the file, or use the first model.
@@ -508,9 +503,9 @@ def read_backbones(
     SkipStructure
         The file is readable but yields nothing under the policy (no protein, multi-model ...).
     """
-    if chains not in ("skip-multi", "split", "first"):
+    if chains not in CHAIN_POLICIES:
         raise ValueError(f"chains must be skip-multi, split or first, not {chains!r}")
-    if models not in ("skip-multi", "first"):
+    if models not in MODEL_POLICIES:
         raise ValueError(f"models must be skip-multi or first, not {models!r}")
     path = os.fspath(path)
     n_models, raw_chains, note = _parse(path)
@@ -561,7 +556,7 @@ def read_backbones(
 
 
 def structure_to_text(
-    atoms: dict[str, np.ndarray],
+    atoms,
     sequence: str | None = None,
     fmt: str = "pdb",
     chain_id: str = "A",
@@ -571,12 +566,13 @@ def structure_to_text(
 
     Parameters
     ----------
-    atoms : dict of str to ndarray, each shape (L, 3)
+    atoms : dict of str to ndarray (L, 3), or ndarray (L, 3)
         Atom name -> coordinates in Angstrom, one row per residue, in the order the atoms are
         written within each residue (e.g. ``{"N": ..., "CA": ..., "C": ..., "O": ..., "CB": ...}``).
+        A bare array is written as one CB atom per residue.
     sequence : str, optional
         One-letter sequence of length L; residues are named from it (``X`` -> ``UNK``).
-        Without it every residue is ``UNK``.
+        Without it (or with ``""``) every residue is ``UNK``.
     fmt : {"pdb", "cif"}
         Output format.
     chain_id : str
@@ -589,6 +585,9 @@ def structure_to_text(
     """
     import gemmi
 
+    if not isinstance(atoms, dict):
+        atoms = {"CB": atoms}
+    sequence = sequence or None
     if not atoms:
         raise ValueError("no atoms to write")
     length = len(next(iter(atoms.values())))

@@ -23,22 +23,36 @@ protoken::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from protoken.codec import CodecSettings, dequantize, features_to_image, quantize
+from protoken.codec import (
+    CodecSettings,
+    dequantize,
+    features_to_image,
+    quantize,
+    read_image,
+    standardize,
+    unstandardize,
+)
+from protoken.fileio import atomic_path
 from protoken.geometry import sixd
+from protoken.inputs import image_id
+from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
 
-__all__ = ["TOKEN_FORMAT", "Tokenizer", "Tokens", "load_tokens", "save_tokens"]
+__all__ = ["INPUT_ERRORS", "TOKEN_FORMAT", "Item", "Tokenizer", "Tokens", "load_tokens",
+           "save_tokens"]  # fmt: skip
+
+#: What :meth:`Tokenizer.prepare` raises for an input it cannot use (unreadable, skipped by a
+#: chain, model or length policy, not an image ...); ``on_error`` callbacks receive these.
+INPUT_ERRORS = (SkipStructure, StructureError, ValueError, OSError)
 
 TOKEN_FORMAT = "protoken-tokens/1"
 
@@ -139,16 +153,13 @@ class Tokenizer:
         model sees exactly what it was trained on. Chains outside ``min_len``..``max_len`` are
         left out (``SkipStructure`` when none is left).
         """
-        from protoken.codec import read_image
-        from protoken.structure import Backbone, SkipStructure, read_backbones, structure_id
-
         if isinstance(source, Backbone):
             return [self._from_backbone(source)]
         if isinstance(source, str | os.PathLike):
             path = os.fspath(source)
             if path.lower().endswith(".png"):
                 image = read_image(path)
-                return [Item(structure_id(path[:-4]), image, sequence)]
+                return [Item(image_id(path), image, sequence)]
             backbones = read_backbones(path, chains, models)
             kept = [bb for bb in backbones
                     if min_len <= len(bb) and (max_len is None or len(bb) <= max_len)]  # fmt: skip
@@ -168,29 +179,28 @@ class Tokenizer:
     # ------------------------------------------------------------------ model
 
     def _batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        from protoken.codec import standardize
         from protoken.model import mask_from_lengths
 
         lengths = [int(im.shape[-1]) for im in images]
         f = self.config.downsample_factor
         side = -(-max(lengths) // f) * f
         x = torch.zeros(len(images), 3, side, side)
+        mean_std = self.codec.mean_std
         for i, im in enumerate(images):
             t = torch.as_tensor(np.asarray(im), dtype=torch.float32)
-            if self.codec.normalize == "seed":
-                t = standardize(t)
+            if mean_std is not None:
+                t = standardize(t, *mean_std)
             x[i, :, : lengths[i], : lengths[i]] = t
         mask = mask_from_lengths(lengths, side)
         return x.to(self.device), mask.to(self.device), lengths
 
     def _to_images(self, recon: torch.Tensor, lengths: Sequence[int]) -> list[np.ndarray]:
-        from protoken.codec import unstandardize
-
         out = []
+        mean_std = self.codec.mean_std
         for i, n in enumerate(lengths):
             img = recon[i, :, :n, :n].float()
-            if self.codec.normalize == "seed":
-                img = unstandardize(img)
+            if mean_std is not None:
+                img = unstandardize(img, *mean_std)
             out.append(img.clamp(-1, 1).cpu().numpy())
         return out
 
@@ -254,19 +264,46 @@ class Tokenizer:
             raise ValueError(f"{source}: {len(items)} chains; use encode_many")
         return self.tokens_of(items)[0]
 
-    def encode_many(self, sources: Iterable, chains: str = "skip-multi",
-                    models: str = "skip-multi") -> Iterator[Tokens]:  # fmt: skip
-        """Tokens of many inputs, batched."""
-        batch: list[Item] = []
+    def prepare_many(self, sources: Iterable, chains: str = "skip-multi",
+                     models: str = "skip-multi", min_len: int = 1, max_len: int | None = None,
+                     on_error: Callable[[object, Exception], None] | None = None,
+                     ) -> Iterator[Item]:  # fmt: skip
+        """:meth:`prepare` over many inputs, streamed (one input read at a time).
+
+        An input that cannot be used (:data:`INPUT_ERRORS`: unreadable, skipped by a policy or
+        the length limits) raises, or with ``on_error`` is passed to ``on_error(source, error)``
+        and left out.
+        """
         for src in sources:
-            batch.extend(self.prepare(src, chains=chains, models=models))
-            while len(batch) >= self.batch_size:
-                yield from self.tokens_of(batch[: self.batch_size])
-                batch = batch[self.batch_size :]
+            try:
+                items = self.prepare(src, chains=chains, models=models, min_len=min_len,
+                                     max_len=max_len)  # fmt: skip
+            except INPUT_ERRORS as exc:
+                if on_error is None:
+                    raise
+                on_error(src, exc)
+                continue
+            yield from items
+
+    def encode_many(self, sources: Iterable, chains: str = "skip-multi",
+                    models: str = "skip-multi", min_len: int = 1, max_len: int | None = None,
+                    on_error: Callable[[object, Exception], None] | None = None,
+                    ) -> Iterator[Tokens]:  # fmt: skip
+        """Tokens of many inputs, streamed, ``batch_size`` proteins per forward pass.
+
+        Inputs and options as :meth:`prepare_many` (a file may give several chains).
+        """
+        batch: list[Item] = []
+        for item in self.prepare_many(sources, chains, models, min_len, max_len, on_error):
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from self.tokens_of(batch)
+                batch = []
         if batch:
             yield from self.tokens_of(batch)
 
     def tokens_of(self, items: Sequence[Item]) -> list[Tokens]:
+        """Tokens of prepared items (batched by :meth:`encode_images`)."""
         levels = self.encode_images([it.image for it in items])
         return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv)
                 for it, lv in zip(items, levels, strict=True)]  # fmt: skip
@@ -312,8 +349,6 @@ def save_tokens(path: str, tokens: Sequence[Tokens], meta: dict) -> None:
         grids = [np.asarray(t.levels[lv]).ravel() for t in tokens]
         arrays[f"level{lv}_codes"] = np.concatenate(grids).astype(dtype)
         arrays[f"level{lv}_offsets"] = np.concatenate([[0], np.cumsum([g.size for g in grids])])
-    from protoken.fileio import atomic_path
-
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
 
@@ -337,112 +372,3 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
                           .reshape(k, k))  # fmt: skip
         out.append(Tokens(str(ids[i]), n, str(seqs[i]), levels))
     return out, meta
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _inputs(paths: Sequence[str], shard: tuple[int, int] | None = None) -> Iterator[str]:
-    """Files and folders of structures or PNG images, streamed (a folder holding PNGs is read
-    as images, any other as structures); with ``shard=(I, N)`` only shard I, by the same hash of
-    the relative path as ``protoken convert --shard``."""
-    from protoken.convert import discover, in_shard
-    from protoken.fileio import walk_files
-
-    for p in paths:
-        pngs = False
-        if os.path.isdir(p):
-            for f in walk_files(p, (".png",)):
-                pngs = True
-                if in_shard(os.path.relpath(f, p), shard):
-                    yield f
-        if not pngs:
-            yield from discover([p], shard)
-
-
-def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="structure files, PNG images, or folders of either")  # fmt: skip
-    parser.add_argument("--checkpoint", "-c", required=True, help="best.pt / last.pt of a run")
-    parser.add_argument("--out", "-o", required=True, help="token file to write (.npz)")
-    parser.add_argument("--chains", choices=["skip-multi", "split", "first"], default="skip-multi")
-    parser.add_argument("--models", choices=["skip-multi", "first"], default="skip-multi")
-    parser.add_argument("--min-len", type=int, default=40, help="skip shorter chains (40)")
-    parser.add_argument("--max-len", type=int, default=1024, help="skip longer chains (1024)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    from protoken.convert import parse_shard
-
-    parser.add_argument(
-        "--shard",
-        type=parse_shard,
-        default=None,
-        metavar="I/N",
-        help="encode only shard I of N (as convert --shard), one file per job",
-    )
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_encode(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from protoken.structure import SkipStructure, StructureError
-
-    tok = Tokenizer.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
-    tokens: list[Tokens] = []
-    skipped = 0
-    paths = _inputs(args.inputs, args.shard)  # streamed: no listing of millions of paths
-    bar = tqdm(paths, desc="encode", unit="file", disable=args.no_progress, file=sys.stderr)
-    pending: list[Item] = []
-    for path in bar:
-        try:
-            pending.extend(tok.prepare(path, chains=args.chains, models=args.models,
-                                       min_len=args.min_len, max_len=args.max_len))  # fmt: skip
-        except (SkipStructure, StructureError, ValueError, OSError) as exc:
-            skipped += 1
-            tqdm.write(f"protoken encode: skipped {path}: {exc}", file=sys.stderr)
-        if len(pending) >= tok.batch_size:
-            tokens.extend(tok.tokens_of(pending))
-            pending = []
-    if pending:
-        tokens.extend(tok.tokens_of(pending))
-    if not tokens:
-        print("protoken encode: nothing encoded", file=sys.stderr)
-        return 2
-    save_tokens(args.out, tokens, tok.meta())
-    per_res = np.mean([t.n_tokens / t.length for t in tokens])
-    print(f"encoded {len(tokens)} proteins ({skipped} inputs skipped) into {args.out}; "
-          f"{per_res:.2f} tokens per residue on average")  # fmt: skip
-    return 0
-
-
-def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tokens", metavar="FILE", help="token file written by protoken encode")
-    parser.add_argument("--checkpoint", "-c", required=True)
-    parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
-    parser.add_argument("--backbone", action="store_true", help="write N, CA, C, O, CB")
-    parser.add_argument("--format", choices=["pdb", "cif"], default="pdb")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_decode(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from protoken.codec import write_png
-    from protoken.fileio import atomic_write
-    from protoken.reconstruct import reconstruct
-
-    tok = Tokenizer.from_checkpoint(args.checkpoint)
-    tokens, meta = load_tokens(args.tokens)
-    if meta.get("checkpoint") and meta["checkpoint"] != tok.checkpoint:
-        print(f"protoken decode: warning: tokens were made by checkpoint {meta['checkpoint']}, "
-              f"decoding with {tok.checkpoint}", file=sys.stderr)  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    for t in tqdm(tokens, desc="decode", unit="protein", disable=args.no_progress,
-                  file=sys.stderr):  # fmt: skip
-        image = tok.decode(t)
-        write_png(os.path.join(args.out, f"{t.id}.png"), image, bit_depth=16)
-        rec = reconstruct(image, dmax=tok.codec.dmax, backbone=args.backbone)
-        text = rec.to_text(t.sequence or None, fmt=args.format)
-        atomic_write(os.path.join(args.out, f"{t.id}.{args.format}"), text)
-    print(f"decoded {len(tokens)} proteins into {args.out} (ID.png, ID.{args.format})")
-    return 0

@@ -320,7 +320,7 @@ def evaluate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp
 
     Returns (metrics, samples for :func:`protoken.plots.save_samples`).
     """
-    from protoken.evaluate import image_errors
+    from protoken.metrics import distance_mae
 
     model.eval()
     loss_sum = weight = aux = mae_sum = 0.0
@@ -338,7 +338,7 @@ def evaluate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp
         for i, length in enumerate(batch["lengths"].tolist()):
             inp = truth[i, :, :length, :length].numpy()
             rec = recon[i, :, :length, :length].numpy()
-            mae_sum += image_errors(inp, rec, codec.dmax)[1]
+            mae_sum += distance_mae(inp, rec, codec.dmax)
             n_proteins += 1
             if len(samples) < cfg.eval_structures and batch["ids"][i] not in {
                 s[3] for s in samples

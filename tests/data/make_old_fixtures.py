@@ -6,7 +6,7 @@
 A real ``protoken train`` run (6 steps, a 4887-parameter model whose config still says
 ``latent_dim``) on 40 structures of ../shared, its ``last.pt`` and ``config.json``, the tokens
 ``protoken encode`` made of three structures with it, and the decoding of the first one. Not a
-test: it needs the old code. ``tests/test_compat.py`` checks that today's code reads them and
+test: it needs the old code. ``tests/test_tokenizer.py`` checks that today's code reads them and
 gives the same tokens and images.
 """
 

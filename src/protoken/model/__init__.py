@@ -6,10 +6,10 @@
 >>> codes = model.encode(x, mask)                # list of (B, h_l, w_l) int64, coarsest first
 >>> images = model.decode(codes, lengths)        # (B, 3, H, W)
 
-Families: ``hierarchical`` (:class:`VQVAE`, grids of codes per level; presets ``tiny``,
-``small``, ``reference``; ``seed``, the old name of ``reference``, is still read). A family registers its config class, model class and presets in
-:data:`FAMILIES`; a checkpoint's ``model_config`` names its family (no name: hierarchical, as
-every checkpoint written before families existed).
+Families: ``hierarchical`` (:class:`VQVAE`, grids of codes per level; presets ``tiny``, ``small``,
+``reference``; ``seed``, the old name of ``reference``, is still read). A family registers its
+config class, model class and presets in :data:`FAMILIES`; a checkpoint's ``model_config`` names its
+family (no name: hierarchical, as every checkpoint written before families existed).
 
 The output contract every family's ``forward(x, mask)`` meets (what ``protoken train`` uses):
 

@@ -1,0 +1,213 @@
+"""What the evaluation commands write and print: tables, summaries, the report and its pictures.
+
+- ``protoken reconstruct --reference``: ``metrics.tsv`` (:data:`RECONSTRUCT_COLUMNS`) and
+  ``summary.json`` (:func:`write_reconstruct_tables`), one line for the terminal
+  (:func:`summary_line`).
+- ``protoken evaluate``: ``metrics.tsv`` (:data:`EVALUATE_COLUMNS`), ``summary.json``,
+  ``report.md`` with ``hist_rmsd.png``, ``hist_tm.png``, ``images_{best,median,worst}.png``
+  (input | decoded image, per channel) and ``overlay_{best,median,worst}.png`` (truth vs
+  reconstruction in 3D) (:func:`write_report`); its headline (:func:`headline`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from protoken.fileio import atomic_write, format_value, write_tsv
+from protoken.metrics import superpose
+
+__all__ = [
+    "EVALUATE_COLUMNS",
+    "RECONSTRUCT_COLUMNS",
+    "headline",
+    "summary_line",
+    "write_reconstruct_tables",
+    "write_report",
+]
+
+RECONSTRUCT_COLUMNS = (
+    "id", "length", "cb_rmsd", "tm_score", "lddt", "clipped_pairs", "mirrored_before_fix",
+    "mirror_image", "handedness_score", "distance_rms",
+)  # fmt: skip
+RECONSTRUCT_BACKBONE_COLUMNS = ("bb_rmsd", "ca_rmsd", "ca_tm_score")
+EVALUATE_COLUMNS = (
+    "id", "length", "image_mse", "distance_mae", "cb_rmsd", "tm_score", "lddt",
+    "tokens_per_residue", "bits_per_residue", "mirrored_before_fix",
+)  # fmt: skip
+EVALUATE_BACKBONE_COLUMNS = ("bb_rmsd", "ca_tm_score")
+
+
+def _write_json(path: str, data: dict) -> None:
+    """A summary as indented JSON, written atomically."""
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+def write_reconstruct_tables(out: str, rows: list[dict], summary: dict, backbone: bool) -> None:
+    """``protoken reconstruct --reference``'s ``metrics.tsv`` (the compared ``rows``) and
+    ``summary.json``."""
+    columns = RECONSTRUCT_COLUMNS + (RECONSTRUCT_BACKBONE_COLUMNS if backbone else ())
+    write_tsv(os.path.join(out, "metrics.tsv"), columns, rows)
+    _write_json(os.path.join(out, "summary.json"), summary)
+
+
+def summary_line(summary: dict) -> str:
+    """``protoken reconstruct``'s line for the terminal."""
+    text = f"reconstructed {summary['images'] - summary['failed']} of {summary['images']} images"
+    if not summary.get("with_reference"):
+        return text
+    cb, tm, ld = summary["cb_rmsd"], summary["tm_score"], summary["lddt"]
+    text += (
+        f"; vs reference ({summary['with_reference']}): Cb RMSD median {cb['median']:.4f} A"
+        f" (max {cb['max']:.4f}), TM-score median {tm['median']:.4f} (min {tm['min']:.4f}),"
+        f" lDDT median {ld['median']:.4f}; mirror images {summary['mirror_images']}"
+    )
+    if "bb_rmsd" in summary:
+        text += (
+            f"; backbone RMSD median {summary['bb_rmsd']['median']:.4f} A"
+            f", CA TM-score median {summary['ca_tm_score']['median']:.4f}"
+        )
+    clipped = summary["clipped_proteins"]
+    if clipped:
+        worst = max(r["cb_rmsd"] for r in clipped)
+        text += f"; {len(clipped)} with clipped pairs (max Cb RMSD {worst:.4f} A)"
+    return text
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def write_report(out: str, rows, summary, items, decoded, cbs, truth, backbone: bool) -> None:
+    """``protoken evaluate``'s outputs: metrics.tsv, summary.json, pictures and report.md.
+
+    ``items``: the inputs (``.id``, ``.image``); ``decoded``: their decoded images; ``cbs``: the
+    Cb (L, 3) reconstructed from each decoded image; ``truth``: each protein's true Cb (L, 3)
+    (the virtual Cb of the structure, or the Cb reconstructed from an input PNG).
+    """
+    cols = EVALUATE_COLUMNS + (EVALUATE_BACKBONE_COLUMNS if backbone else ())
+    write_tsv(os.path.join(out, "metrics.tsv"), cols, rows)
+    _write_json(os.path.join(out, "summary.json"), summary)
+
+    order = np.argsort([r["tm_score"] for r in rows])
+    picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]),
+             "best": int(order[-1])}  # fmt: skip
+    pictures = _pictures(out, rows, items, decoded, cbs, picks, truth)
+
+    s = summary
+    md = [
+        "# protoken evaluation",
+        "",
+        f"Checkpoint `{s.get('checkpoint', '')}`, {s['proteins']} proteins "
+        f"({s['skipped_inputs']} inputs skipped). Structures are reconstructed from the decoded "
+        "images (classical MDS, handedness from the image's own chiral channels, distance "
+        "refinement" + (", full backbone" if backbone else "") + ") and compared with the true "
+        "structures after superposition by a proper rotation.",
+        "",
+        "| metric | median | mean | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "tm_score": "TM-score (Cb)", "cb_rmsd": "Cb RMSD (A)", "lddt": "lDDT (Cb)",
+        "distance_mae": "Cb distance MAE (A)", "image_mse": "image MSE", "bb_rmsd":
+        "backbone RMSD (A)", "ca_tm_score": "TM-score (CA)", "tokens_per_residue":
+        "tokens / residue", "bits_per_residue": "bits / residue",
+    }  # fmt: skip
+    for key, label in labels.items():
+        if key in s:
+            v = s[key]
+            md.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
+                      f"| {v['max']:.4f} |")  # fmt: skip
+    md += [
+        "",
+        f"Fraction with TM-score > 0.5: {s['fraction_tm_above_0.5']:.3f}; "
+        f"> 0.9: {s['fraction_tm_above_0.9']:.3f}.",
+        f"Codebook usage per level (coarsest first): "
+        f"{', '.join(f'{u:.3f}' for u in s['codebook_usage_per_level_coarsest_first'])}.",
+        "",
+        "![Cb RMSD](hist_rmsd.png) ![TM-score](hist_tm.png)",
+        "",
+    ]
+    for name in ("best", "median", "worst"):
+        r = rows[picks[name]]
+        md += [
+            f"## {name}: {r['id']} (L={r['length']}, TM {r['tm_score']:.3f}, "
+            f"Cb RMSD {r['cb_rmsd']:.2f} A)",
+            "",
+            f"![{name} images]({pictures[name][0]}) ![{name} 3D]({pictures[name][1]})",
+            "",
+        ]
+    md += ["## Per protein", "", "| " + " | ".join(cols) + " |",
+           "|" + "---|" * len(cols)]  # fmt: skip
+    for i in order[::-1]:
+        md.append("| " + " | ".join(format_value(rows[i][c]) for c in cols) + " |")
+    atomic_write(os.path.join(out, "report.md"), "\n".join(md) + "\n")
+
+
+def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=90)
+        plt.close(fig)
+
+    for key, label, name in (("cb_rmsd", "Cb RMSD (A)", "hist_rmsd.png"),
+                             ("tm_score", "TM-score", "hist_tm.png")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        vals = [r[key] for r in rows]
+        ax.hist(vals, bins=min(30, max(5, len(vals))), color="#4477aa")
+        ax.set_xlabel(label)
+        ax.set_ylabel("proteins")
+        ax.set_title(f"{label}: median {np.median(vals):.3f}", fontsize=10)
+        save(fig, name)
+
+    names = ("ch0: d (lower) / omega (upper)", "ch1: theta", "ch2: phi")
+    pictures = {}
+    for which, i in picks.items():
+        fig, axes = plt.subplots(2, 3, figsize=(9, 6.2))
+        for c in range(3):
+            for r, (img, title) in enumerate(((items[i].image, "input"), (decoded[i], "decoded"))):
+                ax = axes[r, c]
+                ax.imshow(img[c], vmin=-1, vmax=1, cmap="viridis", interpolation="nearest")
+                ax.set_title(f"{title} {names[c]}", fontsize=8)
+                ax.set_xticks([])
+                ax.set_yticks([])
+        fig.suptitle(f"{rows[i]['id']} ({which}, TM {rows[i]['tm_score']:.3f})", fontsize=10)
+        images_png = f"images_{which}.png"
+        save(fig, images_png)
+
+        ref = np.asarray(truth[i])
+        aligned = superpose(cbs[i], ref)
+        fig = plt.figure(figsize=(5, 5))
+        ax = fig.add_subplot(projection="3d")
+        ax.plot(*ref.T, color="#333333", lw=1.5, label="true (Cb trace)")
+        ax.plot(*aligned.T, color="#ee6677", lw=1.2, label="from tokens")
+        ax.set_title(f"{rows[i]['id']}: Cb RMSD {rows[i]['cb_rmsd']:.2f} A", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_zticks([])
+        overlay_png = f"overlay_{which}.png"
+        save(fig, overlay_png)
+        pictures[which] = (images_png, overlay_png)
+    return pictures
+
+
+def headline(summary: dict, out: str) -> str:
+    """``protoken evaluate``'s lines for the terminal: the headline figures and the report."""
+    s = summary
+    text = (f"{s['proteins']} proteins: TM-score median {s['tm_score']['median']:.3f}, "
+            f"Cb RMSD median {s['cb_rmsd']['median']:.2f} A, lDDT median "
+            f"{s['lddt']['median']:.3f}, TM > 0.5 for {100 * s['fraction_tm_above_0.5']:.0f}%, "
+            f"{s['bits_per_residue']['median']:.0f} bits/residue")  # fmt: skip
+    if "bb_rmsd" in s:
+        text += f", backbone RMSD median {s['bb_rmsd']['median']:.2f} A"
+    return text + f"\nreport: {os.path.join(out, 'report.md')}"

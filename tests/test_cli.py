@@ -1,0 +1,198 @@
+"""The protoken command end to end: each subcommand on real files, and the option groups that
+several commands share (declared once in protoken.cli)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from protoken.cli import COMMANDS, build_parser, main
+from protoken.codec import dequantize, features_to_image, quantize, read_image, write_png
+from protoken.geometry import sixd
+from protoken.structure import read_backbones
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def protein(structures_dir):
+    """d1asha_, a 147-residue SCOPe domain."""
+    return read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
+
+
+def image_of(bb, bit_depth: int | None = 16) -> np.ndarray:
+    image = features_to_image(sixd(bb.n, bb.ca, bb.c))
+    return image if bit_depth is None else dequantize(quantize(image, bit_depth), np.float64)
+
+
+def manifest_rows(folder: Path) -> dict[str, dict]:
+    with open(folder / "manifest.tsv", newline="") as fh:
+        return {r["id"]: r for r in csv.DictReader(fh, delimiter="\t") if r["status"] == "ok"}
+
+
+# --------------------------------------------------------------------------- option groups
+
+
+def _options(command: str) -> dict[str, dict]:
+    """Option string -> (default, choices, type) of a command's parser."""
+    parser = build_parser(command)
+    return {
+        opt: {"default": a.default, "choices": a.choices, "type": a.type}
+        for a in parser._actions
+        for opt in a.option_strings
+    }
+
+
+@pytest.mark.parametrize(
+    ("group", "commands"),
+    [
+        (("--chains", "--models", "--min-len", "--max-len"), ("convert", "encode", "evaluate")),
+        (("--dmax",), ("convert", "reconstruct")),
+        (("--shard",), ("convert", "encode")),
+        (("--no-progress",), ("convert", "encode", "decode", "evaluate")),
+        (("--backbone", "--format"), ("reconstruct", "decode")),
+    ],
+)
+def test_shared_options_mean_the_same_in_every_command(group, commands):
+    first = _options(commands[0])
+    for command in commands[1:]:
+        options = _options(command)
+        for opt in group:
+            assert options[opt] == first[opt], (command, opt)
+    defaults = {o: first[o]["default"] for o in group}
+    if "--chains" in group:  # the README's defaults
+        assert defaults == {"--chains": "skip-multi", "--models": "skip-multi",
+                            "--min-len": 40, "--max-len": 1024}  # fmt: skip
+
+
+def test_shard_option_parses_and_rejects(capsys):
+    args = build_parser("encode").parse_args(["x", "-c", "c", "-o", "o", "--shard", "2/5"])
+    assert args.shard == (2, 5)
+    for bad in ("5/5", "1-3", "a/b"):
+        with pytest.raises(SystemExit):
+            build_parser("convert").parse_args(["x", "-o", "o", "--shard", bad])
+        assert "I/N" in capsys.readouterr().err
+
+
+def test_every_command_has_help():
+    for name in COMMANDS:
+        assert build_parser(name).format_help().startswith(f"usage: protoken {name}")
+
+
+def test_missing_inputs_are_a_clear_error(tmp_path, capsys):
+    missing = str(tmp_path / "nothing-here")
+    assert main(["reconstruct", missing, "-o", str(tmp_path / "o")]) == 2
+    assert main(["convert", missing, "-o", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("nothing-here") == 2
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+def test_reconstruct_writes_structures_metrics_and_survives_a_bad_image(tmp_path, converted16):
+    rows = manifest_rows(converted16)
+    images = tmp_path / "images"
+    images.mkdir()
+    ids = ["biopython__1A8O", "cathtools__1avyA00", "cathtools__1c56A"]
+    for sid in ids:
+        os.link(converted16 / rows[sid]["bin"] / f"{sid}.png", images / f"{sid}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "reconstruct",
+            str(images),
+            "--out",
+            str(out),
+            "--fasta",
+            str(converted16 / "fasta"),
+            "--reference",
+            str(Path(rows[ids[0]]["source"]).parent),
+            "--format",
+            "cif",
+        ]
+    )
+    assert code == 1  # one image failed, the others were written
+    for sid in ids:
+        st = gemmi.read_structure(str(out / f"{sid}.cif"))
+        assert gemmi.one_letter_code([r.name for r in st[0][0]]) == rows[sid]["sequence"]
+    with open(out / "metrics.tsv", newline="") as fh:
+        table = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["id"] for r in sorted(table, key=lambda r: r["id"])] == sorted(ids)
+    assert list(table[0])[:7] == [
+        "id",
+        "length",
+        "cb_rmsd",
+        "tm_score",
+        "lddt",
+        "clipped_pairs",
+        "mirrored_before_fix",
+    ]
+    for r in table:
+        assert float(r["cb_rmsd"]) < 1e-3 and r["mirror_image"] == "false"
+        assert int(r["length"]) == len(rows[r["id"]]["sequence"])
+    assert {r["id"]: int(r["clipped_pairs"]) for r in table}["cathtools__1avyA00"] == 30
+    assert (out / "summary.json").is_file()
+
+
+def test_reconstruct_single_fasta_file_and_written_png(tmp_path, protein):
+    write_png(tmp_path / "x.png", image_of(protein, None), 16)
+    (tmp_path / "x.fasta").write_text(">whatever\n" + protein.sequence + "\n")
+    assert main(["reconstruct", str(tmp_path / "x.png"), "--out", str(tmp_path / "o"),
+                 "--fasta", str(tmp_path / "x.fasta")]) == 0  # fmt: skip
+    st = gemmi.read_structure(str(tmp_path / "o" / "x.pdb"))
+    assert gemmi.one_letter_code([r.name for r in st[0][0]]) == protein.sequence
+    assert not (tmp_path / "o" / "metrics.tsv").exists()
+
+
+def test_reconstruct_backbone_writes_five_atoms_per_residue_and_backbone_metrics(
+    tmp_path, structures_dir, protein
+):
+    write_png(
+        tmp_path / "foldseek__d1asha_.png",
+        features_to_image(sixd(protein.n, protein.ca, protein.c)),
+        16,
+    )
+    ref = structures_dir / "foldseek__d1asha_.pdb"
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(tmp_path), "--out", str(out), "--backbone",
+                 "--reference", str(ref)]) == 0  # fmt: skip
+    with open(out / "metrics.tsv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert float(row["bb_rmsd"]) < 0.1 and float(row["ca_tm_score"]) > 0.99
+    assert float(row["cb_rmsd"]) < 1e-3
+    chain = gemmi.read_structure(str(out / "foldseek__d1asha_.pdb"))[0][0]
+    assert len(chain) == len(protein)
+    assert all([a.name for a in res] == ["N", "CA", "C", "O", "CB"] for res in chain)
+
+
+# --------------------------------------------------------------------------- encode, decode
+
+
+def test_encode_and_decode(structures_dir, tmp_path, capsys):
+    checkpoint = str(DATA / "old-checkpoint.pt")
+    src = [str(structures_dir / n) for n in ("foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb")] + [
+        str(structures_dir / "foldseek__1tim.pdb.gz")
+    ]
+    out = tmp_path / "t.npz"
+    assert main(["encode", *src, "-c", checkpoint, "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr()
+    assert "encoded 2 proteins (1 inputs skipped)" in text.out
+    assert "multi-chain" in text.err
+    dec = tmp_path / "dec"
+    assert main(["decode", str(out), "-c", checkpoint, "-o", str(dec), "--no-progress"]) == 0
+    png = dec / "foldseek__d1asha_.png"
+    assert read_image(png).shape == (3, 147, 147)
+    assert __import__("imagecodecs").png_decode(png.read_bytes()).dtype == np.uint16
+    st = gemmi.read_structure(str(dec / "foldseek__d1asha_.pdb"))
+    residues = list(st[0][0])
+    bb = read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
+    assert len(residues) == 147 and all(len(r) == 1 and r[0].name == "CB" for r in residues)
+    assert "".join(gemmi.find_tabulated_residue(r.name).one_letter_code.upper()
+                   for r in residues) == bb.sequence  # fmt: skip
