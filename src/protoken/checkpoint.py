@@ -130,7 +130,7 @@ def save(path: str, payload: dict[str, Any]) -> None:
     """
     import torch
 
-    from protoken import __version__
+    from protoken._version import __version__
 
     payload = {"format": FORMAT, "version": __version__, **payload}
     plain = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)

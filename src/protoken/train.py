@@ -64,7 +64,7 @@ from protoken.codec import CodecSettings
 from protoken.model import config_to_dict
 from protoken.train_config import RESUMABLE, TrainConfig, read_mapping, resumed_config
 
-__all__ = ["EXIT_PREEMPTED", "RESUMABLE", "TrainConfig", "main", "train"]
+__all__ = ["EXIT_PREEMPTED", "RESUMABLE", "TrainConfig", "train"]
 
 #: Exit code of a run stopped by a signal after writing RUN/last.pt (sysexits' EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -795,9 +795,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"protoken train: error: {exc}", file=sys.stderr)
         return 2
     return EXIT_PREEMPTED if last.get("preempted") else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from protoken.cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
