@@ -97,14 +97,37 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     for size in args.sizes:
         if args.in_process or len(args.sizes) == 1:
-            result = run_one(args.preset, size, args.batch, args.steps, args.warmup, args.device,
-                             json.loads(args.config))
+            result = run_one(
+                args.preset,
+                size,
+                args.batch,
+                args.steps,
+                args.warmup,
+                args.device,
+                json.loads(args.config),
+            )
             print(json.dumps(result), flush=True)
         else:  # a fresh process per size, so each peak RSS is that size's own
-            cmd = [sys.executable, __file__, "--sizes", str(size), "--preset", args.preset,
-                   "--batch", str(args.batch), "--threads", str(args.threads),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--device", args.device, "--config", args.config]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--sizes",
+                str(size),
+                "--preset",
+                args.preset,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+                "--config",
+                args.config,
+            ]
             subprocess.run(cmd, check=True)
     return 0
 
