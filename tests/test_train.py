@@ -123,9 +123,11 @@ def test_training_lowers_the_loss(mixed_data, tmp_path):
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [50, 100]
     assert evals[1]["val_loss"] < evals[0]["val_loss"] and last["val_loss"] == evals[1]["val_loss"]
-    # held-out Cb distances: a constant image gives ~12 A here (measured 12.0-12.5 on collapsed
-    # runs); this run measured 6.1 A at step 50 and 5.3 A at step 100
-    assert evals[1]["val_cb_distance_mae"] < min(evals[0]["val_cb_distance_mae"], 7.0)
+    # held-out Cb distances: a constant image gives ~12 A. 100 steps of this micro model learn,
+    # but how soon depends on the seed (some runs sit near 12 A until step 50). Seeds 0 / 1 / 2,
+    # steps 50 -> 100: 6.1 / 12.7 / 6.1 -> 5.4 / 7.5 / 5.1 A with PyTorch's default init,
+    # 12.5 / 5.8 / 11.6 -> 8.4 / 5.1 / 5.4 A with the scaled residual init (model/transformer.py)
+    assert evals[1]["val_cb_distance_mae"] < min(evals[0]["val_cb_distance_mae"], 9.0)
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt"):
         assert (run / name).exists(), name

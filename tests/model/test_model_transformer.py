@@ -112,3 +112,18 @@ def test_rotary_makes_attention_depend_on_relative_position_in_2d():
     full = torch.ones(1, 5, 5, dtype=torch.bool)
     y_t = attn(sq.transpose(1, 2), full).transpose(1, 2)
     assert not torch.allclose(attn(sq, full), y_t, atol=1e-3)
+
+
+def test_residual_projections_start_small_as_in_nanogpt():
+    torch.manual_seed(0)
+    config = VQVAEConfig.preset("tiny", n_layer_encoder=3)
+    stack = Transformer(config, n_layer=3, window=0)
+    projections = [p for b in stack.blocks for p in (b.attn.proj, b.mlp.proj)]
+    weights = torch.cat([p.weight.flatten() for p in projections])
+    assert weights.std().item() == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
+    assert abs(weights.mean().item()) < 1e-3
+    assert all((p.bias == 0).all() for p in projections)
+    # every other layer keeps PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    qkv = stack.blocks[0].attn.qkv.weight
+    bound = 1 / math.sqrt(config.n_embd)
+    assert qkv.abs().max().item() <= bound and qkv.std().item() > 0.5 * bound

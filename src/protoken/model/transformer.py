@@ -7,9 +7,19 @@ is per token, so the outputs at valid tokens do not depend on what the padding h
 Windowed attention partitions the grid into ``window x window`` squares aligned to the top-left
 corner (odd blocks shift them by ``window // 2``, as in Swin), so a token's window depends only on
 its position, never on how far the batch is padded. ``window = 0`` means global attention.
+
+Initialisation: PyTorch's defaults, except the output projections of every block's attention and
+MLP, which start as in nanoGPT at N(0, 0.02 / sqrt(2 n_layer)) with zero bias
+(:meth:`Transformer.init_residual_projections`): each block then starts close to the identity and
+the residual stream's variance does not grow with depth. Measured (``benchmarks/residual_init.py``:
+tiny preset, 300 steps, BM5 chains held out by complex): the held-out MSE was lower in each of 3
+seeds (mean 0.121 -> 0.110), the Cb-distance error about the same (3.44 -> 3.41 A). In 100-step
+runs of a much smaller model the first learning came later in 2 of 3 seeds.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -137,6 +147,17 @@ class Transformer(nn.Module):
         self.window = window
         self.blocks = nn.ModuleList(Block(config) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
+        self.init_residual_projections()
+
+    def init_residual_projections(self) -> None:
+        """nanoGPT's scaled residual initialisation: the attention and MLP output projections
+        (the layers that write into the residual stream) ~ N(0, 0.02 / sqrt(2 n_layer)), bias 0,
+        with n_layer the blocks of this stack."""
+        std = 0.02 / math.sqrt(2 * max(len(self.blocks), 1))
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=std)
+                nn.init.zeros_(proj.bias)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """``(B, n_embd, h, w)``, mask ``(B, h, w)`` -> same shape, zero at invalid tokens."""
