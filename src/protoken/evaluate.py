@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protoken.fileio import read_fasta
+from protoken.fileio import atomic_write, read_fasta
 from protoken.geometry import DMAX, virtual_cb
 from protoken.inputs import STRUCTURE_SUFFIXES, image_id, structure_id, walk_files
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
 from protoken.reconstruct import Reconstruction, reconstruct
+from protoken.report import write_reconstruct_tables, write_report
 from protoken.structure import Backbone, read_backbones
 
 __all__ = [
@@ -252,8 +253,6 @@ class _ImageTask:
 
 def _reconstruct_image(task: _ImageTask) -> dict:
     """Reconstruct one image, write its structure, compare with its reference if any."""
-    from protoken.fileio import atomic_write
-
     sid = image_id(task.image)
     row: dict = {"id": sid}
     try:
@@ -301,8 +300,6 @@ def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None
         ``images``, ``failed``, ``with_reference``, :func:`summarize` of the compared rows and
         ``clipped_proteins``.
     """
-    from protoken.report import write_reconstruct_tables
-
     os.makedirs(out, exist_ok=True)
     sequences = SequenceLookup(fasta, len(images))
     references = ReferenceIndex(reference)
@@ -353,8 +350,6 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``.
     """
     from tqdm import tqdm
-
-    from protoken.report import write_report
 
     os.makedirs(out, exist_ok=True)
     skipped: list[tuple[str, str]] = []

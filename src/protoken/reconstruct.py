@@ -188,8 +188,6 @@ def mds(distances) -> np.ndarray:
         Centred coordinates, axes along decreasing variance. Defined only up to a rotation and
         a reflection; :func:`resolve_handedness` fixes the latter.
     """
-    from scipy.linalg import eigh
-
     d = np.array(distances, dtype=np.float64)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
         raise ValueError(f"expected a square distance matrix, got shape {d.shape}")
