@@ -81,7 +81,7 @@ def test_find_structures_images_and_either(tree):
             list(find(["/definitely/missing"]))
 
 
-def test_shards_partition_by_relative_path(tmp_path, structures_dir):
+def test_shards_partition_by_id(tmp_path, structures_dir):
     names = sorted(p.name for p in structures_dir.glob("foldseek__*"))[:40]
     for root in ("one", "two/levels"):
         for name in names:
@@ -89,12 +89,19 @@ def test_shards_partition_by_relative_path(tmp_path, structures_dir):
     shards = [set(rel(find_structures([str(tmp_path / "one")], (i, 3)), tmp_path / "one"))
               for i in range(3)]  # fmt: skip
     assert sum(map(len, shards)) == len(names) == len(set.union(*shards)) and all(shards)
-    # a pure function of the path relative to the input folder, whatever the root
+    # a pure function of the id (the md5 of the file name without extensions), whatever the root
     moved = set(rel(find_structures([str(tmp_path / "two" / "levels")], (1, 3)),
                     tmp_path / "two" / "levels"))  # fmt: skip
-    assert moved == shards[1] == {n for n in names if in_shard(n, (1, 3))}
+    assert moved == shards[1] == {n for n in names if in_shard(structure_id(n), (1, 3))}
     shutil.rmtree(tmp_path / "two")
     assert all(in_shard("anything", None) for _ in range(3))
+    # inputs sharing an id share a shard, in whatever folder and format they are
+    for stem in ("1abc", "2xyz", "3def", "4ghi", "5jkl", "6mno"):
+        for name in (f"a/{stem}.pdb", f"b/c/{stem}.cif.gz", f"d/{stem}.bcif"):
+            touch(tmp_path / "same" / name)
+    for i in range(3):
+        found = [structure_id(p) for p in find_structures([str(tmp_path / "same")], (i, 3))]
+        assert all(found.count(sid) == 3 for sid in found)
 
 
 def test_parse_shard():
