@@ -8,35 +8,47 @@ Readers: gemmi parses PDB and mmCIF (about 20x faster than biotite's ``PDBFile``
 structures, see ``benchmarks/convert.py``); biotite reads BinaryCIF, which gemmi cannot, and is the
 fallback for the PDB files gemmi rejects (malformed charge columns, MODEL without ENDMDL).
 
-Only amino-acid residues are kept: the 20 standard ones, ``UNK`` and the reference design's map of
-145 non-standard residues (``MSE`` -> ``MET`` ...). A residue lacking any of N, CA, C is dropped and
-counted. The first alternate location is used. Insertion codes are separate residues, in file order.
+Only amino-acid residues are kept: the 20 standard ones, ``UNK``, the reference design's map of
+145 non-standard residues (``MSE`` -> ``MET`` ...) and every other residue gemmi's component
+table knows as an amino acid (``MLY``, ``M3L`` ... -> the parent's letter, else ``X``); see
+:func:`amino_letter`. Residues are dropped, and counted in ``Backbone.dropped``, when an amino
+acid lacks any of N, CA, C, or when a residue of a protein chain that is not a known amino acid
+has N, CA and C (a modified residue no table knows: dropping it silently would make its
+neighbours look adjacent). The first alternate location is used. Insertion codes are separate
+residues, in file order.
+
+Hostile files are bounded: at most ``max_bytes`` (:data:`DEFAULT_MAX_BYTES`) are read or
+inflated from gzip, as a stream, and a gzip stream of binary data is refused after its first
+block; a backbone whose coordinates are degenerate (all zero, repeated, consecutive CA atoms
+closer than 0.5 A for most of the chain) is refused with a reason.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import os
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 
 import numpy as np
 
 from protoken.fileio import atomic_write
-from protoken.inputs import structure_id
+from protoken.inputs import chain_output_id, structure_id
 
 __all__ = [
     "AMINO_ACIDS",
     "CHAIN_POLICIES",
+    "DEFAULT_MAX_BYTES",
     "MODEL_POLICIES",
     "Backbone",
     "SkipStructure",
     "StructureError",
     "THREE_TO_ONE",
+    "amino_letter",
     "one_letter",
     "read_backbones",
     "structure_to_text",
@@ -61,11 +73,42 @@ def _load_nonstandard() -> dict[str, str]:
 #: The reference design's map of non-standard residue names to the standard residue they stand for.
 NONSTANDARD: dict[str, str] = _load_nonstandard()
 
-#: Every residue name treated as an amino acid, mapped to its one-letter code.
+#: The residue names of the reference design (20 standard, UNK and its 145 non-standard
+#: residues), mapped to their one-letter code; :func:`amino_letter` also knows gemmi's table.
 AMINO_ACIDS: dict[str, str] = {
     **{name: THREE_TO_ONE[std] for name, std in NONSTANDARD.items()},
     **THREE_TO_ONE,
 }
+
+#: Default of ``max_bytes`` (``protoken convert --max-bytes``): the most bytes read from a file,
+#: or inflated from a gzip stream, 1 GiB. The largest entry of the PDB, the HIV capsid 3J3Q
+#: (2.44 million atoms), is about 0.2-0.25 GB of mmCIF at 80-100 bytes per atom line (78 in the
+#: test entries); PDB-format files stop at 99,999 atoms (< 10 MB) and AlphaFold DB models are a
+#: few MB. 1 GiB keeps 4x headroom over the largest real entry, while a gzip bomb (14 MB of
+#: zeros inflate to 14 GB) is stopped after 1 GiB, or after its first block when it inflates
+#: to binary data.
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+@lru_cache(maxsize=4096)  # bounded: residue names come from hostile files
+def amino_letter(res_name: str) -> str | None:
+    """One-letter code of a residue name if it is an amino acid, else None.
+
+    The reference design's names (:data:`AMINO_ACIDS`) come first; then gemmi's table of
+    chemical components (``gemmi.find_tabulated_residue``, a few hundred common components):
+    an amino acid there (``MLY``, ``M3L``, D-amino acids ...) gets its parent's letter when that
+    is one of the 20, else ``X``.
+    """
+    if res_name in AMINO_ACIDS:
+        return AMINO_ACIDS[res_name]
+    import gemmi
+
+    info = gemmi.find_tabulated_residue(res_name)
+    if info is None or not info.is_amino_acid():
+        return None
+    letter = info.one_letter_code.upper()
+    return letter if letter in ONE_TO_THREE else "X"
+
 
 BACKBONE_ATOMS = ("N", "CA", "C")
 
@@ -100,7 +143,8 @@ class Backbone:
     chain_id : str
         The chain's (author) identifier in the file.
     dropped : int
-        Amino-acid residues of this chain dropped because N, CA or C is missing.
+        Residues of this chain dropped: amino acids lacking N, CA or C, and residues with N, CA
+        and C that are no known amino acid.
     """
 
     id: str
@@ -128,16 +172,22 @@ class Backbone:
 
 @dataclass
 class _Chain:
-    """Amino-acid residues of one chain: names and N/CA/C coordinates (NaN where missing)."""
+    """Amino-acid residues of one chain: names and N/CA/C coordinates (NaN where missing), and
+    the number of residues with N, CA and C that are no known amino acid (``unknown``)."""
 
     chain_id: str
     res_names: list[str]
     coords: np.ndarray  # (n, 3, 3)
+    unknown: int = 0
 
 
 def one_letter(res_name: str) -> str:
-    """One-letter code of an amino-acid residue name (``MSE`` -> ``M``, ``UNK`` -> ``X``)."""
-    return AMINO_ACIDS[res_name]
+    """One-letter code of an amino-acid residue name (``MSE`` -> ``M``, ``MLY`` -> ``K``,
+    ``UNK`` -> ``X``); KeyError for a name that is no amino acid."""
+    letter = amino_letter(res_name)
+    if letter is None:
+        raise KeyError(res_name)
+    return letter
 
 
 def _format_of(path: str) -> str:
@@ -151,19 +201,63 @@ def _format_of(path: str) -> str:
     return "pdb"
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES, text: bool = True) -> bytes:
+    """The bytes of a file, inflated when they are gzip (detected from the magic bytes), never
+    more than ``max_bytes`` of them (StructureError beyond). ``text``: refuse a gzip stream
+    whose first inflated block holds NUL bytes at once (binary data, e.g. a bomb of zeros)."""
     with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise StructureError(f"corrupt or truncated gzip stream ({exc})") from None
-    elif path.lower().endswith(".gz"):
-        raise StructureError("named .gz but not gzip-compressed")
+        head = fh.read(2)
+        if head == b"\x1f\x8b":
+            raw = _inflate(fh, head, max_bytes, text)
+        elif path.lower().endswith(".gz"):
+            raise StructureError("named .gz but not gzip-compressed")
+        else:
+            raw = head + fh.read(max_bytes + 1 - len(head))  # bounded even if stat would lie
+            if len(raw) > max_bytes:
+                raise StructureError(f"larger than --max-bytes ({max_bytes} bytes)")
     if not raw.strip():
         raise StructureError("empty file")
     return raw
+
+
+def _inflate(fh, head: bytes, max_bytes: int, text: bool) -> bytes:
+    """Inflate a gzip file (several members allowed) as a stream, at most ``max_bytes``."""
+    chunks: list[bytes] = []
+    total = 0
+    inflater = zlib.decompressobj(wbits=31)
+    data = head
+    checked = not text
+    try:
+        while True:
+            if not data:
+                data = fh.read(1 << 20)
+                if not data:
+                    break
+            out = inflater.decompress(data, max_bytes + 1 - total)
+            data = inflater.unconsumed_tail
+            chunks.append(out)
+            total += len(out)
+            if total > max_bytes:
+                raise StructureError(
+                    f"inflates to more than --max-bytes ({max_bytes} bytes): not read further"
+                )
+            if not checked and (total >= 4096 or inflater.eof):
+                checked = True
+                if b"\x00" in b"".join(chunks)[:4096]:
+                    raise StructureError("binary data, not a text structure file")
+            if inflater.eof:  # a further member may follow (concatenated gzip files)
+                rest = inflater.unused_data
+                if len(rest) < 2:
+                    rest += fh.read(2 - len(rest))
+                if rest[:2] != b"\x1f\x8b":  # trailing bytes (padding) are ignored, as gzip does
+                    break
+                inflater = zlib.decompressobj(wbits=31)
+                data = rest
+    except zlib.error as exc:
+        raise StructureError(f"corrupt or truncated gzip stream ({exc})") from None
+    if not inflater.eof:
+        raise StructureError("corrupt or truncated gzip stream (it ends before its end marker)")
+    return b"".join(chunks)
 
 
 def _decode_text(raw: bytes) -> str:
@@ -232,8 +326,18 @@ def _u64(names: list[str]) -> np.ndarray:
     return np.array([n.encode() for n in names], dtype="S8").view("<u8")
 
 
-_AA_U64 = np.sort(_u64(sorted(AMINO_ACIDS)))
 _BACKBONE_U64 = _u64(list(BACKBONE_ATOMS))
+
+
+def _letters_of(names_u64: np.ndarray) -> np.ndarray:
+    """Per residue (names as from :func:`_u64`), its one-letter code as uint8, 0 if it is no
+    amino acid (:func:`amino_letter`, looked up once per distinct name)."""
+    uniq, inverse = np.unique(names_u64, return_inverse=True)
+    names = uniq.view("S8")
+    table = np.array(
+        [ord(amino_letter(n.decode("latin-1")) or "\0") for n in names.tolist()], dtype=np.uint8
+    )
+    return table[inverse.ravel()]
 
 
 def _first_of_runs(sorted_ids: np.ndarray) -> np.ndarray:
@@ -276,11 +380,16 @@ def _chains_from_gemmi(st) -> list[_Chain]:
     first_atom = np.flatnonzero(start)
     n_res = len(first_atom)
     res_names = resname[first_atom]
-    is_aa = _AA_U64[np.minimum(np.searchsorted(_AA_U64, res_names), len(_AA_U64) - 1)] == res_names
+    is_aa = _letters_of(res_names) != 0
 
     which = np.full(n, -1)
     for k, name in enumerate(_BACKBONE_U64):
         which[atom == name] = k
+    # residues that are no known amino acid but have N, CA and C: dropped, and counted
+    has_atom = np.zeros((n_res, 3), dtype=bool)
+    named = np.flatnonzero(which >= 0)
+    has_atom[rid[named], which[named]] = True
+    unknown = ~is_aa & has_atom.all(axis=1)
     bb = (which >= 0) & is_aa[rid]
     # the first altloc on each residue's backbone atoms
     res_alt = np.zeros(n_res, dtype=alt.dtype)
@@ -317,14 +426,22 @@ def _chains_from_gemmi(st) -> list[_Chain]:
     if not len(kept):
         return []
     kept_chain = chain[first_atom[kept]]
+    # one count per position (chain, number, insertion code): alternatives at one position
+    # (microheterogeneity) are one residue
+    heads = first_atom[np.flatnonzero(unknown)]
+    positions = np.stack([chain[heads], resnum[heads].astype(np.int64).view("<u8"),
+                          icode[heads].astype(np.uint64)], axis=1)  # fmt: skip
+    unknown_chain = np.unique(positions, axis=0)[:, 0] if len(heads) else chain[heads]
     codes, first_seen = np.unique(kept_chain, return_index=True)
     chain_s8, name_s8 = flat.chain_ids[first_atom[kept]], flat.residue_names[first_atom[kept]]
     out = []
     for code, at in sorted(zip(codes, first_seen, strict=True), key=lambda x: x[1]):
         in_chain = kept_chain == code  # chains in file order
         res = kept[in_chain]
-        names = [b.decode() for b in name_s8[in_chain].tolist()]
-        out.append(_make_chain(chain_s8[at].decode(), names, coords[res], present[res]))
+        names = [b.decode("latin-1") for b in name_s8[in_chain].tolist()]
+        ch = _make_chain(chain_s8[at].decode("latin-1"), names, coords[res], present[res])
+        ch.unknown = int(np.count_nonzero(unknown_chain == code))
+        out.append(ch)
     return out
 
 
@@ -369,11 +486,16 @@ def _parse_gemmi_cif(text: str) -> tuple[int, list[_Chain], int]:
 def _chains_from_atom_array(atoms) -> list[_Chain]:
     import biotite.structure as struc
 
-    atoms = atoms[np.isin(atoms.res_name, list(AMINO_ACIDS))]
+    if atoms.array_length() == 0:
+        return []
+    amino = [n for n in np.unique(atoms.res_name).tolist() if amino_letter(str(n)) is not None]
+    is_aa = np.isin(atoms.res_name, amino)
+    atoms = atoms[is_aa | np.isin(atoms.atom_name, BACKBONE_ATOMS)]  # waters, ligands: out
     if atoms.array_length() == 0:
         return []
     starts = struc.get_residue_starts(atoms, add_exclusive_stop=True)
     chains: dict[str, tuple[list, list, list]] = {}
+    unknown: dict[str, int] = {}
     for s, e in zip(starts[:-1], starts[1:], strict=True):
         res = atoms[s:e]
         xyz = np.zeros((3, 3))
@@ -383,11 +505,19 @@ def _chains_from_atom_array(atoms) -> list[_Chain]:
             if hit.size:
                 xyz[k] = res.coord[hit[0]]
                 have[k] = True
-        names, rows, present = chains.setdefault(str(res.chain_id[0]), ([], [], []))
+        cid = str(res.chain_id[0])
+        if str(res.res_name[0]) not in amino:
+            if all(have):  # no known amino acid, but N, CA and C: dropped and counted
+                unknown[cid] = unknown.get(cid, 0) + 1
+            continue
+        names, rows, present = chains.setdefault(cid, ([], [], []))
         names.append(str(res.res_name[0]))
         rows.append(xyz)
         present.append(have)
-    return [_make_chain(cid, *parts) for cid, parts in chains.items()]
+    out = [_make_chain(cid, *parts) for cid, parts in chains.items()]
+    for ch in out:
+        ch.unknown = unknown.get(ch.chain_id, 0)
+    return out
 
 
 def _parse_biotite_pdb(text: str) -> tuple[int, list[_Chain]]:
@@ -420,10 +550,10 @@ def _parse_biotite_bcif(raw: bytes) -> tuple[int, list[_Chain]]:
 # --------------------------------------------------------------------------- reading
 
 
-def _parse(path: str) -> tuple[int, list[_Chain], str]:
+def _parse(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, list[_Chain], str]:
     """Parse a file: (number of models, amino-acid chains of the first model, model note)."""
-    raw = _read_bytes(path)
     fmt = _format_of(path)
+    raw = _read_bytes(path, max_bytes, text=fmt != "bcif")
     if fmt == "bcif":
         try:
             n_models, chains = _parse_biotite_bcif(raw)
@@ -472,10 +602,34 @@ def _short(exc: BaseException) -> str:
     return text[:120]
 
 
+def _degenerate(coords: np.ndarray) -> str:
+    """Why a chain's N/CA/C coordinates (L, 3, 3) cannot describe a protein, or "".
+
+    Refused: consecutive CA atoms closer than 0.5 A for more than half of the chain (all-zero or
+    repeated coordinates; real ones are 2.9-3.8 A apart), or N, CA and C within 0.5 A of each
+    other in more than half of the residues (bonds are 1.5 A).
+    """
+    length = len(coords)
+    ca = coords[:, 1]
+    if length >= 2:
+        close = int(np.count_nonzero(np.linalg.norm(np.diff(ca, axis=0), axis=1) < 0.5))
+        if close * 2 > length - 1:
+            return (f"degenerate backbone: {close} of {length - 1} consecutive CA-CA distances "
+                    "< 0.5 A (all-zero or repeated coordinates?)")  # fmt: skip
+    bond = np.minimum(np.linalg.norm(coords[:, 0] - ca, axis=1),
+                      np.linalg.norm(coords[:, 2] - ca, axis=1))  # fmt: skip
+    squashed = int(np.count_nonzero(bond < 0.5))
+    if squashed * 2 > length:
+        return (f"degenerate backbone: N, CA and C within 0.5 A of each other in {squashed} of "
+                f"{length} residues")  # fmt: skip
+    return ""
+
+
 def read_backbones(
     path: str | os.PathLike,
     chains: str = "skip-multi",
     models: str = "skip-multi",
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> list[Backbone]:
     """Read the protein backbones of a structure file.
 
@@ -489,6 +643,9 @@ def read_backbones(
     models : {"skip-multi", "first"}
         More than one model (NMR ensembles, END-separated models, several mmCIF data blocks):
         skip the file, or use the first model.
+    max_bytes : int
+        The most bytes read from the file or inflated from its gzip stream
+        (:data:`DEFAULT_MAX_BYTES`); a larger file fails.
 
     Returns
     -------
@@ -499,7 +656,8 @@ def read_backbones(
     Raises
     ------
     StructureError
-        The file cannot be read (empty, truncated, not a structure, non-finite coordinates ...).
+        The file cannot be read (empty, truncated, not a structure, larger than ``max_bytes``,
+        non-finite coordinates, a degenerate backbone ...).
     SkipStructure
         The file is readable but yields nothing under the policy (no protein, multi-model ...).
     """
@@ -508,7 +666,7 @@ def read_backbones(
     if models not in MODEL_POLICIES:
         raise ValueError(f"models must be skip-multi or first, not {models!r}")
     path = os.fspath(path)
-    n_models, raw_chains, note = _parse(path)
+    n_models, raw_chains, note = _parse(path, max_bytes)
     if n_models == 0:
         raise SkipStructure("no atoms")
     if n_models > 1 and models == "skip-multi":
@@ -517,7 +675,7 @@ def read_backbones(
     n_dropped_total = 0
     for ch in raw_chains:
         ok = ~np.isnan(ch.coords).any(axis=(1, 2))
-        n_dropped_total += int((~ok).sum())
+        n_dropped_total += int((~ok).sum()) + ch.unknown
         if ok.any():
             kept.append((ch, ok))
     if not kept:
@@ -537,15 +695,19 @@ def read_backbones(
     out = []
     for ch, ok in kept:
         coords = ch.coords[ok]
+        why = _degenerate(coords)
+        if why:
+            raise StructureError(why if len(kept) == 1 else f"chain {ch.chain_id!r}: {why}")
         names = [n for n, k in zip(ch.res_names, ok, strict=True) if k]
-        bid = f"{stem}_{ch.chain_id or '_'}" if chains == "split" else stem
+        # a chain id is any string in mmCIF / BinaryCIF ("../../e"): made safe by chain_output_id
+        bid = chain_output_id(stem, ch.chain_id) if chains == "split" else stem
         out.append(
             Backbone(
                 id=bid,
-                sequence="".join(AMINO_ACIDS[n] for n in names),
+                sequence="".join(one_letter(n) for n in names),
                 coords=coords,
                 chain_id=ch.chain_id,
-                dropped=int((~ok).sum()),
+                dropped=int((~ok).sum()) + ch.unknown,
                 res_names=names,
             )
         )
