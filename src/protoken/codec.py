@@ -16,29 +16,44 @@ PNG storage (RGB, row i = residue i):
 
 PNGs are written and read with imagecodecs (libpng), which handles 16-bit RGB (Pillow does not)
 and decodes several times faster than Pillow at either depth.
+
+Images are untrusted input: :func:`decode_png` reads the PNG header (:func:`png_header`)
+before any pixel is decoded and refuses what is not a square RGB (or RGBA) image of 8 or 16
+bits, or is larger than ``max_len`` (default :data:`MAX_IMAGE_SIDE`), so a 33 KB PNG that
+claims 3000 x 3000 pixels costs nothing. :func:`check_image` refuses degenerate images
+(a constant channel: all-0 or all-255 PNGs), and :func:`read_converted_image` reads an image
+with the settings ``protoken convert`` recorded beside it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from protoken.fileio import atomic_write
 from protoken.geometry import DMAX, SixD
+from protoken.inputs import settings_beside
 
 __all__ = [
     "SEED_MEAN",
     "SEED_STD",
+    "MAX_IMAGE_SIDE",
     "CodecSettings",
+    "check_image",
+    "check_png_header",
     "decode_png",
     "dequantize",
     "encode_png",
     "features_to_image",
     "image_to_distances",
     "image_to_features",
+    "png_header",
     "quantize",
+    "read_converted_image",
     "read_image",
     "reference_dequantize",
     "standardize",
@@ -75,8 +90,8 @@ class CodecSettings:
             raise ValueError(f"bit_depth must be 8 or 16, not {self.bit_depth}")
         if self.normalize not in ("none", "seed"):
             raise ValueError(f"normalize must be 'none' or 'seed', not {self.normalize!r}")
-        if not self.dmax > 0:
-            raise ValueError(f"dmax must be positive, not {self.dmax}")
+        if not (self.dmax > 0 and math.isfinite(self.dmax)):
+            raise ValueError(f"dmax must be positive and finite, not {self.dmax}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,29 +229,146 @@ def encode_png(image: np.ndarray, bit_depth: int = 8) -> bytes:
     return bytes(imagecodecs.png_encode(pixels, level=1, strategy=3, filter=16))
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> pixel array (L, L, 3), uint8 or uint16.
+#: Largest image side :func:`decode_png` accepts when no ``max_len`` is given (the commands
+#: pass their ``--max-len``, default 1024): 4096 x 4096 16-bit RGB is 100 MB of pixels.
+MAX_IMAGE_SIDE = 4096
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOUR_TYPES = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale+alpha", 6: "RGBA"}
+
+
+def png_header(data: bytes) -> tuple[int, int, int, str]:
+    """(width, height, bit depth, colour type name) from a PNG's IHDR chunk, without decoding.
+
+    The PNG specification fixes the layout: the 8-byte signature, then the IHDR chunk (length,
+    ``IHDR``, width and height as big-endian uint32, bit depth, colour type). Reading those 26
+    bytes is all it takes, so no library is asked to decode an image it may not fit in memory.
 
     Raises
     ------
     ValueError
-        Not a PNG, or not a square RGB image.
+        Not a PNG (no signature or no IHDR chunk first).
+    """
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE:
+        raise ValueError("not a readable PNG (no PNG signature)")
+    if data[12:16] != b"IHDR":
+        raise ValueError("not a readable PNG (no IHDR header)")
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, _COLOUR_TYPES.get(colour, f"colour type {colour}")
+
+
+def check_png_header(data: bytes, max_len: int | None = None) -> tuple[int, int]:
+    """(side, bit depth) of a PNG that protoken can read as an image; ValueError otherwise.
+
+    Refused, before any pixel is decoded: not a PNG; not square; not RGB or RGBA (alpha is
+    ignored); not 8 or 16 bits per channel; a side larger than ``max_len`` (default
+    :data:`MAX_IMAGE_SIDE`).
+    """
+    width, height, depth, colour = png_header(data)
+    if width != height or colour not in ("RGB", "RGBA") or width == 0:
+        raise ValueError(f"not a square RGB image: {width} x {height} pixels, {colour}")
+    if depth not in (8, 16):
+        raise ValueError(f"not an 8- or 16-bit PNG: {depth} bits per channel")
+    limit = MAX_IMAGE_SIDE if max_len is None else max_len
+    if width > limit:
+        what = "the largest side read" if max_len is None else "--max-len"
+        raise ValueError(f"too large: {width} x {height} pixels, more than {what} ({limit})")
+    return width, depth
+
+
+def decode_png(data: bytes, max_len: int | None = None) -> np.ndarray:
+    """PNG bytes -> pixel array (L, L, 3), uint8 or uint16.
+
+    The header is checked first (:func:`check_png_header`: square RGB(A), 8 or 16 bits, side at
+    most ``max_len`` or :data:`MAX_IMAGE_SIDE`), so memory is bounded before decoding.
+
+    Raises
+    ------
+    ValueError
+        Not a PNG, not a square RGB image, another bit depth, too large, or corrupt.
     """
     import imagecodecs
 
+    side, depth = check_png_header(data, max_len)
     try:
         pixels = imagecodecs.png_decode(data)
     except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
-        raise ValueError(f"not a readable PNG ({exc})") from None
-    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or pixels.shape[0] != pixels.shape[1]:
+        raise ValueError(f"not a readable PNG ({' '.join(str(exc).split())[:120]})") from None
+    want = np.uint8 if depth == 8 else np.uint16
+    if pixels.ndim != 3 or pixels.shape[:2] != (side, side) or pixels.shape[2] not in (3, 4):
         raise ValueError(f"not a square RGB image: shape {pixels.shape}")
+    if pixels.dtype != want:
+        raise ValueError(f"decoded {pixels.dtype} pixels from a {depth}-bit PNG")
     return pixels[:, :, :3]
 
 
-def read_image(path: str | os.PathLike, dtype=np.float32) -> np.ndarray:
-    """Read a PNG of protoken (or of the reference design) as an image (3, L, L) in [-1, 1]."""
+def read_image(path: str | os.PathLike, dtype=np.float32, max_len: int | None = None) -> np.ndarray:
+    """Read a PNG of protoken (or of the reference design) as an image (3, L, L) in [-1, 1].
+    ``max_len``: the largest side accepted (:func:`decode_png`)."""
     with open(path, "rb") as fh:
-        return dequantize(decode_png(fh.read()), dtype=dtype)
+        return dequantize(decode_png(fh.read(), max_len), dtype=dtype)
+
+
+def read_converted_image(
+    path: str | os.PathLike,
+    dmax: float | None = None,
+    max_len: int | None = None,
+    dtype=np.float32,
+) -> tuple[np.ndarray, float]:
+    """Read an image with the settings ``protoken convert`` recorded beside it.
+
+    The ``convert.json`` of the image's folder or the one above
+    (:func:`protoken.inputs.settings_beside`) says which dmax and bit depth the image was made
+    with. Returns (image (3, L, L) in [-1, 1], dmax): the recorded dmax, else ``dmax``, else
+    the default 80 A.
+
+    Raises
+    ------
+    ValueError
+        ``dmax`` is given and contradicts the recorded one (the image would be misread: a
+        40 A image read as 80 A comes back twice as large); the PNG's bit depth is not the
+        recorded one (a foreign file); or the PNG itself is refused (:func:`decode_png`).
+    """
+    settings = settings_beside(path) or {}
+    recorded = settings.get("dmax")
+    if recorded is not None and dmax is not None and float(recorded) != float(dmax):
+        raise ValueError(f"converted with dmax={recorded} (its convert.json), not dmax={dmax}")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    pixels = decode_png(data, max_len)
+    depth = 8 if pixels.dtype == np.uint8 else 16
+    if settings.get("bit_depth") not in (None, depth):
+        raise ValueError(
+            f"a {depth}-bit PNG, but its convert.json says bit_depth={settings['bit_depth']}"
+        )
+    used = float(recorded if recorded is not None else (DMAX if dmax is None else dmax))
+    return dequantize(pixels, dtype=dtype), used
+
+
+def check_image(image: np.ndarray) -> None:
+    """Refuse a degenerate image: fewer than 2 residues, or a channel whose every pixel has one
+    value (an all-0 or all-255 PNG; no real protein gives a constant distance, theta or phi
+    channel), which MDS would turn into a normal-looking but meaningless structure.
+
+    Raises
+    ------
+    ValueError
+        With the reason.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] != image.shape[2]:
+        raise ValueError(f"expected an image of shape (3, L, L), got {image.shape}")
+    if image.shape[-1] < 2:
+        raise ValueError(f"degenerate image: {image.shape[-1]} residue(s)")
+    if not np.isfinite(image).all():
+        raise ValueError("degenerate image: non-finite values")
+    for k, name in enumerate(("distance/omega", "theta", "phi")):
+        channel = image[k]
+        if channel.max() == channel.min():
+            raise ValueError(
+                f"degenerate image: channel {k} ({name}) is constant ({float(channel.flat[0]):g} "
+                "everywhere)"
+            )
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, bit_depth: int = 8) -> None:

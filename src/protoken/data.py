@@ -59,8 +59,10 @@ How a dataset streams (every step in constant memory, whatever the number of fil
   padded batches whose images all come from one bin folder (padding stays below one bin width);
   use it with ``DataLoader(dataset, batch_size=None)``. See :func:`batch_sizes_for_budget` for a
   batch size per bin with a constant pixel budget.
-- A corrupt or unreadable PNG is logged (``logging.warning`` with its path) and skipped; the
-  worker goes on. A missing or empty folder is an error at construction.
+- A corrupt or unreadable PNG, or one whose header is refused before decoding (not square
+  RGB, not 8/16-bit, or larger than a bin may hold: a 3000 x 3000 PNG in ``bin_65_128``), is logged
+  once (``logging.warning`` with its path) and skipped; the worker goes on. A missing or empty
+  folder is an error at construction.
 
 Typical use::
 
@@ -93,6 +95,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from protoken.codec import (
     SEED_MEAN,
     SEED_STD,
+    check_png_header,
     decode_png,
     dequantize,
     standardize,
@@ -275,6 +278,21 @@ def bin_range(name: str) -> tuple[int, int]:
     if m is None:
         raise ValueError(f"not a bin folder name (bin_LO_HI): {name!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def _side_limit(folder_name: str) -> int | None:
+    """The largest image side read from a folder: for a bin, the default ``--max-len`` (1024)
+    or the bin's upper length if that is larger (``bin_1985_2048`` -> 2048); None (the codec's
+    :data:`~protoken.codec.MAX_IMAGE_SIDE`) for a folder that is no bin."""
+    m = _BIN_RE.fullmatch(folder_name)
+    return max(1024, int(m.group(2))) if m else None
+
+
+def _warn_once(logged: set[str], path: str, exc: Exception) -> None:
+    """Log an unreadable image once per reader (not once per epoch)."""
+    if path not in logged:
+        logged.add(path)
+        logger.warning("skipping unreadable image %s: %s", path, exc)
 
 
 def batch_sizes_for_budget(
@@ -709,16 +727,19 @@ class _Reader:
         self.streams = dataset._streams
         self.decoder = _Decoder(dataset.normalization)
         self.ok = self.failed = 0
+        self.max_len = [_side_limit(st.bin) for st in self.streams]
+        self.logged: set[str] = set()
 
     def __call__(self, s: int, rel: str) -> dict[str, Any] | None:
         path = os.path.join(self.streams[s].folder, rel)
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
+            check_png_header(data, self.max_len[s])  # before any pixel is decoded
             image = self.decoder(decode_png(data))
         except (OSError, ValueError) as exc:
             self.failed += 1
-            logger.warning("skipping unreadable image %s: %s", path, exc)
+            _warn_once(self.logged, path, exc)
             return None
         self.ok += 1
         name = os.path.basename(rel)
@@ -1311,6 +1332,8 @@ class IndexedBatches(IterableDataset):
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         decoder = _Decoder(self.normalization)
         index = self.plan.index
+        limits = [_side_limit(name) for name in index.bins]
+        logged: set[str] = set()
         i = worker
         while self.num_batches is None or i < self.num_batches:
             epoch, k = self._where(i)
@@ -1320,9 +1343,11 @@ class IndexedBatches(IterableDataset):
                 path = index.path(row)
                 try:
                     with open(path, "rb") as fh:
-                        image = decoder(decode_png(fh.read()))
+                        data = fh.read()
+                    check_png_header(data, limits[index.bin_of[row]])  # before any pixel
+                    image = decoder(decode_png(data))
                 except (OSError, ValueError) as exc:
-                    logger.warning("skipping unreadable image %s: %s", path, exc)
+                    _warn_once(logged, path, exc)
                     continue
                 items.append(
                     {
