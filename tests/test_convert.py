@@ -267,8 +267,10 @@ def test_shards_partition_the_inputs(tmp_path, structures_dir):
     ]
     assert sum(map(len, per_shard)) == len(names) == len(set.union(*per_shard))
     assert all(per_shard)  # each shard got some
-    # membership is a pure function of the relative path, whatever the root
-    assert [in_shard(n, (0, 3)) for n in names] == [str(src / n) in per_shard[0] for n in names]
+    # membership is a pure function of the id, whatever the root
+    assert [in_shard(structure_id(n), (0, 3)) for n in names] == [
+        str(src / n) in per_shard[0] for n in names
+    ]
 
 
 def test_split_chains_and_first_model(tmp_path, structures_dir):

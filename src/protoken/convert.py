@@ -5,45 +5,73 @@ Layout of the output folder ``OUT`` (the reference design's)::
     OUT/bin_40_64/ID.png, OUT/bin_65_128/ID.png, ..., OUT/bin_961_1024/ID.png
     OUT/fasta/ID.fasta            (or --fasta-dir)
     OUT/manifest.tsv              (OUT/manifest.shard-I-of-N.tsv with --shard I/N)
+    OUT/convert.json              the settings that change outputs
 
-How it stays safe at scale:
+How it stays safe at scale, and against hostile files:
 
 - Inputs are streamed (:func:`protoken.inputs.find_structures`), never listed or counted up
-  front.
-- Workers parse, compute and write their PNG and FASTA under temporary names; the main process
-  commits them (rename PNG, then FASTA) and appends the manifest row. A killed run leaves at
-  most ``*.tmp*`` files, never a truncated PNG or FASTA, and a FASTA only next to its PNG.
+  front. Ids are safe ids (:func:`protoken.inputs.safe_id`) and every output path is checked to
+  lie inside its folder.
+- Each file is converted in a worker process, never in the main one. A worker that dies (a
+  parser's segfault, the OOM killer) is replaced; the file it was converting is recorded
+  ``failed`` ("worker crashed: signal N") and the files queued behind it are converted again
+  one by one. The per-file ``timeout`` is enforced by the main process, which kills and
+  replaces a worker stuck past it, even inside C code.
+- Workers write their PNG and FASTA under temporary names (``NAME.tmp.TAG.PID``); the main
+  process commits them with hard links that never replace an existing file (PNG, then FASTA:
+  a FASTA is the mark of a complete output) and appends the manifest row. A killed run leaves
+  at most temporary files, removed by the next run into the same OUT and shard.
+- One writer per OUT and shard: a lock file (``OUT/.protoken-convert.lock``, ``flock``) makes
+  a second run refuse at once; shards of one OUT run side by side.
+- Inputs sharing an id (``1abc.pdb``, ``1abc.cif``) are always in the same shard (shards are
+  by id) and the first in walk order wins, whatever the timing of the workers: a result is held
+  back while an earlier input with the same id is still being converted. The others are
+  recorded as skipped duplicates, and never deleted by ``--delete-source``.
 - Resume: an input with a manifest row, or whose FASTA already exists (its id is known from its
-  name outside ``--chains split``), is skipped before parsing.
+  name outside ``--chains split``), is skipped before parsing; failed inputs are tried again
+  only with ``retry_failed`` (their old rows move to ``manifest...retried.tsv``).
 - ``--delete-source`` deletes an input only after all its outputs were written, read back and
-  compared, and never a skipped or failed input. Existing outputs are never overwritten: a
-  second input with an id already written is recorded as a skipped duplicate.
+  compared, and never a skipped or failed input. Existing outputs are never overwritten.
+- ``OUT/convert.json`` records every setting that changes the outputs (dmax, bit depth, chains,
+  models, lengths); a run with other values into the same OUT is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import math
+import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for
 
 import numpy as np
 
 from protoken.codec import decode_png, encode_png, features_to_image, quantize
-from protoken.fileio import atomic_write, read_fasta, temp_name
+from protoken.fileio import atomic_write, read_fasta
 from protoken.geometry import DMAX, sixd
-from protoken.inputs import find_structures, structure_id
-from protoken.structure import SkipStructure, StructureError, read_backbones
+from protoken.inputs import (
+    SETTINGS_FILE,
+    UnsafePath,
+    find_structures,
+    safe_output_path,
+    structure_id,
+)
+from protoken.structure import DEFAULT_MAX_BYTES, SkipStructure, StructureError, read_backbones
 
 __all__ = [
     "MANIFEST_COLUMNS",
+    "SETTINGS_FILE",
+    "ConvertBusy",
     "ConvertOptions",
     "Row",
     "Summary",
@@ -56,6 +84,14 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence")
+
+#: Settings recorded in ``OUT/convert.json`` that change what a run writes; a run with other
+#: values into the same OUT is refused.
+OUTPUT_SETTINGS = ("dmax", "bit_depth", "chains", "models", "min_len", "max_len")
+
+
+class ConvertBusy(RuntimeError):
+    """Another ``protoken convert`` is writing the same OUT (and shard)."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +108,17 @@ class ConvertOptions:
     bit_depth: int = 8
     delete_source: bool = False
     timeout: float = 300.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    retry_failed: bool = False
+    follow_links: bool = False
 
     @property
     def fasta_folder(self) -> str:
         return self.fasta_dir or os.path.join(self.out, "fasta")
+
+    def settings(self) -> dict:
+        """The values of :data:`OUTPUT_SETTINGS` (what ``convert.json`` records)."""
+        return {key: getattr(self, key) for key in OUTPUT_SETTINGS}
 
 
 @dataclass
@@ -101,6 +144,7 @@ class Row:
 
 
 def _clean(text: str) -> str:
+    """A manifest value on one line: tabs and line breaks (legal in file names) become spaces."""
     return " ".join(text.replace("\t", " ").split())
 
 
@@ -121,27 +165,45 @@ def bin_name(length: int) -> str:
     return f"bin_{lo}_{lo + 63}"
 
 
+def _safe_stem(path: str) -> str:
+    try:
+        return structure_id(path)
+    except ValueError:
+        return "%00"
+
+
 # --------------------------------------------------------------------------- one file
 
 
-def convert_file(path: str, opts: ConvertOptions) -> list[Row]:
+def _temp(path: str, tag: str) -> str:
+    """The temporary name a worker writes ``path`` under: ``path.tmp.TAG.PID``."""
+    return f"{path}.tmp.{tag}.{os.getpid()}"
+
+
+def convert_file(
+    path: str,
+    opts: ConvertOptions,
+    read: Callable[..., list] | None = None,
+    tag: str = "all",
+) -> list[Row]:
     """Convert one structure file; outputs are left under temporary names for the caller.
 
-    Returns one row per chain considered (one row for a skipped or failed file). Never raises
-    on bad input: the reason is in the row.
+    ``read`` replaces :func:`protoken.structure.read_backbones` (same signature); ``tag`` names
+    the run's temporary files (``NAME.tmp.TAG.PID``). Returns one row per chain considered (one
+    row for a skipped or failed file). Never raises on bad input: the reason is in the row.
     """
+    read = read or read_backbones
     t0 = time.perf_counter()
+    sid = _safe_stem(path)
     try:
-        backbones = read_backbones(path, chains=opts.chains, models=opts.models)
+        backbones = read(path, chains=opts.chains, models=opts.models, max_bytes=opts.max_bytes)
     except SkipStructure as exc:
-        return [Row(source=path, id=structure_id(path), status="skipped", reason=str(exc))]
+        return [Row(source=path, id=sid, status="skipped", reason=str(exc))]
     except StructureError as exc:
-        return [Row(source=path, id=structure_id(path), status="failed", reason=str(exc))]
-    except TimeoutError:
-        raise
+        return [Row(source=path, id=sid, status="failed", reason=str(exc))]
     except Exception as exc:  # noqa: BLE001 - a bad file must never stop the batch
         reason = f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-        return [Row(source=path, id=structure_id(path), status="failed", reason=reason)]
+        return [Row(source=path, id=sid, status="failed", reason=reason)]
     t_parse = time.perf_counter() - t0
     rows = []
     for bb in backbones:
@@ -152,18 +214,23 @@ def convert_file(path: str, opts: ConvertOptions) -> list[Row]:
         elif length > opts.max_len:
             row.status, row.reason = "skipped", f"too long: {length} residues > {opts.max_len}"
         else:
+            row.bin = bin_name(length)
+            try:
+                png_path = safe_output_path(os.path.join(opts.out, row.bin), bb.id, ".png")
+                fasta_path = safe_output_path(opts.fasta_folder, bb.id, ".fasta")
+            except UnsafePath as exc:
+                row.status, row.reason, row.bin = "failed", str(exc), ""
+                rows.append(row)
+                continue
             t1 = time.perf_counter()
             features = sixd(bb.n, bb.ca, bb.c, dmax=opts.dmax)
             image = features_to_image(features, opts.dmax)
             t2 = time.perf_counter()
             if not np.isfinite(image).all():
-                row.status, row.reason = "failed", "non-finite 6D features"
+                row.status, row.reason, row.bin = "failed", "non-finite 6D features", ""
                 rows.append(row)
                 continue
-            row.bin = bin_name(length)
-            png_path = os.path.join(opts.out, row.bin, f"{bb.id}.png")
-            fasta_path = os.path.join(opts.fasta_folder, f"{bb.id}.fasta")
-            row.png_tmp, row.fasta_tmp = temp_name(png_path), temp_name(fasta_path)
+            row.png_tmp, row.fasta_tmp = _temp(png_path, tag), _temp(fasta_path, tag)
             png = encode_png(image, opts.bit_depth)
             fasta = f">{bb.id}\n{bb.sequence}\n"
             os.makedirs(os.path.dirname(png_path), exist_ok=True)
@@ -172,7 +239,7 @@ def convert_file(path: str, opts: ConvertOptions) -> list[Row]:
             with open(row.fasta_tmp, "w") as fh:
                 fh.write(fasta)
             if opts.delete_source:
-                row.verified = _verify(row, quantize(image, opts.bit_depth), fasta)
+                row.verified = _verify(row, quantize(image, opts.bit_depth), fasta, opts.max_len)
             row.status = "ok"
             row.times = (0.0, t2 - t1, time.perf_counter() - t2)
         rows.append(row)
@@ -182,11 +249,11 @@ def convert_file(path: str, opts: ConvertOptions) -> list[Row]:
     return rows
 
 
-def _verify(row: Row, pixels: np.ndarray, fasta: str) -> bool:
+def _verify(row: Row, pixels: np.ndarray, fasta: str, max_len: int) -> bool:
     """Read the written files back and compare them with what was meant to be written."""
     try:
         with open(row.png_tmp, "rb") as fh:
-            back = decode_png(fh.read())
+            back = decode_png(fh.read(), max_len)
         with open(row.fasta_tmp) as fh:
             text = fh.read()
     except (OSError, ValueError):
@@ -215,31 +282,188 @@ def tune_malloc() -> bool:
     return bool(mallopt(m_trim_threshold, 256 << 20) == 1 and ok)
 
 
-def _alarm(signum, frame):  # pragma: no cover - only fires on a hung parser
-    raise TimeoutError
+# --------------------------------------------------------------------------- workers
 
 
-def _worker_convert(paths: list[str], opts: ConvertOptions) -> list[Row]:
-    """Convert a chunk of files in a worker process, with a per-file time limit."""
-    use_alarm = opts.timeout > 0 and hasattr(signal, "SIGALRM")
-    if use_alarm:
-        signal.signal(signal.SIGALRM, _alarm)
-    rows: list[Row] = []
-    for path in paths:
+def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
+    """A worker process: convert the files the main process sends, one at a time.
+
+    Messages in: ``(seq, path)``, or None to stop. Out: ``("ready",)`` once, then
+    ``(seq, rows)`` per file. SIGINT is ignored (Ctrl-C reaches the whole process group; the
+    main process decides); the worker ends when the main process closes its pipe.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc()
+    try:
+        conn.send(("ready",))
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            seq, path = msg
+            try:
+                rows = convert_file(path, opts, read, tag)
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk: recorded, not fatal here
+                reason = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                rows = [Row(path, _safe_stem(path), "failed", reason)]
+            conn.send((seq, rows))
+    except (EOFError, OSError, KeyboardInterrupt):  # the main process is gone
+        return
+
+
+def _mp_context():
+    """forkserver where the platform has it (a clean, fast fork of a server that imported
+    protoken once; never a fork of the main process and its threads), else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["protoken.convert", "gemmi", "imagecodecs"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
         try:
-            if use_alarm:
-                signal.setitimer(signal.ITIMER_REAL, opts.timeout)
-            rows.extend(convert_file(path, opts))
-        except TimeoutError:
-            reason = f"timed out after {opts.timeout:g} s"
-            rows.append(Row(path, structure_id(path), "failed", reason))
-        except Exception as exc:  # noqa: BLE001 - one file's error must never stop the batch
-            reason = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-            rows.append(Row(path, structure_id(path), "failed", reason))
-        finally:
-            if use_alarm:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    return rows
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"worker crashed: signal {-exitcode} ({name})"
+    return f"worker crashed: exit code {exitcode}"
+
+
+class _Worker:
+    """One worker process, its pipe, and the files sent to it (oldest first)."""
+
+    def __init__(self, ctx, opts: ConvertOptions, read, tag: str):
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, opts, read, tag), daemon=True, name="protoken-convert"
+        )
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self.queue: deque[tuple[int, str]] = deque()
+        self.ready = False
+        self.started = 0.0  # when the file at the head of the queue started
+
+    def send(self, seq: int, path: str) -> None:
+        if not self.queue:
+            self.started = time.monotonic()
+        self.queue.append((seq, path))
+        self.conn.send((seq, path))
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class _Pool:
+    """Worker processes converting files one at a time, with crashes and hangs contained.
+
+    Each worker holds at most ``depth`` files (one converting, the others queued in its pipe)
+    so it never waits for work. The main process waits on every pipe and every process
+    sentinel at once, with a deadline: the head file of each worker must finish within
+    ``timeout`` seconds of starting, or the worker is killed. A dead worker's head file is the
+    one that killed it (recorded ``failed``); the files queued behind it are sent again.
+    """
+
+    #: Workers that die before they start, in a row, before the run gives up.
+    MAX_START_FAILURES = 3
+
+    def __init__(self, n: int, opts: ConvertOptions, read, tag: str, depth: int = 4):
+        self.ctx = _mp_context()
+        self.opts, self.read, self.tag, self.depth = opts, read, tag, depth
+        self.workers = [self._new() for _ in range(n)]
+        self.retry: deque[tuple[int, str]] = deque()
+        self.start_failures = 0
+
+    def _new(self) -> _Worker:
+        return _Worker(self.ctx, self.opts, self.read, self.tag)
+
+    def busy(self) -> bool:
+        return bool(self.retry) or any(w.queue for w in self.workers)
+
+    def free_slots(self) -> int:
+        return sum(self.depth - len(w.queue) for w in self.workers)
+
+    def submit(self, seq: int, path: str) -> None:
+        worker = min(self.workers, key=lambda w: len(w.queue))
+        worker.send(seq, path)
+
+    def _resubmit(self) -> None:
+        while self.retry and self.free_slots():
+            self.submit(*self.retry.popleft())
+
+    def results(self) -> Iterator[tuple[int, str, list[Row]]]:
+        """Wait for the next events; yield ``(seq, path, rows)`` for each file finished, crashed
+        or timed out."""
+        self._resubmit()
+        timeout = self.opts.timeout
+        if not (timeout and math.isfinite(timeout) and timeout > 0):
+            timeout = math.inf
+        now = time.monotonic()
+        heads = [w.started + timeout - now for w in self.workers if w.queue and w.ready]
+        wait_s = max(0.0, min(heads)) if heads and math.isfinite(min(heads)) else None
+        handles = [w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]
+        wait_for(handles, wait_s)
+        for k, w in enumerate(self.workers):
+            dead = False
+            try:
+                while w.conn.poll():
+                    msg = w.conn.recv()
+                    if msg == ("ready",):
+                        w.ready, self.start_failures = True, 0
+                        w.started = time.monotonic()
+                        continue
+                    seq, rows = msg
+                    head_seq, path = w.queue.popleft()
+                    assert head_seq == seq, (head_seq, seq)
+                    w.started = time.monotonic()
+                    yield seq, path, rows
+            except (EOFError, OSError):
+                dead = True
+            if dead or not w.process.is_alive():
+                yield from self._replace(k, _death_reason(self._exitcode(w)))
+            elif w.queue and w.ready and time.monotonic() - w.started > timeout:
+                yield from self._replace(k, f"timed out after {timeout:g} s (worker killed)")
+
+    @staticmethod
+    def _exitcode(w: _Worker) -> int | None:
+        w.process.join(timeout=5)
+        return w.process.exitcode
+
+    def _replace(self, k: int, reason: str) -> Iterator[tuple[int, str, list[Row]]]:
+        w = self.workers[k]
+        w.kill()
+        if not w.ready:
+            self.start_failures += 1
+            if self.start_failures >= self.MAX_START_FAILURES:
+                raise RuntimeError(
+                    f"worker processes die before converting anything ({reason}); "
+                    "is the machine out of memory or processes?"
+                )
+            self.retry.extendleft(reversed(w.queue))
+        elif w.queue:
+            seq, path = w.queue.popleft()
+            self.retry.extendleft(reversed(w.queue))  # converted again, one file at a time
+            yield seq, path, [Row(path, _safe_stem(path), "failed", reason)]
+        self.workers[k] = self._new()
+
+    def close(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.conn.send(None)
+        deadline = time.monotonic() + 5
+        for w in self.workers:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            w.kill()
+
+    def terminate(self) -> None:
+        for w in self.workers:
+            w.kill()
 
 
 # --------------------------------------------------------------------------- manifest
@@ -247,7 +471,8 @@ def _worker_convert(paths: list[str], opts: ConvertOptions) -> list[Row]:
 
 def _key(text: str) -> int:
     return int.from_bytes(
-        hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big"
+        hashlib.blake2b(_clean(text).encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+        "big",
     )
 
 
@@ -259,10 +484,23 @@ def manifest_path(out: str, shard: tuple[int, int] | None) -> str:
 
 def read_manifest(path: str) -> Iterator[dict[str, str]]:
     """Rows of a manifest file as dicts (a partial last line from a killed run is ignored)."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
             if row.get("sequence") is not None and row.get("status") in ("ok", "skipped", "failed"):
                 yield row
+
+
+def _manifests(out: str) -> list[str]:
+    if not os.path.isdir(out):
+        return []
+    with os.scandir(out) as it:
+        return sorted(
+            e.path
+            for e in it
+            if e.name.startswith("manifest")
+            and e.name.endswith(".tsv")
+            and not e.name.endswith(".retried.tsv")
+        )
 
 
 def _done_sources(out: str) -> np.ndarray:
@@ -271,19 +509,38 @@ def _done_sources(out: str) -> np.ndarray:
     Hashes, not paths, so that resuming over millions of inputs costs 8 bytes per input.
     """
     keys: list[int] = []
-    if os.path.isdir(out):
-        with os.scandir(out) as it:
-            names = [
-                e.path for e in it if e.name.startswith("manifest") and e.name.endswith(".tsv")
-            ]
-        for name in names:
-            keys.extend(_key(row["source"]) for row in read_manifest(name))
+    for name in _manifests(out):
+        keys.extend(_key(row["source"]) for row in read_manifest(name))
     return np.unique(np.asarray(keys, dtype=np.uint64))
 
 
 def _contains(sorted_keys: np.ndarray, key: int) -> bool:
     i = np.searchsorted(sorted_keys, np.uint64(key))
     return bool(i < len(sorted_keys) and sorted_keys[i] == key)
+
+
+def _drop_failed_rows(paths: list[str]) -> int:
+    """``retry_failed``: move the failed rows of manifests to ``*.retried.tsv`` (appended, for
+    the record) and rewrite each manifest without them, atomically. Returns the rows moved."""
+    moved = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines(keepends=True)
+        if not lines:
+            continue
+        header, body = lines[0], lines[1:]
+        col = header.rstrip("\n").split("\t").index("status")
+        failed = [ln for ln in body if ln.split("\t")[col : col + 1] == ["failed"]]
+        if not failed:
+            continue
+        retried = path[: -len(".tsv")] + ".retried.tsv"
+        new_file = not os.path.exists(retried)
+        with open(retried, "a", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.writelines(([header] if new_file else []) + failed)
+        kept = [header] + [ln for ln in body if ln.split("\t")[col : col + 1] != ["failed"]]
+        atomic_write(path, "".join(kept).encode("utf-8", "surrogateescape"))
+        moved += len(failed)
+    return moved
 
 
 class _Manifest:
@@ -294,7 +551,7 @@ class _Manifest:
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         if not new:
             self._drop_partial_last_line()
-        self.fh = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self.fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         if new:
             self.fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
             self.fh.flush()
@@ -318,12 +575,102 @@ class _Manifest:
         self.fh.close()
 
 
+# --------------------------------------------------------------------------- one writer
+
+
+def _tag(shard: tuple[int, int] | None) -> str:
+    return "all" if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
+
+
+class _Lock:
+    """One writer per OUT and shard, with ``flock`` (released by the kernel when the process
+    ends, so a killed run never leaves a stale lock).
+
+    An unsharded run holds ``OUT/.protoken-convert.lock`` exclusively; a shard holds it shared
+    and its own ``OUT/.protoken-convert.shard-I-of-N.lock`` exclusively: shards run side by
+    side, a second run of one shard (or an unsharded run beside shards) is refused at once.
+    A marker ``OUT/.protoken-convert.TAG.running`` stays behind when a run is killed, so the
+    next run of that tag knows to remove its temporary files.
+    """
+
+    def __init__(self, out: str, shard: tuple[int, int] | None):
+        self.handles: list = []
+        self.tag = _tag(shard)
+        self.marker = os.path.join(out, f".protoken-convert.{self.tag}.running")
+        main = os.path.join(out, ".protoken-convert.lock")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return
+        try:
+            self._take(fcntl, main, fcntl.LOCK_EX if shard is None else fcntl.LOCK_SH, out)
+            if shard is not None:
+                own = os.path.join(out, f".protoken-convert.{self.tag}.lock")
+                self._take(fcntl, own, fcntl.LOCK_EX, out)
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, fcntl, path: str, mode: int, out: str) -> None:
+        fh = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ConvertBusy(
+                f"{out} is being written by another protoken convert ({holder}); "
+                "wait for it to finish, or use another --out (shards of one OUT may run "
+                "side by side)"
+            ) from None
+        self.handles.append((fh, bool(mode & fcntl.LOCK_EX)))
+        if mode & fcntl.LOCK_EX:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+
+    def release(self) -> None:
+        for fh, exclusive in self.handles:
+            if exclusive:  # no stale "pid N" for the next run's message
+                with contextlib.suppress(OSError):
+                    fh.truncate(0)
+            fh.close()
+        self.handles = []
+
+
+def _remove_leftovers(opts: ConvertOptions, tag: str) -> int:
+    """Remove the temporary files a killed run of this tag left in OUT's bins and FASTA folder
+    (an unsharded run, which excludes every other, removes those of any tag)."""
+    needle = ".tmp." if tag == "all" else f".tmp.{tag}."
+    folders = [opts.fasta_folder]
+    with os.scandir(opts.out) as it:
+        folders += [e.path for e in it if e.name.startswith("bin_") and e.is_dir()]
+    removed = 0
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        with os.scandir(folder) as it:
+            for entry in it:
+                if needle in entry.name and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
+
+
 # --------------------------------------------------------------------------- the run
 
 
 @dataclass
 class Summary:
-    """Counts of a conversion run."""
+    """Counts of a conversion run.
+
+    ``converted``, ``skipped`` and ``failed`` count manifest rows (one per chain with
+    ``--chains split``); ``files`` counts the inputs processed in this run, ``failed_files``
+    those of them whose every row failed, ``resumed`` the inputs already done before.
+    """
 
     converted: int = 0
     resumed: int = 0
@@ -333,6 +680,11 @@ class Summary:
     seconds: float = 0.0
     times: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     files: int = 0
+    failed_files: int = 0
+    crashed: int = 0
+    timed_out: int = 0
+    leftovers_removed: int = 0
+    retried_rows: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -342,9 +694,15 @@ class Summary:
             "failed": dict(self.failed),
             "deleted_sources": self.deleted,
             "files": self.files,
+            "failed_files": self.failed_files,
             "seconds": round(self.seconds, 3),
             "seconds_parse_features_encode": [round(t, 3) for t in self.times],
         }
+
+    @property
+    def nothing_processed(self) -> bool:
+        """No input at all, or every input of this run failed (and none was done before)."""
+        return self.resumed == 0 and self.failed_files == self.files
 
     def text(self) -> str:
         lines = [
@@ -357,6 +715,10 @@ class Summary:
                 lines.append(f"  {label:8} {n:6}  {reason}")
         if self.deleted:
             lines.append(f"  deleted {self.deleted} source files")
+        if self.leftovers_removed:
+            lines.append(f"  removed {self.leftovers_removed} temporary files of a killed run")
+        if self.retried_rows:
+            lines.append(f"  retried {self.retried_rows} failed rows (moved to *.retried.tsv)")
         return "\n".join(lines)
 
 
@@ -366,25 +728,14 @@ def _category(reason: str) -> str:
     return reason.strip()
 
 
-def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def convert(
     inputs: Iterable[str],
     opts: ConvertOptions,
     workers: int | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
-    chunksize: int = 8,
     log=None,
+    read: Callable[..., list] | None = None,
 ) -> Summary:
     """Convert structure files into ``opts.out``; see the module docstring.
 
@@ -394,42 +745,71 @@ def convert(
         Files and folders.
     opts : ConvertOptions
     workers : int, optional
-        Worker processes (default: all cores); 1 converts in this process.
+        Worker processes (default: all cores). Files are always converted in workers, never in
+        this process, so that a crash or a hang costs one file.
     shard : (int, int), optional
-        Convert only shard I of N (by hash of each input's relative path).
+        Convert only shard I of N (by the md5 of each input's id).
     progress : bool
         Show a tqdm bar (files, files/s) on stderr.
+    read : callable, optional
+        Replaces :func:`protoken.structure.read_backbones` in the workers (a module-level
+        function, so that it can be sent to them).
 
     Returns
     -------
     Summary
+
+    Raises
+    ------
+    ValueError
+        OUT was converted with other settings (``convert.json``).
+    ConvertBusy
+        Another run is writing the same OUT and shard.
+    FileNotFoundError
+        An input does not exist.
     """
     from tqdm import tqdm
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     workers = workers or os.cpu_count() or 1
     os.makedirs(opts.out, exist_ok=True)
+    lock = _Lock(opts.out, shard)
+    try:
+        return _run(inputs, opts, workers, shard, progress, log, read, lock)
+    finally:
+        lock.release()
+
+
+def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
+    from tqdm import tqdm
+
     os.makedirs(opts.fasta_folder, exist_ok=True)
     _record_settings(opts)
+    summary = Summary()
+    if os.path.exists(lock.marker):  # the last run of this tag was killed
+        summary.leftovers_removed = _remove_leftovers(opts, lock.tag)
+    atomic_write(lock.marker, f"pid {os.getpid()}\n")
+    if opts.retry_failed:
+        mine = _manifests(opts.out) if shard is None else [manifest_path(opts.out, shard)]
+        summary.retried_rows = _drop_failed_rows([p for p in mine if os.path.exists(p)])
     done = _done_sources(opts.out)
     manifest = _Manifest(manifest_path(opts.out, shard))
-    summary = Summary()
     start = time.perf_counter()
     bar = tqdm(
         desc="convert", unit="file", disable=not progress, dynamic_ncols=True, file=sys.stderr
     )
 
     def pending_inputs() -> Iterator[str]:
-        for path in find_structures(inputs, shard):
+        for path in find_structures(inputs, shard, opts.follow_links):
             if _contains(done, _key(path)):
                 summary.resumed += 1
                 bar.update()
                 continue
             if opts.chains != "split":
-                sid = structure_id(path)
+                sid = _safe_stem(path)
                 fasta = os.path.join(opts.fasta_folder, f"{sid}.fasta")
                 if os.path.exists(fasta):
-                    # from an interrupted earlier run, or another input with the same id:
+                    # from an earlier run, or an earlier input with the same id in this one:
                     # not parsed, never overwritten
                     row = Row(path, sid, "skipped", f"outputs already exist: {sid}")
                     _fill_from_fasta(row, fasta)
@@ -451,10 +831,13 @@ def convert(
                 summary.skipped[_category(row.reason)] += 1
             elif row.status == "failed":
                 summary.failed[_category(row.reason)] += 1
+                summary.crashed += row.reason.startswith("worker crashed")
+                summary.timed_out += row.reason.startswith("timed out")
                 log(f"protoken convert: failed: {row.source}: {row.reason}")
             manifest.write(row)
         summary.times[0] += rows[0].times[0] if rows else 0.0
         summary.files += 1
+        summary.failed_files += bool(rows) and all(r.status == "failed" for r in rows)
         bar.update()
         if opts.delete_source and source_ok and all(r.verified for r in rows):
             try:
@@ -463,35 +846,63 @@ def convert(
             except OSError as exc:
                 log(f"protoken convert: could not delete {rows[0].source}: {exc}")
 
+    order = _InputOrder(commit)
+    pool = _Pool(workers, opts, read, lock.tag)
+    clean = False
     try:
-        if workers == 1:
-            tune_malloc()
-            for chunk in _chunks(pending_inputs(), chunksize):
-                for path in chunk:
-                    commit(_worker_convert([path], opts))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=tune_malloc) as pool:
-                inflight = set()
-                for chunk in _chunks(pending_inputs(), chunksize):
-                    inflight.add(pool.submit(_worker_convert, chunk, opts))
-                    if len(inflight) >= 4 * workers:
-                        finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            _commit_chunk(fut.result(), commit)
-                for fut in inflight:
-                    _commit_chunk(fut.result(), commit)
+        stream = enumerate(pending_inputs())
+        exhausted = False
+        while True:
+            while not exhausted and pool.free_slots() > 0 and not pool.retry:
+                item = next(stream, None)
+                if item is None:
+                    exhausted = True
+                    break
+                seq, path = item
+                order.started(seq, path)
+                pool.submit(seq, path)
+            if exhausted and not pool.busy():
+                break
+            for seq, path, rows in pool.results():
+                order.finished(seq, path, rows)
+        clean = True
     finally:
+        if clean:
+            pool.close()
+        else:  # an error or a signal: stop the workers now, keep the marker for the next run
+            pool.terminate()
         manifest.close()
         bar.close()
         summary.seconds = time.perf_counter() - start
+    os.unlink(lock.marker)
     return summary
 
 
-SETTINGS_FILE = "convert.json"
+class _InputOrder:
+    """Commits results so that of several inputs with one id, the first in walk order wins,
+    whatever the order in which the workers finish: a result waits while an input with the same
+    id and an earlier position is still being converted."""
+
+    def __init__(self, commit: Callable[[list[Row]], None]):
+        self.commit = commit
+        self.active: dict[str, list[int]] = {}  # id stem -> positions in flight, ascending
+        self.waiting: dict[int, list[Row]] = {}
+
+    def started(self, seq: int, path: str) -> None:
+        self.active.setdefault(_safe_stem(path), []).append(seq)
+
+    def finished(self, seq: int, path: str, rows: list[Row]) -> None:
+        stem = _safe_stem(path)
+        self.waiting[seq] = rows
+        queue = self.active[stem]
+        while queue and queue[0] in self.waiting:
+            self.commit(self.waiting.pop(queue.pop(0)))
+        if not queue:
+            del self.active[stem]
 
 
 def read_settings(out: str) -> dict | None:
-    """The codec settings an output folder was converted with (``OUT/convert.json``), if any."""
+    """The settings an output folder was converted with (``OUT/convert.json``), if any."""
     path = os.path.join(out, SETTINGS_FILE)
     if not os.path.exists(path):
         return None
@@ -500,61 +911,71 @@ def read_settings(out: str) -> dict | None:
 
 
 def _record_settings(opts: ConvertOptions) -> None:
-    """Write OUT/convert.json (dmax, bit depth, ...) or check a rerun uses the same values.
+    """Write OUT/convert.json (:data:`OUTPUT_SETTINGS`) or check a rerun uses the same values.
 
     Images of one folder must share dmax and bit depth, since training and decoding read them
-    from here; a run with other values into the same folder is refused.
+    from here, and a rerun with another chain, model or length policy would otherwise report
+    inputs as done under a policy they were never judged by; a run with other values into the
+    same folder is refused, naming every difference.
     """
-    settings = {
-        "dmax": opts.dmax,
-        "bit_depth": opts.bit_depth,
-        "chains": opts.chains,
-        "models": opts.models,
-        "min_len": opts.min_len,
-        "max_len": opts.max_len,
-    }
-    old = read_settings(opts.out)
+    settings = opts.settings()
+    try:
+        old = read_settings(opts.out)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{os.path.join(opts.out, SETTINGS_FILE)} is unreadable: {exc}") from None
     if old is None:
         atomic_write(os.path.join(opts.out, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
         return
-    for key in ("dmax", "bit_depth"):
-        if old.get(key) != settings[key]:
-            raise ValueError(
-                f"{opts.out} was converted with {key}={old.get(key)}; refusing to add images "
-                f"with {key}={settings[key]} (use another --out)"
-            )
+    if not isinstance(old, dict):
+        raise ValueError(f"{os.path.join(opts.out, SETTINGS_FILE)} is not a JSON object")
+    diffs = [k for k in OUTPUT_SETTINGS if k in old and old[k] != settings[k]]
+    if diffs:
+        was = ", ".join(f"{k}={old[k]}" for k in diffs)
+        now = ", ".join(f"{k}={settings[k]}" for k in diffs)
+        raise ValueError(
+            f"{opts.out} was converted with {was}; refusing to add outputs with {now} "
+            "(use another --out)"
+        )
 
 
-def _commit_chunk(rows: list[Row], commit) -> None:
-    """Commit a worker's rows source by source (rows of one source are contiguous)."""
-    group: list[Row] = []
-    for row in rows:
-        if group and row.source != group[0].source:
-            commit(group)
-            group = []
-        group.append(row)
-    if group:
-        commit(group)
+def _publish(tmp: str, final: str) -> bool:
+    """Give ``tmp`` the name ``final`` unless ``final`` exists (then False): a hard link, which
+    never replaces a file, or where links are not supported a check then a rename."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network or FUSE file systems)
+        if os.path.lexists(final):
+            return False
+        os.replace(tmp, final)
+        return True
+    os.unlink(tmp)
+    return True
 
 
 def _commit_outputs(row: Row, opts: ConvertOptions) -> bool:
-    """Rename a row's temporary PNG, then FASTA, into place unless its id is already written.
+    """Publish a row's temporary PNG, then FASTA, unless its id is already written.
 
-    Only the main process commits, so checking for the FASTA here is race-free: of several
-    inputs with one id (``1abc.pdb`` and ``1abc.cif``), the first to finish is kept.
+    Only the main process commits; the FASTA marks a complete output. Of several inputs with
+    one id the first committed is kept, and the main process commits them in walk order
+    (:class:`_InputOrder`). A PNG without its FASTA is what a run killed between the two
+    leaves: not an output yet, so it is replaced.
     """
     png_path = os.path.join(opts.out, row.bin, f"{row.id}.png")
     fasta_path = os.path.join(opts.fasta_folder, f"{row.id}.fasta")
-    if os.path.exists(fasta_path):
-        for tmp in (row.png_tmp, row.fasta_tmp):
-            _unlink_quiet(tmp)
-        row.status = "skipped"
-        row.reason = f"duplicate id: outputs for {row.id} already exist (not overwritten)"
-        row.verified = False
-        return False
-    os.replace(row.png_tmp, png_path)
-    os.replace(row.fasta_tmp, fasta_path)
-    return True
+    if not os.path.lexists(fasta_path):
+        if not _publish(row.png_tmp, png_path):
+            os.replace(row.png_tmp, png_path)  # a PNG without FASTA: a killed run's leftover
+        if _publish(row.fasta_tmp, fasta_path):
+            return True
+        _unlink_quiet(png_path)  # another writer took the id between the two: undo ours
+    for tmp in (row.png_tmp, row.fasta_tmp):
+        _unlink_quiet(tmp)
+    row.status = "skipped"
+    row.reason = f"duplicate id: outputs for {row.id} already exist (not overwritten)"
+    row.verified = False
+    return False
 
 
 def _unlink_quiet(path: str) -> None:
@@ -568,7 +989,7 @@ def _fill_from_fasta(row: Row, fasta: str) -> None:
     """Fill length, bin and sequence of a row from existing outputs (resume bookkeeping)."""
     try:
         seq = next(iter(read_fasta(fasta).values()), "")
-    except OSError:
+    except (OSError, ValueError):
         return
     if seq:
         row.sequence, row.length = seq, len(seq)
