@@ -52,7 +52,6 @@ def _options(command: str) -> dict[str, dict]:
     ("group", "commands"),
     [
         (("--chains", "--models", "--min-len", "--max-len"), ("convert", "encode", "evaluate")),
-        (("--dmax",), ("convert", "reconstruct")),
         (("--shard",), ("convert", "encode")),
         (("--no-progress",), ("convert", "encode", "decode", "evaluate")),
         (("--backbone", "--format"), ("reconstruct", "decode")),
@@ -68,6 +67,12 @@ def test_shared_options_mean_the_same_in_every_command(group, commands):
     if "--chains" in group:  # the README's defaults
         assert defaults == {"--chains": "skip-multi", "--models": "skip-multi",
                             "--min-len": 40, "--max-len": 1024}  # fmt: skip
+
+
+def test_dmax_is_one_option_whose_default_comes_from_the_images_in_reconstruct():
+    convert, reconstruct = _options("convert")["--dmax"], _options("reconstruct")["--dmax"]
+    assert convert["type"] is reconstruct["type"] and convert["default"] == 80.0
+    assert reconstruct["default"] is None  # convert.json beside the images, else 80
 
 
 def test_shard_option_parses_and_rejects(capsys):
@@ -118,7 +123,10 @@ def test_reconstruct_writes_structures_metrics_and_survives_a_bad_image(tmp_path
             "cif",
         ]
     )
-    assert code == 1  # one image failed, the others were written
+    assert code == 0  # one image failed and was recorded, the others were written
+    with open(out / "failed.tsv", newline="") as fh:
+        (failed,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert failed["id"] == "broken" and failed["reason"].startswith("not a readable PNG")
     for sid in ids:
         st = gemmi.read_structure(str(out / f"{sid}.cif"))
         assert gemmi.one_letter_code([r.name for r in st[0][0]]) == rows[sid]["sequence"]

@@ -6,15 +6,113 @@ Each subcommand is a pair of functions here, ``_NAME_arguments(parser)`` and
 groups below (structure filters, codec settings, shards, progress, structure output). Library
 modules are imported inside the run functions, so that ``protoken convert`` never pays for
 importing torch.
+
+Exit codes, one policy for every command (:func:`main`):
+
+====  =====================================================================================
+0     done: every input was processed; inputs that failed or were skipped are recorded (the
+      manifest, ``failed.tsv``, ``skipped.tsv``) and named on stderr
+1     nothing could be processed (no input, or every input failed), or the run itself failed
+      (another run holds the output folder, a disk error, workers that cannot start)
+2     usage: the command line cannot work as given (a bad option value, a missing input, an
+      ``--out`` that is a file or not writable, an unreadable checkpoint or token file,
+      settings that contradict ``convert.json``); nothing was processed
+75    ``protoken train`` only: pre-empted, ``RUN/last.pt`` written; rerun with ``--resume``
+128+N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM), after stopping the workers
+====  =====================================================================================
+
+Every error is one line on stderr, ``protoken COMMAND: ...``, never a traceback (set
+``PROTOKEN_DEBUG=1`` to see one for an unexpected error).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
 from collections.abc import Callable
 
 from protoken.inputs import parse_shard
+
+#: Exit codes (see the module docstring).
+EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
+
+
+class UsageError(ValueError):
+    """The command line cannot work as given (exit code 2)."""
+
+
+class _Signalled(BaseException):
+    """Raised in the main thread by SIGTERM / SIGHUP, so cleanup runs (exit code 128 + N)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def _byte_size(text: str) -> int:
+    """``1073741824``, ``512M``, ``2G`` (powers of 1024) -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(raw[-1:], 1)
+    try:
+        value = int(float(raw[:-1] if scale > 1 else raw) * scale)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 512M or 2G, not {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def max_workers() -> int:
+    """The most ``--workers`` accepted: 4 per available core (conversion is CPU-bound; more
+    processes only cost memory and switching), at least 8."""
+    return max(8, 4 * available_cores())
+
+
+def _workers_type(text: str) -> int:
+    value = _positive_int(text)
+    if value > max_workers():
+        raise argparse.ArgumentTypeError(
+            f"{value} workers on {available_cores()} available cores: at most {max_workers()}"
+        )
+    return value
+
 
 # --------------------------------------------------------------------------- option groups
 
@@ -38,8 +136,19 @@ def _structure_filters(parser: argparse.ArgumentParser) -> None:
         default="skip-multi",
         help="files with several models: skip them (default) or use the first",
     )
-    group.add_argument("--min-len", type=int, default=40, help="minimum residues (default 40)")
-    group.add_argument("--max-len", type=int, default=1024, help="maximum residues (default 1024)")
+    group.add_argument(
+        "--min-len", type=_positive_int, default=40, help="minimum residues (default 40)"
+    )
+    _max_len(group)
+
+
+def _max_len(parser) -> None:
+    parser.add_argument(
+        "--max-len",
+        type=_positive_int,
+        default=1024,
+        help="maximum residues (default 1024); larger PNG images are refused from their header",
+    )
 
 
 def _codec_options(parser: argparse.ArgumentParser, bit_depth: bool = True) -> None:
@@ -47,9 +156,21 @@ def _codec_options(parser: argparse.ArgumentParser, bit_depth: bool = True) -> N
     from protoken.geometry import DMAX
 
     group = parser.add_argument_group("image codec")
-    group.add_argument(
-        "--dmax", type=float, default=DMAX, help="distance cut-off in Angstrom (default 80)"
-    )
+    if bit_depth:
+        group.add_argument(
+            "--dmax",
+            type=_positive_float,
+            default=DMAX,
+            help="distance cut-off in Angstrom (default 80)",
+        )
+    else:  # images: the convert.json beside them says, a contradicting flag is refused
+        group.add_argument(
+            "--dmax",
+            type=_positive_float,
+            default=None,
+            help="the images' distance cut-off in Angstrom (default: from the convert.json "
+            "beside the images, else 80; a flag that contradicts it is refused)",
+        )
     if bit_depth:
         group.add_argument(
             "--bit-depth",
@@ -74,20 +195,33 @@ def _shard(parser: argparse.ArgumentParser, what: str) -> None:
         type=_shard_type,
         default=None,
         metavar="I/N",
-        help=f"{what} only shard I of N (md5 of each input's path relative to its input "
-        "folder), e.g. one per SLURM array task",
+        help=f"{what} only shard I of N (md5 of each input's id, its file name without "
+        "extensions: inputs sharing an id share a shard), e.g. one per SLURM array task",
     )
 
 
 def _workers(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:
     default_text = "all cores" if default is None else str(default)
     parser.add_argument(
-        "--workers", "-j", type=int, default=default, help=f"{what} (default: {default_text})"
+        "--workers",
+        "-j",
+        type=_workers_type,
+        default=default,
+        help=f"{what} (default: {default_text}; at most 4 per available core)",
     )
 
 
 def _progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _follow_links(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="enter symlinked folders inside input folders (each real folder once); by "
+        "default they are skipped with a warning",
+    )
 
 
 def _structure_output(parser: argparse.ArgumentParser) -> None:
@@ -104,15 +238,55 @@ def _checkpoint(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fail(command: str, message) -> int:
-    print(f"protoken {command}: {message}", file=sys.stderr)
-    return 2
+def _fail(command: str, message, code: int = EXIT_USAGE) -> int:
+    print(f"protoken {command}: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def _check_length_limits(args: argparse.Namespace) -> None:
+    lo, hi = getattr(args, "min_len", None), getattr(args, "max_len", None)
+    if lo is not None and hi is not None and lo > hi:
+        raise UsageError(f"--min-len {lo} is larger than --max-len {hi}")
+
+
+def _out_folder(path: str) -> str:
+    """``--out`` as a folder: created if needed, and checked writable, before any work.
+
+    Raises
+    ------
+    UsageError
+        It is an existing file, or cannot be created or written.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".protoken-write-test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--out {path} is not a writable folder ({exc.strerror or exc})") from None
+    return path
+
+
+def _out_file(path: str) -> str:
+    """``--out`` as a file to write: not an existing file or folder (never overwritten); its
+    folder created if needed and checked writable, before any work."""
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a folder; give a file name (e.g. tokens.npz)")
+    if os.path.lexists(path):
+        raise UsageError(f"--out {path} exists (not overwritten: remove it or choose another)")
+    _out_folder(os.path.dirname(os.path.abspath(path)))
+    return path
 
 
 # --------------------------------------------------------------------------- convert
 
 
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from protoken.structure import DEFAULT_MAX_BYTES
+
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="structure files or folders (walked recursively)"
     )
@@ -130,16 +304,42 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_float,
         default=300.0,
-        help="seconds allowed per file before it is recorded as failed",
+        help="seconds allowed per file; the worker converting it is then killed and the file "
+        "recorded as failed (default 300)",
     )
+    parser.add_argument(
+        "--max-bytes",
+        type=_byte_size,
+        default=DEFAULT_MAX_BYTES,
+        help="the most bytes read from a file or inflated from its gzip stream, e.g. 512M "
+        "(default 1G: 4x the largest PDB entry)",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="convert again the inputs recorded as failed by earlier runs (their old rows move "
+        "to manifest*.retried.tsv); by default a failed input is not tried again",
+    )
+    _follow_links(parser)
     _progress(parser)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from protoken.convert import ConvertOptions, convert, manifest_path
+def _check_inputs(inputs: list[str]) -> None:
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing:
+        raise UsageError(f"input not found: {', '.join(missing)}")
 
+
+def _convert(args: argparse.Namespace) -> int:
+    from protoken.convert import ConvertBusy, ConvertOptions, convert, manifest_path
+
+    _check_length_limits(args)
+    _check_inputs(args.inputs)
+    _out_folder(args.out)
+    if args.fasta_dir:
+        _out_folder(args.fasta_dir)
     opts = ConvertOptions(
         out=args.out,
         fasta_dir=args.fasta_dir,
@@ -151,16 +351,24 @@ def _convert(args: argparse.Namespace) -> int:
         bit_depth=args.bit_depth,
         delete_source=args.delete_source,
         timeout=args.timeout,
+        max_bytes=args.max_bytes,
+        retry_failed=args.retry_failed,
+        follow_links=args.follow_links,
     )
     try:
         summary = convert(
             args.inputs, opts, workers=args.workers, shard=args.shard, progress=not args.no_progress
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # an input gone, settings of convert.json
         return _fail("convert", exc)
+    except ConvertBusy as exc:
+        return _fail("convert", exc, EXIT_NOTHING)
     print(summary.text())
     print(f"manifest: {manifest_path(opts.out, args.shard)}")
-    return 0
+    if summary.nothing_processed:
+        what = "no structure file found" if not summary.files else "every input failed"
+        return _fail("convert", f"nothing could be converted: {what}", EXIT_NOTHING)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -180,33 +388,54 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference structures matched by id; writes DIR/metrics.tsv and DIR/summary.json",
     )
     _codec_options(parser, bit_depth=False)
+    _max_len(parser)
     _structure_output(parser)
     parser.add_argument(
         "--no-refine", action="store_true", help="classical MDS only (no distance refinement)"
     )
     _workers(parser, 1, "processes")
+    _follow_links(parser)
+
+
+def _check_recorded_dmax(images: list[str], dmax: float | None) -> None:
+    """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images."""
+    from protoken.inputs import settings_beside
+
+    if dmax is None:
+        return
+    examples = {os.path.dirname(os.path.abspath(p)): p for p in images}
+    for folder, image in sorted(examples.items()):
+        try:
+            settings = settings_beside(image) or {}
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        recorded = settings.get("dmax")
+        if recorded is not None and float(recorded) != dmax:
+            raise UsageError(
+                f"--dmax {dmax:g} contradicts the images of {folder}, converted with "
+                f"dmax={recorded} (convert.json); leave --dmax out to use it"
+            )
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    import os
-
     from protoken.evaluate import reconstruct_images
     from protoken.inputs import find_images
     from protoken.report import summary_line
 
-    try:
-        images = list(find_images(args.inputs))
-    except FileNotFoundError as exc:
-        return _fail("reconstruct", exc)
-    if not images:
-        return _fail("reconstruct", "no .png images found")
+    _check_inputs(args.inputs)
     for opt in ("fasta", "reference"):
         value = getattr(args, opt)
         if value and not os.path.exists(value):
             return _fail("reconstruct", f"--{opt}: no such file or folder: {value}")
+    images = list(find_images(args.inputs, follow_links=args.follow_links))
+    if not images:
+        return _fail("reconstruct", "no .png images found", EXIT_NOTHING)
+    _check_recorded_dmax(images, args.dmax)
+    _out_folder(args.out)
     rows, summary = reconstruct_images(
         images, args.out, fasta=args.fasta, reference=args.reference, dmax=args.dmax,
         refine=not args.no_refine, backbone=args.backbone, fmt=args.format, workers=args.workers,
+        max_len=args.max_len,
     )  # fmt: skip
     for row in rows:
         if "error" in row:
@@ -214,7 +443,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
         elif row.get("note"):
             print(f"{row['id']}: {row['note']}", file=sys.stderr)
     print(summary_line(summary))
-    return 1 if summary["failed"] else 0
+    if summary["failed"]:
+        print(f"failures: {os.path.join(args.out, 'failed.tsv')}", file=sys.stderr)
+    if summary["failed"] == summary["images"]:
+        return _fail("reconstruct", "nothing could be reconstructed", EXIT_NOTHING)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- encode / decode
@@ -226,8 +459,11 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint(parser)
     parser.add_argument("--out", "-o", required=True, help="token file to write (.npz)")
     _structure_filters(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="proteins per forward pass")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="proteins per forward pass"
+    )
     _shard(parser, "encode")
+    _follow_links(parser)
     _progress(parser)
 
 
@@ -235,18 +471,21 @@ def _encode(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from protoken.fileio import write_tsv
     from protoken.inputs import find_inputs
     from protoken.tokenizer import Tokenizer, save_tokens
 
+    _check_length_limits(args)
+    _check_inputs(args.inputs)
+    _out_file(args.out)
     tok = Tokenizer.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
-    skipped = 0
+    skipped: list[dict] = []
 
     def skip(source, exc: Exception) -> None:
-        nonlocal skipped
-        skipped += 1
+        skipped.append({"source": str(source), "reason": " ".join(str(exc).split())})
         tqdm.write(f"protoken encode: skipped {source}: {exc}", file=sys.stderr)
 
-    paths = find_inputs(args.inputs, args.shard)  # streamed: no listing of millions of paths
+    paths = find_inputs(args.inputs, args.shard, args.follow_links)  # streamed, never listed
     bar = tqdm(paths, desc="encode", unit="file", disable=args.no_progress, file=sys.stderr)
     try:
         tokens = list(tok.encode_many(bar, chains=args.chains, models=args.models,
@@ -254,13 +493,15 @@ def _encode(args: argparse.Namespace) -> int:
                                       on_error=skip))  # fmt: skip
     except FileNotFoundError as exc:
         return _fail("encode", exc)
+    if skipped:
+        write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
     if not tokens:
-        return _fail("encode", "nothing encoded")
+        return _fail("encode", "nothing encoded", EXIT_NOTHING)
     save_tokens(args.out, tokens, tok.meta())
     per_res = np.mean([t.n_tokens / t.length for t in tokens])
-    print(f"encoded {len(tokens)} proteins ({skipped} inputs skipped) into {args.out}; "
+    print(f"encoded {len(tokens)} proteins ({len(skipped)} inputs skipped) into {args.out}; "
           f"{per_res:.2f} tokens per residue on average")  # fmt: skip
-    return 0
+    return EXIT_OK
 
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -272,28 +513,37 @@ def _decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    import os
-
     from tqdm import tqdm
 
     from protoken.codec import write_png
     from protoken.fileio import atomic_write
+    from protoken.inputs import UnsafePath, safe_output_path
     from protoken.reconstruct import reconstruct
     from protoken.tokenizer import Tokenizer, load_tokens
 
+    _out_folder(args.out)
     tok = Tokenizer.from_checkpoint(args.checkpoint)
-    tokens, meta = load_tokens(args.tokens)
+    try:
+        tokens, meta = load_tokens(args.tokens)
+        ids = [t.id for t in tokens]
+        paths = [(safe_output_path(args.out, i, ".png"),
+                  safe_output_path(args.out, i, f".{args.format}")) for i in ids]  # fmt: skip
+        if len(set(ids)) != len(ids):
+            raise ValueError("several proteins share an id (each would overwrite the other)")
+    except UnsafePath as exc:
+        raise UsageError(f"token file {args.tokens}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any malformed token file: one line
+        raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
     if meta.get("checkpoint") and meta["checkpoint"] != tok.checkpoint:
         print(f"protoken decode: warning: tokens were made by checkpoint {meta['checkpoint']}, "
               f"decoding with {tok.checkpoint}", file=sys.stderr)  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    for t in tqdm(tokens, desc="decode", unit="protein", disable=args.no_progress,
-                  file=sys.stderr):  # fmt: skip
+    for t, (png, structure) in tqdm(zip(tokens, paths, strict=True), total=len(tokens),
+                                    desc="decode", unit="protein", disable=args.no_progress,
+                                    file=sys.stderr):  # fmt: skip
         image = tok.decode(t)
-        write_png(os.path.join(args.out, f"{t.id}.png"), image, bit_depth=16)
+        write_png(png, image, bit_depth=16)
         rec = reconstruct(image, dmax=tok.codec.dmax, backbone=args.backbone)
-        text = rec.to_text(t.sequence or None, fmt=args.format)
-        atomic_write(os.path.join(args.out, f"{t.id}.{args.format}"), text)
+        atomic_write(structure, rec.to_text(t.sequence or None, fmt=args.format))
     print(f"decoded {len(tokens)} proteins into {args.out} (ID.png, ID.{args.format})")
     return 0
 
@@ -313,6 +563,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _workers(parser, None, "processes for the 3D reconstruction")
     _structure_filters(parser)
+    _follow_links(parser)
     _progress(parser)
 
 
@@ -322,17 +573,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from protoken.report import headline
     from protoken.tokenizer import Tokenizer
 
+    _check_length_limits(args)
+    _check_inputs(args.inputs)
+    _out_folder(args.out)
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     try:
-        summary = evaluate(tok, find_inputs(args.inputs), args.out, backbone=args.backbone,
+        summary = evaluate(tok, find_inputs(args.inputs, follow_links=args.follow_links),
+                           args.out, backbone=args.backbone,
                            workers=args.workers, progress=not args.no_progress,
                            chains=args.chains, models=args.models, min_len=args.min_len,
                            max_len=args.max_len,
                            log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
         return _fail("evaluate", exc)
+    except ValueError as exc:  # no protein could be evaluated
+        return _fail("evaluate", exc, EXIT_NOTHING)
     print(headline(summary, args.out))
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- train, demo
@@ -413,20 +670,57 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code follows the policy of the module docstring."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv[:1] or ["--help"])
-        return 2  # not reached: argparse exits on --help or a bad command
+        return EXIT_USAGE  # not reached: argparse exits on --help or a bad command
     command, rest = argv[0], argv[1:]
-    args = build_parser(command).parse_args(rest)
+    args = build_parser(command).parse_args(rest)  # a usage error exits 2, in one line
     from protoken.checkpoint import CheckpointError
 
+    previous = {}
+    if command != "train":  # train handles its own signals (pre-emption, exit 75)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                with _suppress_not_main_thread():
+                    previous[sig] = signal.signal(sig, _raise_signalled)
     try:
         return int(COMMANDS[command][2](args) or 0)
     except CheckpointError as exc:  # one line naming the file, whichever command loaded it
-        print(f"protoken {command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(command, f"error: {exc}")
+    except UsageError as exc:
+        return _fail(command, exc)
+    except KeyboardInterrupt:
+        return _fail(command, "stopped (SIGINT)", 128 + signal.SIGINT)
+    except _Signalled as exc:
+        return _fail(command, f"stopped ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+    except Exception as exc:
+        if os.environ.get("PROTOKEN_DEBUG"):
+            raise
+        return _fail(
+            command,
+            f"error: {type(exc).__name__}: {exc} (PROTOKEN_DEBUG=1 shows the traceback)",
+            EXIT_NOTHING,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _suppress_not_main_thread:
+    """signal.signal works in the main thread only (main() called from a thread: no handlers)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        return kind is ValueError
 
 
 if __name__ == "__main__":

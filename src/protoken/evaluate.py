@@ -25,9 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protoken.fileio import atomic_write, read_fasta
-from protoken.geometry import DMAX, virtual_cb
-from protoken.inputs import STRUCTURE_SUFFIXES, image_id, structure_id, walk_files
+from protoken.codec import check_image, read_converted_image
+from protoken.fileio import atomic_write, read_fasta, write_tsv
+from protoken.geometry import virtual_cb
+from protoken.inputs import (
+    STRUCTURE_SUFFIXES,
+    image_id,
+    safe_output_path,
+    structure_id,
+    walk_files,
+)
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
 from protoken.reconstruct import Reconstruction, reconstruct
 from protoken.report import write_reconstruct_tables, write_report
@@ -244,27 +251,36 @@ class _ImageTask:
     image: str
     out: str
     fmt: str
-    dmax: float
+    dmax: float | None
     refine: bool
     backbone: bool
     sequence: str | None
     references: ReferenceIndex
+    max_len: int | None = None
 
 
 def _reconstruct_image(task: _ImageTask) -> dict:
-    """Reconstruct one image, write its structure, compare with its reference if any."""
+    """Reconstruct one image, write its structure, compare with its reference if any.
+
+    The PNG header is checked before decoding (side at most ``max_len``); dmax and bit depth
+    come from the convert.json beside the image when there is one
+    (:func:`protoken.codec.read_converted_image`); a degenerate image (a constant channel) is
+    refused (:func:`protoken.codec.check_image`).
+    """
     sid = image_id(task.image)
-    row: dict = {"id": sid}
+    row: dict = {"id": sid, "image": task.image}
     try:
         t0 = time.perf_counter()
-        rec = reconstruct(task.image, dmax=task.dmax, refine=task.refine, backbone=task.backbone)
+        path = safe_output_path(task.out, sid, f".{task.fmt}")
+        image, dmax = read_converted_image(task.image, task.dmax, task.max_len, np.float64)
+        check_image(image)
+        rec = reconstruct(image, dmax=dmax, refine=task.refine, backbone=task.backbone)
         row["seconds"] = time.perf_counter() - t0
         seq = task.sequence
         note = ""
         if seq is not None and len(seq) != len(rec):
             note = f"sequence has {len(seq)} residues, image {len(rec)}: residues written as UNK"
             seq = None
-        path = os.path.join(task.out, f"{sid}.{task.fmt}")
         atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
         row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
         row["mirrored_before_fix"] = rec.mirrored_before_fix
@@ -275,21 +291,27 @@ def _reconstruct_image(task: _ImageTask) -> dict:
             else:
                 row.update(compare_with_reference(rec, ref))
                 row["has_reference"] = True
+    except ValueError as exc:  # a refused image: the reason says it all
+        row["error"] = " ".join(str(exc).split())
     except Exception as exc:  # noqa: BLE001 - one bad input must not stop a batch
-        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return row
 
 
 def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None,
-                       reference: str | None = None, dmax: float = DMAX, refine: bool = True,
-                       backbone: bool = False, fmt: str = "pdb",
-                       workers: int | None = 1) -> tuple[list[dict], dict]:  # fmt: skip
+                       reference: str | None = None, dmax: float | None = None,
+                       refine: bool = True, backbone: bool = False, fmt: str = "pdb",
+                       workers: int | None = 1,
+                       max_len: int | None = None) -> tuple[list[dict], dict]:  # fmt: skip
     """Reconstruct PNG images into ``out/ID.{fmt}`` (``protoken reconstruct``).
 
     Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK. With ``reference``
     (:class:`ReferenceIndex`) each structure is compared with its reference
     (:func:`compare_with_reference`) and ``out/metrics.tsv`` and ``out/summary.json`` are
-    written. An image that fails is recorded (``error``), never stops the others.
+    written. ``dmax``: the images' cut-off when no convert.json beside them says (default 80);
+    one that contradicts it fails the image. An image that fails (unreadable, refused from its
+    header, larger than ``max_len``, degenerate ...) is recorded (``error``, and a row of
+    ``out/failed.tsv``: id, image, reason), never stops the others.
 
     Returns
     -------
@@ -304,8 +326,12 @@ def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None
     sequences = SequenceLookup(fasta, len(images))
     references = ReferenceIndex(reference)
     tasks = [_ImageTask(image, out, fmt, dmax, refine, backbone, sequences.get(image_id(image)),
-                        references) for image in images]  # fmt: skip
+                        references, max_len) for image in images]  # fmt: skip
     rows = _map(_reconstruct_image, tasks, workers)
+    failed = [{"id": r["id"], "image": r["image"], "reason": r["error"]} for r in rows
+              if "error" in r]  # fmt: skip
+    if failed:
+        write_tsv(os.path.join(out, "failed.tsv"), ("id", "image", "reason"), failed)
     scored = [r for r in rows if r.get("has_reference")]
     summary: dict = {
         "images": len(rows),
@@ -360,8 +386,11 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
 
     items = list(tokenizer.prepare_many(inputs, chains=chains, models=models, min_len=min_len,
                                         max_len=max_len, on_error=skip))  # fmt: skip
+    if skipped:  # recorded, as convert's manifest records them
+        rows = [{"source": src, "reason": " ".join(why.split())} for src, why in skipped]
+        write_tsv(os.path.join(out, "skipped.tsv"), ("source", "reason"), rows)
     if not items:
-        raise ValueError("no protein to evaluate")
+        raise ValueError(f"no protein to evaluate ({len(skipped)} inputs skipped)")
     dmax = tokenizer.codec.dmax
     levels, decoded = [], []
     batch = getattr(tokenizer, "batch_size", 8)

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from protoken.codec import (
+    MAX_IMAGE_SIDE,
     CodecSettings,
     dequantize,
     features_to_image,
     quantize,
-    read_image,
+    read_converted_image,
     standardize,
     unstandardize,
 )
@@ -151,14 +152,16 @@ class Tokenizer:
         array (3, L, L) in [-1, 1], or a :class:`protoken.structure.Backbone`. Structures are
         turned into images with the checkpoint's dmax and passed through its bit depth, so the
         model sees exactly what it was trained on. Chains outside ``min_len``..``max_len`` are
-        left out (``SkipStructure`` when none is left).
+        left out (``SkipStructure`` when none is left). A PNG is refused (ValueError) from its
+        header when it is no square RGB image or larger than ``max_len``, and when the
+        ``convert.json`` beside it records another dmax than the checkpoint's.
         """
         if isinstance(source, Backbone):
             return [self._from_backbone(source)]
         if isinstance(source, str | os.PathLike):
             path = os.fspath(source)
-            if path.lower().endswith(".png"):
-                image = read_image(path)
+            if path.lower().endswith(".png"):  # header checked, convert.json's dmax must agree
+                image, _ = read_converted_image(path, self.codec.dmax, max_len or MAX_IMAGE_SIDE)
                 return [Item(image_id(path), image, sequence)]
             backbones = read_backbones(path, chains, models)
             kept = [bb for bb in backbones
