@@ -162,12 +162,22 @@ def load(path: str, map_location: Any = "cpu") -> dict[str, Any]:
 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError as exc:
         ckpt = _load_format1(path, map_location, exc)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, random bytes ...: one line, no traceback
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(exc)}") from None
     validate(ckpt, path)
     return ckpt
+
+
+def _unreadable(exc: BaseException) -> str:
+    """One short line for a file torch cannot read (not its multi-line advice)."""
+    if isinstance(exc, PermissionError | IsADirectoryError) and exc.strerror:
+        return exc.strerror
+    first = " ".join(str(exc).split())[:160] or type(exc).__name__
+    return f"not a complete PyTorch checkpoint (truncated, or another kind of file: {first})"
 
 
 def _load_format1(path: str, map_location: Any, exc: Exception) -> dict[str, Any]:
@@ -176,8 +186,11 @@ def _load_format1(path: str, map_location: Any, exc: Exception) -> dict[str, Any
 
     try:
         needed = set(get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - not a zip checkpoint at all (a legacy torch file)
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    except Exception:  # noqa: BLE001 - not a zip checkpoint at all (random bytes, legacy file)
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint (truncated, or another "
+            "kind of file)"
+        ) from None
     allowed = _numpy_globals()
     names = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
     if not needed <= names:
@@ -186,10 +199,13 @@ def _load_format1(path: str, map_location: Any, exc: Exception) -> dict[str, Any
             f"({', '.join(sorted(needed - names)[:3])}) that could run code when loaded; "
             "protoken checkpoints hold only tensors and plain values"
         ) from None
-    with safe_globals(allowed):
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(ckpt, dict) and ckpt.get("format") == 1:
-        ckpt["rng"] = [_rng1_to_plain(s) for s in ckpt.get("rng", [])]
+    try:
+        with safe_globals(allowed):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(ckpt, dict) and ckpt.get("format") == 1:
+            ckpt["rng"] = [_rng1_to_plain(s) for s in ckpt.get("rng", [])]
+    except Exception as err:  # noqa: BLE001 - a damaged file: one line
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(err)}") from None
     return ckpt
 
 

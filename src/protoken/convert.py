@@ -293,7 +293,9 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
     main process decides); the worker ends when the main process closes its pipe.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     tune_malloc()
+    rows: list[Row] = []
     try:
         conn.send(("ready",))
         while True:
@@ -301,6 +303,7 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
             if msg is None:
                 return
             seq, path = msg
+            rows = []
             try:
                 rows = convert_file(path, opts, read, tag)
             except Exception as exc:  # noqa: BLE001 - e.g. a full disk: recorded, not fatal here
@@ -308,7 +311,21 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
                 rows = [Row(path, _safe_stem(path), "failed", reason)]
             conn.send((seq, rows))
     except (EOFError, OSError, KeyboardInterrupt):  # the main process is gone
-        return
+        for row in rows:  # its outputs will never be committed: leave nothing behind
+            for tmp in (row.png_tmp, row.fasta_tmp):
+                if tmp:
+                    _unlink_quiet(tmp)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the process that started it ends (the forkserver, which
+    ends with the main process), so a killed run leaves no worker converting on."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1  # from <sys/prctl.h>
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _mp_context():
