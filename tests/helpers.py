@@ -18,3 +18,59 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] *= -1
     return q
+
+
+# Readers that replace protoken.structure.read_backbones in convert's worker processes (they
+# must be module-level to reach them). Each misbehaves on files whose name says so and reads
+# every other file for real.
+
+
+def _real(path, **kw):
+    from protoken.structure import read_backbones
+
+    return read_backbones(path, **kw)
+
+
+def exiting_reader(path, **kw):
+    """Dies at once, without cleanup (os._exit, as a C extension's abort would), on *crash*."""
+    import os
+
+    if "crash" in os.path.basename(path):
+        os._exit(3)
+    return _real(path, **kw)
+
+
+def segfaulting_reader(path, **kw):
+    """Dies by a real SIGSEGV on *crash* files (what a parser bug does)."""
+    import os
+    import signal
+
+    if "crash" in os.path.basename(path):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGSEGV})
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return _real(path, **kw)
+
+
+def hanging_reader(path, **kw):
+    """Hangs inside C code on *hang* files: libc sleep() with SIGALRM, SIGINT and SIGTERM
+    blocked, so no alarm or Python signal handler can end it."""
+    import ctypes
+    import os
+    import signal
+
+    if "hang" in os.path.basename(path):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGINT, signal.SIGTERM})
+        ctypes.CDLL(None).sleep(3600)
+    return _real(path, **kw)
+
+
+def slow_reader(path, **kw):
+    """Takes a second longer on files in a folder named ``slow`` (so that an input converted
+    later finishes first)."""
+    import os
+    import time
+
+    if os.path.basename(os.path.dirname(path)) == "slow":
+        time.sleep(1.0)
+    return _real(path, **kw)

@@ -198,6 +198,7 @@ def test_resume_after_kill(tmp_path, structures_dir):
             assert want["status"] == "ok" and row["reason"].startswith("outputs already exist")
     names = sorted(p.relative_to(out) for p in out.glob("bin_*/*.png"))
     assert names == sorted(p.relative_to(ref) for p in ref.glob("bin_*/*.png"))
+    assert not list(out.rglob("*.tmp*"))  # the killed run's temporary files were removed
     for name in names:
         np.testing.assert_array_equal(read_image(out / name), read_image(ref / name))
 

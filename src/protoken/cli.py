@@ -427,11 +427,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
         value = getattr(args, opt)
         if value and not os.path.exists(value):
             return _fail("reconstruct", f"--{opt}: no such file or folder: {value}")
+    _out_folder(args.out)
     images = list(find_images(args.inputs, follow_links=args.follow_links))
     if not images:
         return _fail("reconstruct", "no .png images found", EXIT_NOTHING)
     _check_recorded_dmax(images, args.dmax)
-    _out_folder(args.out)
     rows, summary = reconstruct_images(
         images, args.out, fasta=args.fasta, reference=args.reference, dmax=args.dmax,
         refine=not args.no_refine, backbone=args.backbone, fmt=args.format, workers=args.workers,

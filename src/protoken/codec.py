@@ -339,7 +339,7 @@ def read_converted_image(
     depth = 8 if pixels.dtype == np.uint8 else 16
     if settings.get("bit_depth") not in (None, depth):
         raise ValueError(
-            f"a {depth}-bit PNG, but its convert.json says bit_depth={settings['bit_depth']}"
+            f"the PNG is {depth}-bit, but its convert.json says bit_depth={settings['bit_depth']}"
         )
     used = float(recorded if recorded is not None else (DMAX if dmax is None else dmax))
     return dequantize(pixels, dtype=dtype), used

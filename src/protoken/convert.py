@@ -339,6 +339,30 @@ def _mp_context():
     return multiprocessing.get_context("spawn")
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a worker without making it import the caller's ``__main__``.
+
+    multiprocessing (spawn, forkserver) runs the main script again in each new process, to find
+    what it defines; a script without an ``if __name__ == "__main__"`` guard would then convert
+    again in every worker, and code read from stdin cannot be run at all. Workers need protoken
+    only (and ``read``, which must live in an importable module), so the main module's file and
+    spec are hidden while a worker starts.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__dict__["__spec__"] = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def _death_reason(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         try:
@@ -357,7 +381,8 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker_main, args=(child, opts, read, tag), daemon=True, name="protoken-convert"
         )
-        self.process.start()
+        with _main_module_hidden():
+            self.process.start()
         child.close()
         self.conn = parent
         self.queue: deque[tuple[int, str]] = deque()
@@ -769,8 +794,9 @@ def convert(
     progress : bool
         Show a tqdm bar (files, files/s) on stderr.
     read : callable, optional
-        Replaces :func:`protoken.structure.read_backbones` in the workers (a module-level
-        function, so that it can be sent to them).
+        Replaces :func:`protoken.structure.read_backbones` in the workers: a function of an
+        importable module (workers import it by name; they never import the caller's
+        ``__main__``).
 
     Returns
     -------
