@@ -227,14 +227,17 @@ def _inflate(fh, head: bytes, max_bytes: int, text: bool) -> bytes:
     inflater = zlib.decompressobj(wbits=31)
     data = head
     checked = not text
+    pending = False  # zlib may hold output beyond the last cap, with no input left
     try:
         while True:
-            if not data:
+            if not data and not pending:
                 data = fh.read(1 << 20)
                 if not data:
                     break
-            out = inflater.decompress(data, max_bytes + 1 - total)
+            cap = min(max_bytes + 1 - total, 1 << 20)  # 1 MB of output at a time, at most
+            out = inflater.decompress(data, cap)
             data = inflater.unconsumed_tail
+            pending = len(out) == cap and not inflater.eof
             chunks.append(out)
             total += len(out)
             if total > max_bytes:
