@@ -201,7 +201,7 @@ def _shard(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _workers(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:
-    default_text = "all cores" if default is None else str(default)
+    default_text = "the available cores" if default is None else str(default)
     parser.add_argument(
         "--workers",
         "-j",

@@ -289,8 +289,8 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
     """A worker process: convert the files the main process sends, one at a time.
 
     Messages in: ``(seq, path)``, or None to stop. Out: ``("ready",)`` once, then
-    ``(seq, rows)`` per file. SIGINT is ignored (Ctrl-C reaches the whole process group; the
-    main process decides); the worker ends when the main process closes its pipe.
+    ``(seq, rows, cpu_seconds)`` per file. SIGINT is ignored (Ctrl-C reaches the whole process
+    group; the main process decides); the worker ends when the main process closes its pipe.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
@@ -304,12 +304,13 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
                 return
             seq, path = msg
             rows = []
+            cpu = time.process_time()
             try:
                 rows = convert_file(path, opts, read, tag)
             except Exception as exc:  # noqa: BLE001 - e.g. a full disk: recorded, not fatal here
                 reason = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                 rows = [Row(path, _safe_stem(path), "failed", reason)]
-            conn.send((seq, rows))
+            conn.send((seq, rows, time.process_time() - cpu))
     except (EOFError, OSError, KeyboardInterrupt):  # the main process is gone
         for row in rows:  # its outputs will never be committed: leave nothing behind
             for tmp in (row.png_tmp, row.fasta_tmp):
@@ -421,6 +422,7 @@ class _Pool:
         self.workers = [self._new() for _ in range(n)]
         self.retry: deque[tuple[int, str]] = deque()
         self.start_failures = 0
+        self.cpu_seconds = 0.0  # spent by the workers on the files they finished
 
     def _new(self) -> _Worker:
         return _Worker(self.ctx, self.opts, self.read, self.tag)
@@ -460,10 +462,11 @@ class _Pool:
                         w.ready, self.start_failures = True, 0
                         w.started = time.monotonic()
                         continue
-                    seq, rows = msg
+                    seq, rows, cpu = msg
                     head_seq, path = w.queue.popleft()
                     assert head_seq == seq, (head_seq, seq)
                     w.started = time.monotonic()
+                    self.cpu_seconds += cpu
                     yield seq, path, rows
             except (EOFError, OSError):
                 dead = True
@@ -727,6 +730,7 @@ class Summary:
     timed_out: int = 0
     leftovers_removed: int = 0
     retried_rows: int = 0
+    worker_cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -738,6 +742,7 @@ class Summary:
             "files": self.files,
             "failed_files": self.failed_files,
             "seconds": round(self.seconds, 3),
+            "worker_cpu_seconds": round(self.worker_cpu_seconds, 3),
             "seconds_parse_features_encode": [round(t, 3) for t in self.times],
         }
 
@@ -764,6 +769,15 @@ class Summary:
         return "\n".join(lines)
 
 
+def _available_cores() -> int:
+    """The cores this process may use (its CPU affinity: a SLURM or cgroup allocation, not
+    the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def _category(reason: str) -> str:
     for sep in (":", "("):
         reason = reason.split(sep, 1)[0]
@@ -787,8 +801,8 @@ def convert(
         Files and folders.
     opts : ConvertOptions
     workers : int, optional
-        Worker processes (default: all cores). Files are always converted in workers, never in
-        this process, so that a crash or a hang costs one file.
+        Worker processes (default: the cores this process may use). Files are always converted
+        in workers, never in this process, so that a crash or a hang costs one file.
     shard : (int, int), optional
         Convert only shard I of N (by the md5 of each input's id).
     progress : bool
@@ -814,7 +828,7 @@ def convert(
     from tqdm import tqdm
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    workers = workers or os.cpu_count() or 1
+    workers = workers or _available_cores()
     os.makedirs(opts.out, exist_ok=True)
     lock = _Lock(opts.out, shard)
     try:
@@ -914,6 +928,7 @@ def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
             pool.close()
         else:  # an error or a signal: stop the workers now, keep the marker for the next run
             pool.terminate()
+        summary.worker_cpu_seconds = pool.cpu_seconds
         manifest.close()
         bar.close()
         summary.seconds = time.perf_counter() - start
@@ -929,13 +944,15 @@ class _InputOrder:
     def __init__(self, commit: Callable[[list[Row]], None]):
         self.commit = commit
         self.active: dict[str, list[int]] = {}  # id stem -> positions in flight, ascending
+        self.stem_of: dict[int, str] = {}
         self.waiting: dict[int, list[Row]] = {}
 
     def started(self, seq: int, path: str) -> None:
-        self.active.setdefault(_safe_stem(path), []).append(seq)
+        stem = self.stem_of[seq] = _safe_stem(path)
+        self.active.setdefault(stem, []).append(seq)
 
     def finished(self, seq: int, path: str, rows: list[Row]) -> None:
-        stem = _safe_stem(path)
+        stem = self.stem_of.pop(seq)
         self.waiting[seq] = rows
         queue = self.active[stem]
         while queue and queue[0] in self.waiting:
