@@ -42,6 +42,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -669,6 +670,13 @@ class _Lock:
                 "wait for it to finish, or use another --out (shards of one OUT may run "
                 "side by side)"
             ) from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            fh.close()
+            logging.getLogger(__name__).warning(
+                "%s: cannot lock %s (%s): runs into the same OUT are not kept apart", out, path,
+                exc.strerror or exc,
+            )  # fmt: skip
+            return
         self.handles.append((fh, bool(mode & fcntl.LOCK_EX)))
         if mode & fcntl.LOCK_EX:
             fh.seek(0)
