@@ -847,17 +847,19 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path, structures_dir):
     out = tmp_path / "out"
     convert([str(structures_dir / D1ASHA)], ConvertOptions(out=str(out)), workers=1,
             progress=False)  # fmt: skip
-    # what a run killed with SIGKILL leaves: its marker and temporary files, also of a shard
+    # what a run killed with SIGKILL leaves: its marker and temporary files (also of a shard, and
+    # of protoken before the tags)
     (out / ".protoken-convert.all.running").write_text("pid 1\n")
     left = [out / "bin_40_64" / "x.png.tmp.all.123", out / "fasta" / "x.fasta.tmp.all.123",
-            out / "fasta" / "y.fasta.tmp.shard-0-of-2.77"]  # fmt: skip
+            out / "fasta" / "y.fasta.tmp.shard-0-of-2.77",
+            out / "fasta" / "z.fasta.tmp4242"]  # fmt: skip
     for path in left:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"partial")
     before = {p.name for p in out.rglob("*.png")}
     summary = convert([str(structures_dir / D1ASHA)], ConvertOptions(out=str(out)), workers=1,
                       progress=False)  # fmt: skip
-    assert summary.leftovers_removed == 3 and not list(out.rglob("*.tmp*"))
+    assert summary.leftovers_removed == 4 and not list(out.rglob("*.tmp*"))
     assert {p.name for p in out.rglob("*.png")} == before  # outputs untouched
     assert not (out / ".protoken-convert.all.running").exists()
 

@@ -695,8 +695,9 @@ class _Lock:
 
 def _remove_leftovers(opts: ConvertOptions, tag: str) -> int:
     """Remove the temporary files a killed run of this tag left in OUT's bins and FASTA folder
-    (an unsharded run, which excludes every other, removes those of any tag)."""
-    needle = ".tmp." if tag == "all" else f".tmp.{tag}."
+    (an unsharded run, which excludes every other, removes those of any tag, and the
+    ``NAME.tmpPID`` files of protoken versions before the tags)."""
+    needle = ".tmp" if tag == "all" else f".tmp.{tag}."
     folders = [opts.fasta_folder]
     with os.scandir(opts.out) as it:
         folders += [e.path for e in it if e.name.startswith("bin_") and e.is_dir()]
