@@ -1290,6 +1290,10 @@ class IndexedBatches(IterableDataset):
         Finite stream of this many batches per rank, from epoch ``epoch`` only.
     normalize, mean, std
         As :class:`IterableImageDataset`.
+    crop : int, optional
+        Images longer than this are cut to a random ``crop x crop`` window on the diagonal
+        (residues ``s .. s + crop - 1`` against themselves: a complete, smaller 6D image). The
+        window is a pure function of ``(seed, epoch, batch, row)``, so resume stays exact.
     """
 
     def __init__(
@@ -1305,8 +1309,12 @@ class IndexedBatches(IterableDataset):
         normalize: str | None = None,
         mean=None,
         std=None,
+        crop: int | None = None,
     ):
         super().__init__()
+        if crop is not None and crop < 1:
+            raise ValueError(f"crop must be >= 1, got {crop}")
+        self.crop = crop
         self.plan = plan
         self.multiple = int(multiple)
         self.epoch, self.position = int(epoch), int(position)
@@ -1326,6 +1334,14 @@ class IndexedBatches(IterableDataset):
         if self.num_batches is not None:
             return self.epoch, t % m
         return self.epoch + t // m, t % m
+
+    def _crop(self, image: np.ndarray, epoch: int, k: int, row: int) -> np.ndarray:
+        n = image.shape[-1]
+        if self.crop is None or n <= self.crop:
+            return image
+        rng = np.random.default_rng([self.plan.seed, epoch & _MASK64, epoch < 0, k, row])
+        s = int(rng.integers(0, n - self.crop + 1))
+        return np.ascontiguousarray(image[..., s : s + self.crop, s : s + self.crop])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -1349,6 +1365,7 @@ class IndexedBatches(IterableDataset):
                 except (OSError, ValueError) as exc:
                     _warn_once(logged, path, exc)
                     continue
+                image = self._crop(image, epoch, k, row)
                 items.append(
                     {
                         "image": torch.from_numpy(image),

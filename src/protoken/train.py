@@ -44,6 +44,7 @@ Exit codes of ``protoken train``: 0 done, 2 bad config / data / checkpoint, 75 p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -181,6 +182,7 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
         rank=d.rank,
         world_size=d.world_size,
         normalize=None if cfg.normalize == "none" else cfg.normalize,
+        crop=cfg.crop,
     )
     train_plan = BatchPlan(index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed)
     train = IndexedBatches(train_plan, epoch=epoch, position=position, **common)
@@ -482,6 +484,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             "continue it, or choose another --out"
         )
     model_cfg, codec = cfg.model_cfg(), codec_settings(cfg)
+    if getattr(model_cfg, "dmax", codec.dmax) != codec.dmax:  # the loss reads Angstrom
+        model_cfg = dataclasses.replace(model_cfg, dmax=codec.dmax)
     if ckpt is not None and ckpt["codec"] != codec.to_dict():
         raise ValueError(f"{last_path} used codec settings {ckpt['codec']}, now {codec}")
 

@@ -53,6 +53,7 @@ class TrainConfig(BaseModel):
     split_key_regex: str | None = None  # e.g. "^bm5__([0-9A-Za-z]{4})": by complex
     exclude_ids_file: str | None = None  # ids (one a line) kept out of every split
     batch_size: int = Field(8, ge=1)
+    crop: int | None = Field(None, ge=8)  # train on random diagonal windows of <= crop residues
     group_by_bin: bool = True
     num_workers: int = Field(2, ge=0)
     normalize: Literal["none", "seed"] = "none"

@@ -7,7 +7,9 @@
 >>> images = model.decode(codes, lengths)        # (B, 3, H, W)
 
 Families: ``hierarchical`` (:class:`VQVAE`, grids of codes per level; presets ``tiny``, ``small``,
-``reference``; ``seed``, the old name of ``reference``, is still read). A family registers its
+``reference``; ``seed``, the old name of ``reference``, is still read) and ``residue``
+(:class:`ResidueVQVAE`, one FSQ code per residue; presets ``residue-tiny``, ``residue-small``,
+``residue-base``; ``encode`` returns one ``(B, L)`` tensor). A family registers its
 config class, model class and presets in :data:`FAMILIES`; a checkpoint's ``model_config`` names its
 family (no name: hierarchical, as every checkpoint written before families existed).
 
@@ -40,6 +42,7 @@ from torch import nn
 
 from protoken.model.config import PRESET_ALIASES, PRESETS, VQVAEConfig
 from protoken.model.quantize import QuantizerOutput, VectorQuantizer
+from protoken.model.residue import RESIDUE_PRESETS, ResidueConfig, ResidueOutput, ResidueVQVAE
 from protoken.model.vqvae import VQVAE, VQVAEOutput, mask_from_lengths, symmetrise
 
 __all__ = [
@@ -48,6 +51,10 @@ __all__ = [
     "PRESETS",
     "VQVAE",
     "QuantizerOutput",
+    "RESIDUE_PRESETS",
+    "ResidueConfig",
+    "ResidueOutput",
+    "ResidueVQVAE",
     "VQVAEConfig",
     "VQVAEOutput",
     "VectorQuantizer",
@@ -64,6 +71,7 @@ __all__ = [
 #: ``to_dict()``, ``from_dict(d)`` and ``dataclasses.replace``-able fields.
 FAMILIES: dict[str, tuple[type, type[nn.Module], dict[str, Any]]] = {
     "hierarchical": (VQVAEConfig, VQVAE, PRESETS),
+    "residue": (ResidueConfig, ResidueVQVAE, RESIDUE_PRESETS),
 }
 #: The family of a ``model_config`` without a ``family`` field (checkpoints of format 1).
 DEFAULT_FAMILY = "hierarchical"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoken.model.config import VQVAEConfig
+from protoken.model.losses import LossWeights, geometric_loss, geometric_weight, mse_loss
 from protoken.model.quantize import VectorQuantizer
 from protoken.model.transformer import LayerNorm2d, Transformer
 
@@ -231,10 +232,11 @@ class VQVAEOutput:
     recon : Tensor
         ``(B, 3, H, W)`` reconstruction, 0 at padded pixels.
     loss_sum : Tensor
-        Scalar float32, sum of the squared errors over valid pixels and channels.
+        Scalar float32, sum of the reconstruction loss (``config.loss``) over what ``weight``
+        counts.
     weight : Tensor
-        Scalar, what ``loss_sum`` is a sum over: valid pixels x channels
-        (:meth:`VQVAE.loss_weight` of the mask).
+        Scalar, what ``loss_sum`` is a sum over: valid pixels x channels for the MSE, valid
+        residue pairs i != j for the geometric loss (:meth:`VQVAE.loss_weight` of the mask).
     aux_loss : Tensor
         Scalar ``beta * commit_loss``, already normalised (a mean).
     metrics : dict of str to Tensor
@@ -242,7 +244,7 @@ class VQVAEOutput:
     loss : Tensor
         Scalar ``recon_loss + beta * commit_loss``.
     recon_loss : Tensor
-        Scalar MSE over valid pixels and channels.
+        Scalar ``loss_sum / weight``.
     commit_loss : Tensor
         Scalar, sum over levels of the commitment losses.
     indices : list of Tensor
@@ -301,8 +303,13 @@ class VQVAE(nn.Module):
 
     def loss_weight(self, mask: Tensor) -> int:
         """What :attr:`VQVAEOutput.loss_sum` of a batch with this ``(B, H, W)`` mask sums over
-        (valid pixels x channels), computed where the mask is (on the host for a loader's
-        batch, so the training loop knows the global weight before the forward passes)."""
+        (valid pixels x channels for the MSE, valid pairs i != j for the geometric loss),
+        computed where the mask is (on the host for a loader's batch, so the training loop
+        knows the global weight before the forward passes)."""
+        if mask.ndim == 4:
+            mask = mask[:, 0]
+        if self.config.loss == "geometric":
+            return geometric_weight(mask)
         return int(mask.sum()) * self.config.in_channels
 
     def num_parameters(self) -> int:
@@ -373,9 +380,10 @@ class VQVAE(nn.Module):
         mask = self._check(x, mask)
         codes, outs, masks = self._encode(x, mask)
         recon = self._decode_codes(codes, masks, mask)
-        m = mask[:, None]
-        weight = mask.sum() * x.shape[1]
-        loss_sum = (((recon.float() - x.float()) * m) ** 2).sum()
+        if self.config.loss == "geometric":
+            loss_sum, weight = geometric_loss(recon, x, mask, LossWeights.from_config(self.config))
+        else:
+            loss_sum, weight = mse_loss(recon, x, mask)
         recon_loss = loss_sum / weight.clamp(min=1)
         commit_losses = torch.stack([o.commit_loss for o in reversed(outs)])
         commit_loss = commit_losses.sum()
