@@ -117,6 +117,7 @@ LAYERS = [
     {"evaluate"},
     {"report"},
     {"tokenizer", "train"},
+    {"pretrained"},
     {"checkpoint", "train_config", "plots", "data"},
     {"reconstruct"},
     {"backbone", "metrics"},

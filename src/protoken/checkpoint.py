@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 import random
 import sys
@@ -49,6 +50,7 @@ __all__ = [
     "build_model",
     "describe",
     "load",
+    "provenance",
     "rng_state",
     "save",
     "set_rng_state",
@@ -252,6 +254,27 @@ def build_model(ckpt: dict[str, Any]) -> Any:
     model = build(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def provenance(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Where a checkpoint's model came from: family, preset, parameters, training step, batch,
+    crop, data folder and split (what evaluation reports and model cards print)."""
+    cfg = ckpt.get("config") or {}
+    mc = ckpt.get("model_config") or {}
+    n_params = sum(int(v.numel()) for v in ckpt.get("model", {}).values()
+                   if hasattr(v, "numel") and v.is_floating_point())  # fmt: skip
+    out = {
+        "family": mc.get("family", "hierarchical"),
+        "preset": cfg.get("preset", ""),
+        "parameters": n_params,
+        "step": ckpt.get("step"),
+        "batch_size": cfg.get("batch_size"),
+        "crop": cfg.get("crop"),
+        "data": os.path.basename(os.path.normpath(cfg["data"])) if cfg.get("data") else "",
+        "split_key_regex": cfg.get("split_key_regex"),
+        "valid_frac": cfg.get("valid_frac"),
+    }
+    return {k: v for k, v in out.items() if v not in (None, "")}
 
 
 def describe(ckpt: dict[str, Any], path: str = "") -> str:

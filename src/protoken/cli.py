@@ -234,7 +234,11 @@ def _structure_output(parser: argparse.ArgumentParser) -> None:
 
 def _checkpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", "-c", required=True, help="best.pt / last.pt of a protoken train run"
+        "--checkpoint",
+        "-c",
+        default="default",
+        help="a bundled tokenizer's name (default: 'default'; see protoken pretrained) or "
+        "best.pt / last.pt of a protoken train run",
     )
 
 
@@ -457,7 +461,15 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="structure files, PNG images, or folders of either")  # fmt: skip
     _checkpoint(parser)
-    parser.add_argument("--out", "-o", required=True, help="token file to write (.npz)")
+    parser.add_argument("--out", "-o", required=True, help="token file to write")
+    parser.add_argument(
+        "--format",
+        choices=["npz", "fasta", "parquet"],
+        default="npz",
+        help="npz: the token file protoken decode reads (both layouts); fasta: one record per "
+        "protein, its tokens as space-separated integers, one per residue; parquet: columns "
+        "id, sequence, tokens, length (pyarrow). fasta and parquet need per-residue tokens",
+    )
     _structure_filters(parser)
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, help="proteins per forward pass"
@@ -473,12 +485,29 @@ def _encode(args: argparse.Namespace) -> int:
 
     from protoken.fileio import write_tsv
     from protoken.inputs import find_inputs
-    from protoken.tokenizer import Tokenizer, save_tokens
+    from protoken.tokenizer import (
+        Tokenizer,
+        save_tokens,
+        save_tokens_fasta,
+        save_tokens_parquet,
+    )
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
     _out_file(args.out)
     tok = Tokenizer.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+    if args.format != "npz" and tok.layout != "residue":
+        raise UsageError(
+            f"--format {args.format} writes one token per residue; {args.checkpoint} makes "
+            "grids of tokens (use a per-residue tokenizer such as 'residue', or --format npz)"
+        )
+    if args.format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "--format parquet needs pyarrow: pip install 'protoken[parquet]'"
+            ) from None
     skipped: list[dict] = []
 
     def skip(source, exc: Exception) -> None:
@@ -497,10 +526,16 @@ def _encode(args: argparse.Namespace) -> int:
         write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
     if not tokens:
         return _fail("encode", "nothing encoded", EXIT_NOTHING)
-    save_tokens(args.out, tokens, tok.meta())
+    if args.format == "fasta":
+        save_tokens_fasta(args.out, tokens)
+    elif args.format == "parquet":
+        save_tokens_parquet(args.out, tokens, tok.meta())
+    else:
+        save_tokens(args.out, tokens, tok.meta())
     per_res = np.mean([t.n_tokens / t.length for t in tokens])
+    bits = per_res * tok.bits_per_token
     print(f"encoded {len(tokens)} proteins ({len(skipped)} inputs skipped) into {args.out}; "
-          f"{per_res:.2f} tokens per residue on average")  # fmt: skip
+          f"{per_res:.2f} tokens ({bits:.1f} bits) per residue on average")  # fmt: skip
     return EXIT_OK
 
 
@@ -534,6 +569,12 @@ def _decode(args: argparse.Namespace) -> int:
         raise UsageError(f"token file {args.tokens}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any malformed token file: one line
         raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
+    if meta["layout"] != tok.layout:
+        raise UsageError(f"token file {args.tokens} holds {meta['layout']} tokens; "
+                         f"{args.checkpoint} decodes {tok.layout} tokens")  # fmt: skip
+    if meta.get("codebook_size") != tok.config.codebook_size:
+        raise UsageError(f"token file {args.tokens} has codebook size {meta.get('codebook_size')},"
+                         f" {args.checkpoint} {tok.config.codebook_size}")  # fmt: skip
     if meta.get("checkpoint") and meta["checkpoint"] != tok.checkpoint:
         print(f"protoken decode: warning: tokens were made by checkpoint {meta['checkpoint']}, "
               f"decoding with {tok.checkpoint}", file=sys.stderr)  # fmt: skip
@@ -610,20 +651,58 @@ def _train(args: argparse.Namespace) -> int:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="protoken-demo",
                         help="output folder (default ./protoken-demo)")  # fmt: skip
+    _checkpoint(parser)
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="train a tiny tokenizer from scratch on the bundled structures instead of using "
+        "a pretrained one (a few minutes on 2 CPU cores)",
+    )
     parser.add_argument(
         "--max-steps",
-        type=int,
+        type=_positive_int,
         default=600,
-        help="training steps (default 600, a few minutes on 2 CPU cores)",
+        help="with --train: training steps (default 600)",
     )
     _workers(parser, None, "processes")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from protoken.demo import demo
+    from protoken.demo import demo, demo_train
 
-    demo(args.out, max_steps=args.max_steps, workers=args.workers)
+    if args.train:
+        demo_train(args.out, max_steps=args.max_steps, workers=args.workers)
+    else:
+        demo(args.out, checkpoint=args.checkpoint, workers=args.workers)
     return 0
+
+
+def _pretrained_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="print this bundled tokenizer's model card")
+
+
+def _pretrained(args: argparse.Namespace) -> int:
+    from protoken import pretrained
+
+    if args.name:
+        try:
+            print(pretrained.card(args.name))
+        except KeyError as exc:
+            raise UsageError(exc.args[0]) from None
+        return EXIT_OK
+    aliases = pretrained.aliases()
+    for name in pretrained.names():
+        if name in aliases:
+            print(f"{name:<10} -> {aliases[name]}")
+            continue
+        meta = pretrained.info(name)
+        mc, res = meta["model_config"], meta.get("results", {})
+        tm = res.get("tm_score_median")
+        print(f"{name:<10} {mc.get('family', 'hierarchical')} family, "
+              f"{meta.get('summary', '')}"
+              + (f"; held-out median TM-score {tm:.3f}" if tm is not None else ""))  # fmt: skip
+    print("model card: protoken pretrained NAME; use: protoken encode FILES -c NAME --out t.npz")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- the command
@@ -636,14 +715,17 @@ COMMANDS: dict[str, Command] = {
                 _convert_arguments, _convert),
     "reconstruct": ("6D images -> 3D structures (PDB), with metrics",
                     _reconstruct_arguments, _reconstruct),
-    "train": ("train the hierarchical VQ-VAE (single process or torchrun)",
+    "train": ("train a tokenizer, either family (single process or torchrun)",
               _train_arguments, _train),
-    "encode": ("structures or images -> tokens (.npz)", _encode_arguments, _encode),
+    "encode": ("structures or images -> tokens (.npz, FASTA or Parquet)",
+               _encode_arguments, _encode),
     "decode": ("tokens -> images -> 3D structures", _decode_arguments, _decode),
     "evaluate": ("round-trip structures through a tokenizer and report",
                  _evaluate_arguments, _evaluate),
-    "demo": ("convert bundled structures, train a tiny tokenizer, evaluate",
+    "demo": ("bundled structures -> pretrained tokens -> 3D, with a report",
              _demo_arguments, _demo),
+    "pretrained": ("list the bundled tokenizers, or print one's model card",
+                   _pretrained_arguments, _pretrained),
 }  # fmt: skip
 
 

@@ -53,7 +53,8 @@ __all__ = [
 #: Metrics summarised by :func:`summarize` (median, mean, min, max), when rows hold them.
 METRICS = (
     "cb_rmsd", "tm_score", "lddt", "distance_mae", "image_mse", "tokens_per_residue",
-    "bits_per_residue", "bb_rmsd", "ca_rmsd", "ca_tm_score",
+    "bits_per_residue", "bb_rmsd", "ca_rmsd", "ca_tm_score", "ceiling_cb_rmsd",
+    "ceiling_tm_score", "ceiling_lddt",
 )  # fmt: skip
 
 
@@ -353,11 +354,36 @@ def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None
 # --------------------------------------------------------------------------- evaluate
 
 
+#: Length bins of the by-length medians (residues, inclusive).
+LENGTH_BINS = ((40, 99), (100, 199), (200, 399), (400, 1024))
+
+
+def by_length(rows: Sequence[dict], keys=("tm_score", "cb_rmsd", "lddt")) -> list[dict]:
+    """Per :data:`LENGTH_BINS` bin that holds proteins: its range, count and the medians of
+    ``keys`` (and ``ceiling_tm_score`` when the rows have it)."""
+    out = []
+    for lo, hi in LENGTH_BINS:
+        sel = [r for r in rows if lo <= r["length"] <= hi]
+        if not sel:
+            continue
+        entry: dict = {"lengths": f"{lo}-{hi}", "proteins": len(sel)}
+        for key in (*keys, "ceiling_tm_score"):
+            vals = [r[key] for r in sel if key in r]
+            if vals:
+                entry[key] = float(np.median(vals))
+        out.append(entry)
+    return out
+
+
 def _reconstruct_and_compare(task: tuple) -> dict:
-    """Worker: reconstruct a decoded image and compare it with the reference."""
-    decoded, reference, dmax, backbone = task
+    """Worker: reconstruct a decoded image and compare it with the reference; with
+    ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer)."""
+    decoded, reference, dmax, backbone, ceiling = task
     rec = reconstruct(decoded, dmax=dmax, backbone=backbone)
     row = compare_with_reference(rec, reference)
+    if ceiling is not None:
+        exact = compare_with_reference(reconstruct(ceiling, dmax=dmax), reference)
+        row["ceiling"] = {k: exact[k] for k in ("cb_rmsd", "tm_score", "lddt")}
     row["cb"] = rec.cb
     row["ca"] = rec.atoms["CA"] if rec.atoms is not None else None
     return row
@@ -366,14 +392,18 @@ def _reconstruct_and_compare(task: tuple) -> dict:
 def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
              models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
-             log=print) -> dict:  # fmt: skip
+             ceiling: bool = True, log=print) -> dict:  # fmt: skip
     """Evaluate a tokenizer on structure files (or PNGs: then the reference is the 3D
     reconstruction of the input image itself). Writes OUT/metrics.tsv, OUT/summary.json and
     OUT/report.md with its pictures (:func:`protoken.report.write_report`); returns the summary.
 
     Per protein: ``length``, ``image_mse`` (over all pixels and channels, [-1, 1] units),
     ``distance_mae`` (:func:`protoken.metrics.distance_mae`, Angstrom), the metrics of
-    :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``.
+    :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``; with
+    ``ceiling`` also ``ceiling_*``, the same metrics of the input image reconstructed without
+    the tokenizer (what the image -> 3D path alone reaches: the ceiling of any tokenizer).
+    The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``layout`` and
+    ``provenance`` (training steps, preset, data).
     """
     from tqdm import tqdm
 
@@ -403,7 +433,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     tasks = []
     for it, dec in zip(items, decoded, strict=True):
         reference = it.backbone if it.backbone is not None else reconstruct(it.image, dmax=dmax).cb
-        tasks.append((dec, reference, dmax, backbone))
+        tasks.append((dec, reference, dmax, backbone, it.image if ceiling else None))
     results = _map(_reconstruct_and_compare, tasks, workers, progress, desc="3D")
 
     bits = math.log2(tokenizer.config.codebook_size)
@@ -420,6 +450,8 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
             "mirrored_before_fix": res["mirrored_before_fix"],
             "mirror_image": res["mirror_image"],
         }  # fmt: skip
+        for key, value in res.get("ceiling", {}).items():
+            row[f"ceiling_{key}"] = value
         if backbone:
             row["bb_rmsd"] = res.get("bb_rmsd", float("nan"))
             row["ca_tm_score"] = res.get("ca_tm_score", float("nan"))
@@ -432,6 +464,9 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     summary = {"proteins": len(rows), "skipped_inputs": len(skipped), **summarize(rows)}
     summary["codebook_usage_per_level_coarsest_first"] = [round(u, 4) for u in usage]
     summary["checkpoint"] = getattr(tokenizer, "checkpoint", "")
+    summary["layout"] = getattr(tokenizer, "layout", "grid")
+    summary["provenance"] = getattr(tokenizer, "provenance", {})
+    summary["by_length"] = by_length(rows)
     truth = [_reference_atoms(task[1])["CB"] for task in tasks]
     write_report(out, rows, summary, items, decoded, [r["cb"] for r in results], truth, backbone)
     return summary

@@ -99,17 +99,23 @@ def write_report(out: str, rows, summary, items, decoded, cbs, truth, backbone: 
     pictures = _pictures(out, rows, items, decoded, cbs, picks, truth)
 
     s = summary
+    prov = s.get("provenance") or {}
+    trained = ", ".join(f"{k} {v}" for k, v in prov.items()) or "unknown"
     md = [
         "# protoken evaluation",
         "",
-        f"Checkpoint `{s.get('checkpoint', '')}`, {s['proteins']} proteins "
-        f"({s['skipped_inputs']} inputs skipped). Structures are reconstructed from the decoded "
-        "images (classical MDS, handedness from the image's own chiral channels, distance "
-        "refinement" + (", full backbone" if backbone else "") + ") and compared with the true "
-        "structures after superposition by a proper rotation.",
+        f"Tokenizer `{s.get('checkpoint', '')}` ({s.get('layout', 'grid')} layout; trained: "
+        f"{trained}), {s['proteins']} proteins ({s['skipped_inputs']} inputs skipped). "
+        "Structures are reconstructed from the decoded images (classical MDS, handedness from "
+        "the image's own chiral channels, distance refinement"
+        + (", full backbone" if backbone else "")
+        + ") and compared with the true "
+        "structures after superposition by a proper rotation. The *ceiling* column is the "
+        "input image itself reconstructed the same way, without the tokenizer: what the "
+        "image -> 3D path alone reaches, the best any tokenizer of these images can do.",
         "",
-        "| metric | median | mean | min | max |",
-        "|---|---|---|---|---|",
+        "| metric | median | mean | min | max | ceiling median |",
+        "|---|---|---|---|---|---|",
     ]
     labels = {
         "tm_score": "TM-score (Cb)", "cb_rmsd": "Cb RMSD (A)", "lddt": "lDDT (Cb)",
@@ -120,14 +126,29 @@ def write_report(out: str, rows, summary, items, decoded, cbs, truth, backbone: 
     for key, label in labels.items():
         if key in s:
             v = s[key]
+            ceil = s.get(f"ceiling_{key}", {}).get("median")
+            ceil = "" if ceil is None else f"{ceil:.4f}"
             md.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
-                      f"| {v['max']:.4f} |")  # fmt: skip
+                      f"| {v['max']:.4f} | {ceil} |")  # fmt: skip
+    md += ["", "By length (medians):", "", "| residues | proteins | TM-score | Cb RMSD (A) | "
+           "lDDT | ceiling TM-score |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for b in s.get("by_length", []):
+        ceil = f"{b['ceiling_tm_score']:.4f}" if "ceiling_tm_score" in b else ""
+        md.append(f"| {b['lengths']} | {b['proteins']} | {b['tm_score']:.4f} | "
+                  f"{b['cb_rmsd']:.3f} | {b['lddt']:.4f} | {ceil} |")  # fmt: skip
     md += [
         "",
         f"Fraction with TM-score > 0.5: {s['fraction_tm_above_0.5']:.3f}; "
         f"> 0.9: {s['fraction_tm_above_0.9']:.3f}.",
-        f"Codebook usage per level (coarsest first): "
+        f"Codebook usage per level (coarsest first; one level for per-residue tokens): "
         f"{', '.join(f'{u:.3f}' for u in s['codebook_usage_per_level_coarsest_first'])}.",
+        "",
+        f"Mirrored before fix: {s.get('mirrored_before_fix', 0)} of {s['proteins']}. Distances "
+        "alone (classical MDS) give a structure or its mirror image with equal right; the "
+        "reconstruction picks the hand that agrees with the decoded image's chiral channels "
+        "(omega, theta), and this counts the proteins whose first MDS solution had the wrong "
+        f"hand and was reflected. Mirror images left after that step: "
+        f"{s.get('mirror_images', 0)} (superposing better onto the truth after a reflection).",
         "",
         "![Cb RMSD](hist_rmsd.png) ![TM-score](hist_tm.png)",
         "",
@@ -153,6 +174,7 @@ def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def save(fig, name):
         fig.tight_layout()
@@ -166,6 +188,7 @@ def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[s
         ax.hist(vals, bins=min(30, max(5, len(vals))), color="#4477aa")
         ax.set_xlabel(label)
         ax.set_ylabel("proteins")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: integer ticks
         ax.set_title(f"{label}: median {np.median(vals):.3f}", fontsize=10)
         save(fig, name)
 
@@ -176,7 +199,9 @@ def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[s
         for c in range(3):
             for r, (img, title) in enumerate(((items[i].image, "input"), (decoded[i], "decoded"))):
                 ax = axes[r, c]
-                ax.imshow(img[c], vmin=-1, vmax=1, cmap="viridis", interpolation="nearest")
+                shown = ax.imshow(img[c], vmin=-1, vmax=1, cmap="viridis",
+                                  interpolation="nearest")  # fmt: skip
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
                 ax.set_title(f"{title} {names[c]}", fontsize=8)
                 ax.set_xticks([])
                 ax.set_yticks([])

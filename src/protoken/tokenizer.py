@@ -49,13 +49,14 @@ from protoken.inputs import image_id
 from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
 
 __all__ = ["INPUT_ERRORS", "TOKEN_FORMAT", "Item", "Tokenizer", "Tokens", "load_tokens",
-           "save_tokens"]  # fmt: skip
+           "save_tokens", "save_tokens_fasta", "save_tokens_parquet"]  # fmt: skip
 
 #: What :meth:`Tokenizer.prepare` raises for an input it cannot use (unreadable, skipped by a
 #: chain, model or length policy, not an image ...); ``on_error`` callbacks receive these.
 INPUT_ERRORS = (SkipStructure, StructureError, ValueError, OSError)
 
-TOKEN_FORMAT = "protoken-tokens/1"
+TOKEN_FORMAT = "protoken-tokens/2"
+_FORMATS = ("protoken-tokens/1", TOKEN_FORMAT)
 
 
 @dataclass
@@ -70,13 +71,26 @@ class Tokens:
     sequence : str
         One-letter sequence ("" when encoded from an image without one).
     levels : list of ndarray
-        Coarsest level first; level l is an int array (ceil(L / s_l), ceil(L / s_l)).
+        Residue layout: one ``(L,)`` int array, code i belonging to residue i. Grid layout:
+        coarsest level first, level l an int array (ceil(L / s_l), ceil(L / s_l)).
     """
 
     id: str
     length: int
     sequence: str
     levels: list[np.ndarray]
+
+    @property
+    def layout(self) -> str:
+        """``"residue"`` (one code per residue) or ``"grid"``."""
+        return "residue" if len(self.levels) == 1 and np.ndim(self.levels[0]) == 1 else "grid"
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The ``(L,)`` codes of the residue layout."""
+        if self.layout != "residue":
+            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
+        return self.levels[0]
 
     @property
     def n_tokens(self) -> int:
@@ -129,17 +143,44 @@ class Tokenizer:
         self.checkpoint = checkpoint
         self.batch_size = batch_size
         self.config = model.config
+        self.provenance: dict = {}
+
+    @property
+    def layout(self) -> str:
+        """``"residue"`` for the per-residue family, ``"grid"`` for the hierarchical one."""
+        return "residue" if self.config.downsample_factor == 1 and not hasattr(
+            self.config, "level_scales") else "grid"  # fmt: skip
+
+    @property
+    def bits_per_token(self) -> float:
+        return math.log2(self.config.codebook_size)
 
     @classmethod
     def from_checkpoint(cls, path: str, device=None, batch_size: int = 8) -> Tokenizer:
         """Load a checkpoint written by ``protoken train`` (``best.pt`` or ``last.pt``) with
-        ``weights_only=True`` (see :mod:`protoken.checkpoint`)."""
-        from protoken import checkpoint
+        ``weights_only=True`` (see :mod:`protoken.checkpoint`), or a bundled tokenizer by name
+        (``"default"``, ``"residue"``: :mod:`protoken.pretrained`)."""
+        from protoken import checkpoint, pretrained
 
+        if pretrained.is_name(path):
+            return cls.from_pretrained(path, device, batch_size)
         ckpt = checkpoint.load(path)
         model = checkpoint.build_model(ckpt)
         codec = CodecSettings.from_dict(ckpt["codec"])
-        return cls(model, codec, checkpoint_id(path), device, batch_size)
+        tok = cls(model, codec, checkpoint_id(path), device, batch_size)
+        tok.provenance = checkpoint.provenance(ckpt)
+        return tok
+
+    @classmethod
+    def from_pretrained(cls, name: str = "default", device=None, batch_size: int = 8) -> Tokenizer:
+        """A tokenizer bundled with the package (offline; see ``protoken pretrained``)."""
+        from protoken import checkpoint, pretrained
+
+        ckpt = pretrained.load(name)
+        tok = cls(checkpoint.build_model(ckpt), CodecSettings.from_dict(ckpt["codec"]),
+                  ckpt["checkpoint_id"], device, batch_size)  # fmt: skip
+        tok.provenance = ckpt.get("provenance", {})
+        return tok
 
     # ------------------------------------------------------------------ inputs
 
@@ -209,12 +250,17 @@ class Tokenizer:
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Images (3, L_i, L_i) -> per image, per level (coarsest first) its valid code grid."""
+        """Images (3, L_i, L_i) -> per image its codes: ``[codes (L,)]`` in the residue layout,
+        per level (coarsest first) the valid code grid in the grid layout."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             x, mask, lengths = self._batch(chunk)
             grids = self.model.encode(x, mask)
+            if self.layout == "residue":
+                out.extend([grids[i, :n].cpu().numpy().astype(np.int64)]
+                           for i, n in enumerate(lengths))  # fmt: skip
+                continue
             for i, n in enumerate(lengths):
                 out.append([
                     g[i, : math.ceil(n / s), : math.ceil(n / s)].cpu().numpy().astype(np.int64)
@@ -225,8 +271,22 @@ class Tokenizer:
     @torch.no_grad()
     def decode_levels(self, levels: Sequence[Sequence[np.ndarray]],
                       lengths: Sequence[int]) -> list[np.ndarray]:  # fmt: skip
-        """Per protein code grids (coarsest first) -> images (3, L, L) in [-1, 1]."""
+        """Per protein codes (``[codes (L,)]`` or grids coarsest first, as
+        :meth:`encode_images` gives) -> images (3, L, L) in [-1, 1]."""
         out: list[np.ndarray] = []
+        if self.layout == "residue":
+            for start in range(0, len(levels), self.batch_size):
+                chunk = levels[start : start + self.batch_size]
+                ns = [int(n) for n in lengths[start : start + self.batch_size]]
+                codes = torch.zeros(len(chunk), max(ns), dtype=torch.long)
+                for i, per in enumerate(chunk):
+                    c = np.asarray(per[0] if len(per) == 1 else per, dtype=np.int64)
+                    if c.shape != (ns[i],):
+                        raise ValueError(f"expected {ns[i]} codes (one per residue), got "
+                                         f"shape {c.shape}")  # fmt: skip
+                    codes[i, : ns[i]] = torch.as_tensor(c)
+                out.extend(self._to_images(self.model.decode(codes, ns), ns))
+            return out
         scales = self._scales_coarse_first()
         f = self.config.downsample_factor
         for start in range(0, len(levels), self.batch_size):
@@ -255,6 +315,8 @@ class Tokenizer:
         return levels, decoded
 
     def _scales_coarse_first(self) -> list[int]:
+        if self.layout == "residue":
+            return [1]
         return list(reversed(self.config.level_scales))
 
     # ------------------------------------------------------------------ public API
@@ -313,6 +375,9 @@ class Tokenizer:
 
     def decode(self, tokens: Tokens) -> np.ndarray:
         """:class:`Tokens` -> image (3, L, L) in [-1, 1]."""
+        if tokens.layout != self.layout:
+            raise ValueError(f"{tokens.id}: {tokens.layout} tokens, but this tokenizer's "
+                             f"layout is {self.layout}")  # fmt: skip
         return self.decode_levels([tokens.levels], [tokens.length])[0]
 
     def decode_structure(self, tokens: Tokens, backbone: bool = False):
@@ -323,24 +388,36 @@ class Tokenizer:
 
     def meta(self) -> dict:
         """What token files record about the tokenizer that made them."""
+        from protoken.model import config_to_dict
+
         return {
+            "layout": self.layout,
             "checkpoint": self.checkpoint,
-            "model_config": self.config.to_dict(),
+            "model_config": config_to_dict(self.config),
             "codec": self.codec.to_dict(),
             "level_scales_coarse_first": self._scales_coarse_first(),
             "codebook_size": self.config.codebook_size,
+            "bits_per_token": self.bits_per_token,
+            "provenance": self.provenance,
         }
 
 
 # --------------------------------------------------------------------------- token files
 
 
+def _code_dtype(meta: dict):
+    return np.uint16 if meta.get("codebook_size", 1 << 16) <= (1 << 16) else np.int32
+
+
 def save_tokens(path: str, tokens: Sequence[Tokens], meta: dict) -> None:
     """Write tokens to a ``.npz`` file (format in the module docstring), atomically."""
     if not tokens:
         raise ValueError("no tokens to save")
-    n_levels = len(tokens[0].levels)
-    dtype = np.uint16 if meta.get("codebook_size", 1 << 16) <= (1 << 16) else np.int32
+    layout = tokens[0].layout
+    if any(t.layout != layout for t in tokens):
+        raise ValueError("tokens of both layouts in one file")
+    meta = {**meta, "layout": layout}
+    dtype = _code_dtype(meta)
     arrays: dict[str, np.ndarray] = {
         "format": np.array(TOKEN_FORMAT),
         "meta": np.array(json.dumps(meta)),
@@ -348,30 +425,152 @@ def save_tokens(path: str, tokens: Sequence[Tokens], meta: dict) -> None:
         "sequences": np.array([t.sequence for t in tokens]),
         "lengths": np.array([t.length for t in tokens], dtype=np.int32),
     }
-    for lv in range(n_levels):
+    names = ["codes"] if layout == "residue" else [f"level{lv}" for lv in
+                                                     range(len(tokens[0].levels))]  # fmt: skip
+    for lv, name in enumerate(names):
         grids = [np.asarray(t.levels[lv]).ravel() for t in tokens]
-        arrays[f"level{lv}_codes"] = np.concatenate(grids).astype(dtype)
-        arrays[f"level{lv}_offsets"] = np.concatenate([[0], np.cumsum([g.size for g in grids])])
+        key = name if layout == "residue" else f"{name}_codes"
+        arrays[key] = np.concatenate(grids).astype(dtype)
+        off = "offsets" if layout == "residue" else f"{name}_offsets"
+        arrays[off] = np.concatenate([[0], np.cumsum([g.size for g in grids])]).astype(np.int64)
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
 
 
 def load_tokens(path: str) -> tuple[list[Tokens], dict]:
-    """Read a token file: (tokens, meta)."""
-    with np.load(path, allow_pickle=False) as z:
-        if str(z["format"]) != TOKEN_FORMAT:
-            raise ValueError(f"{path}: not a {TOKEN_FORMAT} file")
-        meta = json.loads(str(z["meta"]))
-        scales = meta["level_scales_coarse_first"]
-        ids, seqs, lengths = z["ids"], z["sequences"], z["lengths"]
-        codes = [z[f"level{lv}_codes"] for lv in range(len(scales))]
-        offsets = [z[f"level{lv}_offsets"] for lv in range(len(scales))]
+    """Read a token file (version 1 or 2): ``(tokens, meta)``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file and what is wrong: not a token file, a missing key, bad
+        metadata, arrays of the wrong type or shape, offsets that do not match the lengths,
+        codes outside the codebook, duplicate or unsafe ids.
+    """
+    from protoken.inputs import is_safe_id
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise bad(f"not a token file ({type(exc).__name__})") from None
+    if not hasattr(z, "files"):
+        raise bad("not a token file (a bare array, not an .npz archive)")
+    try:
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # a corrupt member: zlib, zipfile or numpy errors
+        raise bad(f"unreadable archive member ({type(exc).__name__})") from None
+    for key in ("format", "meta", "ids", "sequences", "lengths"):
+        if key not in arrays:
+            raise bad(f"missing {key!r}")
+    fmt = str(arrays["format"])
+    if fmt not in _FORMATS:
+        raise bad(f"not a protoken token file (format {fmt[:40]!r})")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except ValueError:
+        raise bad("meta is not JSON") from None
+    if not isinstance(meta, dict):
+        raise bad("meta is not a JSON object")
+    layout = meta.get("layout", "grid") if fmt == TOKEN_FORMAT else "grid"
+    meta["layout"] = layout
+    ids, seqs, lengths = arrays["ids"], arrays["sequences"], arrays["lengths"]
+    if ids.dtype.kind != "U" or seqs.dtype.kind != "U" or lengths.dtype.kind not in "iu":
+        raise bad("ids and sequences must be strings, lengths integers")
+    n = len(ids)
+    if ids.shape != (n,) or seqs.shape != (n,) or lengths.shape != (n,):
+        raise bad("ids, sequences and lengths must be (N,) arrays of one N")
+    if n and (lengths.min() < 1 or lengths.max() > MAX_IMAGE_SIDE):
+        raise bad(f"lengths must lie in 1..{MAX_IMAGE_SIDE}")
+    if len(set(ids.tolist())) != n:
+        raise bad("duplicate protein ids")
+    unsafe = [i for i in ids.tolist() if not is_safe_id(i)]
+    if unsafe:
+        raise bad(f"unsafe protein id {unsafe[0][:40]!r} (ids become file names)")
+    size = meta.get("codebook_size")
+    if not isinstance(size, int) or size < 1:
+        raise bad("meta has no valid codebook_size")
+    if layout == "residue":
+        scales, names = [1], [("codes", "offsets")]
+    elif layout == "grid":
+        scales = meta.get("level_scales_coarse_first")
+        if not isinstance(scales, list) or not scales or not all(
+                isinstance(v, int) and v >= 1 for v in scales):  # fmt: skip
+            raise bad("meta has no valid level_scales_coarse_first")
+        names = [(f"level{lv}_codes", f"level{lv}_offsets") for lv in range(len(scales))]
+    else:
+        raise bad(f"unknown layout {layout!r}")
+    per_level = []
+    for (ck, ok), s in zip(names, scales, strict=True):
+        if ck not in arrays or ok not in arrays:
+            raise bad(f"missing {ck!r} or {ok!r}")
+        codes, offsets = arrays[ck], arrays[ok]
+        if codes.ndim != 1 or codes.dtype.kind not in "iu":
+            raise bad(f"{ck} must be a 1-D integer array")
+        if offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
+            raise bad(f"{ok} must be (N + 1,) integers")
+        if layout == "residue":
+            sizes = lengths.astype(np.int64)
+        else:
+            sizes = np.ceil(lengths / s).astype(np.int64) ** 2
+        expect = np.concatenate([[0], np.cumsum(sizes)])
+        if not np.array_equal(offsets.astype(np.int64), expect) or len(codes) != expect[-1]:
+            raise bad(f"{ok} do not match the lengths ({len(codes)} codes)")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            raise bad(f"codes outside the codebook 0..{size - 1} in {ck}")
+        per_level.append((codes, expect))
     out = []
-    for i, n in enumerate(lengths.tolist()):
+    for i, length in enumerate(lengths.tolist()):
         levels = []
-        for lv, s in enumerate(scales):
-            k = math.ceil(n / s)
-            levels.append(codes[lv][offsets[lv][i] : offsets[lv][i + 1]].astype(np.int64)
-                          .reshape(k, k))  # fmt: skip
-        out.append(Tokens(str(ids[i]), n, str(seqs[i]), levels))
+        for (codes, off), s in zip(per_level, scales, strict=True):
+            c = codes[off[i] : off[i + 1]].astype(np.int64)
+            if layout == "grid":
+                k = math.ceil(length / s)
+                c = c.reshape(k, k)
+            levels.append(c)
+        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels))
     return out, meta
+
+
+def _residue_only(tokens: Sequence[Tokens], what: str) -> None:
+    if any(t.layout != "residue" for t in tokens):
+        raise ValueError(
+            f"{what} needs per-residue tokens (a residue-family tokenizer such as 'residue'); "
+            "grid tokens have no order aligned with the sequence"
+        )
+
+
+def save_tokens_fasta(path: str, tokens: Sequence[Tokens]) -> None:
+    """Per-residue tokens as FASTA, for language models: one record per protein, ``>ID``
+    then its codes as space-separated integers on one line, the i-th number belonging to the
+    i-th residue of the amino-acid sequence (same ids and order as ``protoken convert``'s FASTA)."""
+    _residue_only(tokens, "--format fasta")
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        for t in tokens:
+            fh.write(f">{t.id} length={t.length}\n")
+            fh.write(" ".join(map(str, np.asarray(t.codes).tolist())) + "\n")
+
+
+def save_tokens_parquet(path: str, tokens: Sequence[Tokens], meta: dict) -> None:
+    """Per-residue tokens as a Parquet table (pyarrow): columns ``id`` (string), ``sequence``
+    (string), ``tokens`` (list of uint16/int32, one per residue), ``length`` (int32); ``meta``
+    is stored as the schema's ``protoken`` metadata (JSON)."""
+    _residue_only(tokens, "--format parquet")
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+    dtype = pa.uint16() if _code_dtype(meta) == np.uint16 else pa.int32()
+    table = pa.table({
+        "id": pa.array([t.id for t in tokens], pa.string()),
+        "sequence": pa.array([t.sequence for t in tokens], pa.string()),
+        "tokens": pa.array([np.asarray(t.codes).tolist() for t in tokens], pa.list_(dtype)),
+        "length": pa.array([t.length for t in tokens], pa.int32()),
+    })  # fmt: skip
+    table = table.replace_schema_metadata({"protoken": json.dumps({**meta, "layout": "residue"})})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
