@@ -204,3 +204,38 @@ def test_encode_and_decode(structures_dir, tmp_path, capsys):
     assert len(residues) == 147 and all(len(r) == 1 and r[0].name == "CB" for r in residues)
     assert "".join(gemmi.find_tabulated_residue(r.name).one_letter_code.upper()
                    for r in residues) == bb.sequence  # fmt: skip
+
+
+def test_encode_formats_for_language_models(structures_dir, tmp_path, capsys):
+    import torch
+
+    from protoken import checkpoint as ckpt_io
+    from protoken.codec import CodecSettings
+    from protoken.model import ResidueConfig, ResidueVQVAE, config_to_dict
+
+    torch.manual_seed(0)
+    cfg = ResidueConfig.preset("residue-tiny")
+    ckpt = str(tmp_path / "r.pt")
+    state = {"model": ResidueVQVAE(cfg).state_dict(), "model_config": config_to_dict(cfg)}
+    ckpt_io.save(ckpt, {**state, "codec": CodecSettings().to_dict()})
+    src = [str(structures_dir / n) for n in ("foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb")]
+    fasta = tmp_path / "t.fasta"
+    assert main(["encode", *src, "-c", ckpt, "--format", "fasta", "-o", str(fasta),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "1.00 tokens (12.0 bits) per residue" in capsys.readouterr().out
+    records = fasta.read_text().splitlines()
+    seqs = [read_backbones(s)[0].sequence for s in src]
+    assert [len(line.split()) for line in records[1::2]] == [len(q) for q in seqs]
+    # per-residue tokens round-trip through decode
+    npz = tmp_path / "t.npz"
+    assert main(["encode", *src, "-c", ckpt, "-o", str(npz), "--no-progress"]) == 0
+    assert main(["decode", str(npz), "-c", ckpt, "-o", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert (tmp_path / "d" / "kortemme__1CTF_A.pdb").stat().st_size > 0
+    # grid tokens have no per-residue order: refused before any work; layouts must match
+    grid = str(DATA / "old-checkpoint.pt")
+    capsys.readouterr()
+    assert main(["encode", *src, "-c", grid, "--format", "fasta", "-o", str(tmp_path / "g.fa"),
+                 "--no-progress"]) == 2  # fmt: skip
+    assert "one token per residue" in capsys.readouterr().err
+    assert main(["decode", str(npz), "-c", grid, "-o", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert "residue tokens" in capsys.readouterr().err

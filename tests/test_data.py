@@ -676,3 +676,39 @@ def test_resuming_far_into_a_run_decodes_only_the_batch_it_needs(converted8, mon
     assert (batch["epoch"], batch["position"]) == (10**6, 8)
     assert batch["ids"] == [index.id(j) for j in plan.batch(10**6, 8)]
     assert len(decoded) == len(batch["ids"])
+
+
+def test_crops_are_diagonal_windows_fixed_by_the_stream_position(converted8):
+    from protoken.codec import read_image
+
+    index = pd.ImageIndex.build(converted8)
+    rows = index.split_rows("train", 0.1)
+    plan = pd.BatchPlan(index, rows, 4, True, seed=3)
+    crop = 64
+
+    def take(ds, n=12):
+        return [b for _, b in zip(range(n), ds, strict=False)]
+
+    first = take(pd.IndexedBatches(plan, 1, crop=crop))
+    again = take(pd.IndexedBatches(plan, 1, crop=crop, position=5))
+    cropped = 0
+    for b in first:
+        assert b["image"].shape[-1] <= crop
+        for i, path in enumerate(b["paths"]):
+            full = read_image(path)
+            n = int(b["lengths"][i])
+            img = b["image"][i, :, :n, :n].numpy()
+            if full.shape[-1] <= crop:
+                np.testing.assert_array_equal(img, full)
+                continue
+            cropped += 1
+            # a window (s..s+crop) x (s..s+crop) of the full image
+            starts = [s for s in range(full.shape[-1] - crop + 1)
+                      if np.array_equal(full[:, s : s + crop, s : s + crop], img)]  # fmt: skip
+            assert starts, path
+    assert cropped > 0
+    # resuming at a position gives the same batches, crops included
+    for a, b in zip(first[5:], again, strict=False):
+        torch.testing.assert_close(a["image"], b["image"])
+    with pytest.raises(ValueError, match="crop"):
+        pd.IndexedBatches(plan, 1, crop=0)

@@ -17,9 +17,9 @@ def test_bundled_structures_are_packaged():
     assert len(manifest) == 49 and manifest[0].startswith("file\tsource_repo")
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_train_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--max-steps", "12", "--workers", "2"]) == 0
+    assert main(["demo", "--train", "--out", str(out), "--max-steps", "12", "--workers", "2"]) == 0
     text = capsys.readouterr().out
     assert "converted 48, skipped 0, failed 0" in text
     assert "report: " in text and "TM-score median" in text

@@ -53,6 +53,12 @@ def test_a_perfect_decoder_scores_perfectly(structures_dir, tmp_path, backbone):
     assert summary["lddt"]["min"] > 0.99
     assert summary["image_mse"]["max"] == 0 and summary["mirror_images"] == 0
     assert summary["fraction_tm_above_0.9"] == 1.0
+    # the ceiling (input image -> 3D, no tokenizer) equals the decoded here, by construction
+    assert summary["ceiling_tm_score"]["min"] > 0.999
+    assert summary["ceiling_cb_rmsd"]["max"] < 0.01
+    assert [(b["lengths"], b["proteins"]) for b in summary["by_length"]] == [
+        ("40-99", 2), ("100-199", 1)]  # fmt: skip
+    assert summary["by_length"][1]["tm_score"] > 0.999
     if backbone:
         assert summary["bb_rmsd"]["median"] < 0.2 and summary["ca_tm_score"]["min"] > 0.98
     for name in ("metrics.tsv", "summary.json", "report.md", "hist_rmsd.png", "hist_tm.png",
@@ -64,6 +70,8 @@ def test_a_perfect_decoder_scores_perfectly(structures_dir, tmp_path, backbone):
     assert json.loads((out / "summary.json").read_text())["proteins"] == 3
     report = (out / "report.md").read_text()
     assert "![Cb RMSD](hist_rmsd.png)" in report and "foldseek__d1asha_" in report
+    assert "ceiling median" in report and "| 100-199 | 1 |" in report
+    assert "Mirrored before fix: 0 of 3" in report
 
 
 def test_eight_bit_images_lose_little(structures_dir, tmp_path):

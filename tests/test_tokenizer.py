@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ def test_token_files_round_trip_and_read_with_plain_numpy(tok, structures_dir, t
             np.testing.assert_array_equal(ga, gb)
     # the documented layout, without protoken
     z = np.load(path)
-    assert str(z["format"]) == "protoken-tokens/1" and z["level0_codes"].dtype == np.uint16
+    assert str(z["format"]) == "protoken-tokens/2" and z["level0_codes"].dtype == np.uint16
+    assert meta["layout"] == "grid" and tokens[0].layout == "grid"
     i = 2
     n = int(z["lengths"][i])
     k = math.ceil(n / meta["level_scales_coarse_first"][0])
@@ -151,3 +153,121 @@ def test_files_of_the_previous_version_load_and_give_the_same_tokens(structures_
         for ga, gb in zip(a.levels, b.levels, strict=True):
             np.testing.assert_array_equal(ga, gb)
     np.testing.assert_allclose(tok.decode(old[0]), np.load(DATA / "old-decoded-0.npy"), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- per-residue layout
+
+
+@pytest.fixture(scope="module")
+def residue_checkpoint(tmp_path_factory) -> str:
+    from protoken.model import ResidueConfig, ResidueVQVAE
+
+    torch.manual_seed(0)
+    cfg = ResidueConfig.preset("residue-tiny")
+    path = str(tmp_path_factory.mktemp("rckpt") / "best.pt")
+    ckpt_io.save(path, {"model": ResidueVQVAE(cfg).state_dict(),
+                        "model_config": config_to_dict(cfg),
+                        "codec": CodecSettings().to_dict()})  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def rtok(residue_checkpoint) -> Tokenizer:
+    return Tokenizer.from_checkpoint(residue_checkpoint, device="cpu", batch_size=3)
+
+
+def test_residue_tokens_one_per_residue_decode_like_the_forward_pass(rtok, structures_dir):
+    assert rtok.layout == "residue" and rtok.bits_per_token == 12
+    items = [rtok.prepare(structures_dir / n)[0] for n in NAMES]
+    levels, decoded = rtok.roundtrip([it.image for it in items])
+    x, mask, lengths = rtok._batch([it.image for it in items])
+    with torch.no_grad():
+        recon = rtok.model(x, mask).recon
+    for i, n in enumerate(lengths):
+        assert levels[i][0].shape == (n,)
+        want = recon[i, :, :n, :n].clamp(-1, 1).numpy()
+        # batches padded differently: float noise, which the untrained decoder's near-coincident
+        # atoms amplify in the angles; distances stay tight
+        np.testing.assert_allclose(np.tril(decoded[i][0]), np.tril(want[0]), atol=1e-4)
+        np.testing.assert_allclose(decoded[i], want, atol=2e-2)
+    t = rtok.encode(structures_dir / "foldseek__d1asha_.pdb")
+    assert t.layout == "residue" and t.codes.shape == (147,) and t.n_tokens == 147
+    assert len(t.sequence) == 147
+    rec = rtok.decode_structure(t)
+    assert rec.cb.shape == (147, 3) and np.isfinite(rec.cb).all()
+    with pytest.raises(ValueError, match="layout"):
+        tok_grid = Tokenizer.from_checkpoint(str(DATA / "old-checkpoint.pt"), device="cpu")
+        tok_grid.decode(t)
+
+
+def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structures_dir, tmp_path):
+    from protoken.tokenizer import save_tokens_fasta, save_tokens_parquet
+
+    tokens = list(rtok.encode_many([structures_dir / n for n in NAMES]))
+    path = str(tmp_path / "r.npz")
+    save_tokens(path, tokens, rtok.meta())
+    back, meta = load_tokens(path)
+    assert meta["layout"] == "residue" and meta["codebook_size"] == 4096
+    for a, b in zip(tokens, back, strict=True):
+        assert (a.id, a.length, a.sequence) == (b.id, b.length, b.sequence)
+        np.testing.assert_array_equal(a.codes, b.codes)
+    z = np.load(path)  # the documented layout, with plain numpy
+    assert str(z["format"]) == "protoken-tokens/2" and z["codes"].dtype == np.uint16
+    off = z["offsets"]
+    np.testing.assert_array_equal(z["codes"][off[1] : off[2]], tokens[1].codes)
+    # FASTA: one record per protein, one integer per residue, aligned with the sequence
+    save_tokens_fasta(str(tmp_path / "r.fasta"), tokens)
+    lines = (tmp_path / "r.fasta").read_text().splitlines()
+    assert len(lines) == 2 * len(tokens)
+    for t, head, body in zip(tokens, lines[::2], lines[1::2], strict=True):
+        assert head.split()[0] == f">{t.id}"
+        values = [int(v) for v in body.split()]
+        assert len(values) == len(t.sequence) == t.length and values == t.codes.tolist()
+    pq = pytest.importorskip("pyarrow.parquet")
+    save_tokens_parquet(str(tmp_path / "r.parquet"), tokens, rtok.meta())
+    table = pq.read_table(str(tmp_path / "r.parquet"))
+    assert table.column_names == ["id", "sequence", "tokens", "length"]
+    for t, row in zip(tokens, table.to_pylist(), strict=True):
+        assert row["id"] == t.id and row["sequence"] == t.sequence and row["length"] == t.length
+        assert row["tokens"] == t.codes.tolist() and len(row["tokens"]) == len(row["sequence"])
+    with pytest.raises(ValueError, match="per-residue"):
+        save_tokens_fasta(str(tmp_path / "g.fasta"), load_tokens(str(DATA / "old-tokens.npz"))[0])
+
+
+def _rewrite(path, out, **changes):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key, value in changes.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    np.savez(out, **arrays)
+    return str(out)
+
+
+def test_bad_token_files_are_refused_in_one_line_naming_the_file(rtok, structures_dir, tmp_path):
+    tokens = list(rtok.encode_many([structures_dir / n for n in NAMES[:2]]))
+    good = str(tmp_path / "good.npz")
+    save_tokens(good, tokens, rtok.meta())
+    with np.load(good) as z:
+        codes, ids, offsets = z["codes"], z["ids"], z["offsets"]
+    bad = {
+        "out of range": dict(codes=np.where(np.arange(len(codes)) == 3, 60000, codes)),
+        "negative": dict(codes=np.where(np.arange(len(codes)) == 3, -5, codes).astype(np.int32)),
+        "duplicate ids": dict(ids=np.array([ids[0], ids[0]])),
+        "unsafe id": dict(ids=np.array(["../escaped", ids[1]])),
+        "short codes": dict(codes=codes[:-1]),
+        "offsets": dict(offsets=offsets[::-1].copy()),
+        "missing key": dict(sequences=None),
+        "meta": dict(meta=np.array("{not json")),
+    }
+    for what, change in bad.items():
+        path = _rewrite(good, tmp_path / f"{what.replace(' ', '_')}.npz", **change)
+        with pytest.raises(ValueError) as info:
+            load_tokens(path)
+        message = str(info.value)
+        assert message.startswith(path) and "\n" not in message, (what, message)
+    (tmp_path / "random.npz").write_bytes(os.urandom(300))
+    with pytest.raises(ValueError, match="not a token file"):
+        load_tokens(str(tmp_path / "random.npz"))

@@ -373,6 +373,7 @@ class ResidueVQVAE(nn.Module):
         q = self.quantizer.lookup(indices.to(device))
         return self._decode(q, rmask)
 
+    @torch.no_grad()
     def decode_backbone(self, indices: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
         """Codes ``(B, L)`` -> the decoder's own N, CA, C ``(B, L, 3)`` (before the image)."""
         device = self.post_quant.weight.device

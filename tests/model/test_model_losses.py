@@ -1,0 +1,93 @@
+"""The geometric loss: zero on the truth, periodic in the angles, contacts weigh more than far
+pairs, distances alone cannot tell the mirror image, the frame term does; the weight counts
+pairs i != j."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from protoken.codec import features_to_image
+from protoken.geometry import sixd
+from protoken.model import mask_from_lengths
+from protoken.model.losses import LossWeights, geometric_loss, geometric_weight, mse_loss
+from protoken.structure import read_backbones
+
+
+@pytest.fixture(scope="module")
+def real(structures_dir):
+    bb = read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
+    return bb, torch.tensor(features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0))[None].float()
+
+
+def _loss(a, b, **kw):
+    mask = mask_from_lengths([a.shape[-1]], a.shape[-1])
+    return geometric_loss(a, b, mask, LossWeights(**kw))
+
+
+def test_zero_on_the_truth_and_weight_counts_pairs(real):
+    _, x = real
+    total, weight = _loss(x, x)
+    L = x.shape[-1]
+    assert float(total) / float(weight) < 1e-3 and int(weight) == L * (L - 1)
+    mask = mask_from_lengths([L, 20], L)
+    assert geometric_weight(mask) == L * (L - 1) + 20 * 19
+    assert int(mse_loss(x, x, mask_from_lengths([L], L))[1]) == 3 * L * L
+
+
+def test_angles_are_periodic(real):
+    _, x = real
+    y = x.clone()
+    L = x.shape[-1]
+    upper = torch.ones(L, L, dtype=torch.bool).triu(1)
+    # omega + 2 pi: the same angle (channel 0's upper triangle holds omega / pi)
+    y[0, 0][upper] = x[0, 0][upper] + 2.0
+    y[0, 1] = x[0, 1] - 2.0  # theta - 2 pi
+    assert float(_loss(y, x, frame_weight=0)[0]) < 1e-2
+    z = x.clone()
+    z[0, 1] = x[0, 1] + 1.0  # theta + pi: a real error
+    assert float(_loss(z, x, frame_weight=0)[0]) > 100
+
+
+def test_a_contact_error_costs_more_than_the_same_error_far_away(real):
+    _, x = real
+    d = (x[0, 0] + 1) * 40  # Angstrom in the lower triangle
+    L = x.shape[-1]
+    lower = torch.ones(L, L, dtype=torch.bool).tril(-1)
+    near = ((d < 8) & lower).nonzero()[0]
+    far = ((d > 40) & (d < 70) & lower).nonzero()[0]
+    costs = []
+    for i, j in (near, far):
+        y = x.clone()
+        y[0, 0, i, j] += 2.0 / 80 * 2  # +2 A
+        costs.append(float(_loss(y, x, angle_weight=0, frame_weight=0)[0]))
+    assert costs[0] > 2 * costs[1] > 0
+
+
+def test_distances_cannot_see_the_mirror_image_the_frame_term_does(real):
+    from protoken.geometry import virtual_cb
+
+    bb, x = real
+    cb = virtual_cb(bb.n, bb.ca, bb.c)
+    # the mirror image of every atom (Cb included; a virtual Cb of mirrored N, CA, C would not be)
+    mirror = sixd(-bb.n, -bb.ca, -bb.c, cb=-cb)
+    mirror = torch.tensor(features_to_image(mirror, 80.0))[None].float()
+    # same distances and phi; omega and theta change sign
+    np.testing.assert_allclose(mirror[0, 2].numpy(), x[0, 2].numpy(), atol=1e-5)
+    np.testing.assert_allclose(mirror[0, 1].numpy(), -x[0, 1].numpy(), atol=1e-5)
+    dist_only = float(_loss(mirror, x, angle_weight=0, frame_weight=0)[0])
+    framed = float(_loss(mirror, x, angle_weight=0)[0])
+    L = x.shape[-1]
+    assert dist_only < 1e-3 * L and framed > 10 * L
+    assert not math.isnan(framed)
+
+
+def test_gradients_are_finite_at_the_truth(real):
+    _, x = real
+    y = x.clone().requires_grad_(True)
+    total, _ = _loss(y, x)
+    total.backward()
+    assert torch.isfinite(y.grad).all()
