@@ -192,9 +192,11 @@ def test_decode_png_rejects_garbage():
 
 
 def test_codec_settings_validate_and_round_trip():
-    s = CodecSettings(dmax=40.0, bit_depth=16, normalize="seed")
+    s = CodecSettings(dmax=40.0, bit_depth=16, normalize="reference")
     assert CodecSettings.from_dict(s.to_dict()) == s
     assert s.mean_std == (SEED_MEAN, SEED_STD)
+    # "seed", the former name, is read as "reference" (old checkpoints)
+    assert CodecSettings.from_dict({**s.to_dict(), "normalize": "seed"}) == s
     with pytest.raises(ValueError):
         CodecSettings(bit_depth=12)
     with pytest.raises(ValueError):

@@ -108,10 +108,10 @@ def test_items_are_the_codecs_exact_inverse(fixture, request):
 def test_standardisation_and_its_inverse(fixture, request):
     root = request.getfixturevalue(fixture)
     ds = IterableBinnedImageDataset(
-        root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"], normalize="seed"
+        root, split="all", shuffle_buffer=0, only_bins=["bin_65_128"], normalize="reference"
     )
     assert ds.normalization == Normalization(SEED_MEAN, SEED_STD)
-    assert ds.normalization.name == "seed"
+    assert ds.normalization.name == "reference"
     n = 0
     for item in ds:
         ref = read_image(item["path"]).astype(np.float64)

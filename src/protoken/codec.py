@@ -61,9 +61,13 @@ __all__ = [
     "write_png",
 ]
 
-#: The seed's per-channel normalisation of pixels scaled to [0, 1] (its data loader's constants).
-SEED_MEAN = (0.4081, 0.5336, 0.4414)
-SEED_STD = (0.2538, 0.2752, 0.2157)
+#: The reference design's per-channel normalisation of pixels scaled to [0, 1] (its data
+#: loader's constants): ``normalize="reference"``.
+REFERENCE_MEAN = (0.4081, 0.5336, 0.4414)
+REFERENCE_STD = (0.2538, 0.2752, 0.2157)
+SEED_MEAN, SEED_STD = REFERENCE_MEAN, REFERENCE_STD  # the former names
+#: Normalisation names of older versions -> current ones ("seed" now means only an RNG seed).
+NORMALIZE_ALIASES = {"seed": "reference"}
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,9 @@ class CodecSettings:
     bit_depth : int
         8 or 16: the PNG depth of the training images.
     normalize : str
-        ``"none"`` (model sees [-1, 1] images) or ``"seed"`` (per-channel standardisation with
-        the seed's mean and std, applied to pixels scaled to [0, 1]).
+        ``"none"`` (model sees [-1, 1] images) or ``"reference"`` (per-channel standardisation
+        with the reference design's mean and std, applied to pixels scaled to [0, 1]; called
+        ``"seed"`` before, a name still read).
     """
 
     dmax: float = DMAX
@@ -88,8 +93,9 @@ class CodecSettings:
     def __post_init__(self):
         if self.bit_depth not in (8, 16):
             raise ValueError(f"bit_depth must be 8 or 16, not {self.bit_depth}")
-        if self.normalize not in ("none", "seed"):
-            raise ValueError(f"normalize must be 'none' or 'seed', not {self.normalize!r}")
+        object.__setattr__(self, "normalize", NORMALIZE_ALIASES.get(self.normalize, self.normalize))
+        if self.normalize not in ("none", "reference"):
+            raise ValueError(f"normalize must be 'none' or 'reference', not {self.normalize!r}")
         if not (self.dmax > 0 and math.isfinite(self.dmax)):
             raise ValueError(f"dmax must be positive and finite, not {self.dmax}")
 
@@ -102,7 +108,7 @@ class CodecSettings:
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-        return (SEED_MEAN, SEED_STD) if self.normalize == "seed" else None
+        return (REFERENCE_MEAN, REFERENCE_STD) if self.normalize == "reference" else None
 
 
 def features_to_image(features: SixD, dmax: float = DMAX) -> np.ndarray:

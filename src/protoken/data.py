@@ -6,7 +6,7 @@ are dicts::
     {"image": FloatTensor (3, L, L), "length": L, "id": "ID", "path": "/abs/ROOT/bin_LO_HI/ID.png"}
 
 with the image in [-1, 1] (the codec's exact inverse of the 8- or 16-bit PNG), or standardised
-per channel when asked (``normalize="seed"`` or ``mean``/``std``, by
+per channel when asked (``normalize="reference"`` or ``mean``/``std``, by
 :func:`protoken.codec.standardize`; undo it with :meth:`denormalize`).
 :func:`collate_with_padding` pads a list of items to a batch.
 
@@ -162,9 +162,9 @@ class Normalization:
 
     @property
     def name(self) -> str:
-        """``"seed"`` for the seed's constants (:class:`protoken.codec.CodecSettings`), else
-        ``"custom"``."""
-        return "seed" if (self.mean, self.std) == (SEED_MEAN, SEED_STD) else "custom"
+        """``"reference"`` for the reference design's constants
+        (:class:`protoken.codec.CodecSettings`), else ``"custom"``."""
+        return "reference" if (self.mean, self.std) == (SEED_MEAN, SEED_STD) else "custom"
 
     def forward(self, x):
         """[-1, 1] -> standardised; ``x`` of shape (..., 3, H, W)."""
@@ -182,11 +182,13 @@ def _normalization(normalize, mean, std) -> Normalization | None:
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         return None if mean is None else Normalization(tuple(mean), tuple(std))
-    if normalize == "seed":
+    if normalize in ("reference", "seed"):  # "seed": the former name
         if mean is not None or std is not None:
-            raise ValueError("normalize='seed' uses the seed's mean and std; do not pass them")
+            raise ValueError(
+                "normalize='reference' uses the reference design's mean and std; do not pass them"
+            )
         return Normalization()
-    raise ValueError(f"normalize must be None, 'none' or 'seed', not {normalize!r}")
+    raise ValueError(f"normalize must be None, 'none' or 'reference', not {normalize!r}")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -822,8 +824,9 @@ class IterableImageDataset(_ImageStreamDataset):
         Shuffle seed; the order depends on ``(seed, epoch, rank, worker, num_workers)``.
     infinite : bool
         Loop over epochs forever (training); otherwise one epoch per iterator.
-    normalize : {None, "none", "seed"}
-        ``"seed"``: standardise with :data:`protoken.codec.SEED_MEAN` / ``SEED_STD``.
+    normalize : {None, "none", "reference"}
+        ``"reference"`` (formerly ``"seed"``, still read): standardise with
+        :data:`protoken.codec.REFERENCE_MEAN` / ``REFERENCE_STD``.
     mean, std : 3 floats, optional
         Explicit per-channel standardisation (on the [0, 1] scale) instead.
     rank, world_size : int, optional

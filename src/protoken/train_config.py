@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     crop: int | None = Field(None, ge=8)  # train on random diagonal windows of <= crop residues
     group_by_bin: bool = True
     num_workers: int = Field(2, ge=0)
-    normalize: Literal["none", "seed"] = "none"
+    normalize: Literal["none", "reference"] = "none"  # "seed", the former name, is read
     dmax: float | None = None
     bit_depth: int | None = None
     # optimisation
@@ -86,6 +86,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _drop_obsolete(cls, values: Any) -> Any:
         if isinstance(values, dict):
+            if values.get("normalize") == "seed":  # the former name of "reference"
+                values = {**values, "normalize": "reference"}
             for key in set(values) & set(_OBSOLETE):
                 print(f"protoken train: ignoring {key} ({_OBSOLETE[key]})", file=sys.stderr)
                 values = {k: v for k, v in values.items() if k != key}
