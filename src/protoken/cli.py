@@ -698,9 +698,8 @@ def _pretrained(args: argparse.Namespace) -> int:
         meta = pretrained.info(name)
         mc, res = meta["model_config"], meta.get("results", {})
         tm = res.get("tm_score_median")
-        print(f"{name:<10} {mc.get('family', 'hierarchical')} family, "
-              f"{meta.get('summary', '')}"
-              + (f"; held-out median TM-score {tm:.3f}" if tm is not None else ""))  # fmt: skip
+        print(f"{name:<10} {mc.get('family', 'hierarchical')} family. {meta.get('summary', '')}"
+              + (f" Held-out median TM-score {tm:.3f}." if tm is not None else ""))  # fmt: skip
     print("model card: protoken pretrained NAME; use: protoken encode FILES -c NAME --out t.npz")
     return EXIT_OK
 

@@ -137,6 +137,7 @@ def export(ckpt_path: str, name: str, out_dir: str | None = None, **extra: Any) 
     weights = os.path.join(out_dir, f"{name}.safetensors")
     state = {k: v.detach().contiguous().clone() for k, v in ckpt["model"].items()}
     save_file(state, weights)
+    os.chmod(weights, 0o644)
     meta = {
         "name": name,
         "model_config": ckpt["model_config"],
