@@ -170,7 +170,8 @@ def write_card(name: str, meta: dict, config_path: str, extra_note: str) -> str:
     text = CARD.format(
         name=name, summary=meta["summary"], family=mc["family"], preset=prov.get("preset", ""),
         params=prov.get("parameters", 0) / 1e6, layout=layout, sha=meta["sha256"][:16],
-        n_images=meta["data"]["images"], n_skipped=meta["data"]["skipped"], split=cfg.get("split_key_regex"),
+        n_images=meta["data"]["images"], n_skipped=meta["data"]["skipped"],
+        split=cfg.get("split_key_regex"),
         n_train=meta["data"]["train"], n_val=meta["data"]["val"], steps=prov.get("step"),
         batch=cfg.get("batch_size"), crop=cfg.get("crop"), lr=cfg.get("lr"),
         cpu_hours=meta["cpu_hours"], schedule_note=extra_note, config_path=config_path,
