@@ -17,6 +17,20 @@ def test_bundled_structures_are_packaged():
     assert len(manifest) == 49 and manifest[0].startswith("file\tsource_repo")
 
 
+def test_demo_uses_the_pretrained_tokenizer(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "converted 48, skipped 0, failed 0" in text
+    assert "pretrained tokenizer 'default'" in text and "TM-score median" in text
+    assert "protoken encode YOUR_FILES" in text  # what to do next
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["proteins"] >= 40 and summary["tm_score"]["median"] > 0.5
+    assert summary["provenance"]["step"] > 0 and summary["by_length"]
+    report = (out / "report" / "report.md").read_text()
+    assert "ceiling median" in report and "Mirrored before fix" in report
+
+
 def test_demo_train_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--train", "--out", str(out), "--max-steps", "12", "--workers", "2"]) == 0

@@ -1,0 +1,88 @@
+"""The bundled tokenizers: load by name offline, without pickle, checked against their sha256;
+encode -> decode round-trips real held-out structures (a smoke test of the weights)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from protoken import pretrained
+from protoken.checkpoint import CheckpointError
+from protoken.cli import main
+from protoken.demo import heldout_structures
+from protoken.evaluate import compare_with_reference
+from protoken.structure import read_backbones
+from protoken.tokenizer import Tokenizer
+
+BUNDLED = ("default", "residue")
+
+
+def test_the_bundle_lists_its_models_with_weights_cards_and_results():
+    assert set(BUNDLED) <= set(pretrained.names())
+    for name in BUNDLED:
+        meta = pretrained.info(name)
+        assert meta["sha256"] and meta["model_config"]["family"] in ("residue", "hierarchical")
+        r = meta["results"]
+        assert r["proteins"] >= 40 and 0 < r["tm_score_median"] <= 1
+        card = pretrained.card(name)
+        for section in ("## Training data", "## Compute", "## Held-out results",
+                        "## Limitations", "## Reproduce"):  # fmt: skip
+            assert section in card
+        assert f"{r['tm_score_median']:.3f}" in card  # the card shows the JSON's figures
+    assert pretrained.info("residue")["model_config"]["family"] == "residue"
+    with pytest.raises(KeyError, match="no bundled tokenizer"):
+        pretrained.resolve("nonexistent")
+
+
+def test_weights_are_safetensors_and_a_tampered_file_is_refused(tmp_path, monkeypatch):
+    root = tmp_path / "pretrained"
+    shutil.copytree(pretrained._root(), root)
+    monkeypatch.setattr(pretrained, "_root", lambda: str(root))
+    assert pretrained.load("residue")["model"]  # loads from the copy
+    weights = root / "residue.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        pretrained.load("residue")
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_encode_decode_round_trips_held_out_structures(name):
+    tok = Tokenizer.from_pretrained(name, device="cpu")
+    assert tok.checkpoint.startswith(name) and tok.provenance["step"] > 0
+    files = heldout_structures()
+    assert len(files) >= 40
+    picked = [f for f in files if 60 <= len(read_backbones(f, "first", "first")[0]) <= 200][:4]
+    tms = []
+    for path in picked:
+        t = next(iter(tok.encode_many([path], "first", "first")))
+        if name == "residue":
+            assert t.layout == "residue" and t.codes.shape == (t.length,)
+        rec = tok.decode_structure(t)
+        bb = read_backbones(path, "first", "first")[0]
+        tms.append(compare_with_reference(rec, bb.coords)["tm_score"])
+    assert np.median(tms) > 0.5, tms
+
+
+def test_a_bundled_name_works_wherever_a_checkpoint_does(structures_dir, tmp_path, capsys):
+    assert main(["pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in BUNDLED)
+    assert main(["pretrained", "residue"]) == 0
+    assert "## Held-out results" in capsys.readouterr().out
+    src = str(structures_dir / "foldseek__d1asha_.pdb")
+    fasta = tmp_path / "t.fasta"
+    assert main(["encode", src, "-c", "residue", "--format", "fasta", "-o", str(fasta),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert len(fasta.read_text().splitlines()[1].split()) == 147
+    npz = tmp_path / "t.npz"
+    assert main(["encode", src, "-o", str(npz), "--no-progress"]) == 0  # -c default
+    meta = json.loads(str(np.load(npz)["meta"]))
+    assert meta["checkpoint"].startswith("default-")
+    assert main(["decode", str(npz), "-o", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert (tmp_path / "d" / "foldseek__d1asha_.pdb").stat().st_size > 0
+    assert main(["pretrained", "nonexistent"]) == 2
