@@ -1,6 +1,7 @@
-"""Training throughput of the VQ-VAE: forward + backward + AdamW step on random images.
+"""Training throughput of any model preset: forward + backward + AdamW step on random images.
 
     python benchmarks/model.py --preset tiny --sizes 64 128 256
+    python benchmarks/model.py --preset residue-small --sizes 128 256 --threads 1 [--dtype bfloat16]
 
 prints one JSON line per size: images_per_s (from the median step time), seconds per step
 (median, mean and min), and peak memory (CUDA: max
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths
+from protoken.model import build_model, mask_from_lengths
 
 
 def _rss_mb() -> float:
@@ -28,14 +29,24 @@ def _rss_mb() -> float:
 
 
 def run_one(
-    preset: str, size: int, batch: int, steps: int, warmup: int, device: str, overrides: dict
+    preset: str,
+    size: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    overrides: dict,
+    dtype: str = "float32",
 ) -> dict:
-    """Time ``steps`` training steps at ``size`` x ``size`` after ``warmup`` steps."""
+    """Time ``steps`` training steps at ``size`` x ``size`` after ``warmup`` steps (any
+    family's preset; ``dtype`` bfloat16 runs the forward pass under autocast)."""
     torch.manual_seed(0)
-    config = VQVAEConfig.preset(preset, **overrides)
+    model = build_model(preset, overrides)
+    config = model.config
     if size % config.downsample_factor:
         raise SystemExit(f"size {size} is not a multiple of {config.downsample_factor}")
-    model = VQVAE(config).to(device).train()
+    model = model.to(device).train()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.rand(batch, config.in_channels, size, size, device=device) * 2 - 1
     mask = mask_from_lengths([size] * batch, size).to(device)
@@ -44,7 +55,8 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
 
     def step() -> None:
-        out = model(x, mask)
+        with autocast:
+            out = model(x, mask)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -67,6 +79,7 @@ def run_one(
         "size": size,
         "batch": batch,
         "threads": torch.get_num_threads(),
+        "dtype": dtype,
         "device": device,
         "params": model.num_parameters(),
         "step_s": round(dt, 4),
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="{}", help="JSON of config fields to override")
     parser.add_argument("--in-process", action="store_true", help="do not fork per size")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for size in args.sizes:
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.warmup,
                 args.device,
                 json.loads(args.config),
+                args.dtype,
             )
             print(json.dumps(result), flush=True)
         else:  # a fresh process per size, so each peak RSS is that size's own
@@ -127,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.device,
                 "--config",
                 args.config,
+                "--dtype",
+                args.dtype,
             ]
             subprocess.run(cmd, check=True)
     return 0
