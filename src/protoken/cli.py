@@ -559,16 +559,16 @@ def _decode(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     try:
-        tokens, meta = load_tokens(args.tokens)
-        ids = [t.id for t in tokens]
-        paths = [(safe_output_path(args.out, i, ".png"),
-                  safe_output_path(args.out, i, f".{args.format}")) for i in ids]  # fmt: skip
-        if len(set(ids)) != len(ids):
-            raise ValueError("several proteins share an id (each would overwrite the other)")
+        tokens, meta = load_tokens(args.tokens)  # every field checked; errors name the file
+    except ValueError as exc:
+        raise UsageError(f"token file {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - anything else a malformed file causes: one line
+        raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
+    try:
+        paths = [(safe_output_path(args.out, t.id, ".png"),
+                  safe_output_path(args.out, t.id, f".{args.format}")) for t in tokens]  # fmt: skip
     except UnsafePath as exc:
         raise UsageError(f"token file {args.tokens}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any malformed token file: one line
-        raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
     if meta["layout"] != tok.layout:
         raise UsageError(f"token file {args.tokens} holds {meta['layout']} tokens; "
                          f"{args.checkpoint} decodes {tok.layout} tokens")  # fmt: skip

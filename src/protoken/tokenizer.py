@@ -486,10 +486,10 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
     if n and (lengths.min() < 1 or lengths.max() > MAX_IMAGE_SIDE):
         raise bad(f"lengths must lie in 1..{MAX_IMAGE_SIDE}")
     if len(set(ids.tolist())) != n:
-        raise bad("duplicate protein ids")
+        raise bad("several proteins share an id (each would overwrite the other)")
     unsafe = [i for i in ids.tolist() if not is_safe_id(i)]
     if unsafe:
-        raise bad(f"unsafe protein id {unsafe[0][:40]!r} (ids become file names)")
+        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
     size = meta.get("codebook_size")
     if not isinstance(size, int) or size < 1:
         raise bad("meta has no valid codebook_size")
