@@ -148,8 +148,9 @@ class Tokenizer:
     @property
     def layout(self) -> str:
         """``"residue"`` for the per-residue family, ``"grid"`` for the hierarchical one."""
-        return "residue" if self.config.downsample_factor == 1 and not hasattr(
-            self.config, "level_scales") else "grid"  # fmt: skip
+        from protoken.model import ResidueConfig
+
+        return "residue" if isinstance(self.config, ResidueConfig) else "grid"
 
     @property
     def bits_per_token(self) -> float:
