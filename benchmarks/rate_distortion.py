@@ -184,12 +184,13 @@ def write_table_and_plot() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in sorted({r["config"] for r in rows}):
+    for k, name in enumerate(sorted({r["config"] for r in rows})):
         mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["cpu_minutes"])
         last = mine[-1]
         ax1.scatter(last["bits_per_residue"], last["tm_score"], s=40)
-        ax1.annotate(f"{name} ({last['cpu_minutes']} min)",
-                     (last["bits_per_residue"], last["tm_score"]), fontsize=8)  # fmt: skip
+        ax1.annotate(f"{name} ({last['cpu_minutes']:g} min)",
+                     (last["bits_per_residue"], last["tm_score"]), xytext=(6, 12 * (k % 2) - 4),
+                     textcoords="offset points", fontsize=8)  # fmt: skip
         ax2.plot([r["cpu_minutes"] for r in mine], [r["tm_score"] for r in mine], "o-", label=name)
     if ceiling:
         for ax in (ax1, ax2):

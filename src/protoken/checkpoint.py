@@ -266,7 +266,7 @@ def provenance(ckpt: dict[str, Any]) -> dict[str, Any]:
     out = {
         "family": mc.get("family", "hierarchical"),
         "preset": cfg.get("preset", ""),
-        "parameters": n_params,
+        "weights": n_params,  # parameters and buffers (codebooks)
         "step": ckpt.get("step"),
         "batch_size": cfg.get("batch_size"),
         "crop": cfg.get("crop"),

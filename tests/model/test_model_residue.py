@@ -111,3 +111,20 @@ def test_training_lowers_the_loss(images):
         opt.step()
         losses.append(float(out.loss.detach()))
     assert min(losses[-5:]) < 0.85 * losses[0]
+
+
+def test_bf16_autocast_keeps_the_geometry_in_fp32(images):
+    """Under bf16 autocast (as protoken train on CUDA) the frames, 6D features and loss stay
+    fp32: finite loss and gradients after a few steps."""
+    torch.manual_seed(0)
+    model = ResidueVQVAE(ResidueConfig.preset("residue-tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, mask = _batch(images)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, mask)
+        assert out.recon.dtype == torch.float32 and torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()

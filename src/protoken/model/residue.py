@@ -321,9 +321,12 @@ class ResidueVQVAE(nn.Module):
 
     def _decode(self, q: Tensor, rmask: Tensor) -> Tensor:
         h = self._transform(self.decoder, self.post_quant(q), rmask)
-        n, ca, c = self.head(h)
-        feats = gt.sixd(n, ca, c, self.config.dmax)
-        image = gt.features_to_image(*feats, self.config.dmax)
+        # coordinates and angles in fp32 even under bf16 autocast (acos / atan2 of nearly
+        # parallel vectors lose everything in bf16)
+        with torch.autocast(h.device.type, enabled=False):
+            n, ca, c = self.head(h.float())
+            feats = gt.sixd(n, ca, c, self.config.dmax)
+            image = gt.features_to_image(*feats, self.config.dmax)
         pm = rmask[:, :, None] & rmask[:, None, :]
         return image * pm[:, None]
 
@@ -380,4 +383,6 @@ class ResidueVQVAE(nn.Module):
         lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
         rmask = torch.arange(indices.shape[1], device=device)[None] < lengths[:, None]
         q = self.quantizer.lookup(indices.to(device))
-        return self.head(self._transform(self.decoder, self.post_quant(q), rmask))
+        h = self._transform(self.decoder, self.post_quant(q), rmask)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float())
