@@ -169,7 +169,7 @@ def write_card(name: str, meta: dict, config_path: str, extra_note: str) -> str:
               else "grids of tokens per level (their number grows with L^2)")  # fmt: skip
     text = CARD.format(
         name=name, summary=meta["summary"], family=mc["family"], preset=prov.get("preset", ""),
-        params=prov.get("weights", prov.get("parameters", 0)) / 1e6, layout=layout, sha=meta["sha256"][:16],
+        params=prov.get("weights", 0) / 1e6, layout=layout, sha=meta["sha256"][:16],
         n_images=meta["data"]["images"], n_skipped=meta["data"]["skipped"],
         split=cfg.get("split_key_regex"),
         n_train=meta["data"]["train"], n_val=meta["data"]["val"], steps=prov.get("step"),
