@@ -30,6 +30,19 @@ MAX_SHARED = 0.02
 MIN_LEN, MAX_LEN = 40, 1024
 
 
+def read_heldout(structures: str, min_len: int = MIN_LEN, max_len: int = MAX_LEN) -> list[str]:
+    """Paths of the held-out files of ``configs/heldout.tsv`` of ``min_len``-``max_len``
+    residues, in name order (what the benchmarks evaluate)."""
+    out = []
+    with open(os.path.join(ROOT, "configs", "heldout.tsv")) as fh:
+        header = fh.readline().rstrip("\n").split("\t")
+        for line in fh:
+            row = dict(zip(header, line.rstrip("\n").split("\t"), strict=True))
+            if row["decision"] == "held out" and min_len <= int(row["length"]) <= max_len:
+                out.append(os.path.join(structures, row["file"]))
+    return out
+
+
 def kmers(seq: str, k: int = K) -> set[str]:
     return {seq[i : i + k] for i in range(len(seq) - k + 1)}
 

@@ -26,24 +26,13 @@ ROOT = os.path.dirname(HERE)
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 
 
-def test_set(structures: str) -> list[str]:
-    """The held-out files (40-1024 residues), in name order."""
-    out = []
-    with open(os.path.join(ROOT, "configs", "heldout.tsv")) as fh:
-        header = fh.readline().rstrip("\n").split("\t")
-        for line in fh:
-            row = dict(zip(header, line.rstrip("\n").split("\t"), strict=True))
-            if row["decision"] == "held out":
-                out.append(os.path.join(structures, row["file"]))
-    return out
-
-
 def score(name: str, structures: str, workers: int, out: str, limit: int | None = None) -> dict:
+    from heldout import read_heldout
     from protoken.evaluate import evaluate
     from protoken.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(name, device="cpu")
-    files = test_set(structures)[:limit]
+    files = read_heldout(structures)[:limit]
     s = evaluate(tok, files, out, backbone=True, workers=workers, progress=False,
                  chains="first", models="first", log=lambda *a: None)  # fmt: skip
     return {

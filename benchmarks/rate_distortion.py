@@ -65,15 +65,11 @@ CONFIGS = {
 
 def heldout_proteins(n: int, structures: str) -> list[str]:
     """``n`` held-out files of 40-400 residues, chosen by the md5 of their names (stable)."""
-    rows = []
-    with open(os.path.join(ROOT, "configs", "heldout.tsv")) as fh:
-        header = fh.readline().rstrip("\n").split("\t")
-        for line in fh:
-            row = dict(zip(header, line.rstrip("\n").split("\t"), strict=True))
-            if row["decision"] == "held out" and 40 <= int(row["length"]) <= 400:
-                rows.append(row["file"])
-    rows.sort(key=lambda f: hashlib.md5(f.encode()).hexdigest())
-    return [os.path.join(structures, f) for f in rows[:n]]
+    from heldout import read_heldout
+
+    files = read_heldout(structures, 40, 400)
+    files.sort(key=lambda f: hashlib.md5(os.path.basename(f).encode()).hexdigest())
+    return files[:n]
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 __all__ = [
+    "file_sha256",
     "atomic_path",
     "atomic_write",
     "format_value",
@@ -14,6 +15,17 @@ __all__ = [
     "temp_name",
     "write_tsv",
 ]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as hex (read in 1 MB blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_name(path: str | os.PathLike, suffix: str = "") -> str:

@@ -19,11 +19,12 @@ bundled name works too; a path that exists wins over a name. ``protoken pretrain
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from importlib import resources
 from typing import Any
+
+from protoken.fileio import file_sha256
 
 __all__ = ["aliases", "card", "export", "info", "is_name", "load", "names", "resolve"]
 
@@ -92,14 +93,6 @@ def card(name: str) -> str:
         return fh.read()
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load(name: str) -> dict[str, Any]:
     """A bundled tokenizer as a checkpoint-like dict (``model``, ``model_config``, ``codec``,
     ``checkpoint_id``, ``provenance``), its weights checked against the recorded sha256."""
@@ -110,7 +103,7 @@ def load(name: str) -> dict[str, Any]:
     real = resolve(name)
     meta = info(real)
     path = os.path.join(_root(), f"{real}.safetensors")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != meta["sha256"]:
         raise CheckpointError(f"bundled tokenizer {real}: {path} does not match its sha256")
     return {
@@ -142,7 +135,7 @@ def export(ckpt_path: str, name: str, out_dir: str | None = None, **extra: Any) 
         "name": name,
         "model_config": ckpt["model_config"],
         "codec": ckpt["codec"],
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
         "provenance": checkpoint.provenance(ckpt),
         **extra,
     }

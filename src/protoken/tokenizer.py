@@ -23,7 +23,6 @@ protoken::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from protoken.codec import (
     standardize,
     unstandardize,
 )
-from protoken.fileio import atomic_path
+from protoken.fileio import atomic_path, file_sha256
 from protoken.geometry import sixd
 from protoken.inputs import image_id
 from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
@@ -110,11 +109,7 @@ class Item:
 
 def checkpoint_id(path: str) -> str:
     """First 12 hex digits of the checkpoint file's sha256: which tokenizer made some tokens."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 class Tokenizer:

@@ -365,24 +365,24 @@ class ResidueVQVAE(nn.Module):
         mask = self._check(x, mask)
         return self._encode(x, mask)[1]
 
-    def decode(self, indices: Tensor, lengths) -> Tensor:
-        """Codes ``(B, L)`` (values past each length ignored) -> images ``(B, 3, L, L)``."""
+    def _lookup(self, indices: Tensor, lengths) -> tuple[Tensor, Tensor]:
+        """Codes ``(B, L)`` and lengths -> their code vectors and the residue mask."""
         indices = torch.as_tensor(indices)
         if indices.ndim != 2:
             raise ValueError(f"expected (B, L) codes, got shape {tuple(indices.shape)}")
         device = self.post_quant.weight.device
         lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
         rmask = torch.arange(indices.shape[1], device=device)[None] < lengths[:, None]
-        q = self.quantizer.lookup(indices.to(device))
-        return self._decode(q, rmask)
+        return self.quantizer.lookup(indices.to(device)), rmask
+
+    def decode(self, indices: Tensor, lengths) -> Tensor:
+        """Codes ``(B, L)`` (values past each length ignored) -> images ``(B, 3, L, L)``."""
+        return self._decode(*self._lookup(indices, lengths))
 
     @torch.no_grad()
     def decode_backbone(self, indices: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
         """Codes ``(B, L)`` -> the decoder's own N, CA, C ``(B, L, 3)`` (before the image)."""
-        device = self.post_quant.weight.device
-        lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
-        rmask = torch.arange(indices.shape[1], device=device)[None] < lengths[:, None]
-        q = self.quantizer.lookup(indices.to(device))
+        q, rmask = self._lookup(indices, lengths)
         h = self._transform(self.decoder, self.post_quant(q), rmask)
         with torch.autocast(h.device.type, enabled=False):
             return self.head(h.float())
