@@ -43,20 +43,27 @@ def heldout_structures() -> list[str]:
     return [os.path.join(root, name) for name in names]
 
 
+def _convert_bundled(out: str, stage: str, workers: int | None, log) -> str:
+    """Convert the bundled structures into ``OUT/images`` (returned), logging the summary."""
+    from protoken.convert import ConvertOptions, convert
+
+    images = os.path.join(out, "images")
+    log(f"{stage} converting the bundled structures into {images}")
+    summary = convert(
+        [bundled_structures()], ConvertOptions(out=images), workers=workers, progress=False
+    )
+    log(summary.text())
+    return images
+
+
 def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=print) -> dict:
     """The pretrained demo; returns the evaluation summary."""
-    from protoken.convert import ConvertOptions, convert
     from protoken.evaluate import evaluate
     from protoken.report import headline
     from protoken.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    images = os.path.join(out, "images")
-    log(f"[1/2] converting the bundled structures into {images}")
-    summary = convert(
-        [bundled_structures()], ConvertOptions(out=images), workers=workers, progress=False
-    )
-    log(summary.text())
+    _convert_bundled(out, "[1/2]", workers, log)
     tok = Tokenizer.from_checkpoint(checkpoint)
     held_out = heldout_structures()
     report = os.path.join(out, "report")
@@ -74,7 +81,7 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
 def demo_train(out: str, max_steps: int = 600, workers: int | None = None, log=print) -> dict:
     """Train a tiny tokenizer on the bundled structures and evaluate it on its held-out
     validation split (md5 of each image's path, ``valid_frac=0.2``); returns the summary."""
-    from protoken.convert import ConvertOptions, convert, read_manifest
+    from protoken.convert import read_manifest
     from protoken.data import in_valid_split
     from protoken.evaluate import evaluate
     from protoken.report import headline
@@ -82,12 +89,7 @@ def demo_train(out: str, max_steps: int = 600, workers: int | None = None, log=p
     from protoken.train import TrainConfig, train
 
     t0 = time.perf_counter()
-    images = os.path.join(out, "images")
-    log(f"[1/3] converting the bundled structures into {images}")
-    summary = convert(
-        [bundled_structures()], ConvertOptions(out=images), workers=workers, progress=False
-    )
-    log(summary.text())
+    images = _convert_bundled(out, "[1/3]", workers, log)
 
     run_dir = os.path.join(out, time.strftime("run-%Y%m%d-%H%M%S"))
     log(f"[2/3] training the tiny tokenizer for {max_steps} steps on CPU into {run_dir}")

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LossWeights", "geometric_loss", "geometric_weight", "mse_loss", "unpack_image"]
+__all__ = [
+    "LossWeights",
+    "geometric_loss",
+    "geometric_weight",
+    "loss_weight",
+    "mse_loss",
+    "reconstruction_loss",
+    "unpack_image",
+]
 
 _FAPE_CLAMP = 10.0
 
@@ -129,3 +137,24 @@ def geometric_loss(
         fe = torch.sqrt(((v_p - v_t) ** 2).sum(-1) + 1e-8).clamp(max=_FAPE_CLAMP)
         total = total + w.frame_weight * (fe * framed).sum()
     return total, pm.sum()
+
+
+def reconstruction_loss(
+    recon: Tensor, target: Tensor, mask: Tensor, config
+) -> tuple[Tensor, Tensor]:
+    """The loss a model config asks for (``config.loss``: ``"mse"`` or ``"geometric"``, with
+    the config's :class:`LossWeights` fields): ``(loss_sum, weight)``."""
+    if config.loss == "geometric":
+        return geometric_loss(recon, target, mask, LossWeights.from_config(config))
+    return mse_loss(recon, target, mask)
+
+
+def loss_weight(mask: Tensor, config) -> int:
+    """What :func:`reconstruction_loss` sums over for a ``(B, H, W)`` or ``(B, 1, H, W)`` mask,
+    computed where the mask is (valid pixels x channels for the MSE, valid pairs i != j for
+    the geometric loss)."""
+    if mask.ndim == 4:
+        mask = mask[:, 0]
+    if config.loss == "geometric":
+        return geometric_weight(mask)
+    return int(mask.sum()) * config.in_channels

@@ -42,13 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from protoken.model import geometry_torch as gt
-from protoken.model.losses import (
-    LossWeights,
-    geometric_loss,
-    geometric_weight,
-    mse_loss,
-    unpack_image,
-)
+from protoken.model.losses import loss_weight, reconstruction_loss, unpack_image
 from protoken.model.transformer import Transformer
 
 __all__ = ["RESIDUE_PRESETS", "ResidueConfig", "ResidueOutput", "ResidueVQVAE"]
@@ -285,11 +279,7 @@ class ResidueVQVAE(nn.Module):
 
     def loss_weight(self, mask: Tensor) -> int:
         """What ``loss_sum`` sums over for this mask (see :class:`protoken.model.VQVAE`)."""
-        if mask.ndim == 4:
-            mask = mask[:, 0]
-        if self.config.loss == "geometric":
-            return geometric_weight(mask)
-        return int(mask.sum()) * self.config.in_channels
+        return loss_weight(mask, self.config)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -338,10 +328,7 @@ class ResidueVQVAE(nn.Module):
         mask = self._check(x, mask)
         q, idx, rmask = self._encode(x, mask)
         recon = self._decode(q, rmask)
-        if self.config.loss == "geometric":
-            loss_sum, weight = geometric_loss(recon, x, mask, LossWeights.from_config(self.config))
-        else:
-            loss_sum, weight = mse_loss(recon, x, mask)
+        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config)
         with torch.no_grad():
             valid = idx[rmask]
             counts = torch.bincount(valid, minlength=self.quantizer.size).float()

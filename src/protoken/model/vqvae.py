@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoken.model.config import VQVAEConfig
-from protoken.model.losses import LossWeights, geometric_loss, geometric_weight, mse_loss
+from protoken.model.losses import loss_weight, reconstruction_loss
 from protoken.model.quantize import VectorQuantizer
 from protoken.model.transformer import LayerNorm2d, Transformer
 
@@ -306,11 +306,7 @@ class VQVAE(nn.Module):
         (valid pixels x channels for the MSE, valid pairs i != j for the geometric loss),
         computed where the mask is (on the host for a loader's batch, so the training loop
         knows the global weight before the forward passes)."""
-        if mask.ndim == 4:
-            mask = mask[:, 0]
-        if self.config.loss == "geometric":
-            return geometric_weight(mask)
-        return int(mask.sum()) * self.config.in_channels
+        return loss_weight(mask, self.config)
 
     def num_parameters(self) -> int:
         """Number of trainable parameters (codebooks are EMA buffers, not counted)."""
@@ -380,10 +376,7 @@ class VQVAE(nn.Module):
         mask = self._check(x, mask)
         codes, outs, masks = self._encode(x, mask)
         recon = self._decode_codes(codes, masks, mask)
-        if self.config.loss == "geometric":
-            loss_sum, weight = geometric_loss(recon, x, mask, LossWeights.from_config(self.config))
-        else:
-            loss_sum, weight = mse_loss(recon, x, mask)
+        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config)
         recon_loss = loss_sum / weight.clamp(min=1)
         commit_losses = torch.stack([o.commit_loss for o in reversed(outs)])
         commit_loss = commit_losses.sum()
