@@ -74,3 +74,31 @@ def slow_reader(path, **kw):
     if os.path.basename(os.path.dirname(path)) == "slow":
         time.sleep(1.0)
     return _real(path, **kw)
+
+
+def make_foldcomp_db(files, path) -> list[str]:
+    """Write a Foldcomp database of single-chain PDB ``files`` at ``path`` (the MMseqs2 layout
+    Foldcomp databases use: data file of entries each ended by NUL, ``.index`` lines ``KEY
+    OFFSET LENGTH``, ``.lookup`` lines ``KEY NAME 0``, a 4-byte ``.dbtype``), each entry made
+    with ``foldcomp.compress``. Returns the entry names (file names without extension)."""
+    import os
+    import struct
+
+    import foldcomp
+
+    names = []
+    offset = 0
+    with open(path, "wb") as data, open(f"{path}.index", "w") as index, \
+            open(f"{path}.lookup", "w") as lookup:  # fmt: skip
+        for key, f in enumerate(files):
+            name = os.path.basename(str(f)).split(".")[0]
+            with open(f) as fh:
+                entry = foldcomp.compress(name, fh.read()) + b"\0"
+            data.write(entry)
+            index.write(f"{key}\t{offset}\t{len(entry)}\n")
+            lookup.write(f"{key}\t{name}\t0\n")
+            offset += len(entry)
+            names.append(name)
+    with open(f"{path}.dbtype", "wb") as fh:
+        fh.write(struct.pack("<i", 0))
+    return names

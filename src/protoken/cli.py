@@ -183,6 +183,12 @@ def _codec_options(parser: argparse.ArgumentParser, bit_depth: bool = True) -> N
 
 def _shard_type(text: str) -> tuple[int, int]:
     try:
+        if text.strip().lower() == "auto":
+            from protoken.inputs import shard_from_environment
+
+            shard, how = shard_from_environment()
+            print(how, file=sys.stderr)  # say what was picked
+            return shard
         return parse_shard(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -194,9 +200,11 @@ def _shard(parser: argparse.ArgumentParser, what: str) -> None:
         "--shard",
         type=_shard_type,
         default=None,
-        metavar="I/N",
+        metavar="I/N|auto",
         help=f"{what} only shard I of N (md5 of each input's id, its file name without "
-        "extensions: inputs sharing an id share a shard), e.g. one per SLURM array task",
+        "extensions: inputs sharing an id share a shard), e.g. one per SLURM array task; "
+        "'auto' takes I and N from the SLURM array variables (SLURM_ARRAY_TASK_ID and "
+        "SLURM_ARRAY_TASK_COUNT, or _MIN/_MAX) and says what it picked",
     )
 
 
@@ -289,13 +297,40 @@ def _out_file(path: str) -> str:
 
 
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from protoken.shards import parse_size
     from protoken.structure import DEFAULT_MAX_BYTES
 
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="structure files or folders (walked recursively)"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="structure files, folders (walked recursively), tar archives (.tar, .tar.gz ...) "
+        "or Foldcomp databases (the data file DB, with DB.index and DB.dbtype beside it), "
+        "read in place",
     )
     parser.add_argument("--out", "-o", required=True, help="output folder")
     parser.add_argument("--fasta-dir", help="FASTA folder (default OUT/fasta)")
+    parser.add_argument(
+        "--format",
+        choices=("png", "shards"),
+        default="png",
+        help="png: one PNG per chain in OUT/bin_LO_HI/ and a FASTA in OUT/fasta/ (default); "
+        "shards: tar shards in the WebDataset layout (ID.png + ID.json) under "
+        "OUT/shards/BIN/, grouped by length bin, with an index OUT/shards/index.TAG.tsv",
+    )
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument(
+        "--shard-size",
+        type=size,
+        default="1GB",
+        help="--format shards: the most bytes per shard, e.g. 1GB (default), 500MB",
+    )
     _workers(parser, None, "worker processes")
     _structure_filters(parser)
     _codec_options(parser)
@@ -358,6 +393,8 @@ def _convert(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         retry_failed=args.retry_failed,
         follow_links=args.follow_links,
+        format=args.format,
+        shard_bytes=args.shard_size,
     )
     try:
         summary = convert(

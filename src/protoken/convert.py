@@ -49,6 +49,7 @@ import os
 import signal
 import socket
 import sys
+import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -57,16 +58,17 @@ from multiprocessing.connection import wait as wait_for
 
 import numpy as np
 
+from protoken.archives import find_sources, member_id, read_member
 from protoken.codec import decode_png, encode_png, features_to_image, quantize
 from protoken.fileio import atomic_write, read_fasta
 from protoken.geometry import DMAX, sixd
 from protoken.inputs import (
     SETTINGS_FILE,
     UnsafePath,
-    find_structures,
     safe_output_path,
     structure_id,
 )
+from protoken.shards import DEFAULT_SHARD_BYTES, ShardWriter, index_files, read_index
 from protoken.structure import DEFAULT_MAX_BYTES, SkipStructure, StructureError, read_backbones
 
 __all__ = [
@@ -88,7 +90,10 @@ MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bi
 
 #: Settings recorded in ``OUT/convert.json`` that change what a run writes; a run with other
 #: values into the same OUT is refused.
-OUTPUT_SETTINGS = ("dmax", "bit_depth", "chains", "models", "min_len", "max_len")
+OUTPUT_SETTINGS = ("dmax", "bit_depth", "chains", "models", "min_len", "max_len", "format")
+
+#: Output formats: one PNG (and FASTA) per chain, or tar shards with an index.
+FORMATS = ("png", "shards")
 
 
 class ConvertBusy(RuntimeError):
@@ -112,6 +117,8 @@ class ConvertOptions:
     max_bytes: int = DEFAULT_MAX_BYTES
     retry_failed: bool = False
     follow_links: bool = False
+    format: str = "png"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
 
     @property
     def fasta_folder(self) -> str:
@@ -137,6 +144,7 @@ class Row:
     # not written to the manifest:
     png_tmp: str = field(default="", repr=False)
     fasta_tmp: str = field(default="", repr=False)
+    png: bytes = field(default=b"", repr=False)  # --format shards: the image, for the main process
     verified: bool = field(default=False, repr=False)
     times: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0), repr=False)
 
@@ -173,6 +181,19 @@ def _safe_stem(path: str) -> str:
         return "%00"
 
 
+#: What a worker is sent: a file's path, or an archive member as
+#: ``(source, name, kind, data, error)`` (its bytes, read by the main process).
+Item = "str | tuple[str, str, str, bytes, str]"
+
+
+def _item_source(item) -> str:
+    return item if isinstance(item, str) else item[0]
+
+
+def _item_id(item) -> str:
+    return _safe_stem(item) if isinstance(item, str) else member_id(item[1])
+
+
 # --------------------------------------------------------------------------- one file
 
 
@@ -182,40 +203,54 @@ def _temp(path: str, tag: str) -> str:
 
 
 def convert_file(
-    path: str,
+    path,
     opts: ConvertOptions,
     read: Callable[..., list] | None = None,
     tag: str = "all",
 ) -> list[Row]:
-    """Convert one structure file; outputs are left under temporary names for the caller.
+    """Convert one structure file, or one archive member; outputs are left under temporary
+    names for the caller (``--format shards``: the PNG is returned in ``Row.png``).
 
-    ``read`` replaces :func:`protoken.structure.read_backbones` (same signature); ``tag`` names
-    the run's temporary files (``NAME.tmp.TAG.PID``). Returns one row per chain considered (one
-    row for a skipped or failed file). Never raises on bad input: the reason is in the row.
+    ``path`` is a file's path or an archive member ``(source, name, kind, data, error)``.
+    ``read`` replaces :func:`protoken.structure.read_backbones` (same signature) for files;
+    ``tag`` names the run's temporary files (``NAME.tmp.TAG.PID``). Returns one row per chain
+    considered (one row for a skipped or failed input). Never raises on bad input: the reason
+    is in the row.
     """
     read = read or read_backbones
     t0 = time.perf_counter()
-    sid = _safe_stem(path)
+    sid = _item_id(path)
+    member = not isinstance(path, str)
+    if member:
+        source, name, kind, data, error = path
+        if error:
+            return [Row(source=source, id=sid, status="failed", reason=error)]
+    else:
+        source = path
     try:
-        backbones = read(path, chains=opts.chains, models=opts.models, max_bytes=opts.max_bytes)
+        if member:
+            backbones = read_member(name, kind, data, opts.chains, opts.models, opts.max_bytes)
+        else:
+            backbones = read(path, chains=opts.chains, models=opts.models, max_bytes=opts.max_bytes)
     except SkipStructure as exc:
-        return [Row(source=path, id=sid, status="skipped", reason=str(exc))]
+        return [Row(source=source, id=sid, status="skipped", reason=str(exc))]
     except StructureError as exc:
-        return [Row(source=path, id=sid, status="failed", reason=str(exc))]
+        return [Row(source=source, id=sid, status="failed", reason=str(exc))]
     except Exception as exc:  # noqa: BLE001 - a bad file must never stop the batch
         reason = f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-        return [Row(source=path, id=sid, status="failed", reason=reason)]
+        return [Row(source=source, id=sid, status="failed", reason=reason)]
     t_parse = time.perf_counter() - t0
     rows = []
     for bb in backbones:
         length = len(bb)
-        row = Row(source=path, id=bb.id, length=length, dropped=bb.dropped, sequence=bb.sequence)
+        row = Row(source=source, id=bb.id, length=length, dropped=bb.dropped, sequence=bb.sequence)
         if length < opts.min_len:
             row.status, row.reason = "skipped", f"too short: {length} residues < {opts.min_len}"
         elif length > opts.max_len:
             row.status, row.reason = "skipped", f"too long: {length} residues > {opts.max_len}"
         else:
             row.bin = bin_name(length)
+            shards = opts.format == "shards"
             try:
                 png_path = safe_output_path(os.path.join(opts.out, row.bin), bb.id, ".png")
                 fasta_path = safe_output_path(opts.fasta_folder, bb.id, ".fasta")
@@ -231,15 +266,20 @@ def convert_file(
                 row.status, row.reason, row.bin = "failed", "non-finite 6D features", ""
                 rows.append(row)
                 continue
-            row.png_tmp, row.fasta_tmp = _temp(png_path, tag), _temp(fasta_path, tag)
             png = encode_png(image, opts.bit_depth)
             fasta = f">{bb.id}\n{bb.sequence}\n"
+            if shards:  # the main process appends it to a shard
+                row.png, row.status = png, "ok"
+                row.times = (0.0, t2 - t1, time.perf_counter() - t2)
+                rows.append(row)
+                continue
+            row.png_tmp, row.fasta_tmp = _temp(png_path, tag), _temp(fasta_path, tag)
             os.makedirs(os.path.dirname(png_path), exist_ok=True)
             with open(row.png_tmp, "wb") as fh:
                 fh.write(png)
             with open(row.fasta_tmp, "w") as fh:
                 fh.write(fasta)
-            if opts.delete_source:
+            if opts.delete_source and not member:
                 row.verified = _verify(row, quantize(image, opts.bit_depth), fasta, opts.max_len)
             row.status = "ok"
             row.times = (0.0, t2 - t1, time.perf_counter() - t2)
@@ -310,7 +350,7 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
                 rows = convert_file(path, opts, read, tag)
             except Exception as exc:  # noqa: BLE001 - e.g. a full disk: recorded, not fatal here
                 reason = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-                rows = [Row(path, _safe_stem(path), "failed", reason)]
+                rows = [Row(_item_source(path), _item_id(path), "failed", reason)]
             conn.send((seq, rows, time.process_time() - cpu))
     except (EOFError, OSError, KeyboardInterrupt):  # the main process is gone
         for row in rows:  # its outputs will never be committed: leave nothing behind
@@ -495,7 +535,7 @@ class _Pool:
         elif w.queue:
             seq, path = w.queue.popleft()
             self.retry.extendleft(reversed(w.queue))  # converted again, one file at a time
-            yield seq, path, [Row(path, _safe_stem(path), "failed", reason)]
+            yield seq, path, [Row(_item_source(path), _item_id(path), "failed", reason)]
         self.workers[k] = self._new()
 
     def close(self) -> None:
@@ -557,6 +597,13 @@ def _done_sources(out: str) -> np.ndarray:
     keys: list[int] = []
     for name in _manifests(out):
         keys.extend(_key(row["source"]) for row in read_manifest(name))
+    return np.unique(np.asarray(keys, dtype=np.uint64))
+
+
+def _shard_ids(out: str) -> np.ndarray:
+    """Sorted 64-bit hashes of the ids of every image in the shards of ``out`` (its shard
+    indexes): ``--format shards`` refuses a second image with an id already written."""
+    keys = [_key(row[4]) for path in index_files(out) for row in read_index(path)]
     return np.unique(np.asarray(keys, dtype=np.uint64))
 
 
@@ -838,6 +885,10 @@ def convert(
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     workers = workers or _available_cores()
+    if opts.format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {opts.format!r}")
+    if opts.format == "shards" and opts.delete_source:
+        raise ValueError("--delete-source is not supported with --format shards")
     os.makedirs(opts.out, exist_ok=True)
     lock = _Lock(opts.out, shard)
     try:
@@ -849,7 +900,8 @@ def convert(
 def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
     from tqdm import tqdm
 
-    os.makedirs(opts.fasta_folder, exist_ok=True)
+    if opts.format == "png":
+        os.makedirs(opts.fasta_folder, exist_ok=True)
     _record_settings(opts)
     summary = Summary()
     if os.path.exists(lock.marker):  # the last run of this tag was killed
@@ -865,28 +917,78 @@ def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
         desc="convert", unit="file", disable=not progress, dynamic_ncols=True, file=sys.stderr
     )
 
-    def pending_inputs() -> Iterator[str]:
-        for path in find_structures(inputs, shard, opts.follow_links):
-            if _contains(done, _key(path)):
+    def pending_inputs() -> Iterator:
+        for found in find_sources(inputs, shard, opts.follow_links, opts.max_bytes):
+            source = found if isinstance(found, str) else found.source
+            if _contains(done, _key(source)):
                 summary.resumed += 1
                 bar.update()
                 continue
-            if opts.chains != "split":
-                sid = _safe_stem(path)
+            sid = _safe_stem(found) if isinstance(found, str) else found.id
+            if opts.chains != "split" and opts.format == "png":
                 fasta = os.path.join(opts.fasta_folder, f"{sid}.fasta")
                 if os.path.exists(fasta):
                     # from an earlier run, or an earlier input with the same id in this one:
                     # not parsed, never overwritten
-                    row = Row(path, sid, "skipped", f"outputs already exist: {sid}")
+                    row = Row(source, sid, "skipped", f"outputs already exist: {sid}")
                     _fill_from_fasta(row, fasta)
                     commit([row])
                     continue
-            yield path
+            if isinstance(found, str):
+                yield found
+                continue
+            error, data = found.error, b""
+            if not error:
+                try:  # read here: a tar is read in one pass, before the stream moves on
+                    data = found.read()
+                except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
+                    error = f"unreadable archive member ({' '.join(str(exc).split())[:160]})"
+            yield (found.source, found.name, found.kind, data, error)
+
+    def write_rows(rows: list[Row]) -> None:
+        for row in rows:
+            manifest.write(row)
+
+    def committed_to_shards(items: list) -> None:
+        """A shard was committed: write the manifest rows of each source all of whose images
+        are now in committed shards."""
+        for held in items:
+            held[1] -= 1
+            if held[1] == 0:
+                write_rows(held[0])
+
+    writer = None
+    if opts.format == "shards":
+        writer = ShardWriter(opts.out, lock.tag, opts.shard_bytes, committed_to_shards)
+        summary.leftovers_removed += writer.remove_uncommitted()
+        done_ids = _shard_ids(opts.out)
+        new_ids: set[int] = set()
+
+    def to_shard(row: Row) -> bool:
+        """Append a row's image to its bin's shard, unless its id is already in a shard."""
+        key = _key(row.id)
+        if _contains(done_ids, key) or key in new_ids:
+            row.status, row.png = "skipped", b""
+            row.reason = f"duplicate id: an image {row.id} already exists (not overwritten)"
+            return False
+        new_ids.add(key)
+        return True
 
     def commit(rows: list[Row]) -> None:
         source_ok = bool(rows) and all(r.status == "ok" for r in rows)
+        held = [rows, 0]  # --format shards: rows wait until their images' shards commit
         for row in rows:
-            if row.status == "ok":
+            if row.status == "ok" and writer is not None:
+                if to_shard(row):
+                    summary.converted += 1
+                    summary.times[1] += row.times[1]
+                    summary.times[2] += row.times[2]
+                    held[1] += 1
+                    meta = {"id": row.id, "sequence": row.sequence, "length": row.length,
+                            "bin": row.bin, "source": _clean(row.source)}  # fmt: skip
+                    writer.add(row.id, row.bin, row.png, meta, held)
+                    row.png = b""
+            elif row.status == "ok":
                 if _commit_outputs(row, opts):
                     summary.converted += 1
                     summary.times[1] += row.times[1]
@@ -900,7 +1002,8 @@ def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
                 summary.crashed += row.reason.startswith("worker crashed")
                 summary.timed_out += row.reason.startswith("timed out")
                 log(f"protoken convert: failed: {row.source}: {row.reason}")
-            manifest.write(row)
+        if held[1] == 0:
+            write_rows(rows)
         summary.times[0] += rows[0].times[0] if rows else 0.0
         summary.files += 1
         summary.failed_files += bool(rows) and all(r.status == "failed" for r in rows)
@@ -935,8 +1038,12 @@ def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
     finally:
         if clean:
             pool.close()
+            if writer is not None:
+                writer.close()
         else:  # an error or a signal: stop the workers now, keep the marker for the next run
             pool.terminate()
+            if writer is not None:
+                writer.abandon()
         summary.worker_cpu_seconds = pool.cpu_seconds
         manifest.close()
         bar.close()
@@ -957,7 +1064,7 @@ class _InputOrder:
         self.waiting: dict[int, list[Row]] = {}
 
     def started(self, seq: int, path: str) -> None:
-        stem = self.stem_of[seq] = _safe_stem(path)
+        stem = self.stem_of[seq] = _item_id(path)
         self.active.setdefault(stem, []).append(seq)
 
     def finished(self, seq: int, path: str, rows: list[Row]) -> None:

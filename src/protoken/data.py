@@ -102,6 +102,7 @@ from protoken.codec import (
     unstandardize,
 )
 from protoken.inputs import walk_files
+from protoken.shards import SHARDS_DIR, index_files, member_key, read_index
 
 __all__ = [
     "BatchPlan",
@@ -1007,6 +1008,11 @@ class ImageIndex:
     names: bytes  # the ids, UTF-8, concatenated
     offsets: np.ndarray  # (N + 1,) int64: id i is names[offsets[i]:offsets[i + 1]]
     source: str = "manifest"
+    # --format shards: image i is bytes data_offset[i] .. + data_size[i] of shards[shard_of[i]]
+    shards: tuple[str, ...] = ()
+    shard_of: np.ndarray | None = None
+    data_offset: np.ndarray | None = None
+    data_size: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.bin_of)
@@ -1020,7 +1026,25 @@ class ImageIndex:
         return f"{self.bins[self.bin_of[i]]}/{self.id(i)}.png"
 
     def path(self, i: int) -> str:
+        """The image's file, or ``ROOT/shards/SHARD.tar::KEY.png`` for an image in a shard."""
+        if self.shard_of is not None:
+            shard = self.shards[self.shard_of[i]]
+            return f"{os.path.join(self.root, SHARDS_DIR, shard)}::{member_key(self.id(i))}.png"
         return os.path.join(self.root, self.bins[self.bin_of[i]], self.id(i) + ".png")
+
+    def read(self, i: int) -> bytes:
+        """The PNG bytes of image ``i``: its file, or one ``pread`` from its shard.
+
+        Raises
+        ------
+        OSError
+            The file or shard cannot be read, or the shard is shorter than its index says.
+        """
+        if self.shard_of is None:
+            with open(self.path(i), "rb") as fh:
+                return fh.read()
+        shard = os.path.join(self.root, SHARDS_DIR, self.shards[self.shard_of[i]])
+        return _SHARD_FILES.pread(shard, int(self.data_offset[i]), int(self.data_size[i]))
 
     @classmethod
     def build(
@@ -1045,8 +1069,13 @@ class ImageIndex:
         only = None if only_bins is None else set(only_bins)
         for name in skip | (only or set()):
             bin_range(name)  # raises on a malformed name
+        shard_indexes = index_files(root)
         manifests = _manifest_files(root)
-        if manifests:
+        extra: list[tuple[str, int, int]] = []
+        if shard_indexes:
+            rows = _shard_rows(shard_indexes, extra)
+            source = "shards"
+        elif manifests:
             rows = itertools.chain.from_iterable(_manifest_rows(p) for p in manifests)
             source = "manifest"
         else:
@@ -1056,10 +1085,12 @@ class ImageIndex:
         bin_names: list[str] = []
         bin_of: list[int] = []
         lengths: list[int] = []
+        kept: list[int] = []  # rows kept (shards: their places in ``extra``)
         seen_bins: dict[str, int] = {}
-        for image_id, name, length in rows:
+        for number, (image_id, name, length) in enumerate(rows):
             if name in skip or (only is not None and name not in only):
                 continue
+            kept.append(number)
             b = seen_bins.get(name)
             if b is None:
                 bin_range(name)
@@ -1080,6 +1111,17 @@ class ImageIndex:
         ids = [ids[i] for i in order.tolist()]
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids], out=offsets[1:])
+        shard_fields: dict[str, Any] = {}
+        if extra:
+            picked = [extra[kept[i]] for i in order.tolist()]
+            shard_names = sorted({p[0] for p in picked})
+            number = {name: k for k, name in enumerate(shard_names)}
+            shard_fields = {
+                "shards": tuple(shard_names),
+                "shard_of": np.array([number[p[0]] for p in picked], dtype=np.int32),
+                "data_offset": np.array([p[1] for p in picked], dtype=np.int64),
+                "data_size": np.array([p[2] for p in picked], dtype=np.int64),
+            }
         return cls(
             root=root,
             bins=tuple(bins),
@@ -1088,6 +1130,7 @@ class ImageIndex:
             names=b"".join(ids),
             offsets=offsets,
             source=source,
+            **shard_fields,
         )
 
     def split_rows(
@@ -1142,6 +1185,47 @@ class ImageIndex:
             else:
                 keep[i] = (_md5_fraction(key) < cut) == (split == "val")
         return np.flatnonzero(keep)
+
+
+def _shard_rows(paths: list[str], extra: list) -> Iterator[tuple[str, str, int]]:
+    """``(id, bin, length)`` of every image of the shard indexes ``paths``; the shard, offset
+    and size of each are appended to ``extra`` as it is yielded."""
+    for path in paths:
+        for shard, _member, offset, size, image_id, length, bin_ in read_index(path):
+            extra.append((shard, offset, size))
+            yield image_id, bin_, length
+
+
+class _ShardFiles:
+    """Open shard files of this process (a DataLoader worker opens its own after the fork),
+    at most ``limit`` at once, read with ``os.pread`` (no shared file position)."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self.pid = -1
+        self.fds: dict[str, int] = {}
+
+    def pread(self, path: str, offset: int, size: int) -> bytes:
+        if self.pid != os.getpid():  # forked: the parent's descriptors are not ours to use
+            self.pid, self.fds = os.getpid(), {}
+        if not 0 < size <= _MAX_PNG_BYTES or offset < 0:
+            raise OSError(f"{path}: index gives an implausible member size {size} at {offset}")
+        fd = self.fds.get(path)
+        if fd is None:
+            if len(self.fds) >= self.limit:
+                old = next(iter(self.fds))
+                os.close(self.fds.pop(old))
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{path}: shorter than its index says (truncated shard?)")
+        return data
+
+
+#: Largest member read from a shard (a sanity bound against a corrupt index; the PNG header is
+#: then checked against its bin's side limit before any pixel is decoded).
+_MAX_PNG_BYTES = 1 << 28
+_SHARD_FILES = _ShardFiles()
 
 
 def _regex_key(pattern: re.Pattern, text: str) -> str | None:
@@ -1361,8 +1445,7 @@ class IndexedBatches(IterableDataset):
             for row in rows.tolist():
                 path = index.path(row)
                 try:
-                    with open(path, "rb") as fh:
-                        data = fh.read()
+                    data = index.read(row)
                     check_png_header(data, limits[index.bin_of[row]])  # before any pixel
                     image = decoder(decode_png(data))
                 except (OSError, ValueError) as exc:

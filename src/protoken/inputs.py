@@ -64,6 +64,7 @@ __all__ = [
     "safe_id",
     "safe_output_path",
     "settings_beside",
+    "shard_from_environment",
     "structure_id",
     "walk_files",
 ]
@@ -298,8 +299,54 @@ def in_shard(key: str, shard: Shard | None) -> bool:
     return int.from_bytes(digest[:8], "big") % count == index
 
 
+def shard_from_environment(env: dict | None = None) -> tuple[Shard, str]:
+    """The shard of this task of a SLURM job array, and a sentence saying how it was found.
+
+    Task ``SLURM_ARRAY_TASK_ID`` of an array ``MIN-MAX[:STEP]`` is shard
+    ``(ID - MIN) // STEP`` of ``SLURM_ARRAY_TASK_COUNT`` (or ``(MAX - MIN) // STEP + 1``), so
+    ``--array=0-63`` and ``--array=1-64`` both give shards 0/64 ... 63/64.
+
+    Raises
+    ------
+    ValueError
+        Not in a job array, or an array that is no range (``--array=1,5,7``).
+    """
+    env = os.environ if env is None else env
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+             "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT")  # fmt: skip
+    got = {k: env.get(k) for k in names if env.get(k) not in (None, "")}
+    if "SLURM_ARRAY_TASK_ID" not in got:
+        raise ValueError(
+            "--shard auto needs a SLURM job array (SLURM_ARRAY_TASK_ID is not set); "
+            "give --shard I/N instead"
+        )
+    try:
+        task = int(got["SLURM_ARRAY_TASK_ID"])
+        low = int(got.get("SLURM_ARRAY_TASK_MIN", 0))
+        step = int(got.get("SLURM_ARRAY_TASK_STEP", 1)) or 1
+        if "SLURM_ARRAY_TASK_COUNT" in got:
+            count = int(got["SLURM_ARRAY_TASK_COUNT"])
+        elif "SLURM_ARRAY_TASK_MAX" in got:
+            count = (int(got["SLURM_ARRAY_TASK_MAX"]) - low) // step + 1
+        else:
+            raise ValueError("neither SLURM_ARRAY_TASK_COUNT nor SLURM_ARRAY_TASK_MAX is set")
+    except ValueError as exc:
+        raise ValueError(f"--shard auto: unusable SLURM array variables ({exc})") from None
+    index, rest = divmod(task - low, step)
+    seen = ", ".join(f"{k}={v}" for k, v in got.items())
+    if rest or not 0 <= index < count:
+        raise ValueError(
+            f"--shard auto: task {task} is not in a range array ({seen}); "
+            "use --array=A-B[:S], or give --shard I/N"
+        )
+    return (index, count), f"--shard auto: {seen} -> shard {index}/{count}"
+
+
 def parse_shard(text: str) -> Shard:
-    """``"I/N"`` -> (I, N) with 0 <= I < N; ValueError otherwise."""
+    """``"I/N"`` -> (I, N) with 0 <= I < N, or ``"auto"``: the SLURM array task's shard
+    (:func:`shard_from_environment`); ValueError otherwise."""
+    if text.strip().lower() == "auto":
+        return shard_from_environment()[0]
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:

@@ -220,6 +220,21 @@ def _read_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES, text: bool = True
     return raw
 
 
+def _bytes_given(data: bytes, name: str, max_bytes: int, text: bool) -> bytes:
+    """:func:`_read_bytes` for bytes already in memory (an archive member named ``name``)."""
+    if data[:2] == b"\x1f\x8b":
+        raw = _inflate(io.BytesIO(data[2:]), data[:2], max_bytes, text)
+    elif name.lower().endswith(".gz"):
+        raise StructureError("named .gz but not gzip-compressed")
+    else:
+        if len(data) > max_bytes:
+            raise StructureError(f"larger than --max-bytes ({max_bytes} bytes)")
+        raw = bytes(data)
+    if not raw.strip():
+        raise StructureError("empty file")
+    return raw
+
+
 def _inflate(fh, head: bytes, max_bytes: int, text: bool) -> bytes:
     """Inflate a gzip file (several members allowed) as a stream, at most ``max_bytes``."""
     chunks: list[bytes] = []
@@ -553,10 +568,16 @@ def _parse_biotite_bcif(raw: bytes) -> tuple[int, list[_Chain]]:
 # --------------------------------------------------------------------------- reading
 
 
-def _parse(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, list[_Chain], str]:
-    """Parse a file: (number of models, amino-acid chains of the first model, model note)."""
+def _parse(
+    path: str, max_bytes: int = DEFAULT_MAX_BYTES, data: bytes | None = None
+) -> tuple[int, list[_Chain], str]:
+    """Parse a file, or ``data`` named ``path``: (number of models, amino-acid chains of the
+    first model, model note)."""
     fmt = _format_of(path)
-    raw = _read_bytes(path, max_bytes, text=fmt != "bcif")
+    if data is None:
+        raw = _read_bytes(path, max_bytes, text=fmt != "bcif")
+    else:
+        raw = _bytes_given(data, path, max_bytes, text=fmt != "bcif")
     if fmt == "bcif":
         try:
             n_models, chains = _parse_biotite_bcif(raw)
@@ -633,6 +654,7 @@ def read_backbones(
     chains: str = "skip-multi",
     models: str = "skip-multi",
     max_bytes: int = DEFAULT_MAX_BYTES,
+    data: bytes | None = None,
 ) -> list[Backbone]:
     """Read the protein backbones of a structure file.
 
@@ -649,6 +671,9 @@ def read_backbones(
     max_bytes : int
         The most bytes read from the file or inflated from its gzip stream
         (:data:`DEFAULT_MAX_BYTES`); a larger file fails.
+    data : bytes, optional
+        The file's content, already in memory (a member of an archive): ``path`` is then only
+        its name, which gives the format and the id, and is never opened.
 
     Returns
     -------
@@ -669,7 +694,7 @@ def read_backbones(
     if models not in MODEL_POLICIES:
         raise ValueError(f"models must be skip-multi or first, not {models!r}")
     path = os.fspath(path)
-    n_models, raw_chains, note = _parse(path, max_bytes)
+    n_models, raw_chains, note = _parse(path, max_bytes, data)
     if n_models == 0:
         raise SkipStructure("no atoms")
     if n_models > 1 and models == "skip-multi":
