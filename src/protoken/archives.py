@@ -13,8 +13,8 @@ convert`` reads them in place, never unpacking anything to disk:
 - :func:`is_foldcomp_db` / :func:`iter_foldcomp`: a Foldcomp database, read through its index
   (``key<TAB>offset<TAB>length`` per line) and lookup (``key<TAB>name<TAB>file`` per line),
   both streamed line by line, so memory does not grow with the database (214 M entries for the
-  AFDB). Each entry's bytes are read with one ``pread`` and checked against the data file's
-  size first.
+  AFDB). Each entry's bytes are read with one seek and read, checked against the data
+  file's size first.
 - :func:`read_member`: the backbones of a member, from its bytes (in a convert worker).
   Foldcomp entries are decoded with the ``foldcomp`` package (its C++ decoder runs in the
   worker process, so a crash on a hostile entry costs that entry only).
@@ -288,7 +288,7 @@ def iter_foldcomp(
 ) -> Iterator[Member]:
     """Stream the entries of a Foldcomp database (see the module docstring).
 
-    Each entry's bytes are read only when :meth:`Member.read` is called (one ``pread``), so
+    Each entry's bytes are read only when :meth:`Member.read` is called (one read), so
     resuming or sharding skips entries without reading them. An index line pointing outside
     the data file, or longer than ``max_bytes``, gives a member with ``error`` set.
 
@@ -299,30 +299,28 @@ def iter_foldcomp(
     """
     size = os.path.getsize(path)
     name_of = _lookup_names(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for key, offset, length in _index_rows(path):
-            name = name_of(key)
-            member = Member(f"{path}{SEP}{name}", name, "foldcomp")
-            if not in_shard(member.id, shard):
-                continue
-            if offset + length > size:
-                member.error = (
-                    f"index entry {key} points past the end of the data file "
-                    f"({offset} + {length} > {size} bytes): truncated database?"
-                )
-            elif max_bytes is not None and length > max_bytes:
-                member.error = f"larger than --max-bytes ({max_bytes} bytes): {length} bytes"
-            else:
-                member._read = _pread(fd, offset, length)
-            yield member
-    finally:
-        os.close(fd)
+    for key, offset, length in _index_rows(path):
+        name = name_of(key)
+        member = Member(f"{path}{SEP}{name}", name, "foldcomp")
+        if not in_shard(member.id, shard):
+            continue
+        if offset + length > size:
+            member.error = (
+                f"index entry {key} points past the end of the data file "
+                f"({offset} + {length} > {size} bytes): truncated database?"
+            )
+        elif max_bytes is not None and length > max_bytes:
+            member.error = f"larger than --max-bytes ({max_bytes} bytes): {length} bytes"
+        else:
+            member._read = _entry_reader(path, offset, length)
+        yield member
 
 
-def _pread(fd: int, offset: int, length: int) -> Callable[[], bytes]:
+def _entry_reader(path: str, offset: int, length: int) -> Callable[[], bytes]:
     def read() -> bytes:
-        data = os.pread(fd, length, offset)
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
         if len(data) != length:
             raise ValueError("short read from the data file")
         return data[:-1] if data.endswith(b"\0") else data  # MMseqs2 entries end with NUL
