@@ -11,7 +11,12 @@ converted, each bin replicated by hard links to >= 64 files so that every worker
 3. the model's training throughput (forward + backward + AdamW, ``--preset``) on padded images
    of the same sizes, and the share of a training step that decoding its images costs;
 4. the cost per file of discovery, split, sharding and the shuffle passes (``--listing`` empty
-   files): what each worker pays per epoch for files it does not decode.
+   files): what each worker pays per epoch for files it does not decode;
+5. (``--part shards``) loose PNGs vs tar shards (``convert --format shards``) read through the
+   index, as training reads them: images/s in one worker and the time from nothing to the
+   first batch (index, split, plan, first batch), at 10^3 and 10^5 images. The larger sets
+   repeat the real images of ../shared under new ids: hard links for loose files, index rows
+   pointing at the same shard bytes for shards (so both read the same bytes from disk).
 """
 
 from __future__ import annotations
@@ -199,6 +204,78 @@ def listing_cost(n_files: int, tmp: Path) -> list[tuple[str, float, float]]:
     return out
 
 
+def _sized_sets(tmp: Path, sizes: tuple[int, ...]) -> dict[tuple[str, int], Path]:
+    """Loose and sharded data sets of each size, from the real images of ../shared (<= 320
+    residues, 8-bit), repeated under new ids ``rK_ID``."""
+    from protoken.convert import ConvertOptions, convert
+    from protoken.shards import INDEX_COLUMNS, index_files, read_index
+
+    structures = shared_dir() / "data" / "structures"
+    files = sorted(str(p) for p in structures.iterdir() if p.suffix in (".pdb", ".cif", ".gz"))
+    base_loose, base_shards = tmp / "base_loose", tmp / "base_shards"
+    kw = {"max_len": 320, "chains": "first", "models": "first"}
+    convert(files, ConvertOptions(out=str(base_loose), **kw), progress=False)
+    convert(files, ConvertOptions(out=str(base_shards), format="shards", **kw), progress=False)
+    (index_path,) = index_files(str(base_shards))
+    rows = list(read_index(index_path))
+    out = {}
+    for n in sizes:
+        loose, shards = tmp / f"loose_{n}", tmp / f"shards_{n}"
+        os.makedirs(shards / "shards")
+        for entry in os.scandir(base_shards / "shards"):
+            if entry.is_dir():
+                os.symlink(entry.path, shards / "shards" / entry.name)
+        manifest = ["source\tid\tstatus\treason\tlength\tdropped\tbin\tsequence"]
+        index = ["\t".join(INDEX_COLUMNS)]
+        for k in range(n):
+            shard, member, offset, size, image_id, length, bin_ = rows[k % len(rows)]
+            new = f"r{k // len(rows)}_{image_id}"
+            (loose / bin_).mkdir(parents=True, exist_ok=True)
+            os.link(base_loose / bin_ / f"{image_id}.png", loose / bin_ / f"{new}.png")
+            manifest.append(f"x\t{new}\tok\t\t{length}\t0\t{bin_}\tX")
+            index.append(f"{shard}\t{member}\t{offset}\t{size}\t{new}\t{length}\t{bin_}")
+        (loose / "manifest.tsv").write_text("\n".join(manifest) + "\n")
+        (shards / "shards" / "index.all.tsv").write_text("\n".join(index) + "\n")
+        out["loose", n], out["shards", n] = loose, shards
+    return out
+
+
+def shards_vs_loose(tmp: Path, sizes=(1_000, 100_000), batch: int = 16) -> None:
+    from protoken.data import BatchPlan, ImageIndex, IndexedBatches
+
+    sets = _sized_sets(tmp, sizes)
+    print("# first start: the index is parsed and its cache written; next starts map the cache")
+    print("format\timages\tstart\tfirst_batch_s\t(index_s\tsplit_s\tplan_s)\timages_per_cpu_s")
+    rates, firsts = {}, {}
+    for n in sizes:
+        for fmt in ("loose", "shards"):
+            for start_kind in ("first", "next"):
+                t0 = time.perf_counter()
+                index = ImageIndex.build(sets[fmt, n])
+                t1 = time.perf_counter()
+                rows = index.split_rows("train", 0.05)
+                t2 = time.perf_counter()
+                plan = BatchPlan(index, rows, batch, group_by_bin=True, seed=0)
+                t3 = time.perf_counter()
+                it = iter(IndexedBatches(plan, 4))
+                next(it)
+                first = time.perf_counter() - t0
+                firsts[fmt, n, start_kind] = first
+                images, start, cpu = 0, time.perf_counter(), time.process_time()
+                while time.perf_counter() - start < 3.0:
+                    images += len(next(it)["ids"])
+                rates[fmt, n] = images / (time.process_time() - cpu)
+                print(f"{fmt}\t{n}\t{start_kind}\t{first:.3f}\t({t1 - t0:.3f}\t{t2 - t1:.3f}"
+                      f"\t{t3 - t2:.3f})\t{rates[fmt, n]:.0f}", flush=True)  # fmt: skip
+    for n in sizes:
+        print(f"# {n} images: shards / loose images per CPU-second of one worker = "
+              f"{rates['shards', n] / rates['loose', n]:.2f} (target >= 1)")  # fmt: skip
+    lo, hi = min(sizes), max(sizes)
+    for fmt in ("loose", "shards"):
+        print(f"# {fmt}: time to first batch at {hi} / at {lo} images (next start) = "
+              f"{firsts[fmt, hi, 'next'] / firsts[fmt, lo, 'next']:.2f} (target ~1)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data8", type=Path, help="a converted 8-bit folder (default: convert)")
@@ -209,10 +286,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
     parser.add_argument("--listing", type=int, default=20000, help="files for the listing cost")
+    parser.add_argument(
+        "--part",
+        choices=("all", "decode", "shards"),
+        default="all",
+        help="decode: sections 1-4; shards: section 5 only",
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker; training below uses --threads
     print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}")
 
+    if args.part in ("all", "shards"):
+        print("\n## loose PNGs vs tar shards, read through the index (one worker)")
+        with tempfile.TemporaryDirectory(prefix="protoken-bench-shards-") as tmp:
+            shards_vs_loose(Path(tmp), tuple(args.sizes))
+    if args.part == "shards":
+        return 0
     with tempfile.TemporaryDirectory(prefix="protoken-bench-data-") as tmp:
         tmp = Path(tmp)
         roots = {

@@ -712,3 +712,36 @@ def test_crops_are_diagonal_windows_fixed_by_the_stream_position(converted8):
         torch.testing.assert_close(a["image"], b["image"])
     with pytest.raises(ValueError, match="crop"):
         pd.IndexedBatches(plan, 1, crop=0)
+
+
+def test_index_cache_is_the_parsed_index_and_follows_the_manifest(tmp_path, converted8):
+    """The memory-mapped cache gives the same index as parsing, and a grown manifest is
+    parsed again rather than served stale."""
+    import shutil
+
+    from protoken.data import ImageIndex
+
+    root = tmp_path / "data"
+    shutil.copytree(converted8, root)
+    first = ImageIndex.build(root)  # parses, writes the cache
+    assert list((root / ".protoken-index").iterdir())
+    again = ImageIndex.build(root)  # maps the cache
+    assert isinstance(again.bin_of, np.memmap)
+    assert len(again) == len(first) >= 100 and again.bins == first.bins
+    assert [again.id(i) for i in range(len(again))] == [first.id(i) for i in range(len(first))]
+    assert np.array_equal(again.lengths, first.lengths)
+    for split in ("train", "val"):
+        fast = again.split_rows(split, 0.2)  # vectorised over the cached hashes
+        by_key = first.split_rows(split, 0.2, exclude_ids=["no-such-id"])  # md5 per image
+        assert np.array_equal(fast, by_key) and len(fast) > 0
+    # a manifest row appended: a new cache, the new image indexed
+    manifest = root / "manifest.tsv"
+    row = next(r for r in manifest.read_text().splitlines()[1:] if "\tok\t" in r)
+    cols = row.split("\t")
+    cols[1] = "zz_extra"
+    src = root / cols[6] / f"{row.split(chr(9))[1]}.png"
+    shutil.copy(src, root / cols[6] / "zz_extra.png")
+    with open(manifest, "a") as fh:
+        fh.write("\t".join(cols) + "\n")
+    grown = ImageIndex.build(root)
+    assert len(grown) == len(first) + 1 and "zz_extra" in {grown.id(i) for i in range(len(grown))}

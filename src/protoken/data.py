@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -1013,13 +1014,16 @@ class ImageIndex:
     shard_of: np.ndarray | None = None
     data_offset: np.ndarray | None = None
     data_size: np.ndarray | None = None
+    # md5 of each image's default split key (BIN/ID.png) as 64 bits: a vectorised split
+    split_hash: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.bin_of)
 
     def id(self, i: int) -> str:
         """Image id (file name without ``.png``)."""
-        return self.names[self.offsets[i] : self.offsets[i + 1]].decode("utf-8", "surrogateescape")
+        name = self.names[self.offsets[i] : self.offsets[i + 1]]
+        return bytes(name).decode("utf-8", "surrogateescape")
 
     def key(self, i: int) -> str:
         """Path relative to the root, POSIX separators: ``bin_65_128/ID.png``."""
@@ -1071,6 +1075,10 @@ class ImageIndex:
             bin_range(name)  # raises on a malformed name
         shard_indexes = index_files(root)
         manifests = _manifest_files(root)
+        cache = _IndexCache(root, shard_indexes or manifests, only, skip)
+        cached = cache.load()
+        if cached is not None:
+            return cls(root=root, **cached)
         extra: list[tuple[str, int, int]] = []
         if shard_indexes:
             rows = _shard_rows(shard_indexes, extra)
@@ -1122,16 +1130,25 @@ class ImageIndex:
                 "data_offset": np.array([p[1] for p in picked], dtype=np.int64),
                 "data_size": np.array([p[2] for p in picked], dtype=np.int64),
             }
-        return cls(
-            root=root,
-            bins=tuple(bins),
-            bin_of=bin_arr[order].astype(np.int16),
-            lengths=np.asarray(lengths, dtype=np.int32)[order],
-            names=b"".join(ids),
-            offsets=offsets,
-            source=source,
+        bin_arr = bin_arr[order].astype(np.int16)
+        split_hash = np.array(
+            [_md5_fraction(f"{bins[b]}/{x.decode('utf-8', 'surrogateescape')}.png")
+             for b, x in zip(bin_arr.tolist(), ids, strict=True)],
+            dtype=np.uint64,
+        )  # fmt: skip
+        fields = {
+            "bins": tuple(bins),
+            "bin_of": bin_arr,
+            "lengths": np.asarray(lengths, dtype=np.int32)[order],
+            "names": b"".join(ids),
+            "offsets": offsets,
+            "source": source,
+            "split_hash": split_hash,
             **shard_fields,
-        )
+        }
+        if source != "walk":
+            cache.save(fields)
+        return cls(root=root, **fields)
 
     def split_rows(
         self,
@@ -1166,6 +1183,15 @@ class ImageIndex:
         if pattern is not None:
             excluded |= {k for x in list(excluded) if (k := _regex_key(pattern, x)) is not None}
         cut = _split_cut(valid_frac)
+        if pattern is None and not excluded and self.split_hash is not None:  # vectorised
+            if split == "all":
+                return np.arange(len(self))
+            val = (
+                np.ones(len(self), dtype=bool)
+                if cut >= 1 << 64
+                else self.split_hash < np.uint64(cut)
+            )
+            return np.flatnonzero(val == (split == "val"))
         keep = np.zeros(len(self), dtype=bool)
         for i in range(len(self)):
             image_id = self.id(i)
@@ -1185,6 +1211,82 @@ class ImageIndex:
             else:
                 keep[i] = (_md5_fraction(key) < cut) == (split == "val")
         return np.flatnonzero(keep)
+
+
+class _IndexCache:
+    """The arrays of an :class:`ImageIndex`, saved beside the files it was built from
+    (``ROOT/.protoken-index/KEY/*.npy``) and memory-mapped when they are unchanged: the time
+    to the first batch then no longer grows with the number of images (no parsing, no md5 per
+    image; the pages are read as they are used, and shared by forked workers).
+
+    KEY hashes the source files' paths, sizes and modification times and the bin selection,
+    so a manifest or index that grew makes a new cache. A folder that cannot be written
+    (read-only data) simply has no cache.
+    """
+
+    ARRAYS = ("bin_of", "lengths", "names", "offsets", "split_hash", "shard_of", "data_offset",
+              "data_size")  # fmt: skip
+
+    def __init__(self, root: str, sources: list[str], only, skip):
+        sig = []
+        for path in sources:
+            st = os.stat(path)
+            sig.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+        blob = json.dumps([sig, sorted(only) if only is not None else None, sorted(skip or ())])
+        self.folder = os.path.join(
+            root, ".protoken-index", hashlib.sha256(blob.encode()).hexdigest()[:16]
+        )
+        self.enabled = bool(sources)
+
+    def load(self) -> dict | None:
+        meta_path = os.path.join(self.folder, "meta.json")
+        if not self.enabled or not os.path.isfile(meta_path):
+            return None
+        try:
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+            fields: dict[str, Any] = {"bins": tuple(meta["bins"]), "source": meta["source"],
+                                      "shards": tuple(meta["shards"])}  # fmt: skip
+            for name in self.ARRAYS:
+                path = os.path.join(self.folder, f"{name}.npy")
+                fields[name] = (
+                    np.load(path, mmap_mode="r", allow_pickle=False)
+                    if os.path.exists(path)
+                    else None
+                )
+            n = len(fields["bin_of"])
+            if len(fields["offsets"]) != n + 1 or len(fields["lengths"]) != n:
+                return None
+            return fields
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, fields: dict) -> None:
+        if not self.enabled:
+            return
+        import shutil
+        import tempfile
+
+        parent = os.path.dirname(self.folder)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+            try:
+                for name in self.ARRAYS:
+                    value = fields.get(name)
+                    if name == "names":
+                        value = np.frombuffer(value, dtype=np.uint8)
+                    if value is not None:
+                        np.save(os.path.join(tmp, f"{name}.npy"), value, allow_pickle=False)
+                meta = {"bins": list(fields["bins"]), "source": fields["source"],
+                        "shards": list(fields.get("shards", ()))}  # fmt: skip
+                with open(os.path.join(tmp, "meta.json"), "w") as fh:
+                    json.dump(meta, fh)
+                os.rename(tmp, self.folder)  # atomic; another process may have won: fine
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # a read-only data set: no cache
 
 
 def _shard_rows(paths: list[str], extra: list) -> Iterator[tuple[str, str, int]]:
