@@ -27,6 +27,7 @@ naming the archive and how far it was read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tarfile
@@ -401,7 +402,9 @@ def _foldcomp_backbone(foldcomp, name: str, data: bytes):
         ) from None
     sequence = got.get("residues", "")
     counts = [_HEAVY_ATOMS.get(r, 0) for r in sequence]
-    coords = np.asarray(got.get("coordinates", ()), dtype=np.float64).reshape(-1, 3)
+    atoms = got.get("coordinates", ())
+    coords = np.fromiter(itertools.chain.from_iterable(atoms), np.float64, 3 * len(atoms))
+    coords = coords.reshape(-1, 3)
     total = sum(counts)
     if not sequence or 0 in counts or len(coords) not in (total, total + 1):  # + OXT
         return None
