@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -103,6 +104,31 @@ def test_exactly_once_over_two_ranks_by_two_workers_and_resume_mid_epoch(both):
     expect = torch.from_numpy(decode_image(loose_png))
     n = expect.shape[-1]
     assert torch.equal(b["image"][0, :, :n, :n], expect) and not b["image"][0, :, n:].any()
+
+
+def test_shard_window_reads_few_shards_at_a_time_and_each_image_once(both):
+    _, shards = both
+    index = ImageIndex.build(shards)
+    rows = index.split_rows("all", 0.0)
+    plain = BatchPlan(index, rows, 3, group_by_bin=True, seed=1)
+    windowed = BatchPlan(index, rows, 3, group_by_bin=True, seed=1, shard_window=2)
+    assert windowed.batches_per_epoch == plain.batches_per_epoch
+    for epoch in (0, 1):
+        batches = [windowed.batch(epoch, k) for k in range(windowed.batches_per_epoch)]
+        got = np.concatenate(batches)
+        assert sorted(got.tolist()) == sorted(rows.tolist())  # every image once
+        assert all(len(set(index.bin_of[b].tolist())) == 1 for b in batches)  # one bin each
+        # stretches of the epoch read fewer shards than a shuffle over all of them
+        def spread(plan, epoch=epoch, width=4):
+            sets = [set(index.shard_of[plan.batch(epoch, k)].tolist())
+                    for k in range(plan.batches_per_epoch)]  # fmt: skip
+            groups = [set().union(*sets[k : k + width]) for k in range(len(sets) - width)]
+            return np.mean([len(g) for g in groups])
+
+        assert spread(windowed) < 0.75 * spread(plain)
+    order0 = [windowed.batch(0, k).tolist() for k in range(3)]
+    order1 = [windowed.batch(1, k).tolist() for k in range(3)]
+    assert order0 != order1  # windows and shuffles differ by epoch
 
 
 def _manifest_sources(out: Path) -> list[str]:

@@ -1370,6 +1370,13 @@ class BatchPlan:
     second seeded random order. Without ``group_by_bin`` the permutation is cut as it is.
     Costs O(N) per epoch (a permutation and a stable sort), whatever the epoch number.
 
+    With ``shard_window=G`` and an index of tar shards, each epoch also deals the shards into
+    windows of ``G`` in a seeded order; images are batched (per bin, as above) in window order
+    and the batches of each window are shuffled among themselves, so any stretch of the epoch
+    reads ~``G`` shards (locality for parallel file systems) while mixing their images, and
+    the windows differ from epoch to epoch. The number of batches per epoch is the same as
+    without windows. Ignored for loose files.
+
     Parameters
     ----------
     index : ImageIndex
@@ -1379,11 +1386,22 @@ class BatchPlan:
         Images per batch, or per bin name (``group_by_bin`` only).
     group_by_bin : bool
     seed : int
+    shard_window : int, optional
+        Shards read together (see above); None: one shuffle over all shards.
     """
 
     def __init__(
-        self, index: ImageIndex, rows: np.ndarray, batch_size, group_by_bin: bool, seed: int
+        self,
+        index: ImageIndex,
+        rows: np.ndarray,
+        batch_size,
+        group_by_bin: bool,
+        seed: int,
+        shard_window: int | None = None,
     ):
+        if shard_window is not None and shard_window < 1:
+            raise ValueError(f"shard_window must be >= 1, not {shard_window}")
+        self.shard_window = shard_window if index.shard_of is not None else None
         self.index = index
         self.rows = np.asarray(rows, dtype=np.int64)
         if not len(self.rows):
@@ -1419,6 +1437,13 @@ class BatchPlan:
             return self._cached[1]
         rng = np.random.default_rng([self.seed, epoch & _MASK64, epoch < 0])
         order = self.rows[rng.permutation(len(self.rows))]
+        window = place = None
+        if self.shard_window is not None:  # shards dealt into windows, in a seeded order
+            n_shards = len(self.index.shards)
+            place = np.empty(n_shards, dtype=np.int64)
+            place[rng.permutation(n_shards)] = np.arange(n_shards)
+            window = place[self.index.shard_of[order]] // self.shard_window
+            order = order[np.argsort(window, kind="stable")]
         if self.group_by_bin:
             bins = self.index.bin_of[order]
             sort = np.argsort(bins, kind="stable")
@@ -1433,6 +1458,12 @@ class BatchPlan:
             bounds = np.asarray(bounds, dtype=np.int64)
         else:
             bounds = np.r_[np.arange(0, len(order), self._sizes[0]), len(order)]
+        if window is not None:  # batches in window order, shuffled within each window
+            starts = bounds[:-1]
+            batch_window = place[self.index.shard_of[order[starts]]] // self.shard_window
+            batch_order = np.lexsort((rng.random(len(starts)), batch_window))
+            self._cached = (epoch, (order, bounds, batch_order))
+            return self._cached[1]
         batch_order = rng.permutation(len(bounds) - 1)
         self._cached = (epoch, (order, bounds, batch_order))
         return self._cached[1]

@@ -184,7 +184,9 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
         normalize=None if cfg.normalize == "none" else cfg.normalize,
         crop=cfg.crop,
     )
-    train_plan = BatchPlan(index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed)
+    train_plan = BatchPlan(
+        index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed, cfg.shard_window
+    )
     train = IndexedBatches(train_plan, epoch=epoch, position=position, **common)
     val_plan = BatchPlan(index, rows["val"], cfg.batch_size, cfg.group_by_bin, cfg.seed)
     val = IndexedBatches(val_plan, epoch=-1, num_batches=cfg.eval_batches, **common)

@@ -55,6 +55,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     crop: int | None = Field(None, ge=8)  # train on random diagonal windows of <= crop residues
     group_by_bin: bool = True
+    # data converted with --format shards: read the shards G at a time (BatchPlan shard_window)
+    shard_window: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=0)
     normalize: Literal["none", "reference"] = "none"  # "seed", the former name, is read
     dmax: float | None = None
