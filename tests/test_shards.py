@@ -118,6 +118,7 @@ def test_shard_window_reads_few_shards_at_a_time_and_each_image_once(both):
         got = np.concatenate(batches)
         assert sorted(got.tolist()) == sorted(rows.tolist())  # every image once
         assert all(len(set(index.bin_of[b].tolist())) == 1 for b in batches)  # one bin each
+
         # stretches of the epoch read fewer shards than a shuffle over all of them
         def spread(plan, epoch=epoch, width=4):
             sets = [set(index.shard_of[plan.batch(epoch, k)].tolist())
