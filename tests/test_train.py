@@ -43,6 +43,31 @@ def mixed_data(tmp_path_factory, converted8) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory, mixed_data) -> Path:
+    """The structures of ``mixed_data`` converted with ``--format shards`` (small shards, so
+    each bin spans several)."""
+    import csv
+
+    from protoken.convert import ConvertOptions, convert
+
+    with open(mixed_data / "manifest.tsv", newline="") as fh:
+        rows = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        sources = [r["source"] for r in rows if r["status"] == "ok"]
+    root = tmp_path_factory.mktemp("mixed_shards")
+    convert(sources, ConvertOptions(out=str(root), format="shards", shard_bytes=400_000), 2,
+            progress=False)  # fmt: skip
+    return root
+
+
+@pytest.fixture(params=["loose", "shards"])
+def data_root(request, mixed_data) -> Path:
+    """The mixed-length data as loose PNGs and as tar shards."""
+    if request.param == "loose":
+        return mixed_data
+    return request.getfixturevalue("mixed_shards")
+
+
 def config(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         data=str(data),
@@ -161,17 +186,17 @@ def test_training_lowers_the_loss(mixed_data, tmp_path):
     )
 
 
-def test_signal_to_the_process_group_stops_saves_and_resume_is_exact(mixed_data, tmp_path):
+def test_signal_to_the_process_group_stops_saves_and_resume_is_exact(data_root, tmp_path):
     """SIGTERM to the whole process group of a run with DataLoader workers (how SLURM and
     Kubernetes pre-empt): the workers ignore it, the run stops at a step boundary, writes
     last.pt there and exits 75; --resume then logs the uninterrupted run's losses, bit for bit,
     without replaying the data stream."""
-    kw = dict(max_steps=14, ckpt_interval=100, eval_interval=100, num_workers=2)
-    ref = start([*TRAIN, *cli_args(config(mixed_data, tmp_path / "ref", **kw))])
+    kw = dict(max_steps=14, ckpt_interval=100, eval_interval=100, num_workers=2, shard_window=2)
+    ref = start([*TRAIN, *cli_args(config(data_root, tmp_path / "ref", **kw))])
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
     want = losses(tmp_path / "ref")
 
-    args = cli_args(config(mixed_data, tmp_path / "cut", **kw))
+    args = cli_args(config(data_root, tmp_path / "cut", **kw))
     proc = start([*TRAIN, *args])
     wait_for_steps(tmp_path / "cut", 4, proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -192,12 +217,12 @@ def test_signal_to_the_process_group_stops_saves_and_resume_is_exact(mixed_data,
         assert got[s] == want[s], (s, got[s], want[s])
 
 
-def test_torchrun_two_processes_on_mixed_lengths_with_workers(mixed_data, tmp_path):
+def test_torchrun_two_processes_on_mixed_lengths_with_workers(data_root, tmp_path):
     """Two ranks see images of different sizes (three bins), load them with workers,
     accumulate gradients over two micro-batches, and their replicas stay identical (checked
     at every checkpoint over weights, codebooks, EMA statistics and optimiser state)."""
     cfg = config(
-        mixed_data,
+        data_root,
         tmp_path / "ddp",
         max_steps=4,
         ckpt_interval=2,
@@ -232,7 +257,7 @@ def test_torchrun_two_processes_on_mixed_lengths_with_workers(mixed_data, tmp_pa
     # the ranks did see images of several sizes: the bins of the 16 batches of the plan
     from protoken.data import BatchPlan, ImageIndex
 
-    index = ImageIndex.build(mixed_data)
+    index = ImageIndex.build(data_root)
     plan = BatchPlan(index, index.split_rows("train", 0.1), 2, True, seed=3)
     assert plan.batches_per_epoch == ckpt["data"]["batches_per_epoch"]
     sizes = {int(index.bin_of[plan.batch(0, k)[0]]) for k in range(16)}
