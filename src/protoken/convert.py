@@ -7,9 +7,18 @@ Layout of the output folder ``OUT`` (the reference design's)::
     OUT/manifest.tsv              (OUT/manifest.shard-I-of-N.tsv with --shard I/N)
     OUT/convert.json              the settings that change outputs
 
+or, with ``format="shards"`` (``--format shards``), tar shards in the WebDataset layout and
+their index instead of the bins and FASTA files (:mod:`protoken.shards`)::
+
+    OUT/shards/BIN/TAG-000000.tar, OUT/shards/index.TAG.tsv
+
+Inputs are files, folders, tar archives and Foldcomp databases (:mod:`protoken.archives`):
+the main process streams archive members and sends each member's bytes to a worker, with the
+source ``ARCHIVE::MEMBER`` in its manifest row, so sharding and resume work per member.
+
 How it stays safe at scale, and against hostile files:
 
-- Inputs are streamed (:func:`protoken.inputs.find_structures`), never listed or counted up
+- Inputs are streamed (:func:`protoken.archives.find_sources`), never listed or counted up
   front. Ids are safe ids (:func:`protoken.inputs.safe_id`) and every output path is checked to
   lie inside its folder.
 - Each file is converted in a worker process, never in the main one. A worker that dies (a
@@ -17,6 +26,9 @@ How it stays safe at scale, and against hostile files:
   ``failed`` ("worker crashed: signal N") and the files queued behind it are converted again
   one by one. The per-file ``timeout`` is enforced by the main process, which kills and
   replaces a worker stuck past it, even inside C code.
+- Shards: workers return the PNG bytes and the main process appends them to the open shard of
+  their bin; a source's manifest rows are written once every image of it is in a committed
+  shard (see :mod:`protoken.shards` for the commit protocol).
 - Workers write their PNG and FASTA under temporary names (``NAME.tmp.TAG.PID``); the main
   process commits them with hard links that never replace an existing file (PNG, then FASTA:
   a FASTA is the mark of a complete output) and appends the manifest row. A killed run leaves
