@@ -212,3 +212,21 @@ def test_gzip_member_inflation_is_bounded(tmp_path):
             progress=False)  # fmt: skip
     (row,) = _rows(out)
     assert row["status"] == "failed" and "more than --max-bytes" in row["reason"]
+
+
+def test_tar_with_a_huge_extended_header_is_refused_before_it_is_read(tmp_path, mixed_files):
+    """A .tar.gz whose pax header claims 100 MB (zeros, 100 kB compressed): refused from its
+    header block, not inflated into memory; the archive gets one failed row."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 100_000_000
+    block = header.tobuf(format=tarfile.USTAR_FORMAT)
+    archive = tmp_path / "evil.tar.gz"
+    with gzip.open(archive, "wb") as fh:
+        fh.write(block)
+        for _ in range(100):
+            fh.write(b"\0" * 1_000_000)
+    out = tmp_path / "out"
+    convert([str(archive)], ConvertOptions(out=str(out)), 1, progress=False)
+    (row,) = _rows(out)
+    assert row["status"] == "failed" and "truncated or corrupt tar archive" in row["reason"]
+    assert "extended header of 100000000 bytes" in row["reason"]

@@ -190,7 +190,7 @@ def iter_tar(
     """
     n = 0
     try:
-        with tarfile.open(path, mode="r|*") as tf:
+        with tarfile.open(path, mode="r|*", tarinfo=_BoundedTarInfo) as tf:
             for info in tf:
                 if not info.isfile():  # folders, links, devices: never followed
                     continue
@@ -215,6 +215,26 @@ def iter_tar(
             "tar",
             error=f"truncated or corrupt tar archive after {n} members ({reason})",
         )
+
+
+#: The largest extended header (pax, GNU long name) read from a tar: tarfile holds one in
+#: memory whole, so a hostile archive claiming gigabytes of header would exhaust it.
+MAX_TAR_HEADER = 1 << 20
+
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)  # fmt: skip
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses extended headers larger than :data:`MAX_TAR_HEADER` before
+    tarfile reads them into memory."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENDED and self.size > MAX_TAR_HEADER:
+            raise tarfile.HeaderError(
+                f"extended header of {self.size} bytes (more than {MAX_TAR_HEADER})"
+            )
+        return super()._proc_member(tarfile_)
 
 
 def _tar_reader(tf: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], bytes]:
