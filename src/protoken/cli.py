@@ -480,17 +480,11 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from protoken.fileio import write_tsv
     from protoken.inputs import find_inputs
-    from protoken.tokenizer import (
-        Tokenizer,
-        save_tokens,
-        save_tokens_fasta,
-        save_tokens_parquet,
-    )
+    from protoken.tokenizer import Tokenizer, open_token_writer
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
@@ -510,31 +504,48 @@ def _encode(args: argparse.Namespace) -> int:
             ) from None
     skipped: list[dict] = []
 
-    def skip(source, exc: Exception) -> None:
+    def skip(source, exc) -> None:
         skipped.append({"source": str(source), "reason": " ".join(str(exc).split())})
         tqdm.write(f"protoken encode: skipped {source}: {exc}", file=sys.stderr)
 
-    paths = find_inputs(args.inputs, args.shard, args.follow_links)  # streamed, never listed
+    # Streamed end to end: inputs are walked as they are read, each batch's tokens go straight
+    # to the writer (a temporary file renamed to --out when complete). What grows with the
+    # number of proteins is only the set of ids written (a repeated id is skipped: the file
+    # must hold each id once) and the skipped inputs.
+    paths = find_inputs(args.inputs, args.shard, args.follow_links)
     bar = tqdm(paths, desc="encode", unit="file", disable=args.no_progress, file=sys.stderr)
+    seen: set[str] = set()
+    tokens_per_residue = 0.0
+    writer = open_token_writer(args.out, tok.meta(), args.format)
     try:
-        tokens = list(tok.encode_many(bar, chains=args.chains, models=args.models,
-                                      min_len=args.min_len, max_len=args.max_len,
-                                      on_error=skip))  # fmt: skip
+        for t in tok.encode_many(bar, chains=args.chains, models=args.models,
+                                 min_len=args.min_len, max_len=args.max_len, on_error=skip):  # fmt: skip
+            if t.id in seen:
+                skip(t.id, "duplicate id: a protein of this id is already in the file "
+                     "(the first one is kept)")  # fmt: skip
+                continue
+            seen.add(t.id)
+            writer.add(t)
+            tokens_per_residue += t.n_tokens / t.length
+        n = writer.count
+        if n:
+            writer.close()
     except FileNotFoundError as exc:
+        writer.abort()
         return _fail("encode", exc)
-    if skipped:
-        write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
-    if not tokens:
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if skipped:
+            write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
+    if not n:
+        writer.abort()
         return _fail("encode", "nothing encoded", EXIT_NOTHING)
-    if args.format == "fasta":
-        save_tokens_fasta(args.out, tokens)
-    elif args.format == "parquet":
-        save_tokens_parquet(args.out, tokens, tok.meta())
-    else:
-        save_tokens(args.out, tokens, tok.meta())
-    per_res = np.mean([t.n_tokens / t.length for t in tokens])
+    per_res = tokens_per_residue / n
     bits = per_res * tok.bits_per_token
-    print(f"encoded {len(tokens)} proteins ({len(skipped)} inputs skipped) into {args.out}; "
+    print(f"encoded {n} proteins ({len(skipped)} inputs skipped) into {args.out}; "
           f"{per_res:.2f} tokens ({bits:.1f} bits) per residue on average")  # fmt: skip
     return EXIT_OK
 
