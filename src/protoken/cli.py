@@ -401,14 +401,19 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
     _follow_links(parser)
 
 
-def _check_recorded_dmax(images: list[str], dmax: float | None) -> None:
-    """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images."""
+def _check_recorded_dmax(images, dmax: float | None) -> None:
+    """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images (one
+    convert.json read per folder; the images are streamed, only their folders kept)."""
     from protoken.inputs import settings_beside
 
     if dmax is None:
         return
-    examples = {os.path.dirname(os.path.abspath(p)): p for p in images}
-    for folder, image in sorted(examples.items()):
+    checked: set[str] = set()
+    for image in images:
+        folder = os.path.dirname(os.path.abspath(image))
+        if folder in checked:
+            continue
+        checked.add(folder)
         try:
             settings = settings_beside(image) or {}
         except ValueError as exc:
@@ -432,20 +437,25 @@ def _reconstruct(args: argparse.Namespace) -> int:
         if value and not os.path.exists(value):
             return _fail("reconstruct", f"--{opt}: no such file or folder: {value}")
     _out_folder(args.out)
-    images = list(find_images(args.inputs, follow_links=args.follow_links))
-    if not images:
+
+    def images():  # streamed: the folders are walked as the workers take images
+        return find_images(args.inputs, follow_links=args.follow_links)
+
+    if next(images(), None) is None:
         return _fail("reconstruct", "no .png images found", EXIT_NOTHING)
-    _check_recorded_dmax(images, args.dmax)
-    rows, summary = reconstruct_images(
-        images, args.out, fasta=args.fasta, reference=args.reference, dmax=args.dmax,
-        refine=not args.no_refine, backbone=args.backbone, fmt=args.format, workers=args.workers,
-        max_len=args.max_len,
-    )  # fmt: skip
-    for row in rows:
+    _check_recorded_dmax(images(), args.dmax)  # a walk of its own, before any work
+
+    def report(row: dict) -> None:
         if "error" in row:
             print(f"{row['id']}: failed: {row['error']}", file=sys.stderr)
         elif row.get("note"):
             print(f"{row['id']}: {row['note']}", file=sys.stderr)
+
+    rows, summary = reconstruct_images(
+        images(), args.out, fasta=args.fasta, reference=args.reference, dmax=args.dmax,
+        refine=not args.no_refine, backbone=args.backbone, fmt=args.format, workers=args.workers,
+        max_len=args.max_len, on_row=report,
+    )  # fmt: skip
     print(summary_line(summary))
     if summary["failed"]:
         print(f"failures: {os.path.join(args.out, 'failed.tsv')}", file=sys.stderr)
