@@ -750,10 +750,11 @@ class NpzTokenWriter(TokenWriter):
         spool.fh.flush()
         spool.fh.seek(0)
         read = spool.fh.read
+        per_block = max(1, (1 << 20) // dtype.itemsize)  # about 1 MB of padded strings
         with self._open(zf, name, dtype, (self.count,)) as fh:
             left = self.count
             while left:
-                k = min(left, self._BLOCK)
+                k = min(left, per_block)
                 texts = []
                 for _ in range(k):
                     size = int.from_bytes(read(4), "little")
@@ -801,7 +802,8 @@ class FastaTokenWriter(TokenWriter):
 
 class ParquetTokenWriter(TokenWriter):
     """Per-residue tokens as Parquet (:func:`save_tokens_parquet`), one row group per
-    ``row_group`` proteins (``pyarrow.parquet.ParquetWriter``)."""
+    ``row_group`` proteins (``pyarrow.parquet.ParquetWriter``): memory O(row_group), the codes
+    buffered as uint16 (int32 for codebooks over 65536)."""
 
     suffix = ".parquet"
 
@@ -820,29 +822,33 @@ class ParquetTokenWriter(TokenWriter):
         pa = self.pa
         if self.layout != "residue":
             raise _residue_only_error("--format parquet")
-        self.code_type = pa.uint16() if _code_dtype(self.meta) == np.uint16 else pa.int32()
+        self.np_type = _code_dtype(self.meta)
+        self.code_type = pa.uint16() if self.np_type == np.uint16 else pa.int32()
         schema = pa.schema([("id", pa.string()), ("sequence", pa.string()),
                             ("tokens", pa.list_(self.code_type)), ("length", pa.int32())],
                            metadata={"protoken": json.dumps({**self.meta, "layout": "residue"})})  # fmt: skip
         self.writer = self.pq.ParquetWriter(self.tmp, schema)
 
     def _add(self, t: Tokens) -> None:
-        self.rows.append(t)
+        self.rows.append((t.id, t.sequence, np.asarray(t.codes).astype(self.np_type), t.length))
         if len(self.rows) >= self.row_group:
             self._flush()
 
     def _flush(self) -> None:
         if not self.rows:
             return
-        pa, rows = self.pa, self.rows
+        pa = self.pa
+        ids, seqs, codes, lengths = zip(*self.rows, strict=True)
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int32)
+        tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                          pa.array(np.concatenate(codes), self.code_type))  # fmt: skip
         table = pa.table({
-            "id": pa.array([t.id for t in rows], pa.string()),
-            "sequence": pa.array([t.sequence for t in rows], pa.string()),
-            "tokens": pa.array([np.asarray(t.codes).tolist() for t in rows],
-                               pa.list_(self.code_type)),
-            "length": pa.array([t.length for t in rows], pa.int32()),
+            "id": pa.array(ids, pa.string()),
+            "sequence": pa.array(seqs, pa.string()),
+            "tokens": tokens,
+            "length": pa.array(lengths, pa.int32()),
         }, schema=self.writer.schema)  # fmt: skip
-        self.writer.write_table(table)
+        self.writer.write_table(table, row_group_size=len(ids))
         self.rows = []
 
     def _finish(self) -> None:
