@@ -19,6 +19,11 @@ protoken::
                      (uint16 when the codebook has <= 65536 codes)
     level{l}_offsets (N + 1,) int64: protein i's grid is codes[offsets[i]:offsets[i + 1]],
                      reshaped to (ceil(L_i / s_l), ceil(L_i / s_l))
+
+(per-residue layout: ``codes`` and ``offsets``, one code per residue). They are written
+streamed, in memory that does not grow with the number of proteins, by :class:`TokenWriter`
+(:func:`open_token_writer`: ``.npz``, FASTA or Parquet), under a temporary name renamed when
+complete; :func:`save_tokens` and its FASTA and Parquet siblings take a list or a generator.
 """
 
 from __future__ import annotations
