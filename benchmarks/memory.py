@@ -63,8 +63,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--evaluate-sizes", type=int, nargs="+", default=None,
                     help="sizes for evaluate (default: --sizes)")  # fmt: skip
-    ap.add_argument("--checkpoint", default="residue",
-                    help="bundled tokenizer or checkpoint (default: residue, the faster one)")
+    ap.add_argument(
+        "--checkpoint",
+        default="residue",
+        help="bundled tokenizer or checkpoint (default: residue, the faster one)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="evaluate's 3D workers")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -80,8 +83,11 @@ def main() -> None:
         run(["convert", *sources, "--out", images, "--workers", "2", "--no-progress"])
     pool = sorted(os.path.join(d, f) for d, _, fs in os.walk(images) for f in fs
                   if f.endswith(".png"))  # fmt: skip
-    print(f"{len(pool)} real proteins of 40-80 residues, linked under new ids; "
-          f"checkpoint {args.checkpoint}; {os.cpu_count()} cores", flush=True)
+    print(
+        f"{len(pool)} real proteins of 40-80 residues, linked under new ids; "
+        f"checkpoint {args.checkpoint}; {os.cpu_count()} cores",
+        flush=True,
+    )
     results: dict[str, dict[int, tuple[float, float]]] = {"encode": {}, "evaluate": {}}
     for n in sorted(set(args.sizes) | set(eval_sizes)):
         folder = os.path.join(work, f"in{n}")
@@ -95,14 +101,20 @@ def main() -> None:
                 os.unlink(out)
             results["encode"][n] = run(["encode", folder, "-c", args.checkpoint, "-o", out,
                                         "--no-progress", "--batch-size", "16"])  # fmt: skip
-            print(f"encode   {n:>6} proteins: peak RSS {results['encode'][n][0]:7.1f} MB, "
-                  f"{results['encode'][n][1]:6.1f} s", flush=True)
+            print(
+                f"encode   {n:>6} proteins: peak RSS {results['encode'][n][0]:7.1f} MB, "
+                f"{results['encode'][n][1]:6.1f} s",
+                flush=True,
+            )
         if n in eval_sizes:
             results["evaluate"][n] = run(["evaluate", folder, "-c", args.checkpoint, "-o",
                                           os.path.join(work, f"report{n}"), "--no-progress",
                                           "--workers", str(args.workers)])  # fmt: skip
-            print(f"evaluate {n:>6} proteins: peak RSS {results['evaluate'][n][0]:7.1f} MB, "
-                  f"{results['evaluate'][n][1]:6.1f} s", flush=True)
+            print(
+                f"evaluate {n:>6} proteins: peak RSS {results['evaluate'][n][0]:7.1f} MB, "
+                f"{results['evaluate'][n][1]:6.1f} s",
+                flush=True,
+            )
     print()
     print("| command | " + " | ".join(f"N = {n}" for n in sorted(set(args.sizes) | set(eval_sizes)))
           + " | peak(max N) / peak(min N) |")  # fmt: skip

@@ -199,7 +199,7 @@ def test_picture_picks_hold_few_proteins_and_find_best_median_worst():
         tms = {"random": tms, "ascending": np.sort(tms), "descending": np.sort(tms)[::-1]}[order]
         picks, made = PicturePicks(sample=8), []
 
-        def make(i):
+        def make(i, made=made):
             made.append(i)
             return Picture(i, np.zeros((3, 1, 1), np.float16), None, None, None)
 

@@ -347,6 +347,15 @@ def test_a_failed_write_leaves_nothing_and_an_existing_file_is_kept(rtok, tmp_pa
     with pytest.raises(FileExistsError):
         WRITERS[fmt](path, rtok.meta())
     assert path.read_text() == "user data"
+    # a file that appears at the name during the write is kept, and so are the tokens
+    other = tmp_path / f"u.{fmt}"
+    with pytest.raises(FileExistsError, match="kept in"):
+        with WRITERS[fmt](other, rtok.meta()) as out:
+            for t in _synthetic(5):
+                out.add(t)
+            other.write_text("appeared")
+    assert other.read_text() == "appeared"
+    assert [p.name.startswith(f"u.{fmt}.tmp") for p in tmp_path.iterdir()].count(True) == 1
 
 
 KILLED_WRITER = """

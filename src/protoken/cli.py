@@ -528,8 +528,10 @@ def _encode(args: argparse.Namespace) -> int:
     tokens_per_residue = 0.0
     writer = open_token_writer(args.out, tok.meta(), args.format)
     try:
-        for t in tok.encode_many(bar, chains=args.chains, models=args.models,
-                                 min_len=args.min_len, max_len=args.max_len, on_error=skip):  # fmt: skip
+        tokens = tok.encode_many(bar, chains=args.chains, models=args.models,
+                                 min_len=args.min_len, max_len=args.max_len,
+                                 on_error=skip)  # fmt: skip
+        for t in tokens:
             if t.id in seen:
                 skip(t.id, "duplicate id: a protein of this id is already in the file "
                      "(the first one is kept)")  # fmt: skip

@@ -16,6 +16,7 @@ What the commands write (tables, report, pictures) is in :mod:`protoken.report`.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -559,6 +560,11 @@ class PicturePicks:
         return {"best": self.best, "median": median, "worst": self.worst}
 
 
+def _picture(index: int, image: np.ndarray, decoded: np.ndarray, result: dict) -> Picture:
+    return Picture(index, image.astype(np.float16), decoded.astype(np.float16), result["cb"],
+                   result["truth"])  # fmt: skip
+
+
 def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
              models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
@@ -632,9 +638,8 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
             row["ca_tm_score"] = res.get("ca_tm_score", float("nan"))
         index = len(rows)
         rows.append(row)
-        pictures.offer(index, row["tm_score"], lambda: Picture(
-            index, it.image.astype(np.float16), dec.astype(np.float16), res["cb"],
-            res["truth"]))  # fmt: skip
+        pictures.offer(index, row["tm_score"], functools.partial(
+            _picture, index, it.image, dec, res))  # fmt: skip
     if skipped:  # recorded, as convert's manifest records them
         skipped_rows = [{"source": src, "reason": " ".join(why.split())} for src, why in skipped]
         write_tsv(os.path.join(out, "skipped.tsv"), ("source", "reason"), skipped_rows)

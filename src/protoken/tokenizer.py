@@ -553,15 +553,15 @@ def _commit(tmp: str, path: str) -> None:
     """Give the finished temporary file its name, never replacing a file that appeared at
     ``path`` meanwhile (a hard link fails on an existing name; without hard links, a check then
     a rename)."""
+    taken = (f"{path} appeared while it was being written; not overwritten (the tokens are "
+             f"kept in {tmp})")  # fmt: skip
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(f"{path} appeared while it was being written; not overwritten "
-                              f"(the tokens are kept in {tmp})") from None  # fmt: skip
+        raise FileExistsError(taken) from None
     except OSError:  # a file system without hard links
         if os.path.lexists(path):
-            raise FileExistsError(f"{path} appeared while it was being written; not "
-                                  f"overwritten (the tokens are kept in {tmp})") from None  # fmt: skip
+            raise FileExistsError(taken) from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)
@@ -615,11 +615,11 @@ class TokenWriter:
             raise ValueError("no tokens to save")
         try:
             self._finish()
-            _commit(self.tmp, self.path)
         except BaseException:
             self.abort()
             raise
         self._done = True
+        _commit(self.tmp, self.path)  # FileExistsError keeps the finished temporary file
 
     def abort(self) -> None:
         """Stop writing and remove the temporary file (the named file is never created)."""
@@ -829,9 +829,10 @@ class ParquetTokenWriter(TokenWriter):
             raise _residue_only_error("--format parquet")
         self.np_type = _code_dtype(self.meta)
         self.code_type = pa.uint16() if self.np_type == np.uint16 else pa.int32()
+        meta = json.dumps({**self.meta, "layout": "residue"})
         schema = pa.schema([("id", pa.string()), ("sequence", pa.string()),
                             ("tokens", pa.list_(self.code_type)), ("length", pa.int32())],
-                           metadata={"protoken": json.dumps({**self.meta, "layout": "residue"})})  # fmt: skip
+                           metadata={"protoken": meta})  # fmt: skip
         self.writer = self.pq.ParquetWriter(self.tmp, schema)
 
     def _add(self, t: Tokens) -> None:
@@ -845,8 +846,8 @@ class ParquetTokenWriter(TokenWriter):
         pa = self.pa
         ids, seqs, codes, lengths = zip(*self.rows, strict=True)
         offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int32)
-        tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                          pa.array(np.concatenate(codes), self.code_type))  # fmt: skip
+        values = pa.array(np.concatenate(codes), self.code_type)
+        tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
         table = pa.table({
             "id": pa.array(ids, pa.string()),
             "sequence": pa.array(seqs, pa.string()),
