@@ -102,3 +102,47 @@ def make_foldcomp_db(files, path) -> list[str]:
     with open(f"{path}.dbtype", "wb") as fh:
         fh.write(struct.pack("<i", 0))
     return names
+
+
+# Many proteins cheaply, for the memory tests: a few small real structures converted once, then
+# linked under new ids (the inputs of a large run, at the cost of a few files).
+
+SMALL = ["cathtools__1c55A.pdb", "cathtools__1hykA.pdb", "cathtools__1au7A02.pdb"]  # 40-57 res
+
+
+def small_images(structures_dir, out) -> list:
+    """The :data:`SMALL` structures converted to 16-bit PNGs in ``out``: their paths."""
+    from pathlib import Path
+
+    from protoken.convert import ConvertOptions, convert
+
+    convert([str(structures_dir / n) for n in SMALL], ConvertOptions(out=str(out), bit_depth=16),
+            workers=1, progress=False)  # fmt: skip
+    return sorted(Path(out).rglob("*.png"))
+
+
+def linked_images(images, folder, n: int):
+    """A folder of ``n`` PNGs, p00000.png ..., each a symlink to one of ``images`` in turn."""
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        os.symlink(images[i % len(images)], folder / f"p{i:05d}.png")
+    return folder
+
+
+def peak_python_memory(fn) -> tuple[object, int]:
+    """``(fn(), peak bytes of Python and numpy allocations while it ran)`` (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak

@@ -239,3 +239,121 @@ def test_encode_formats_for_language_models(structures_dir, tmp_path, capsys):
     assert "one token per residue" in capsys.readouterr().err
     assert main(["decode", str(npz), "-c", grid, "-o", str(tmp_path / "e"), "--no-progress"]) == 2
     assert "residue tokens" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- streaming, memory
+
+
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory) -> str:
+    """A hierarchical (grid) micro model with random weights."""
+    import torch
+
+    from helpers import MICRO
+    from protoken import checkpoint as ckpt_io
+    from protoken.codec import CodecSettings
+    from protoken.model import VQVAE, VQVAEConfig, config_to_dict
+
+    torch.manual_seed(0)
+    cfg = VQVAEConfig.preset("tiny", **MICRO)
+    path = str(tmp_path_factory.mktemp("micro") / "best.pt")
+    ckpt_io.save(path, {"model": VQVAE(cfg).state_dict(), "model_config": config_to_dict(cfg),
+                        "codec": CodecSettings().to_dict()})  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, structures_dir) -> list:
+    from helpers import small_images
+
+    return small_images(structures_dir, tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="module")
+def residue_micro(tmp_path_factory) -> str:
+    """A per-residue tiny model with random weights (fast: ~8 ms per small protein)."""
+    import torch
+
+    from protoken import checkpoint as ckpt_io
+    from protoken.codec import CodecSettings
+    from protoken.model import ResidueConfig, ResidueVQVAE, config_to_dict
+
+    torch.manual_seed(0)
+    cfg = ResidueConfig.preset("residue-tiny")
+    path = str(tmp_path_factory.mktemp("rmicro") / "best.pt")
+    ckpt_io.save(path, {"model": ResidueVQVAE(cfg).state_dict(),
+                        "model_config": config_to_dict(cfg),
+                        "codec": CodecSettings().to_dict()})  # fmt: skip
+    return path
+
+
+def test_encode_memory_does_not_grow_with_the_number_of_proteins(small, residue_micro, tmp_path,
+                                                                 capsys):  # fmt: skip
+    """2,000 proteins take no more memory than 200: the tokens stream to the file. Held until
+    the end (as before), the 1,800 more proteins' Tokens cost ~2 MB here (175 KB each for the
+    small preset at L = 256); what may grow is the set of ids written (~100 bytes each)."""
+    from helpers import linked_images, peak_python_memory
+    from protoken.tokenizer import load_tokens
+
+    fmt = "npz"  # the writers of every format: test_tokenizer.py
+    peaks = {}
+    for n in (200, 2000):
+        folder = linked_images(small, tmp_path / f"in{n}", n)
+        out = tmp_path / f"t{n}.{fmt}"
+        argv = ["encode", str(folder), "-c", residue_micro, "-o", str(out), "--no-progress",
+                "--batch-size", "32", "--format", fmt]  # fmt: skip
+        code, peaks[n] = peak_python_memory(lambda argv=argv: main(argv))
+        assert code == 0 and f"encoded {n} proteins" in capsys.readouterr().out
+    tokens, held = peak_python_memory(lambda: load_tokens(str(out))[0])
+    assert len(tokens) == 2000 and len({t.id for t in tokens}) == 2000
+    held_extra = held * (2000 - 200) / 2000  # what the old list of every protein's Tokens held
+    ids_extra = 256 * (2000 - 200)  # the set of ids that catches a repeated one, generously
+    growth = peaks[2000] - peaks[200]
+    assert growth < ids_extra + 0.1 * held_extra, (peaks, held_extra)
+    assert held_extra > 2 * (ids_extra + 0.1 * held_extra)  # so holding the tokens would fail
+
+
+def test_a_failed_or_interrupted_encode_leaves_no_file(small, micro_checkpoint, tmp_path,
+                                                       capsys, monkeypatch):  # fmt: skip
+    from helpers import linked_images
+    from protoken.tokenizer import Tokenizer
+
+    folder = linked_images(small, tmp_path / "in", 40)
+    calls = {"n": 0}
+    real = Tokenizer.tokens_of
+
+    def failing(self, items):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after two batches were written
+            raise RuntimeError("disk on fire")
+        return real(self, items)
+
+    monkeypatch.setattr(Tokenizer, "tokens_of", failing)
+    for fmt in ("npz", "fasta"):
+        calls["n"] = 0
+        out = tmp_path / f"t.{fmt}"
+        code = main(["encode", str(folder), "-c", micro_checkpoint, "-o", str(out),
+                     "--format", fmt, "--batch-size", "8", "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err
+        if fmt == "fasta":  # refused before any work: a grid tokenizer
+            assert code == 2
+            continue
+        assert code == 1 and "disk on fire" in err and calls["n"] == 3
+        assert not out.exists() and not list(tmp_path.glob("t.*tmp*")), list(tmp_path.iterdir())
+
+
+def test_encode_never_overwrites_and_skips_a_repeated_id(small, micro_checkpoint, tmp_path,
+                                                         capsys):  # fmt: skip
+    from protoken.tokenizer import load_tokens
+
+    out = tmp_path / "t.npz"
+    out.write_text("user data")
+    assert main(["encode", str(small[0]), "-c", micro_checkpoint, "-o", str(out),
+                 "--no-progress"]) == 2  # fmt: skip
+    assert out.read_text() == "user data" and "exists" in capsys.readouterr().err
+    out = tmp_path / "u.npz"
+    assert main(["encode", str(small[0]), str(small[0]), "-c", micro_checkpoint, "-o", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    text = capsys.readouterr()
+    assert "encoded 1 proteins (1 inputs skipped)" in text.out and "duplicate id" in text.err
+    assert [t.id for t in load_tokens(str(out))[0]] == [small[0].stem]

@@ -160,3 +160,64 @@ def test_sequences_from_a_fasta_file_or_folder(tmp_path):
     assert one.get("a") == one.get("any id") == "MKVLL"  # one record serves one image
     assert SequenceLookup(tmp_path / "a.fasta", n_images=2).get("other") is None
     assert SequenceLookup(None, n_images=1).get("a") is None
+
+
+# --------------------------------------------------------------------------- streaming, memory
+
+
+def test_evaluate_memory_does_not_grow_with_the_number_of_proteins(structures_dir, tmp_path):
+    """80 proteins take no more memory than 10: inputs and decoded images are dropped once
+    measured (held as before, 70 more proteins' two float images cost ~4 MB here); what grows
+    is the rows of metrics."""
+    from helpers import linked_images, peak_python_memory, small_images
+
+    small = small_images(structures_dir, tmp_path / "small")
+    peaks = {}
+    for n in (10, 80):
+        folder = linked_images(small, tmp_path / f"in{n}", n)
+        out = tmp_path / f"report{n}"
+        summary, peaks[n] = peak_python_memory(lambda folder=folder, out=out: evaluate(
+            IdentityTokenizer(), sorted(map(str, folder.iterdir())), str(out), workers=1,
+            progress=False))  # fmt: skip
+        assert summary["proteins"] == n and summary["tm_score"]["min"] > 0.999
+        assert len((out / "metrics.tsv").read_text().splitlines()) == n + 1
+        assert all((out / f"images_{w}.png").is_file() for w in ("best", "median", "worst"))
+    from protoken.codec import read_image
+
+    side = np.mean([read_image(p).shape[-1] for p in small])  # 40, 46 and 57 residues
+    held_extra = (80 - 10) * 2 * 3 * side * side * 4  # input + decoded float32 images
+    growth = peaks[80] - peaks[10]
+    assert growth < 0.25 * held_extra, (peaks, held_extra)
+
+
+def test_picture_picks_hold_few_proteins_and_find_best_median_worst():
+    from protoken.evaluate import Picture, PicturePicks
+
+    rng = np.random.default_rng(1)
+    for order in ("random", "ascending", "descending"):
+        tms = rng.random(5000)
+        tms = {"random": tms, "ascending": np.sort(tms), "descending": np.sort(tms)[::-1]}[order]
+        picks, made = PicturePicks(sample=8), []
+
+        def make(i, made=made):
+            made.append(i)
+            return Picture(i, np.zeros((3, 1, 1), np.float16), None, None, None)
+
+        for i, tm in enumerate(tms):
+            picks.offer(i, float(tm), lambda i=i: make(i))
+        held = {id(p) for p in (*picks.reservoir, picks.best, picks.worst, picks.near_median)}
+        assert len(held) <= 8 + 3
+        shown = picks.picks()
+        assert shown["best"].index == int(np.argmax(tms))
+        assert shown["worst"].index == int(np.argmin(tms))
+        quantile = np.mean(tms < tms[shown["median"].index])
+        assert abs(quantile - 0.5) < 0.1, (order, quantile)
+        if order == "random":  # pictures built only for the proteins kept (a few dozen)
+            assert len(made) < 200
+    # up to `sample` proteins the median is exact: sorted(tms)[n // 2]
+    for n in range(1, 9):
+        tms = rng.random(n)
+        picks = PicturePicks(sample=8)
+        for i, tm in enumerate(tms):
+            picks.offer(i, float(tm), lambda i=i: Picture(i, None, None, None, None))
+        assert tms[picks.picks()["median"].index] == np.sort(tms)[n // 2]

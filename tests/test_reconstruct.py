@@ -272,3 +272,52 @@ def test_structure_text_has_one_cb_per_residue_numbered_in_image_order(protein):
         np.testing.assert_allclose(xyz, rec.cb, atol=1e-3)
     unk = structure_to_text(rec.cb)
     assert {r.name for r in gemmi.read_pdb_string(unk)[0][0]} == {"UNK"}
+
+
+# --------------------------------------------------------------------------- workers, streamed
+
+
+def test_reconstruct_tasks_do_not_grow_with_the_number_of_references(structures_dir, tmp_path):
+    """Each worker task used to carry the whole reference index (5.3 MB a task at 100k
+    references); now it carries its own reference's location."""
+    import pickle
+
+    from protoken.evaluate import ReferenceIndex, SequenceLookup, image_tasks, read_reference
+
+    source = structures_dir / "foldseek__d1asha_.pdb"
+    sizes = {}
+    for n in (3, 300):
+        refs = tmp_path / f"refs{n:04d}"
+        refs.mkdir()
+        for i in range(n):
+            (refs / f"r{i:04d}.pdb").symlink_to(source)
+        index = ReferenceIndex(str(refs))
+        assert len(index.files) == n
+        images = (f"/img/r{i:04d}.png" for i in (1, 2, 9999))  # the last has no reference
+        tasks = list(image_tasks(images, str(tmp_path), SequenceLookup(None, 3), index))
+        sizes[n] = [len(pickle.dumps(t)) for t in tasks]
+        assert tasks[0].reference == (str(refs / "r0001.pdb"), "first")
+        assert tasks[2].reference is None and tasks[2].with_references
+        bb = read_reference("r0001", tasks[0].reference)
+        assert len(bb) == 147
+    assert sizes[300] == sizes[3] and max(sizes[300]) < 1000, sizes
+
+
+def test_worker_tasks_are_drawn_as_the_workers_take_them():
+    """At most twice the workers tasks in flight: a generator of inputs is never listed."""
+    from protoken.evaluate import _imap
+
+    consumed = []
+
+    def tasks():
+        for i in range(-50, 50):
+            consumed.append(i)
+            yield i
+
+    results = _imap(abs, tasks(), workers=2)
+    first = next(results)
+    assert first == 50 and len(consumed) <= 4
+    assert [first, *results] == [abs(i) for i in range(-50, 50)]  # in order, all of them
+    consumed.clear()
+    inline = _imap(abs, tasks(), workers=1)
+    assert next(inline) == 50 and len(consumed) <= 2

@@ -438,14 +438,19 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
     _follow_links(parser)
 
 
-def _check_recorded_dmax(images: list[str], dmax: float | None) -> None:
-    """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images."""
+def _check_recorded_dmax(images, dmax: float | None) -> None:
+    """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images (one
+    convert.json read per folder; the images are streamed, only their folders kept)."""
     from protoken.inputs import settings_beside
 
     if dmax is None:
         return
-    examples = {os.path.dirname(os.path.abspath(p)): p for p in images}
-    for folder, image in sorted(examples.items()):
+    checked: set[str] = set()
+    for image in images:
+        folder = os.path.dirname(os.path.abspath(image))
+        if folder in checked:
+            continue
+        checked.add(folder)
         try:
             settings = settings_beside(image) or {}
         except ValueError as exc:
@@ -469,20 +474,25 @@ def _reconstruct(args: argparse.Namespace) -> int:
         if value and not os.path.exists(value):
             return _fail("reconstruct", f"--{opt}: no such file or folder: {value}")
     _out_folder(args.out)
-    images = list(find_images(args.inputs, follow_links=args.follow_links))
-    if not images:
+
+    def images():  # streamed: the folders are walked as the workers take images
+        return find_images(args.inputs, follow_links=args.follow_links)
+
+    if next(images(), None) is None:
         return _fail("reconstruct", "no .png images found", EXIT_NOTHING)
-    _check_recorded_dmax(images, args.dmax)
-    rows, summary = reconstruct_images(
-        images, args.out, fasta=args.fasta, reference=args.reference, dmax=args.dmax,
-        refine=not args.no_refine, backbone=args.backbone, fmt=args.format, workers=args.workers,
-        max_len=args.max_len,
-    )  # fmt: skip
-    for row in rows:
+    _check_recorded_dmax(images(), args.dmax)  # a walk of its own, before any work
+
+    def report(row: dict) -> None:
         if "error" in row:
             print(f"{row['id']}: failed: {row['error']}", file=sys.stderr)
         elif row.get("note"):
             print(f"{row['id']}: {row['note']}", file=sys.stderr)
+
+    rows, summary = reconstruct_images(
+        images(), args.out, fasta=args.fasta, reference=args.reference, dmax=args.dmax,
+        refine=not args.no_refine, backbone=args.backbone, fmt=args.format, workers=args.workers,
+        max_len=args.max_len, on_row=report,
+    )  # fmt: skip
     print(summary_line(summary))
     if summary["failed"]:
         print(f"failures: {os.path.join(args.out, 'failed.tsv')}", file=sys.stderr)
@@ -517,17 +527,11 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from protoken.fileio import write_tsv
     from protoken.inputs import find_inputs
-    from protoken.tokenizer import (
-        Tokenizer,
-        save_tokens,
-        save_tokens_fasta,
-        save_tokens_parquet,
-    )
+    from protoken.tokenizer import Tokenizer, open_token_writer
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
@@ -547,31 +551,50 @@ def _encode(args: argparse.Namespace) -> int:
             ) from None
     skipped: list[dict] = []
 
-    def skip(source, exc: Exception) -> None:
+    def skip(source, exc) -> None:
         skipped.append({"source": str(source), "reason": " ".join(str(exc).split())})
         tqdm.write(f"protoken encode: skipped {source}: {exc}", file=sys.stderr)
 
-    paths = find_inputs(args.inputs, args.shard, args.follow_links)  # streamed, never listed
+    # Streamed end to end: inputs are walked as they are read, each batch's tokens go straight
+    # to the writer (a temporary file renamed to --out when complete). What grows with the
+    # number of proteins is only the set of ids written (a repeated id is skipped: the file
+    # must hold each id once) and the skipped inputs.
+    paths = find_inputs(args.inputs, args.shard, args.follow_links)
     bar = tqdm(paths, desc="encode", unit="file", disable=args.no_progress, file=sys.stderr)
+    seen: set[str] = set()
+    tokens_per_residue = 0.0
+    writer = open_token_writer(args.out, tok.meta(), args.format)
     try:
-        tokens = list(tok.encode_many(bar, chains=args.chains, models=args.models,
-                                      min_len=args.min_len, max_len=args.max_len,
-                                      on_error=skip))  # fmt: skip
+        tokens = tok.encode_many(bar, chains=args.chains, models=args.models,
+                                 min_len=args.min_len, max_len=args.max_len,
+                                 on_error=skip)  # fmt: skip
+        for t in tokens:
+            if t.id in seen:
+                skip(t.id, "duplicate id: a protein of this id is already in the file "
+                     "(the first one is kept)")  # fmt: skip
+                continue
+            seen.add(t.id)
+            writer.add(t)
+            tokens_per_residue += t.n_tokens / t.length
+        n = writer.count
+        if n:
+            writer.close()
     except FileNotFoundError as exc:
+        writer.abort()
         return _fail("encode", exc)
-    if skipped:
-        write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
-    if not tokens:
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if skipped:
+            write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
+    if not n:
+        writer.abort()
         return _fail("encode", "nothing encoded", EXIT_NOTHING)
-    if args.format == "fasta":
-        save_tokens_fasta(args.out, tokens)
-    elif args.format == "parquet":
-        save_tokens_parquet(args.out, tokens, tok.meta())
-    else:
-        save_tokens(args.out, tokens, tok.meta())
-    per_res = np.mean([t.n_tokens / t.length for t in tokens])
+    per_res = tokens_per_residue / n
     bits = per_res * tok.bits_per_token
-    print(f"encoded {len(tokens)} proteins ({len(skipped)} inputs skipped) into {args.out}; "
+    print(f"encoded {n} proteins ({len(skipped)} inputs skipped) into {args.out}; "
           f"{per_res:.2f} tokens ({bits:.1f} bits) per residue on average")  # fmt: skip
     return EXIT_OK
 

@@ -16,11 +16,15 @@ What the commands write (tables, report, pictures) is in :mod:`protoken.report`.
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,17 +205,34 @@ class ReferenceIndex:
     def __bool__(self) -> bool:
         return bool(self.files)
 
-    def find(self, sid: str) -> Backbone | None:
-        """The reference of image ``sid``: file ID.*, or chain CHAIN of STEM.* for the ids
-        ``STEM_CHAIN`` that ``protoken convert --chains split`` makes. None if absent."""
+    def locate(self, sid: str) -> tuple[str, str] | None:
+        """Where the reference of image ``sid`` is: ``(file, "first")`` for a file ID.*, or
+        ``(file, "split")`` for chain CHAIN of STEM.* (the ids ``STEM_CHAIN`` that ``protoken
+        convert --chains split`` makes); None if absent. Small enough to send to a worker in
+        place of the whole index."""
         if sid in self.files:
-            return read_backbones(self.files[sid], chains="first", models="first")[0]
+            return self.files[sid], "first"
         stem, _, chain = sid.rpartition("_")
         if stem in self.files and chain:
-            for bb in read_backbones(self.files[stem], chains="split", models="first"):
-                if bb.id == sid:
-                    return bb
+            return self.files[stem], "split"
         return None
+
+    def find(self, sid: str) -> Backbone | None:
+        """The reference of image ``sid`` (:meth:`locate`, then read). None if absent."""
+        return read_reference(sid, self.locate(sid))
+
+
+def read_reference(sid: str, where: tuple[str, str] | None) -> Backbone | None:
+    """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none)."""
+    if where is None:
+        return None
+    path, mode = where
+    if mode == "first":
+        return read_backbones(path, chains="first", models="first")[0]
+    for bb in read_backbones(path, chains="split", models="first"):
+        if bb.id == sid:
+            return bb
+    return None
 
 
 # --------------------------------------------------------------------------- process pool
@@ -228,20 +249,47 @@ def _single_threaded() -> None:
         pass
 
 
-def _map(fn: Callable, tasks: Sequence, workers: int | None, progress: bool = False,
-         desc: str = "") -> list:  # fmt: skip
-    """``[fn(t) for t in tasks]``, in ``workers`` processes when there is more than one."""
+def _imap(fn: Callable, tasks: Iterable, workers: int | None, progress: bool = False,
+          desc: str = "", window: int | None = None) -> Iterator:  # fmt: skip
+    """``fn(t) for t in tasks``, lazily and in order, in ``workers`` processes when there are
+    more than one (and more than one task).
+
+    Streamed both ways: a task is drawn from ``tasks`` only when fewer than ``window`` (default
+    twice the workers) are submitted and not yet collected, and each result is yielded as soon
+    as it and those before it are done; so neither the tasks nor the results are ever all in
+    memory, and an iterable that builds tasks on demand (reading a file, decoding a batch) is
+    read at the pace of the workers.
+    """
     from tqdm import tqdm
 
     workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(tasks) > 1:
+    tasks = iter(tasks)
+    head = list(itertools.islice(tasks, 2))
+    bar = tqdm(desc=desc, unit="protein", disable=not progress, file=sys.stderr)
+    try:
+        if workers <= 1 or len(head) < 2:
+            for task in itertools.chain(head, tasks):
+                result = fn(task)
+                bar.update()
+                yield result
+            return
         from concurrent.futures import ProcessPoolExecutor
 
+        window = window or 2 * workers
         with ProcessPoolExecutor(workers, initializer=_single_threaded) as pool:
-            results = pool.map(fn, tasks, chunksize=1)
-            return list(tqdm(results, total=len(tasks), desc=desc, disable=not progress,
-                             file=sys.stderr))  # fmt: skip
-    return [fn(t) for t in tqdm(tasks, desc=desc, disable=not progress, file=sys.stderr)]
+            pending: deque = deque()
+            for task in itertools.chain(head, tasks):
+                pending.append(pool.submit(fn, task))
+                if len(pending) >= window:
+                    result = pending.popleft().result()
+                    bar.update()
+                    yield result
+            while pending:
+                result = pending.popleft().result()
+                bar.update()
+                yield result
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -256,7 +304,10 @@ class _ImageTask:
     refine: bool
     backbone: bool
     sequence: str | None
-    references: ReferenceIndex
+    #: With references: where this image's is (:meth:`ReferenceIndex.locate`), None when it has
+    #: none. The task carries only this, never the whole index.
+    reference: tuple[str, str] | None
+    with_references: bool
     max_len: int | None = None
 
 
@@ -285,8 +336,8 @@ def _reconstruct_image(task: _ImageTask) -> dict:
         atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
         row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
         row["mirrored_before_fix"] = rec.mirrored_before_fix
-        if task.references:
-            ref = task.references.find(sid)
+        if task.with_references:
+            ref = read_reference(sid, task.reference)
             if ref is None:
                 row["note"] = (note + "; " if note else "") + "no reference"
             else:
@@ -299,12 +350,32 @@ def _reconstruct_image(task: _ImageTask) -> dict:
     return row
 
 
-def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None,
+def image_tasks(images: Iterable[str], out: str, sequences: SequenceLookup,
+                references: ReferenceIndex, dmax: float | None = None, refine: bool = True,
+                backbone: bool = False, fmt: str = "pdb",
+                max_len: int | None = None) -> Iterator[_ImageTask]:  # fmt: skip
+    """The worker tasks of :func:`reconstruct_images`, one per image, made as they are taken:
+    each holds its image's path, sequence and reference location only (its pickled size does
+    not grow with the number of references)."""
+    for image in images:
+        sid = image_id(image)
+        yield _ImageTask(image, out, fmt, dmax, refine, backbone, sequences.get(sid),
+                         references.locate(sid) if references else None, bool(references),
+                         max_len)  # fmt: skip
+
+
+def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None,
                        reference: str | None = None, dmax: float | None = None,
                        refine: bool = True, backbone: bool = False, fmt: str = "pdb",
                        workers: int | None = 1,
-                       max_len: int | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+                       max_len: int | None = None, on_row: Callable[[dict], None] | None = None,
+                       ) -> tuple[list[dict], dict]:  # fmt: skip
     """Reconstruct PNG images into ``out/ID.{fmt}`` (``protoken reconstruct``).
+
+    ``images`` is streamed (a generator such as :func:`protoken.inputs.find_images` is read as
+    the workers take images, never listed first); each worker task carries one image's path,
+    sequence and reference location (:func:`image_tasks`), and at most twice ``workers`` tasks
+    are in flight. ``on_row(row)`` hears of each row as it is done (in input order).
 
     Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK. With ``reference``
     (:class:`ReferenceIndex`) each structure is compared with its reference
@@ -324,11 +395,17 @@ def reconstruct_images(images: Sequence[str], out: str, fasta: str | None = None
         ``clipped_proteins``.
     """
     os.makedirs(out, exist_ok=True)
-    sequences = SequenceLookup(fasta, len(images))
+    images = iter(images)
+    head = list(itertools.islice(images, 2))  # one image alone takes a single-record FASTA
+    sequences = SequenceLookup(fasta, len(head))
     references = ReferenceIndex(reference)
-    tasks = [_ImageTask(image, out, fmt, dmax, refine, backbone, sequences.get(image_id(image)),
-                        references, max_len) for image in images]  # fmt: skip
-    rows = _map(_reconstruct_image, tasks, workers)
+    tasks = image_tasks(itertools.chain(head, images), out, sequences, references, dmax=dmax,
+                        refine=refine, backbone=backbone, fmt=fmt, max_len=max_len)  # fmt: skip
+    rows = []
+    for row in _imap(_reconstruct_image, tasks, workers):
+        if on_row is not None:
+            on_row(row)
+        rows.append(row)
     failed = [{"id": r["id"], "image": r["image"], "reason": r["error"]} for r in rows
               if "error" in r]  # fmt: skip
     if failed:
@@ -377,16 +454,115 @@ def by_length(rows: Sequence[dict], keys=("tm_score", "cb_rmsd", "lddt")) -> lis
 
 def _reconstruct_and_compare(task: tuple) -> dict:
     """Worker: reconstruct a decoded image and compare it with the reference; with
-    ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer)."""
-    decoded, reference, dmax, backbone, ceiling = task
+    ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer).
+
+    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling). A reference of
+    None (an input PNG) is the input image's own reconstruction, made here. The result holds
+    ``cb`` (reconstructed) and ``truth`` (the reference's Cb) for the report's pictures.
+    """
+    decoded, reference, image, dmax, backbone, ceiling = task
+    exact = None
+    if reference is None:
+        exact = reconstruct(image, dmax=dmax)
+        reference = exact.cb
     rec = reconstruct(decoded, dmax=dmax, backbone=backbone)
     row = compare_with_reference(rec, reference)
-    if ceiling is not None:
-        exact = compare_with_reference(reconstruct(ceiling, dmax=dmax), reference)
-        row["ceiling"] = {k: exact[k] for k in ("cb_rmsd", "tm_score", "lddt")}
+    if ceiling:
+        exact = exact if exact is not None else reconstruct(image, dmax=dmax)
+        scores = compare_with_reference(exact, reference)
+        row["ceiling"] = {k: scores[k] for k in ("cb_rmsd", "tm_score", "lddt")}
     row["cb"] = rec.cb
-    row["ca"] = rec.atoms["CA"] if rec.atoms is not None else None
+    row["truth"] = _reference_atoms(reference)["CB"]
     return row
+
+
+@dataclass
+class Picture:
+    """What the report shows of one protein: its row index, input and decoded images (float16:
+    shown, never measured), reconstructed and true Cb."""
+
+    index: int
+    image: np.ndarray
+    decoded: np.ndarray
+    cb: np.ndarray
+    truth: np.ndarray
+
+
+class PicturePicks:
+    """The report's best, median and worst protein (by TM-score), chosen as the proteins stream
+    by, holding the images of a bounded number of them (at most ``sample + 3``).
+
+    Best and worst are exact. The median is exact when the protein at the final median is still
+    held, which is always the case for up to ``sample`` proteins; beyond, the candidates are a
+    uniform reservoir sample of ``sample`` proteins plus the protein nearest the running median
+    (two heaps), and the one nearest the final median is shown (the report names it and its own
+    TM-score, so it is never mislabelled).
+    """
+
+    def __init__(self, sample: int = 8, seed: int = 0):
+        self.sample = sample
+        self.rng = np.random.default_rng(seed)
+        self.reservoir: list[Picture] = []
+        self.best: Picture | None = None
+        self.worst: Picture | None = None
+        self.near_median: Picture | None = None
+        self.tms: list[float] = []
+        self._lo: list[float] = []  # max-heap (negated) of the lower half of the TM-scores
+        self._hi: list[float] = []  # min-heap of the upper half (one more when odd)
+
+    def _running_median(self, tm: float) -> float:
+        if self._hi and tm < self._hi[0]:
+            heapq.heappush(self._lo, -tm)
+        else:
+            heapq.heappush(self._hi, tm)
+        if len(self._lo) > len(self._hi):
+            heapq.heappush(self._hi, -heapq.heappop(self._lo))
+        elif len(self._hi) > len(self._lo) + 1:
+            heapq.heappush(self._lo, -heapq.heappop(self._hi))
+        return self._hi[0]  # the upper median: sorted(tms)[n // 2]
+
+    def offer(self, index: int, tm: float, make: Callable[[], Picture]) -> None:
+        """Protein ``index`` of TM-score ``tm``; ``make()`` builds its :class:`Picture`, only
+        when it is kept."""
+        self.tms.append(tm)
+        median = self._running_median(tm)
+        slot = None
+        if len(self.reservoir) < self.sample:
+            slot = len(self.reservoir)
+        else:
+            j = int(self.rng.integers(0, index + 1))
+            slot = j if j < self.sample else None
+        best = self.best is None or tm > self.tms[self.best.index]
+        worst = self.worst is None or tm < self.tms[self.worst.index]
+        near = (self.near_median is None
+                or abs(tm - median) < abs(self.tms[self.near_median.index] - median))  # fmt: skip
+        if slot is None and not (best or worst or near):
+            return
+        pic = make()
+        if slot is not None:
+            if slot == len(self.reservoir):
+                self.reservoir.append(pic)
+            else:
+                self.reservoir[slot] = pic
+        if best:
+            self.best = pic
+        if worst:
+            self.worst = pic
+        if near:
+            self.near_median = pic
+
+    def picks(self) -> dict[str, Picture]:
+        """``{"best", "median", "worst"}`` -> :class:`Picture` (after every protein)."""
+        order = np.argsort(self.tms, kind="stable")
+        target = self.tms[int(order[len(order) // 2])]
+        held = [p for p in (*self.reservoir, self.near_median) if p is not None]
+        median = min(held, key=lambda p: (abs(self.tms[p.index] - target), p.index))
+        return {"best": self.best, "median": median, "worst": self.worst}
+
+
+def _picture(index: int, image: np.ndarray, decoded: np.ndarray, result: dict) -> Picture:
+    return Picture(index, image.astype(np.float16), decoded.astype(np.float16), result["cb"],
+                   result["truth"])  # fmt: skip
 
 
 def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
@@ -397,6 +573,11 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     reconstruction of the input image itself). Writes OUT/metrics.tsv, OUT/summary.json and
     OUT/report.md with its pictures (:func:`protoken.report.write_report`); returns the summary.
 
+    Streamed: inputs are read, tokenized (a batch at a time), decoded and sent to the 3D
+    workers as the workers take them (at most twice ``workers`` in flight); what is kept per
+    protein is its row of metrics, and images only of the few the report shows
+    (:class:`PicturePicks`). Codebook usage is a bit per code.
+
     Per protein: ``length``, ``image_mse`` (over all pixels and channels, [-1, 1] units),
     ``distance_mae`` (:func:`protoken.metrics.distance_mae`, Angstrom), the metrics of
     :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``; with
@@ -405,8 +586,6 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``layout`` and
     ``provenance`` (training steps, preset, data).
     """
-    from tqdm import tqdm
-
     os.makedirs(out, exist_ok=True)
     skipped: list[tuple[str, str]] = []
 
@@ -414,59 +593,65 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         skipped.append((str(source), str(exc)))
         log(f"protoken evaluate: skipped {source}: {exc}")
 
-    items = list(tokenizer.prepare_many(inputs, chains=chains, models=models, min_len=min_len,
-                                        max_len=max_len, on_error=skip))  # fmt: skip
-    if skipped:  # recorded, as convert's manifest records them
-        rows = [{"source": src, "reason": " ".join(why.split())} for src, why in skipped]
-        write_tsv(os.path.join(out, "skipped.tsv"), ("source", "reason"), rows)
-    if not items:
-        raise ValueError(f"no protein to evaluate ({len(skipped)} inputs skipped)")
     dmax = tokenizer.codec.dmax
-    levels, decoded = [], []
-    batch = getattr(tokenizer, "batch_size", 8)
-    for start in tqdm(range(0, len(items), batch), desc="tokens", disable=not progress,
-                      file=sys.stderr):  # fmt: skip
-        lv, dec = tokenizer.roundtrip([it.image for it in items[start : start + batch]])
-        levels.extend(lv)
-        decoded.extend(dec)
+    size = tokenizer.config.codebook_size
+    bits = math.log2(size)
+    batch_size = getattr(tokenizer, "batch_size", 8)
+    used: list[np.ndarray] = []  # per level, which codes occurred
+    pending: deque = deque()  # (row, item, decoded) of the tasks in flight, in order
 
-    tasks = []
-    for it, dec in zip(items, decoded, strict=True):
-        reference = it.backbone if it.backbone is not None else reconstruct(it.image, dmax=dmax).cb
-        tasks.append((dec, reference, dmax, backbone, it.image if ceiling else None))
-    results = _map(_reconstruct_and_compare, tasks, workers, progress, desc="3D")
+    def tasks() -> Iterator[tuple]:
+        items = tokenizer.prepare_many(inputs, chains=chains, models=models, min_len=min_len,
+                                       max_len=max_len, on_error=skip)  # fmt: skip
+        while batch := list(itertools.islice(items, batch_size)):
+            levels, decoded = tokenizer.roundtrip([it.image for it in batch])
+            for it, lv, dec in zip(batch, levels, decoded, strict=True):
+                if not used:
+                    used.extend(np.zeros(size, dtype=bool) for _ in lv)
+                for seen, grid in zip(used, lv, strict=True):
+                    codes = np.asarray(grid).ravel()
+                    seen[codes[(codes >= 0) & (codes < size)]] = True
+                length = int(it.image.shape[-1])
+                n_tok = int(sum(np.asarray(g).size for g in lv))
+                row = {
+                    "id": it.id, "length": length,
+                    "image_mse": float(np.mean((dec.astype(np.float64) - it.image) ** 2)),
+                    "distance_mae": distance_mae(it.image, dec, dmax),
+                    "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
+                }  # fmt: skip
+                pending.append((row, it, dec))
+                needs_image = ceiling or it.backbone is None
+                yield (dec, it.backbone, it.image if needs_image else None, dmax, backbone,
+                       ceiling)  # fmt: skip
 
-    bits = math.log2(tokenizer.config.codebook_size)
-    rows = []
-    for it, lv, dec, res in zip(items, levels, decoded, results, strict=True):
-        length = int(it.image.shape[-1])
-        n_tok = int(sum(np.asarray(g).size for g in lv))
-        row = {
-            "id": it.id, "length": length,
-            "image_mse": float(np.mean((dec.astype(np.float64) - it.image) ** 2)),
-            "distance_mae": distance_mae(it.image, dec, dmax),
-            "cb_rmsd": res["cb_rmsd"], "tm_score": res["tm_score"], "lddt": res["lddt"],
-            "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
-            "mirrored_before_fix": res["mirrored_before_fix"],
-            "mirror_image": res["mirror_image"],
-        }  # fmt: skip
+    rows: list[dict] = []
+    pictures = PicturePicks()
+    for res in _imap(_reconstruct_and_compare, tasks(), workers, progress, desc="evaluate"):
+        row, it, dec = pending.popleft()
+        row.update(cb_rmsd=res["cb_rmsd"], tm_score=res["tm_score"], lddt=res["lddt"],
+                   mirrored_before_fix=res["mirrored_before_fix"],
+                   mirror_image=res["mirror_image"])  # fmt: skip
         for key, value in res.get("ceiling", {}).items():
             row[f"ceiling_{key}"] = value
         if backbone:
             row["bb_rmsd"] = res.get("bb_rmsd", float("nan"))
             row["ca_tm_score"] = res.get("ca_tm_score", float("nan"))
+        index = len(rows)
         rows.append(row)
+        pictures.offer(index, row["tm_score"], functools.partial(
+            _picture, index, it.image, dec, res))  # fmt: skip
+    if skipped:  # recorded, as convert's manifest records them
+        skipped_rows = [{"source": src, "reason": " ".join(why.split())} for src, why in skipped]
+        write_tsv(os.path.join(out, "skipped.tsv"), ("source", "reason"), skipped_rows)
+    if not rows:
+        raise ValueError(f"no protein to evaluate ({len(skipped)} inputs skipped)")
 
-    usage = []
-    for lv in range(len(levels[0])):
-        used = np.unique(np.concatenate([np.asarray(p[lv]).ravel() for p in levels]))
-        usage.append(len(used[used >= 0]) / tokenizer.config.codebook_size)
     summary = {"proteins": len(rows), "skipped_inputs": len(skipped), **summarize(rows)}
-    summary["codebook_usage_per_level_coarsest_first"] = [round(u, 4) for u in usage]
+    summary["codebook_usage_per_level_coarsest_first"] = [
+        round(float(seen.mean()), 4) for seen in used]  # fmt: skip
     summary["checkpoint"] = getattr(tokenizer, "checkpoint", "")
     summary["layout"] = getattr(tokenizer, "layout", "grid")
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)
-    truth = [_reference_atoms(task[1])["CB"] for task in tasks]
-    write_report(out, rows, summary, items, decoded, [r["cb"] for r in results], truth, backbone)
+    write_report(out, rows, summary, pictures.picks(), backbone)
     return summary

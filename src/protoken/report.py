@@ -82,21 +82,21 @@ def summary_line(summary: dict) -> str:
 # --------------------------------------------------------------------------- evaluate
 
 
-def write_report(out: str, rows, summary, items, decoded, cbs, truth, backbone: bool) -> None:
+def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
     """``protoken evaluate``'s outputs: metrics.tsv, summary.json, pictures and report.md.
 
-    ``items``: the inputs (``.id``, ``.image``); ``decoded``: their decoded images; ``cbs``: the
-    Cb (L, 3) reconstructed from each decoded image; ``truth``: each protein's true Cb (L, 3)
-    (the virtual Cb of the structure, or the Cb reconstructed from an input PNG).
+    ``rows``: every protein's metrics; ``shown``: the only proteins whose images the report
+    needs, ``{"best", "median", "worst"}`` -> :class:`protoken.evaluate.Picture` (``index`` into
+    ``rows``, input and decoded ``image``/``decoded``, reconstructed ``cb`` and true ``truth``
+    Cb (L, 3): the virtual Cb of the structure, or the Cb reconstructed from an input PNG).
     """
     cols = EVALUATE_COLUMNS + (EVALUATE_BACKBONE_COLUMNS if backbone else ())
     write_tsv(os.path.join(out, "metrics.tsv"), cols, rows)
     _write_json(os.path.join(out, "summary.json"), summary)
 
-    order = np.argsort([r["tm_score"] for r in rows])
-    picks = {"worst": int(order[0]), "median": int(order[len(order) // 2]),
-             "best": int(order[-1])}  # fmt: skip
-    pictures = _pictures(out, rows, items, decoded, cbs, picks, truth)
+    order = np.argsort([r["tm_score"] for r in rows], kind="stable")
+    picks = {name: shown[name].index for name in ("best", "median", "worst")}
+    pictures = _pictures(out, rows, shown)
 
     s = summary
     prov = s.get("provenance") or {}
@@ -169,7 +169,7 @@ def write_report(out: str, rows, summary, items, decoded, cbs, truth, backbone: 
     atomic_write(os.path.join(out, "report.md"), "\n".join(md) + "\n")
 
 
-def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[str, str]]:
+def _pictures(out, rows, shown) -> dict[str, tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,14 +194,15 @@ def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[s
 
     names = ("ch0: d (lower) / omega (upper)", "ch1: theta", "ch2: phi")
     pictures = {}
-    for which, i in picks.items():
+    for which, pic in shown.items():
+        i = pic.index
         fig, axes = plt.subplots(2, 3, figsize=(9, 6.2))
         for c in range(3):
-            for r, (img, title) in enumerate(((items[i].image, "input"), (decoded[i], "decoded"))):
+            for r, (img, title) in enumerate(((pic.image, "input"), (pic.decoded, "decoded"))):
                 ax = axes[r, c]
-                shown = ax.imshow(img[c], vmin=-1, vmax=1, cmap="viridis",
-                                  interpolation="nearest")  # fmt: skip
-                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+                drawn = ax.imshow(np.asarray(img[c], np.float32), vmin=-1, vmax=1,
+                                  cmap="viridis", interpolation="nearest")  # fmt: skip
+                fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.04)
                 ax.set_title(f"{title} {names[c]}", fontsize=8)
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -209,8 +210,8 @@ def _pictures(out, rows, items, decoded, cbs, picks, truth) -> dict[str, tuple[s
         images_png = f"images_{which}.png"
         save(fig, images_png)
 
-        ref = np.asarray(truth[i])
-        aligned = superpose(cbs[i], ref)
+        ref = np.asarray(pic.truth)
+        aligned = superpose(pic.cb, ref)
         fig = plt.figure(figsize=(5, 5))
         ax = fig.add_subplot(projection="3d")
         ax.plot(*ref.T, color="#333333", lw=1.5, label="true (Cb trace)")
