@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import os
 import tarfile
 from pathlib import Path
@@ -230,3 +231,24 @@ def test_tar_with_a_huge_extended_header_is_refused_before_it_is_read(tmp_path, 
     (row,) = _rows(out)
     assert row["status"] == "failed" and "truncated or corrupt tar archive" in row["reason"]
     assert "extended header of 100000000 bytes" in row["reason"]
+
+
+def test_encode_reads_archive_members_in_place(tmp_path, mixed_files, foldcomp_db):
+    from protoken.archives import Member, find_inputs
+    from protoken.tokenizer import Tokenizer
+
+    db, files = foldcomp_db
+    archive = _tar(tmp_path / "p.tar.gz", mixed_files[:2])
+    tok = Tokenizer.from_pretrained("default")
+    found = list(find_inputs([str(archive), str(db)]))  # listed: names only, data not read
+    assert all(isinstance(m, Member) for m in found) and len(found) == 2 + len(files)
+    with pytest.raises(ValueError):  # a tar member is read as the stream passes it, not later
+        found[0].read()
+    stream = itertools.islice(find_inputs([str(archive), str(db)]), 4)  # streamed: read in turn
+    got = list(tok.encode_many(stream, chains="first", models="first"))
+    want = list(tok.encode_many([str(f) for f in mixed_files[:2]], chains="first",
+                                models="first"))  # fmt: skip
+    assert [t.id for t in got[:2]] == [t.id for t in want]
+    for x, y in zip(got[:2], want, strict=True):
+        assert all(np.array_equal(u, v) for u, v in zip(x.levels, y.levels, strict=True))
+    assert [t.id for t in got[2:]] == [m.id for m in found[2:4]]  # Foldcomp entries

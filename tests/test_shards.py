@@ -251,3 +251,23 @@ def test_readme_sbatch_array_script_converts_every_member_once(tmp_path, structu
     index = ImageIndex.build(out)
     assert sorted(index.id(i) for i in range(len(index))) == sorted(names)
     assert len(index_files(str(out))) == 2  # one index per array task
+
+
+def test_encode_reads_shards_as_the_loose_images(both):
+    """protoken encode takes a sharded folder: the same ids and tokens as from loose PNGs."""
+    import itertools
+
+    from protoken.archives import find_inputs
+    from protoken.shards import ShardImage
+    from protoken.tokenizer import Tokenizer
+
+    loose, shards = both
+    tok = Tokenizer.from_pretrained("default")
+    from_shards = list(itertools.islice(find_inputs([str(shards)]), 6))
+    assert all(isinstance(x, ShardImage) for x in from_shards)
+    by_id = {p.name[:-4]: str(p) for p in loose.glob("bin_*/*.png")}
+    a = list(tok.encode_many(from_shards))
+    b = list(tok.encode_many([by_id[x.id] for x in from_shards]))
+    assert [t.id for t in a] == [t.id for t in b] == [x.id for x in from_shards]
+    for x, y in zip(a, b, strict=True):
+        assert all(np.array_equal(u, v) for u, v in zip(x.levels, y.levels, strict=True))

@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from protoken.inputs import (
 __all__ = [
     "SEP",
     "Member",
+    "find_inputs",
     "find_sources",
     "is_archive",
     "is_foldcomp_db",
@@ -98,11 +100,18 @@ class Member:
         """The member's id: the safe id of its base name without structure extensions."""
         return member_id(self.name)
 
+    def __str__(self) -> str:
+        return self.source
+
     def read(self) -> bytes:
         """The member's bytes. For a tar member, valid only until the stream moves on."""
         if self._read is None:
-            raise ValueError(f"{self.source}: {self.error or 'no data'}")
-        return self._read()
+            raise ValueError(self.error or "no data")
+        try:
+            return self._read()
+        except (tarfile.TarError, EOFError, zlib.error) as exc:  # a corrupt archive
+            reason = " ".join(str(exc).split())[:160]
+            raise ValueError(f"unreadable archive member ({reason})") from None
 
 
 def member_id(name: str) -> str:
@@ -174,6 +183,34 @@ def find_sources(
             raise FileNotFoundError(f"input not found: {item}")
 
 
+def find_inputs(inputs, shard: Shard | None = None, follow_links: bool = False) -> Iterator:
+    """Stream what ``protoken encode`` reads: as :func:`protoken.inputs.find_inputs` (a folder
+    holding PNGs is read as images, other inputs as structures), plus the images of folders
+    written by ``convert --format shards`` (:class:`protoken.shards.ShardImage`) and the
+    members of tar archives and Foldcomp databases (:class:`Member`), read in place."""
+    from protoken.inputs import find_inputs as find_files
+    from protoken.shards import index_files, iter_shard_images
+
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item) and index_files(item):
+            yield from iter_shard_images(item, shard)
+        elif os.path.isdir(item):
+            pngs = False
+            for found in find_files([item], shard, follow_links):
+                if found.lower().endswith(".png"):
+                    pngs = True
+                    yield found
+                else:
+                    break
+            if not pngs:
+                yield from find_sources([item], shard, follow_links)
+        elif is_tar(item) or _may_be_foldcomp(item):
+            yield from iter_archive(item, shard)
+        else:
+            yield from find_files([item], shard, follow_links)
+
+
 # --------------------------------------------------------------------------- tar
 
 
@@ -239,6 +276,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 def _tar_reader(tf: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], bytes]:
     def read() -> bytes:
+        if tf.closed or tf.offset > info.offset_data + info.size + tarfile.BLOCKSIZE:
+            raise ValueError(f"{info.name}: a tar member is read while the stream is at it")
         fh = tf.extractfile(info)
         if fh is None:
             raise ValueError(f"{info.name}: not a regular file")

@@ -529,8 +529,8 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
 def _encode(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from protoken.archives import find_inputs
     from protoken.fileio import write_tsv
-    from protoken.inputs import find_inputs
     from protoken.tokenizer import Tokenizer, open_token_writer
 
     _check_length_limits(args)

@@ -336,11 +336,23 @@ def read_converted_image(
         recorded one (a foreign file); or the PNG itself is refused (:func:`decode_png`).
     """
     settings = settings_beside(path) or {}
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return decode_converted(data, settings, dmax, max_len, dtype)
+
+
+def decode_converted(
+    data: bytes,
+    settings: dict,
+    dmax: float | None = None,
+    max_len: int | None = None,
+    dtype=np.float32,
+) -> tuple[np.ndarray, float]:
+    """:func:`read_converted_image` for PNG bytes (an image in a tar shard) and the settings
+    recorded with them (the output folder's ``convert.json``, ``{}`` if none)."""
     recorded = settings.get("dmax")
     if recorded is not None and dmax is not None and float(recorded) != float(dmax):
         raise ValueError(f"converted with dmax={recorded} (its convert.json), not dmax={dmax}")
-    with open(path, "rb") as fh:
-        data = fh.read()
     pixels = decode_png(data, max_len)
     depth = 8 if pixels.dtype == np.uint8 else 16
     if settings.get("bit_depth") not in (None, depth):

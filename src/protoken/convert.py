@@ -61,7 +61,6 @@ import os
 import signal
 import socket
 import sys
-import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -953,8 +952,10 @@ def _run(inputs, opts, workers, shard, progress, log, read, lock) -> Summary:
             if not error:
                 try:  # read here: a tar is read in one pass, before the stream moves on
                     data = found.read()
-                except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
-                    error = f"unreadable archive member ({' '.join(str(exc).split())[:160]})"
+                except (OSError, ValueError) as exc:  # Member.read: one line, never a trace
+                    error = " ".join(str(exc).split())[:200]
+                    if not error.startswith("unreadable"):
+                        error = f"unreadable archive member ({error})"
             yield (found.source, found.name, found.kind, data, error)
 
     def write_rows(rows: list[Row]) -> None:

@@ -39,11 +39,12 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from protoken.inputs import check_under, is_safe_id
+from protoken.inputs import SETTINGS_FILE, Shard, check_under, in_shard, is_safe_id
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "INDEX_COLUMNS",
+    "ShardImage",
     "ShardWriter",
     "index_files",
     "member_key",
@@ -114,6 +115,47 @@ def read_index(path: str) -> Iterator[tuple[str, str, int, int, str, int, str]]:
             if not is_safe_id(image_id) or ".." in shard.split("/") or shard.startswith("/"):
                 raise ValueError(f"{path}: line {number} names an unsafe id or shard")
             yield row
+
+
+@dataclass(frozen=True)
+class ShardImage:
+    """One image of a sharded output folder, read by offset (an input of ``protoken
+    encode``)."""
+
+    id: str
+    shard: str  # absolute path of the tar
+    member: str
+    offset: int
+    size: int
+    settings: dict = field(default_factory=dict, compare=False)  # OUT/convert.json
+
+    def __str__(self) -> str:
+        return f"{self.shard}::{self.member}"
+
+    def read(self) -> bytes:
+        if not 0 < self.size <= 1 << 28:
+            raise ValueError(f"{self}: implausible size {self.size} in the shard index")
+        with open(self.shard, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.size)
+        if len(data) != self.size:
+            raise ValueError(f"{self}: the shard is shorter than its index says")
+        return data
+
+
+def iter_shard_images(out: str, shard: Shard | None = None) -> Iterator[ShardImage]:
+    """The images of a folder written by ``convert --format shards``, in index order, as
+    :class:`ShardImage` (``shard`` keeps those whose id is in shard I of N)."""
+    settings: dict = {}
+    path = os.path.join(out, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            settings = json.load(fh)
+    root = os.path.join(out, SHARDS_DIR)
+    for index in index_files(out):
+        for name, member, offset, size, image_id, _length, _bin in read_index(index):
+            if in_shard(image_id, shard):
+                yield ShardImage(image_id, check_under(root, name), member, offset, size, settings)
 
 
 @dataclass

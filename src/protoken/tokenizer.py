@@ -40,6 +40,7 @@ import torch
 from protoken.codec import (
     MAX_IMAGE_SIDE,
     CodecSettings,
+    decode_converted,
     dequantize,
     features_to_image,
     quantize,
@@ -192,7 +193,9 @@ class Tokenizer:
         """Turn an input into model-ready items.
 
         ``source`` may be a structure file (every protein chain under ``chains``/``models``
-        policies, as ``protoken convert``), a PNG written by ``protoken convert``, an image
+        policies, as ``protoken convert``), a member of a tar archive or Foldcomp database
+        (:class:`protoken.archives.Member`), a PNG written by ``protoken convert`` or an image
+        of its tar shards (:class:`protoken.shards.ShardImage`), an image
         array (3, L, L) in [-1, 1], or a :class:`protoken.structure.Backbone`. Structures are
         turned into images with the checkpoint's dmax and passed through its bit depth, so the
         model sees exactly what it was trained on. Chains outside ``min_len``..``max_len`` are
@@ -200,23 +203,35 @@ class Tokenizer:
         header when it is no square RGB image or larger than ``max_len``, and when the
         ``convert.json`` beside it records another dmax than the checkpoint's.
         """
+        from protoken.archives import Member, read_member
+        from protoken.shards import ShardImage
+
         if isinstance(source, Backbone):
             return [self._from_backbone(source)]
+        if isinstance(source, ShardImage):  # an image of convert --format shards
+            image, _ = decode_converted(source.read(), source.settings, self.codec.dmax,
+                                        max_len or MAX_IMAGE_SIDE)  # fmt: skip
+            return [Item(source.id, image, sequence)]
+        if isinstance(source, Member):  # a member of a tar archive or Foldcomp database
+            backbones = read_member(source.name, source.kind, source.read(), chains, models)
+            return self._kept(backbones, min_len, max_len)
         if isinstance(source, str | os.PathLike):
             path = os.fspath(source)
             if path.lower().endswith(".png"):  # header checked, convert.json's dmax must agree
                 image, _ = read_converted_image(path, self.codec.dmax, max_len or MAX_IMAGE_SIDE)
                 return [Item(image_id(path), image, sequence)]
-            backbones = read_backbones(path, chains, models)
-            kept = [bb for bb in backbones
-                    if min_len <= len(bb) and (max_len is None or len(bb) <= max_len)]  # fmt: skip
-            if not kept:
-                n = len(backbones[0])
-                raise SkipStructure(f"too short: {n} residues < {min_len}" if n < min_len
-                                    else f"too long: {n} residues > {max_len}")  # fmt: skip
-            return [self._from_backbone(bb) for bb in kept]
+            return self._kept(read_backbones(path, chains, models), min_len, max_len)
         image = np.asarray(source, dtype=np.float32)
         return [Item("image", image, sequence)]
+
+    def _kept(self, backbones, min_len: int, max_len: int | None) -> list[Item]:
+        kept = [bb for bb in backbones
+                if min_len <= len(bb) and (max_len is None or len(bb) <= max_len)]  # fmt: skip
+        if not kept:
+            n = len(backbones[0])
+            raise SkipStructure(f"too short: {n} residues < {min_len}" if n < min_len
+                                else f"too long: {n} residues > {max_len}")  # fmt: skip
+        return [self._from_backbone(bb) for bb in kept]
 
     def _from_backbone(self, bb) -> Item:
         image = features_to_image(sixd(bb.n, bb.ca, bb.c, dmax=self.codec.dmax), self.codec.dmax)
