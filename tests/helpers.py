@@ -146,3 +146,20 @@ def peak_python_memory(fn) -> tuple[object, int]:
     finally:
         tracemalloc.stop()
     return result, peak
+
+
+def random_residue_checkpoint(path) -> str:
+    """Save a per-residue ``residue-tiny`` model with random weights (seed 0) as a checkpoint
+    at ``path``; returns the path."""
+    import torch
+
+    from protoken import checkpoint as ckpt_io
+    from protoken.codec import CodecSettings
+    from protoken.model import ResidueConfig, ResidueVQVAE, config_to_dict
+
+    torch.manual_seed(0)
+    cfg = ResidueConfig.preset("residue-tiny")
+    ckpt_io.save(str(path), {"model": ResidueVQVAE(cfg).state_dict(),
+                             "model_config": config_to_dict(cfg),
+                             "codec": CodecSettings().to_dict()})  # fmt: skip
+    return str(path)

@@ -272,19 +272,9 @@ def small(tmp_path_factory, structures_dir) -> list:
 @pytest.fixture(scope="module")
 def residue_micro(tmp_path_factory) -> str:
     """A per-residue tiny model with random weights (fast: ~8 ms per small protein)."""
-    import torch
+    from helpers import random_residue_checkpoint
 
-    from protoken import checkpoint as ckpt_io
-    from protoken.codec import CodecSettings
-    from protoken.model import ResidueConfig, ResidueVQVAE, config_to_dict
-
-    torch.manual_seed(0)
-    cfg = ResidueConfig.preset("residue-tiny")
-    path = str(tmp_path_factory.mktemp("rmicro") / "best.pt")
-    ckpt_io.save(path, {"model": ResidueVQVAE(cfg).state_dict(),
-                        "model_config": config_to_dict(cfg),
-                        "codec": CodecSettings().to_dict()})  # fmt: skip
-    return path
+    return random_residue_checkpoint(tmp_path_factory.mktemp("rmicro") / "best.pt")
 
 
 def test_encode_memory_does_not_grow_with_the_number_of_proteins(small, residue_micro, tmp_path,

@@ -160,15 +160,9 @@ def test_files_of_the_previous_version_load_and_give_the_same_tokens(structures_
 
 @pytest.fixture(scope="module")
 def residue_checkpoint(tmp_path_factory) -> str:
-    from protoken.model import ResidueConfig, ResidueVQVAE
+    from helpers import random_residue_checkpoint
 
-    torch.manual_seed(0)
-    cfg = ResidueConfig.preset("residue-tiny")
-    path = str(tmp_path_factory.mktemp("rckpt") / "best.pt")
-    ckpt_io.save(path, {"model": ResidueVQVAE(cfg).state_dict(),
-                        "model_config": config_to_dict(cfg),
-                        "codec": CodecSettings().to_dict()})  # fmt: skip
-    return path
+    return random_residue_checkpoint(tmp_path_factory.mktemp("rckpt") / "best.pt")
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,10 @@ import numpy as np
 from protoken.inputs import (
     STRUCTURE_SUFFIXES,
     Shard,
+    find_structures,
     in_shard,
     is_structure_name,
     structure_id,
-    walk_files,
 )
 
 __all__ = [
@@ -165,22 +165,13 @@ def find_sources(
     FileNotFoundError
         An input does not exist (raised when the stream reaches it).
     """
-    for item in inputs:
-        item = os.fspath(item)
-        if os.path.isdir(item):
-            for path in walk_files(item, follow_links=follow_links):
-                if is_tar(path) or _may_be_foldcomp(path):
-                    yield from iter_archive(path, shard, max_bytes)
-                elif is_structure_name(os.path.basename(path)):
-                    if in_shard(structure_id(path), shard):
-                        yield path
-        elif os.path.exists(item):
-            if is_tar(item) or _may_be_foldcomp(item):
-                yield from iter_archive(item, shard, max_bytes)
-            elif in_shard(structure_id(item), shard):
-                yield item
-        else:
-            raise FileNotFoundError(f"input not found: {item}")
+
+    def expand(path: str) -> Iterator[Member] | None:
+        if is_tar(path) or _may_be_foldcomp(path):
+            return iter_archive(path, shard, max_bytes)
+        return None
+
+    return find_structures(inputs, shard, follow_links, expand)
 
 
 def find_inputs(inputs, shard: Shard | None = None, follow_links: bool = False) -> Iterator:

@@ -357,8 +357,11 @@ def parse_shard(text: str) -> Shard:
 
 
 def find_structures(
-    inputs: Iterable[str], shard: Shard | None = None, follow_links: bool = False
-) -> Iterator[str]:
+    inputs: Iterable[str],
+    shard: Shard | None = None,
+    follow_links: bool = False,
+    expand: Callable[[str], Iterator | None] | None = None,
+) -> Iterator:
     """Stream the structure files of ``inputs`` (files, or folders walked recursively with
     :func:`walk_files`).
 
@@ -366,6 +369,9 @@ def find_structures(
     :func:`is_structure_name` accepts. With ``shard=(I, N)`` only the files whose id
     (:func:`structure_id`) hashes to shard I are yielded: inputs that share an id (``1abc.pdb``
     and ``1abc.cif``) always share a shard, and a shard is the same whatever the root.
+    ``expand(path)``, when given, is asked first about every file: an iterator of what the
+    file holds (an archive's members, :func:`protoken.archives.find_sources`) is yielded in
+    its place; None means a plain file.
 
     Raises
     ------
@@ -375,15 +381,19 @@ def find_structures(
     for item in inputs:
         item = os.fspath(item)
         if os.path.isdir(item):
-            for path in walk_files(item, follow_links=follow_links):
-                if is_structure_name(os.path.basename(path)):
-                    if in_shard(structure_id(path), shard):
-                        yield path
+            paths = walk_files(item, follow_links=follow_links)
+            named = False
         elif os.path.exists(item):
-            if in_shard(structure_id(item), shard):
-                yield item
+            paths, named = (item,), True
         else:
             raise FileNotFoundError(f"input not found: {item}")
+        for path in paths:
+            members = expand(path) if expand is not None else None
+            if members is not None:
+                yield from members
+            elif named or is_structure_name(os.path.basename(path)):
+                if in_shard(structure_id(path), shard):
+                    yield path
 
 
 def find_images(
