@@ -283,6 +283,43 @@ def tune_malloc() -> bool:
     return bool(mallopt(m_trim_threshold, 256 << 20) == 1 and ok)
 
 
+def single_thread_blas() -> bool:
+    """Make the BLAS library numpy loaded (OpenBLAS in numpy's wheels) use one thread.
+
+    A worker is meant to use one core: ``convert`` starts one worker per core. But OpenBLAS
+    starts a thread per core for each matrix product of :func:`protoken.geometry.sixd`, even
+    the (L, 3) x (3, L) ones, and on small products those threads mostly spin: with one worker
+    on 2 cores, 1.5x the CPU time for 20% less wall time (BM5 chains), and with one worker per
+    core they only compete with the other workers. Set through OpenBLAS's own
+    ``openblas_set_num_threads`` (found in the libraries this process mapped, as threadpoolctl
+    does), since the worker's numpy was imported before (the forkserver preloads it), when the
+    ``OPENBLAS_NUM_THREADS`` variable is no longer read. True if a BLAS was set; a no-op
+    elsewhere (no /proc, another BLAS).
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = {line.split()[-1] for line in fh if "blas" in line.lower() and ".so" in line}
+    except OSError:
+        return False
+    names = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")  # fmt: skip
+    done = False
+    for lib in sorted(libs):
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for name in names:
+            setter = getattr(handle, name, None)
+            if setter is not None:
+                setter(1)
+                done = True
+                break
+    return done
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -296,6 +333,7 @@ def _worker_main(conn, opts: ConvertOptions, read, tag: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     tune_malloc()
+    single_thread_blas()
     rows: list[Row] = []
     try:
         conn.send(("ready",))
