@@ -469,7 +469,7 @@ def _parse_gemmi_pdb(text: str) -> tuple[int, list[_Chain]]:
         if not str(exc).startswith("Wrong format for charge"):
             raise
         # columns 79-80 (the charge, unused here) hold other data in some files (BM5's bound
-        # entries: a segment and a number through columns 73-80); gemmi reads them without
+        # entries: a number and a segment through columns 67-80); gemmi reads them without
         # those two columns, rather than handing the file to biotite (10x slower, float32)
         st = gemmi.read_pdb_string(text, max_line_length=78)
     n_models = len(st)
