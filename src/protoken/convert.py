@@ -57,7 +57,7 @@ from multiprocessing.connection import wait as wait_for
 
 import numpy as np
 
-from protoken.codec import decode_png, encode_png, features_to_image, quantize
+from protoken.codec import decode_png, encode_pixels, features_to_pixels
 from protoken.fileio import atomic_write, read_fasta
 from protoken.geometry import DMAX, sixd
 from protoken.inputs import (
@@ -225,14 +225,15 @@ def convert_file(
                 continue
             t1 = time.perf_counter()
             features = sixd(bb.n, bb.ca, bb.c, dmax=opts.dmax)
-            image = features_to_image(features, opts.dmax)
-            t2 = time.perf_counter()
-            if not np.isfinite(image).all():
+            try:  # quantize(features_to_image(...)), bit for bit
+                pixels = features_to_pixels(features, opts.dmax, opts.bit_depth)
+            except ValueError:
                 row.status, row.reason, row.bin = "failed", "non-finite 6D features", ""
                 rows.append(row)
                 continue
+            t2 = time.perf_counter()
             row.png_tmp, row.fasta_tmp = _temp(png_path, tag), _temp(fasta_path, tag)
-            png = encode_png(image, opts.bit_depth)
+            png = encode_pixels(pixels)
             fasta = f">{bb.id}\n{bb.sequence}\n"
             os.makedirs(os.path.dirname(png_path), exist_ok=True)
             with open(row.png_tmp, "wb") as fh:
@@ -240,7 +241,7 @@ def convert_file(
             with open(row.fasta_tmp, "w") as fh:
                 fh.write(fasta)
             if opts.delete_source:
-                row.verified = _verify(row, quantize(image, opts.bit_depth), fasta, opts.max_len)
+                row.verified = _verify(row, pixels, fasta, opts.max_len)
             row.status = "ok"
             row.times = (0.0, t2 - t1, time.perf_counter() - t2)
         rows.append(row)
