@@ -442,7 +442,9 @@ def _chains_from_gemmi(st) -> list[_Chain]:
     for code, at in sorted(zip(codes, first_seen, strict=True), key=lambda x: x[1]):
         in_chain = kept_chain == code  # chains in file order
         res = kept[in_chain]
-        names = [b.decode("latin-1") for b in name_s8[in_chain].tolist()]
+        raw_names = name_s8[in_chain].tolist()
+        decoded = {b: b.decode("latin-1") for b in set(raw_names)}  # a few distinct names
+        names = list(map(decoded.__getitem__, raw_names))
         ch = _make_chain(chain_s8[at].decode("latin-1"), names, coords[res], present[res])
         ch.unknown = int(np.count_nonzero(unknown_chain == code))
         out.append(ch)
@@ -453,7 +455,7 @@ def _make_chain(cid: str, names: list[str], rows: list, present: list) -> _Chain
     """Chain from per-residue N/CA/C rows; missing atoms become NaN, bad values an error."""
     coords = np.asarray(rows, dtype=np.float64).reshape(-1, 3, 3)
     have = np.asarray(present, dtype=bool).reshape(-1, 3)
-    bad = int((~np.isfinite(coords[have])).any(axis=-1).sum())
+    bad = 0 if np.isfinite(coords).all() else int((~np.isfinite(coords[have])).any(axis=-1).sum())
     if bad:
         raise StructureError(f"non-finite coordinates (nan/inf) in {bad} backbone atoms")
     coords[~have] = np.nan
@@ -710,13 +712,14 @@ def read_backbones(
         why = _degenerate(coords)
         if why:
             raise StructureError(why if len(kept) == 1 else f"chain {ch.chain_id!r}: {why}")
-        names = [n for n, k in zip(ch.res_names, ok, strict=True) if k]
+        names = [n for n, k in zip(ch.res_names, ok.tolist(), strict=True) if k]
+        letters = {n: one_letter(n) for n in set(names)}  # a few distinct names
         # a chain id is any string in mmCIF / BinaryCIF ("../../e"): made safe by chain_output_id
         bid = chain_output_id(stem, ch.chain_id) if chains == "split" else stem
         out.append(
             Backbone(
                 id=bid,
-                sequence="".join(one_letter(n) for n in names),
+                sequence="".join(map(letters.__getitem__, names)),
                 coords=coords,
                 chain_id=ch.chain_id,
                 dropped=int((~ok).sum()) + ch.unknown,
