@@ -18,6 +18,7 @@ from protoken.codec import (
     dequantize,
     encode_png,
     features_to_image,
+    features_to_pixels,
     image_to_distances,
     image_to_features,
     quantize,
@@ -81,6 +82,24 @@ def png_decode_plain(data: bytes) -> tuple[dict, np.ndarray]:
 def image(structures_dir):
     bb = read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
     return features_to_image(sixd(bb.n, bb.ca, bb.c))
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.parametrize("dmax", [80.0, 20.0])
+def test_features_to_pixels_is_quantize_of_the_image_bit_for_bit(structures_dir, bit_depth, dmax):
+    """convert's fused path gives exactly the pixels of quantize(features_to_image(...)),
+    values outside [-1, 1] (clipped) included."""
+    bb = read_backbones(structures_dir / "foldseek__d1asha_.pdb")[0]
+    f = sixd(bb.n, bb.ca, bb.c, dmax=dmax)
+    for features in (f, f._replace(d=f.d * 1.7 - 3.0, phi=f.phi * 1.2)):
+        want = quantize(features_to_image(features, dmax), bit_depth)
+        got = features_to_pixels(features, dmax, bit_depth)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    theta = f.theta.copy()
+    theta[3, 5] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        features_to_pixels(f._replace(theta=theta), dmax, bit_depth)
 
 
 def test_image_layout_is_the_seeds(structures_dir):

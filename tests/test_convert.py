@@ -319,3 +319,24 @@ def test_settings_are_recorded_and_mixing_is_refused(tmp_path, structures_dir):
     with pytest.raises(ValueError, match="converted with dmax=40.0"):
         convert([src], ConvertOptions(out=str(out)), workers=1, progress=False)
     assert main(["convert", src, "--out", str(out), "--bit-depth", "16", "--dmax", "40"]) == 2
+
+
+def test_single_thread_blas_sets_openblas_to_one_thread():
+    """Workers run numpy's BLAS on one thread (in a fresh process: the setting is global)."""
+    code = (
+        "import ctypes, numpy\n"
+        "from protoken.convert import single_thread_blas\n"
+        "done = single_thread_blas()\n"
+        "libs = {l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l.lower()}\n"
+        "names = ('openblas_get_num_threads', 'scipy_openblas_get_num_threads64_')\n"
+        "got = [getattr(ctypes.CDLL(p), n)() for p in libs for n in names\n"
+        "       if hasattr(ctypes.CDLL(p), n)]\n"
+        "print(done, got)\n"
+    )
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done, got = out.stdout.split(" ", 1)
+    if done == "False":
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    assert got.strip() == "[1]", out.stdout

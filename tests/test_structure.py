@@ -74,7 +74,8 @@ def test_every_shared_structure_matches_its_manifest_tags(structures_dir, manife
 
 
 def test_files_one_reader_rejects_are_still_read(structures_dir, manifest):
-    """gemmi fails on these (charge column, MODEL without ENDMDL); the biotite fallback reads."""
+    """gemmi fails on these (charge column, MODEL without ENDMDL); gemmi without the charge
+    columns, or the biotite fallback, reads them."""
     rescued = [
         n for n, r in manifest.items()
         if "parse_error:gemmi" in r["notes"] and "parse_error:biotite" not in r["notes"]
@@ -83,6 +84,25 @@ def test_files_one_reader_rejects_are_still_read(structures_dir, manifest):
     for name in rescued:
         status, reason, _ = outcome(structures_dir / name)
         assert status != "failed", f"{name}: {reason}"
+
+
+def test_garbage_in_the_charge_columns_is_read_by_gemmi_without_them(structures_dir, tmp_path):
+    """BM5's bound entries hold a number and a segment through columns 67-80, so gemmi rejects
+    the charge (79-80); the file is read by gemmi without those columns: the same float64
+    coordinates as the clean file (biotite's fallback would give float32 ones)."""
+    src = structures_dir / "biotite__1aki.pdb"
+    lines = src.read_text().splitlines(keepends=True)
+    dirty = [
+        f"{line[:66]:<66}   1  B   1930\n" if line.startswith(("ATOM  ", "HETATM")) else line
+        for line in lines
+    ]
+    path = tmp_path / "dirty.pdb"
+    path.write_text("".join(dirty))
+    with pytest.raises(RuntimeError, match="charge"):
+        gemmi.read_pdb_string("".join(dirty))
+    clean, read = read_backbones(src)[0], read_backbones(path)[0]
+    assert read.sequence == clean.sequence
+    np.testing.assert_array_equal(read.coords, clean.coords)
 
 
 @pytest.mark.parametrize("entry", ["biotite__1aki", "biotite__1dix", "biotite__1o1z"])

@@ -6,7 +6,8 @@ bytes, so a gzip stream is read whatever its name, and a ``.gz`` name over plain
 
 Readers: gemmi parses PDB and mmCIF (about 20x faster than biotite's ``PDBFile`` on the test
 structures, see ``benchmarks/convert.py``); biotite reads BinaryCIF, which gemmi cannot, and is the
-fallback for the PDB files gemmi rejects (malformed charge columns, MODEL without ENDMDL).
+fallback for the PDB files gemmi rejects (MODEL without ENDMDL). PDB files whose charge columns
+(79-80) hold other data are read by gemmi without those two columns.
 
 Only amino-acid residues are kept: the 20 standard ones, ``UNK``, the reference design's map of
 145 non-standard residues (``MSE`` -> ``MET`` ...) and every other residue gemmi's component
@@ -456,7 +457,9 @@ def _chains_from_gemmi(st) -> list[_Chain]:
     for code, at in sorted(zip(codes, first_seen, strict=True), key=lambda x: x[1]):
         in_chain = kept_chain == code  # chains in file order
         res = kept[in_chain]
-        names = [b.decode("latin-1") for b in name_s8[in_chain].tolist()]
+        raw_names = name_s8[in_chain].tolist()
+        decoded = {b: b.decode("latin-1") for b in set(raw_names)}  # a few distinct names
+        names = list(map(decoded.__getitem__, raw_names))
         ch = _make_chain(chain_s8[at].decode("latin-1"), names, coords[res], present[res])
         ch.unknown = int(np.count_nonzero(unknown_chain == code))
         out.append(ch)
@@ -467,7 +470,7 @@ def _make_chain(cid: str, names: list[str], rows: list, present: list) -> _Chain
     """Chain from per-residue N/CA/C rows; missing atoms become NaN, bad values an error."""
     coords = np.asarray(rows, dtype=np.float64).reshape(-1, 3, 3)
     have = np.asarray(present, dtype=bool).reshape(-1, 3)
-    bad = int((~np.isfinite(coords[have])).any(axis=-1).sum())
+    bad = 0 if np.isfinite(coords).all() else int((~np.isfinite(coords[have])).any(axis=-1).sum())
     if bad:
         raise StructureError(f"non-finite coordinates (nan/inf) in {bad} backbone atoms")
     coords[~have] = np.nan
@@ -477,7 +480,15 @@ def _make_chain(cid: str, names: list[str], rows: list, present: list) -> _Chain
 def _parse_gemmi_pdb(text: str) -> tuple[int, list[_Chain]]:
     import gemmi
 
-    st = gemmi.read_pdb_string(text)
+    try:
+        st = gemmi.read_pdb_string(text)
+    except RuntimeError as exc:
+        if not str(exc).startswith("Wrong format for charge"):
+            raise
+        # columns 79-80 (the charge, unused here) hold other data in some files (BM5's bound
+        # entries: a number and a segment through columns 67-80); gemmi reads them without
+        # those two columns, rather than handing the file to biotite (10x slower, float32)
+        st = gemmi.read_pdb_string(text, max_line_length=78)
     n_models = len(st)
     if n_models == 0:
         return 0, []
@@ -726,13 +737,14 @@ def read_backbones(
         why = _degenerate(coords)
         if why:
             raise StructureError(why if len(kept) == 1 else f"chain {ch.chain_id!r}: {why}")
-        names = [n for n, k in zip(ch.res_names, ok, strict=True) if k]
+        names = [n for n, k in zip(ch.res_names, ok.tolist(), strict=True) if k]
+        letters = {n: one_letter(n) for n in set(names)}  # a few distinct names
         # a chain id is any string in mmCIF / BinaryCIF ("../../e"): made safe by chain_output_id
         bid = chain_output_id(stem, ch.chain_id) if chains == "split" else stem
         out.append(
             Backbone(
                 id=bid,
-                sequence="".join(one_letter(n) for n in names),
+                sequence="".join(map(letters.__getitem__, names)),
                 coords=coords,
                 chain_id=ch.chain_id,
                 dropped=int((~ok).sum()) + ch.unknown,
