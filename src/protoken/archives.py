@@ -27,6 +27,7 @@ naming the archive and how far it was read.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -439,10 +440,17 @@ def read_member(
     return backbones
 
 
+@functools.lru_cache(maxsize=1)
+def _three_letter() -> dict[str, str]:
+    from protoken.structure import THREE_TO_ONE
+
+    return {v: k for k, v in THREE_TO_ONE.items() if k != "UNK"}
+
+
 def _foldcomp_backbone(foldcomp, name: str, data: bytes):
     """The backbone of a Foldcomp entry from ``get_data`` (no PDB text), or None when a
     residue is not standard (the atom order is then not known here)."""
-    from protoken.structure import THREE_TO_ONE, Backbone, StructureError, _degenerate
+    from protoken.structure import Backbone, StructureError, _degenerate
 
     try:
         got = foldcomp.get_data(data)
@@ -453,19 +461,21 @@ def _foldcomp_backbone(foldcomp, name: str, data: bytes):
     sequence = got.get("residues", "")
     counts = [_HEAVY_ATOMS.get(r, 0) for r in sequence]
     atoms = got.get("coordinates", ())
-    coords = np.fromiter(itertools.chain.from_iterable(atoms), np.float64, 3 * len(atoms))
-    coords = coords.reshape(-1, 3)
     total = sum(counts)
-    if not sequence or 0 in counts or len(coords) not in (total, total + 1):  # + OXT
+    if not sequence or 0 in counts or len(atoms) not in (total, total + 1):  # + OXT
         return None
     starts = np.cumsum([0, *counts[:-1]])
-    backbone = coords[starts[:, None] + np.arange(3)]  # (L, 3, 3): N, CA, C
+    picked = (starts[:, None] + np.arange(3)).ravel().tolist()  # N, CA, C of each residue
+    coords = np.fromiter(
+        itertools.chain.from_iterable(map(atoms.__getitem__, picked)), np.float64, 3 * len(picked)
+    )
+    backbone = coords.reshape(-1, 3, 3)  # (L, 3, 3): N, CA, C
     if not np.isfinite(backbone).all():
         raise StructureError("non-finite coordinates")
     why = _degenerate(backbone)
     if why:
         raise StructureError(why)
-    three = {v: k for k, v in THREE_TO_ONE.items() if k != "UNK"}
+    three = _three_letter()
     return Backbone(
         id=member_id(name),
         sequence=sequence,
