@@ -252,3 +252,18 @@ def test_encode_reads_archive_members_in_place(tmp_path, mixed_files, foldcomp_d
     for x, y in zip(got[:2], want, strict=True):
         assert all(np.array_equal(u, v) for u, v in zip(x.levels, y.levels, strict=True))
     assert [t.id for t in got[2:]] == [m.id for m in found[2:4]]  # Foldcomp entries
+
+
+def test_foldcomp_database_without_the_package_is_one_run_level_error(tmp_path, foldcomp_db,
+                                                                      monkeypatch):  # fmt: skip
+    import importlib.util
+
+    db, _ = foldcomp_db
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "foldcomp" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ValueError, match=r"needs the foldcomp package .*protoken\[foldcomp\]"):
+        convert([str(db)], ConvertOptions(out=str(tmp_path / "out")), 1, progress=False)

@@ -28,6 +28,7 @@ naming the archive and how far it was read.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import logging
 import os
@@ -347,8 +348,14 @@ def iter_foldcomp(
     Raises
     ------
     ValueError
-        The index has a malformed line (raised when the stream reaches it).
+        The foldcomp package is not installed, or the index has a malformed line (raised when
+        the stream reaches it).
     """
+    if importlib.util.find_spec("foldcomp") is None:  # a run-level error, not one per entry
+        raise ValueError(
+            f"{path} is a Foldcomp database: reading it needs the foldcomp package "
+            "(pip install 'protoken[foldcomp]')"
+        )
     size = os.path.getsize(path)
     name_of = _lookup_names(path)
     for key, offset, length in _index_rows(path):
