@@ -123,9 +123,11 @@ LAYERS = [
     {"backbone", "metrics"},
     {"model"},
     {"convert"},
+    {"archives"},
     {"codec"},
     {"geometry"},
     {"structure"},
+    {"shards"},
     {"inputs", "fileio", "_version"},
 ]
 
