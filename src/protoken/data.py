@@ -13,11 +13,15 @@ per channel when asked (``normalize="reference"`` or ``mean``/``std``, by
 Training and evaluation (``protoken train``) use an index:
 
 - :class:`ImageIndex`: id, bin and length of every image, built once from ``manifest.tsv``
-  (no directory read) or from one walk when there is no manifest; ~30 bytes per image.
+  (no directory read), from the shard indexes of ``convert --format shards`` (with each
+  image's shard, offset and size: :meth:`ImageIndex.read` is one ``pread``), or from one walk
+  when there is neither; ~30-50 bytes per image, cached beside its sources as memory-mapped
+  arrays so that a restart does not parse it again.
 - :meth:`ImageIndex.split_rows`: the md5 split of a split key (the relative path, or the
   first group of ``split_key_regex`` so near-duplicates stay on one side), minus an
   exclusion list.
-- :class:`BatchPlan`: per epoch, a seeded permutation cut into batches of one bin each.
+- :class:`BatchPlan`: per epoch, a seeded permutation cut into batches of one bin each
+  (``shard_window``: shards read a few at a time).
 - :class:`IndexedBatches`: one rank's stream, a pure function of (seed, epoch, position,
   rank, worker): O(1) to start anywhere, the same whatever the number of workers, and
   continued by any world size; finite and fixed for evaluation.
