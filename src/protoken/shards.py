@@ -276,7 +276,9 @@ class ShardWriter:
             raise ValueError(f"unsafe image id {image_id!r}")
         key = member_key(image_id)
         blob = json.dumps(meta, sort_keys=True).encode()
-        need = 3 * _BLOCK + len(png) + len(blob) + 2 * _BLOCK
+        # headers (pax for long names) + data of both members, the end-of-archive blocks and
+        # tarfile's padding of the archive to a whole record on close
+        need = 6 * _BLOCK + len(png) + len(blob) + 2 * _BLOCK + tarfile.RECORDSIZE
         shard = self.open.get(bin_name)
         if shard is not None and shard.rows and shard.tar.offset + need > self.max_bytes:
             self._commit(bin_name)
