@@ -1466,11 +1466,22 @@ class BatchPlan:
             starts = bounds[:-1]
             batch_window = place[self.index.shard_of[order[starts]]] // self.shard_window
             batch_order = np.lexsort((rng.random(len(starts)), batch_window))
+            self._windows = (epoch, place // self.shard_window)
             self._cached = (epoch, (order, bounds, batch_order))
             return self._cached[1]
         batch_order = rng.permutation(len(bounds) - 1)
         self._cached = (epoch, (order, bounds, batch_order))
         return self._cached[1]
+
+    def shard_windows(self, epoch: int) -> np.ndarray | None:
+        """The window of each shard in ``epoch`` (index ``shards`` order), or None without
+        ``shard_window``."""
+        if self.shard_window is None:
+            return None
+        if getattr(self, "_windows", (None,))[0] != epoch:
+            self._cached = None
+            self._epoch(epoch)
+        return self._windows[1]
 
     def batch(self, epoch: int, k: int) -> np.ndarray:
         """Rows of batch ``k`` (``0 <= k < batches_per_epoch``) of ``epoch``."""
