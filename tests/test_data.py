@@ -745,3 +745,5 @@ def test_index_cache_is_the_parsed_index_and_follows_the_manifest(tmp_path, conv
         fh.write("\t".join(cols) + "\n")
     grown = ImageIndex.build(root)
     assert len(grown) == len(first) + 1 and "zz_extra" in {grown.id(i) for i in range(len(grown))}
+    assert len(list((root / ".protoken-index").iterdir())) == 1  # the stale cache is gone
+    assert [again.id(i) for i in range(3)] == [first.id(i) for i in range(3)]  # still mapped

@@ -1224,8 +1224,8 @@ class _IndexCache:
     image; the pages are read as they are used, and shared by forked workers).
 
     KEY hashes the source files' paths, sizes and modification times and the bin selection,
-    so a manifest or index that grew makes a new cache. A folder that cannot be written
-    (read-only data) simply has no cache.
+    so a manifest or index that grew makes a new cache (and the older caches are removed). A
+    folder that cannot be written (read-only data) simply has no cache.
     """
 
     ARRAYS = ("bin_of", "lengths", "names", "offsets", "split_hash", "shard_of", "data_offset",
@@ -1289,6 +1289,11 @@ class _IndexCache:
                 os.rename(tmp, self.folder)  # atomic; another process may have won: fine
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            with os.scandir(parent) as it:  # caches of older manifests (mapped ones stay
+                stale = [e.path for e in it if e.is_dir() and not e.name.startswith(".")
+                         and e.path != self.folder]  # fmt: skip
+            for path in stale:  # readable by whoever has them open: unlinking is safe)
+                shutil.rmtree(path, ignore_errors=True)
         except OSError:
             pass  # a read-only data set: no cache
 
