@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -426,7 +427,12 @@ def _mp_context():
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["protoken.convert", "gemmi", "imagecodecs"])
+        # what every worker needs, imported once in the server rather than in each worker
+        # (a worker replaced after a crash starts warm too); foldcomp only where installed
+        preload = ["protoken.convert", "protoken.structure", "gemmi", "imagecodecs"]
+        if importlib.util.find_spec("foldcomp") is not None:
+            preload.append("foldcomp")
+        ctx.set_forkserver_preload(preload)
         return ctx
     return multiprocessing.get_context("spawn")
 
