@@ -557,7 +557,8 @@ def test_index_from_the_manifest_reads_no_directory_and_matches_the_disk(convert
     real_scandir = os.scandir
     monkeypatch.setattr(os, "scandir", lambda p=".": calls.append(p) or real_scandir(p))
     index = pd.ImageIndex.build(converted8)
-    assert index.source == "manifest" and calls == [str(converted8)]  # the root, for manifests
+    data_reads = [c for c in calls if ".protoken-index" not in str(c)]  # not the index cache
+    assert index.source == "manifest" and data_reads == [str(converted8)]  # the root only
     on_disk = {rel_key(converted8, p) for p in png_files(converted8)}
     assert {index.key(i) for i in range(len(index))} == on_disk
     for i in range(0, len(index), 17):
