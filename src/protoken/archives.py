@@ -53,7 +53,6 @@ __all__ = [
     "Member",
     "find_inputs",
     "find_sources",
-    "is_archive",
     "is_foldcomp_db",
     "is_tar",
     "iter_archive",
@@ -135,18 +134,16 @@ def is_foldcomp_db(path: str) -> bool:
     return os.path.isfile(path) and all(os.path.isfile(path + s) for s in FOLDCOMP_SIDECARS)
 
 
-def is_archive(path: str) -> bool:
-    return is_tar(path) or is_foldcomp_db(path)
-
-
 def iter_archive(
     path: str, shard: Shard | None = None, max_bytes: int | None = None
-) -> Iterator[Member]:
-    """The members of a tar archive or Foldcomp database (:func:`iter_tar`,
-    :func:`iter_foldcomp`)."""
-    if is_foldcomp_db(path):
+) -> Iterator[Member] | None:
+    """The members of ``path`` if it is a tar archive or a Foldcomp database
+    (:func:`iter_tar`, :func:`iter_foldcomp`), else None (a plain file)."""
+    if _may_be_foldcomp(path):
         return iter_foldcomp(path, shard, max_bytes)
-    return iter_tar(path, shard, max_bytes)
+    if is_tar(path):
+        return iter_tar(path, shard, max_bytes)
+    return None
 
 
 def _may_be_foldcomp(path: str) -> bool:
@@ -169,9 +166,7 @@ def find_sources(
     """
 
     def expand(path: str) -> Iterator[Member] | None:
-        if is_tar(path) or _may_be_foldcomp(path):
-            return iter_archive(path, shard, max_bytes)
-        return None
+        return iter_archive(path, shard, max_bytes)
 
     return find_structures(inputs, shard, follow_links, expand)
 
@@ -198,10 +193,9 @@ def find_inputs(inputs, shard: Shard | None = None, follow_links: bool = False) 
                     break
             if not pngs:
                 yield from find_sources([item], shard, follow_links)
-        elif is_tar(item) or _may_be_foldcomp(item):
-            yield from iter_archive(item, shard)
         else:
-            yield from find_files([item], shard, follow_links)
+            members = iter_archive(item, shard)
+            yield from find_files([item], shard, follow_links) if members is None else members
 
 
 # --------------------------------------------------------------------------- tar

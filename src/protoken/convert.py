@@ -72,7 +72,7 @@ import numpy as np
 
 from protoken.archives import find_sources, member_id, read_member
 from protoken.codec import decode_png, encode_pixels, features_to_pixels
-from protoken.fileio import atomic_write, read_fasta
+from protoken.fileio import atomic_write, drop_partial_last_line, read_fasta
 from protoken.geometry import DMAX, sixd
 from protoken.inputs import (
     SETTINGS_FILE,
@@ -193,9 +193,8 @@ def _safe_stem(path: str) -> str:
         return "%00"
 
 
-#: What a worker is sent: a file's path, or an archive member as
-#: ``(source, name, kind, data, error)`` (its bytes, read by the main process).
-Item = "str | tuple[str, str, str, bytes, str]"
+# What a worker is sent: a file's path, or an archive member as
+# ``(source, name, kind, data, error)`` (its bytes, read by the main process).
 
 
 def _item_source(item) -> str:
@@ -699,22 +698,11 @@ class _Manifest:
         self.path = path
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         if not new:
-            self._drop_partial_last_line()
+            drop_partial_last_line(self.path)
         self.fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         if new:
             self.fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
             self.fh.flush()
-
-    def _drop_partial_last_line(self) -> None:
-        with open(self.path, "rb+") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            tail = fh.read()
-            if tail.endswith(b"\n"):
-                return
-            cut = tail.rfind(b"\n")
-            fh.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
 
     def write(self, row: Row) -> None:
         self.fh.write("\t".join(row.manifest_values()) + "\n")

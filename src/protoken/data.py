@@ -1437,7 +1437,7 @@ class BatchPlan:
             )
         else:
             self.batches_per_epoch = -(-len(self.rows) // sizes[0])
-        self._cached: tuple[int, tuple] | None = None
+        self._cached: tuple[int, tuple, np.ndarray | None] | None = None
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(order, bounds, batch_order)``: batch ``k`` of the epoch is
@@ -1446,13 +1446,13 @@ class BatchPlan:
             return self._cached[1]
         rng = np.random.default_rng([self.seed, epoch & _MASK64, epoch < 0])
         order = self.rows[rng.permutation(len(self.rows))]
-        window = place = None
+        windows = None  # the window of each shard
         if self.shard_window is not None:  # shards dealt into windows, in a seeded order
             n_shards = len(self.index.shards)
             place = np.empty(n_shards, dtype=np.int64)
             place[rng.permutation(n_shards)] = np.arange(n_shards)
-            window = place[self.index.shard_of[order]] // self.shard_window
-            order = order[np.argsort(window, kind="stable")]
+            windows = place // self.shard_window
+            order = order[np.argsort(windows[self.index.shard_of[order]], kind="stable")]
         if self.group_by_bin:
             bins = self.index.bin_of[order]
             sort = np.argsort(bins, kind="stable")
@@ -1467,15 +1467,12 @@ class BatchPlan:
             bounds = np.asarray(bounds, dtype=np.int64)
         else:
             bounds = np.r_[np.arange(0, len(order), self._sizes[0]), len(order)]
-        if window is not None:  # batches in window order, shuffled within each window
-            starts = bounds[:-1]
-            batch_window = place[self.index.shard_of[order[starts]]] // self.shard_window
-            batch_order = np.lexsort((rng.random(len(starts)), batch_window))
-            self._windows = (epoch, place // self.shard_window)
-            self._cached = (epoch, (order, bounds, batch_order))
-            return self._cached[1]
-        batch_order = rng.permutation(len(bounds) - 1)
-        self._cached = (epoch, (order, bounds, batch_order))
+        if windows is None:
+            batch_order = rng.permutation(len(bounds) - 1)
+        else:  # batches in window order, shuffled within each window
+            batch_window = windows[self.index.shard_of[order[bounds[:-1]]]]
+            batch_order = np.lexsort((rng.random(len(batch_window)), batch_window))
+        self._cached = (epoch, (order, bounds, batch_order), windows)
         return self._cached[1]
 
     def shard_windows(self, epoch: int) -> np.ndarray | None:
@@ -1483,10 +1480,8 @@ class BatchPlan:
         ``shard_window``."""
         if self.shard_window is None:
             return None
-        if getattr(self, "_windows", (None,))[0] != epoch:
-            self._cached = None
-            self._epoch(epoch)
-        return self._windows[1]
+        self._epoch(epoch)
+        return self._cached[2]
 
     def batch(self, epoch: int, k: int) -> np.ndarray:
         """Rows of batch ``k`` (``0 <= k < batches_per_epoch``) of ``epoch``."""

@@ -14,6 +14,7 @@ __all__ = [
     "read_fasta",
     "temp_name",
     "write_tsv",
+    "drop_partial_last_line",
 ]
 
 
@@ -61,6 +62,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False
         if fsync:
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def drop_partial_last_line(path: str | os.PathLike) -> None:
+    """Cut a torn last line (no final newline: a writer killed mid-line) off an append-only
+    text file, so that the next append starts a line of its own."""
+    with open(path, "rb+") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 65536))
+        tail = fh.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        fh.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
 
 
 def format_value(value) -> str:

@@ -39,6 +39,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from protoken.fileio import drop_partial_last_line
 from protoken.inputs import SETTINGS_FILE, Shard, check_under, in_shard, is_safe_id
 
 __all__ = [
@@ -203,14 +204,7 @@ class ShardWriter:
             with open(self.index_path, "w", encoding="utf-8") as fh:
                 fh.write("\t".join(INDEX_COLUMNS) + "\n")
             return
-        with open(self.index_path, "rb+") as fh:  # drop a torn last line
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            tail = fh.read()
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                fh.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
+        drop_partial_last_line(self.index_path)
 
     def remove_uncommitted(self) -> int:
         """Remove this tag's temporary shards and the shards missing from its index (what a
