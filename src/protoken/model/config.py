@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from protoken.model.losses import LossConfig
+
 # A level runs global self-attention when its token grid is at most this many tokens a side for
 # the largest image the presets are meant for (1024 residues); finer levels use windows.
 _GLOBAL_ATTN_MAX_GRID = 32
@@ -77,13 +79,13 @@ class VQVAEConfig:
         quantity is stored once in the image, this only averages the prediction made at
         (i, j) with the one made at (j, i), where the features describe the other quantity; on
         held-out proteins (tiny, 600 steps, 2 seeds) it raised the MSE of d about 4x.
-    loss : {"mse", "geometric"}
-        The reconstruction loss (:mod:`protoken.model.losses`): the reference design's pixel
-        MSE, or the geometric loss (contact-weighted Huber distances, periodic angle errors, a
-        frame-aligned Cb term).
-    dmax, delta, angle_cutoff, angle_weight, frame_cutoff, frame_weight : float
-        Settings of the geometric loss (:class:`protoken.model.losses.LossWeights`); ``dmax``
-        is the images' distance cut-off (training sets it from the data's convert.json).
+    loss : LossConfig
+        The reconstruction loss (:class:`protoken.model.losses.LossConfig`): the reference
+        design's pixel MSE (``kind="mse"``), or the geometric loss (contact-weighted Huber
+        distances, periodic angle errors, a frame-aligned Cb term) and its settings; its
+        ``dmax`` is the images' distance cut-off (training sets it from the data's
+        convert.json). Configs of older versions give ``loss`` as a name and the settings as
+        fields of their own; they are read.
     """
 
     in_channels: int = 3
@@ -106,17 +108,11 @@ class VQVAEConfig:
     ema_eps: float = 1e-5
     dead_code_threshold: float = 0.03
     symmetric_output: bool = False
-    loss: str = "mse"
-    dmax: float = 80.0
-    delta: float = 1.0
-    angle_cutoff: float = 20.0
-    angle_weight: float = 1.0
-    frame_cutoff: float = 20.0
-    frame_weight: float = 1.0
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("mse", "geometric"):
-            raise ValueError(f"loss must be 'mse' or 'geometric', got {self.loss!r}")
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
         rates = tuple(int(r) for r in self.scaling_rates)
         object.__setattr__(self, "scaling_rates", rates)
         if not rates or any(r < 2 or r & (r - 1) for r in rates):
@@ -140,6 +136,10 @@ class VQVAEConfig:
             raise ValueError("symmetric_output needs the 3-channel (d/omega, theta, phi) image")
         if not 0.0 <= self.dead_code_threshold < 1.0:
             raise ValueError("dead_code_threshold must be in [0, 1)")
+
+    @property
+    def dmax(self) -> float:
+        return self.loss.dmax
 
     @property
     def n_levels(self) -> int:
@@ -166,6 +166,7 @@ class VQVAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
         """Inverse of :meth:`to_dict` (old field names accepted); unknown keys are an error."""
         d = _current_names(d)
+        d["loss"] = LossConfig().with_overrides(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -180,6 +181,7 @@ class VQVAEConfig:
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         overrides = _current_names(overrides)
+        overrides["loss"] = PRESETS[name].loss.with_overrides(overrides)
         if "scaling_rates" in overrides:  # re-derive the windows unless given
             overrides.setdefault("window_sizes", None)
         return dataclasses.replace(PRESETS[name], **overrides)

@@ -306,7 +306,7 @@ class VQVAE(nn.Module):
         (valid pixels x channels for the MSE, valid pairs i != j for the geometric loss),
         computed where the mask is (on the host for a loader's batch, so the training loop
         knows the global weight before the forward passes)."""
-        return loss_weight(mask, self.config)
+        return loss_weight(mask, self.config.loss, self.config.in_channels)
 
     def num_parameters(self) -> int:
         """Number of trainable parameters (codebooks are EMA buffers, not counted)."""
@@ -376,7 +376,7 @@ class VQVAE(nn.Module):
         mask = self._check(x, mask)
         codes, outs, masks = self._encode(x, mask)
         recon = self._decode_codes(codes, masks, mask)
-        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config)
+        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss)
         recon_loss = loss_sum / weight.clamp(min=1)
         commit_losses = torch.stack([o.commit_loss for o in reversed(outs)])
         commit_loss = commit_losses.sum()
