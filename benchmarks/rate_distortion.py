@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from protoken.model.residue import V1_FIELDS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "results", "rate_distortion")
@@ -60,6 +62,15 @@ CONFIGS = {
     # a schedule fitted to a 30-minute budget: 128-residue crops (~0.45 s a step on one
     # thread), cosine decay over the ~4,000 steps that fit in 30 CPU minutes
     "residue-4096-30min": ("residue-small", {}, {"crop": 128, "max_steps": 4000}),
+    # issue 21's designs, on the ProMod3 chains (--data data/promod3): the first per-residue
+    # design, then the neighbourhood encoder with residual FSQ (4 stages, random stage
+    # dropout), without and with the decoder's pair representation and binned-6D heads
+    "v1-promod3": ("residue-small", {**V1_FIELDS}),
+    "knn-rfsq": (
+        "residue-small",
+        {"pair_dim_decoder": 0, "n_pair_blocks": 0, "pair_loss_weight": 0.0},
+    ),  # fmt: skip
+    "knn-rfsq-pair": ("residue-small", {}),
 }
 
 
@@ -130,7 +141,8 @@ def run_config(name: str, args, proteins: list[str]) -> None:
     run = os.path.join(args.work, name)
     os.makedirs(run, exist_ok=True)
     cfg = {**COMMON, **(train[0] if train else {}), "data": os.path.abspath(args.data),
-           "out": run, "preset": preset}  # fmt: skip
+           "out": run, "preset": preset, "split_key_regex": args.split_key_regex,
+           "valid_frac": args.valid_frac}  # fmt: skip
     if overrides:
         cfg["model"] = overrides
     cfg_path = os.path.join(run, "config.yaml")
@@ -215,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.path.join(ROOT, "data", "bm5"))
     p.add_argument("--structures", default=os.path.join(ROOT, "..", "shared", "data", "structures"))
+    p.add_argument("--split-key-regex", default=None,
+                   help="train/validation split key (default: by complex for BM5, by PDB id "
+                        "for ProMod3, chosen from the data folder's name)")  # fmt: skip
     p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 15, 20, 30])
     p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     p.add_argument("--proteins", type=int, default=40)
@@ -228,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                   "../shared/data/train --out data/bm5 --chains split --models first",
                   file=sys.stderr)  # fmt: skip
             return 1
+        args.valid_frac = COMMON["valid_frac"]
+        if args.split_key_regex is None:
+            promod3 = "promod3" in os.path.basename(os.path.normpath(args.data))
+            args.split_key_regex = "^([0-9A-Za-z]{4})_" if promod3 else COMMON["split_key_regex"]
+            args.valid_frac = 0.02 if promod3 else COMMON["valid_frac"]
         args.minutes = sorted(args.minutes)
         args.ceiling = True
         proteins = heldout_proteins(args.proteins, args.structures)
