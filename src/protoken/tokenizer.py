@@ -276,6 +276,8 @@ class Tokenizer:
             x, mask, lengths = self._batch(chunk)
             grids = self.model.encode(x, mask)
             if self.layout == "residue":
+                if grids.ndim == 3:  # stages: the first one (TODO: all, with Tokens.stages)
+                    grids = grids[..., 0]
                 out.extend([grids[i, :n].cpu().numpy().astype(np.int64)]
                            for i, n in enumerate(lengths))  # fmt: skip
                 continue

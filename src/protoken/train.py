@@ -486,8 +486,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             "continue it, or choose another --out"
         )
     model_cfg, codec = cfg.model_cfg(), codec_settings(cfg)
-    if getattr(model_cfg, "dmax", codec.dmax) != codec.dmax:  # the loss reads Angstrom
-        model_cfg = dataclasses.replace(model_cfg, dmax=codec.dmax)
+    if model_cfg.loss.dmax != codec.dmax:  # the loss reads Angstrom
+        model_cfg = dataclasses.replace(
+            model_cfg, loss=dataclasses.replace(model_cfg.loss, dmax=codec.dmax)
+        )
     if ckpt is not None and ckpt["codec"] != codec.to_dict():
         raise ValueError(f"{last_path} used codec settings {ckpt['codec']}, now {codec}")
 
