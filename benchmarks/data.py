@@ -150,14 +150,14 @@ def decode_rates(folder: Path, seconds: float) -> dict[str, tuple[float, float]]
 def train_rate(preset: str, side: int, batch: int, steps: int) -> float | None:
     """Training images/s of the model at ``side`` x ``side`` (None if the model is unavailable)."""
     try:
-        from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths
+        from protoken.model import HierarchicalVQVAE, HierarchicalConfig, mask_from_lengths
     except ImportError as exc:  # the model is developed in parallel
         print(f"# model unavailable ({exc}): skipping the training comparison")
         return None
     torch.manual_seed(0)
-    config = VQVAEConfig.preset(preset)
+    config = HierarchicalConfig.preset(preset)
     side = -(-side // config.downsample_factor) * config.downsample_factor
-    model = VQVAE(config).train()
+    model = HierarchicalVQVAE(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, config.in_channels, side, side) * 2 - 1
     mask = mask_from_lengths([side] * batch, side)

@@ -102,14 +102,14 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_import_graph_has_no_cycle(graph):
-    assert "protoken.geometry" in graph and "protoken.model.vqvae" in graph
+    assert "protoken.geometry" in graph and "protoken.model.hierarchical" in graph
     assert graph["protoken.backbone"] >= {"protoken.geometry"}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 #: The README's Layout, top row first: a module may import only modules of lower rows. A package
-#: name covers its submodules (``model`` is model/config.py, model/vqvae.py ...).
+#: name covers its submodules (``model`` is model/hierarchical.py, model/residue.py ...).
 LAYERS = [
     {"__main__"},
     {"cli"},
@@ -188,7 +188,7 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     fake = {
         "protoken.geometry": {"protoken.codec"},
         "protoken.backbone": {"protoken.metrics", "protoken.geometry"},
-        "protoken.model.vqvae": {"protoken.model.config"},
+        "protoken.model.hierarchical": {"protoken.model.losses"},
     }
     assert upward_imports(fake) == ["protoken.backbone -> protoken.metrics",
                                     "protoken.geometry -> protoken.codec"]  # fmt: skip

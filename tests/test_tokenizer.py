@@ -15,7 +15,7 @@ import torch
 from helpers import MICRO
 from protoken import checkpoint as ckpt_io
 from protoken.codec import CodecSettings
-from protoken.model import VQVAE, VQVAEConfig, config_to_dict
+from protoken.model import HierarchicalVQVAE, HierarchicalConfig, config_to_dict
 from protoken.structure import SkipStructure, read_backbones
 from protoken.tokenizer import Tokenizer, load_tokens, save_tokens
 
@@ -29,8 +29,8 @@ NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pd
 def checkpoint(tmp_path_factory, structures_dir) -> str:
     """A micro model whose codebooks were initialised on real images (one training forward)."""
     torch.manual_seed(0)
-    cfg = VQVAEConfig.preset("tiny", **MICRO)
-    model = VQVAE(cfg)
+    cfg = HierarchicalConfig.preset("tiny", **MICRO)
+    model = HierarchicalVQVAE(cfg)
     tok = Tokenizer(model, CodecSettings(), device="cpu")
     items = [tok.prepare(structures_dir / n)[0] for n in NAMES]
     x, mask, _ = tok._batch([it.image for it in items])
@@ -142,9 +142,10 @@ def test_files_of_the_previous_version_load_and_give_the_same_tokens(structures_
     tok = Tokenizer.from_checkpoint(str(DATA / "old-checkpoint.pt"), device="cpu")
     old, meta = load_tokens(str(DATA / "old-tokens.npz"))
     assert meta["model_config"]["latent_dim"] == 8 and "attn_dim" not in meta["model_config"]
-    assert tok.config.attn_dim == 8 and VQVAEConfig.from_dict(meta["model_config"]) == tok.config
+    assert tok.config.attn_dim == 8
+    assert HierarchicalConfig.from_dict(meta["model_config"]) == tok.config
     run_config = json.loads((DATA / "old-run-config.json").read_text())
-    assert VQVAEConfig.preset(run_config["preset"], **run_config["model"]) == tok.config
+    assert HierarchicalConfig.preset(run_config["preset"], **run_config["model"]) == tok.config
     # today's code encodes the same structures to the same tokens, and decodes as before
     new = list(tok.encode_many([structures_dir / f"{t.id}.pdb" for t in old]))
     assert [(t.id, t.length, t.sequence) for t in new] == [(t.id, t.length, t.sequence)

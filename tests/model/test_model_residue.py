@@ -138,8 +138,13 @@ def test_decode_of_encode_is_the_forward_pass(model, images):
     lengths = [im.shape[-1] for im in images]
     decoded = model.decode(model.encode(x, mask).clamp(min=0), lengths)
     torch.testing.assert_close(decoded, out.recon, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.indices, model.encode(x, mask))
-    assert out.aux_loss == 0 and 0 < float(out.metrics["codebook_usage"]) <= 1
+    torch.testing.assert_close(out.codes, model.encode(x, mask))
+    usage = out.metrics["codebook_usage"]
+    assert (
+        out.aux_loss == 0
+        and usage.shape == (model.n_stages,)
+        and ((usage > 0) & (usage <= 1)).all()
+    )
     assert int(out.weight) == model.loss_weight(mask) == sum(n * (n - 1) for n in lengths)
 
 

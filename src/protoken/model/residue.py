@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -56,7 +58,9 @@ from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import Tensor, nn
 
 from protoken.model import geometry_torch as gt
+from protoken.model.contract import ModelOutput
 from protoken.model.losses import LossConfig, reconstruction_loss, unpack_image
+from protoken.model.quantize import code_statistics
 
 __all__ = [
     "PAIR_BINS",
@@ -615,25 +619,6 @@ class FrameHead(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-@dataclass
-class ResidueOutput:
-    """What :meth:`ResidueVQVAE.forward` returns (the output contract of :mod:`protoken.model`):
-    ``recon`` (B, 3, L, L) zero at padding, ``loss_sum`` / ``weight`` (valid pairs i != j),
-    ``aux_loss`` 0 (FSQ has no commitment loss), ``metrics``, ``indices`` (B, L, K), -1 at
-    padding and at stages dropped in training."""
-
-    recon: Tensor
-    loss_sum: Tensor
-    weight: Tensor
-    aux_loss: Tensor
-    metrics: dict[str, Tensor]
-    indices: Tensor
-
-    @property
-    def loss(self) -> Tensor:
-        return self.loss_sum / self.weight.clamp(min=1)
-
-
 class ResidueVQVAE(nn.Module):
     """Per-residue tokens of 6D images; see the module docstring.
 
@@ -711,9 +696,12 @@ class ResidueVQVAE(nn.Module):
 
     # -- public API --------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> ResidueOutput:
+    def forward(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> ModelOutput:
         """Encode, quantise, decode and compute the loss; ``x`` ``(B, 3, L, L)`` zero-padded,
-        ``mask`` ``(B, L, L)`` bool, ``chains`` ``(B, L)`` chain index (None: one chain)."""
+        ``mask`` ``(B, L, L)`` bool, ``chains`` ``(B, L)`` chain index (None: one chain).
+        ``metrics``: ``codebook_usage`` and ``perplexity`` per stage; ``aux_loss`` 0 (FSQ has
+        no commitment loss); ``codes`` ``(B, L, K)``, -1 at padding and at the stages dropped
+        in training."""
         mask = self._check(x, mask)
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         buckets = self._layout(rmask, chains)
@@ -726,15 +714,17 @@ class ResidueVQVAE(nn.Module):
             frac = self.config.pair_loss_fraction if self.training else 1.0
             ce = pair_cross_entropy(self.pair_heads, z, x, pm, self.config.dmax, frac)
             loss_sum = loss_sum + self.config.pair_loss_weight * ce
-        with torch.no_grad():
-            first = idx[..., 0][rmask]
-            counts = torch.bincount(first, minlength=self.quantizer.size).float()
-            p = counts / counts.sum().clamp(min=1)
+        with torch.no_grad():  # per stage; a stage dropped in this batch counts no code
+            stats = [
+                code_statistics(torch.bincount(idx[..., k][rmask & (idx[..., k] >= 0)],
+                                               minlength=self.quantizer.size).float())
+                for k in range(idx.shape[-1])
+            ]  # fmt: skip
             metrics = {
-                "codebook_usage": (counts > 0).float().mean(),
-                "perplexity": torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()),
+                "codebook_usage": torch.stack([u for u, _ in stats]),
+                "perplexity": torch.stack([p for _, p in stats]),
             }
-        return ResidueOutput(recon, loss_sum, weight, loss_sum.new_zeros(()), metrics, idx)
+        return ModelOutput(recon, loss_sum, weight, loss_sum.new_zeros(()), metrics, idx)
 
     @torch.no_grad()
     def encode(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> Tensor:
@@ -760,6 +750,32 @@ class ResidueVQVAE(nn.Module):
         q, rmask = self._lookup(codes, lengths)
         buckets = self._layout(rmask, chains)
         return self._image(self._trunk(q, rmask, buckets)[0], rmask)
+
+    def unbatch_codes(self, codes: Tensor, lengths) -> list[list[np.ndarray]]:
+        """Batched codes ``(B, L, K)`` -> per protein ``[codes (L_i, K)]`` (int64)."""
+        return [[codes[i, : int(n)].cpu().numpy().astype(np.int64)] for i, n in enumerate(lengths)]
+
+    def batch_codes(self, per_protein: Sequence[Sequence[np.ndarray]], lengths) -> Tensor:
+        """Per protein ``[codes (L_i, k)]`` (or ``(L_i,)``: one stage) -> ``(B, max L, k)``;
+        ``1 <= k <= n_stages`` stages, the same for every protein."""
+        ns = [int(n) for n in lengths]
+        arrays = [np.asarray(p[0] if len(p) == 1 else p, dtype=np.int64) for p in per_protein]
+        arrays = [a[:, None] if a.ndim == 1 else a for a in arrays]
+        stages = {a.shape[-1] for a in arrays}
+        if len(stages) > 1:
+            raise ValueError(f"proteins with different numbers of stages: {sorted(stages)}")
+        k = stages.pop() if stages else 1
+        if not 1 <= k <= self.n_stages:
+            raise ValueError(f"expected 1 to {self.n_stages} stages of codes, got {k}")
+        out = torch.full((len(arrays), max(ns, default=0), k), -1, dtype=torch.long)
+        for i, (a, n) in enumerate(zip(arrays, ns, strict=True)):
+            if a.shape != (n, k):
+                raise ValueError(f"expected {n} x {k} codes (one per residue and stage), got "
+                                 f"shape {a.shape}")  # fmt: skip
+            if n and (a.min() < 0 or a.max() >= self.quantizer.size):
+                raise ValueError(f"codes outside 0..{self.quantizer.size - 1}")
+            out[i, :n] = torch.as_tensor(a)
+        return out
 
     @torch.no_grad()
     def decode_backbone(self, codes: Tensor, lengths, chains: Tensor | None = None):
