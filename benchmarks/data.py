@@ -150,7 +150,7 @@ def decode_rates(folder: Path, seconds: float) -> dict[str, tuple[float, float]]
 def train_rate(preset: str, side: int, batch: int, steps: int) -> float | None:
     """Training images/s of the model at ``side`` x ``side`` (None if the model is unavailable)."""
     try:
-        from protoken.model import HierarchicalVQVAE, HierarchicalConfig, mask_from_lengths
+        from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
     except ImportError as exc:  # the model is developed in parallel
         print(f"# model unavailable ({exc}): skipping the training comparison")
         return None

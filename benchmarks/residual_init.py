@@ -34,7 +34,7 @@ from protoken.codec import read_image
 from protoken.convert import ConvertOptions, convert
 from protoken.inputs import walk_files
 from protoken.metrics import distance_mae
-from protoken.model import HierarchicalVQVAE, HierarchicalConfig, mask_from_lengths
+from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
 from protoken.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]

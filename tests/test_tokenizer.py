@@ -15,7 +15,7 @@ import torch
 from helpers import MICRO
 from protoken import checkpoint as ckpt_io
 from protoken.codec import CodecSettings
-from protoken.model import HierarchicalVQVAE, HierarchicalConfig, config_to_dict
+from protoken.model import HierarchicalConfig, HierarchicalVQVAE, config_to_dict
 from protoken.structure import SkipStructure, read_backbones
 from protoken.tokenizer import Tokenizer, load_tokens, save_tokens
 

@@ -7,8 +7,8 @@ import torch
 
 from protoken.model import (
     HIERARCHICAL_PRESETS,
-    HierarchicalVQVAE,
     HierarchicalConfig,
+    HierarchicalVQVAE,
     preset_config,
 )
 

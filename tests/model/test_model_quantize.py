@@ -212,7 +212,7 @@ def _ddp_worker(rank, world, port, out_dir):
         # a DDP-wrapped tiny VQ-VAE: identical parameters and codebooks after a step
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from protoken.model import HierarchicalVQVAE, HierarchicalConfig, mask_from_lengths
+        from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
 
         torch.manual_seed(rank)  # different init on purpose: DDP must broadcast it
         # buffers are synced once at construction, never in forward: equal codebooks after

@@ -1,4 +1,4 @@
-"""HierarchicalVQVAE: shapes, masks, losses, gradients, encode/decode, padding invariance, symmetry."""
+"""HierarchicalVQVAE: shapes, masks, losses, gradients, encode/decode, padding, symmetry."""
 
 import dataclasses
 import math

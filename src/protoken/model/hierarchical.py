@@ -56,7 +56,8 @@ _GLOBAL_ATTN_MAX_GRID = 32
 _DESIGN_MAX_SIZE = 1024
 _DEFAULT_WINDOW = 8
 
-#: Field names of older versions -> their current names (read by :meth:`HierarchicalConfig.from_dict`
+#: Field names of older versions -> their current names (read by
+#: :meth:`HierarchicalConfig.from_dict`
 #: and :meth:`HierarchicalConfig.preset`). ``latent_dim`` was the attention width, not the latent.
 RENAMED_FIELDS = {"latent_dim": "attn_dim"}
 #: Preset names of older versions -> their current names. "seed" now means only an RNG seed.
