@@ -54,23 +54,24 @@ COMMON = {
 }
 #: name -> (preset, model overrides[, training overrides])
 CONFIGS = {
-    "residue-4096": ("residue-small", {}),
-    "residue-1000": ("residue-small", {"fsq_levels": [8, 5, 5, 5]}),
+    # the first per-residue design (on BM5, --data data/bm5)
+    "residue-4096": ("residue-small", {**V1_FIELDS}),
+    "residue-1000": ("residue-small", {**V1_FIELDS, "fsq_levels": [8, 5, 5, 5]}),
     "hier-512-mse": ("tiny", {}),
     "hier-512-geo": ("tiny", {"loss": "geometric"}),
     "hier-64-geo": ("tiny", {"loss": "geometric", "codebook_size": 64}),
     # a schedule fitted to a 30-minute budget: 128-residue crops (~0.45 s a step on one
     # thread), cosine decay over the ~4,000 steps that fit in 30 CPU minutes
-    "residue-4096-30min": ("residue-small", {}, {"crop": 128, "max_steps": 4000}),
+    "residue-4096-30min": ("residue-small", {**V1_FIELDS}, {"crop": 128, "max_steps": 4000}),
     # issue 21's designs, on the ProMod3 chains (--data data/promod3): the first per-residue
     # design, then the neighbourhood encoder with residual FSQ (4 stages, random stage
     # dropout), without and with the decoder's pair representation and binned-6D heads
     "v1-promod3": ("residue-small", {**V1_FIELDS}),
-    "knn-rfsq": (
+    "knn-rfsq": ("residue-small", {}),
+    "knn-rfsq-pair": (
         "residue-small",
-        {"pair_dim_decoder": 0, "n_pair_blocks": 0, "pair_loss_weight": 0.0},
-    ),  # fmt: skip
-    "knn-rfsq-pair": ("residue-small", {}),
+        {"pair_dim_decoder": 32, "n_pair_blocks": 2, "pair_loss_weight": 0.25},
+    ),
 }
 
 

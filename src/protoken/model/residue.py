@@ -133,9 +133,9 @@ class ResidueConfig:
     max_relpos: int = 32
     fsq_levels: tuple[int, ...] = (8, 8, 8, 8)
     n_stages: int = 4
-    pair_dim_decoder: int = 32
-    n_pair_blocks: int = 2
-    pair_loss_weight: float = 0.25
+    pair_dim_decoder: int = 0
+    n_pair_blocks: int = 0
+    pair_loss_weight: float = 0.0
     pair_loss_fraction: float = 0.25
     loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig(kind="geometric"))
 
