@@ -366,10 +366,12 @@ def test_a_dataloader_worker_skips_a_bomb_without_memory_error(bomb_data):
     """A 20000x20000 PNG gave a MemoryError traceback in a loader worker."""
     from torch.utils.data import DataLoader
 
-    from protoken.data import IterableImageDataset
+    from protoken.data import BatchPlan, ImageIndex, IndexedBatches
 
-    ds = IterableImageDataset(str(bomb_data / "bin_40_64"), split="all")
-    ids = [item["id"] for item in DataLoader(ds, batch_size=None, num_workers=1)]
+    index = ImageIndex.build(str(bomb_data))
+    plan = BatchPlan(index, index.split_rows("all", 0.0), 4, True, seed=0)
+    stream = IndexedBatches(plan, 16, num_batches=plan.batches_per_epoch)
+    ids = [i for batch in DataLoader(stream, batch_size=None, num_workers=1) for i in batch["ids"]]
     assert ids and "bomb_3000" not in ids and "bomb_20000" not in ids
     assert len(ids) == len(list((bomb_data / "bin_40_64").glob("*.png"))) - 2
 
