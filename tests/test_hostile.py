@@ -28,7 +28,8 @@ import pytest
 import helpers
 from protoken.cli import main
 from protoken.codec import decode_png, features_to_image, read_image, write_png
-from protoken.convert import ConvertBusy, ConvertOptions, _Lock, convert, read_manifest
+from protoken.convert import ConvertBusy, ConvertOptions, convert, read_manifest
+from protoken.convert.lock import Lock
 from protoken.geometry import sixd
 from protoken.inputs import (
     MAX_ID_LENGTH,
@@ -491,14 +492,14 @@ def test_one_writer_per_out_and_shard(tmp_path, structures_dir, capsys):
     srcs = [str(structures_dir / n) for n in sorted(os.listdir(structures_dir))[:40:5]]
     args = ["convert", *srcs, "--out", str(out), "--no-progress", "--workers", "1"]
     out.mkdir()
-    lock = _Lock(str(out), None)  # a run in progress (flock: the same in another process)
+    lock = Lock(str(out), None)  # a run in progress (flock: the same in another process)
     try:
         code, _, err = run_cli(args, capsys)
         assert code == 1 and "is being written by another protoken convert (pid" in one_line(err)
         assert not (out / "manifest.tsv").exists()
     finally:
         lock.release()
-    shard0 = _Lock(str(out), (0, 2))
+    shard0 = Lock(str(out), (0, 2))
     try:
         assert run_cli([*args, "--shard", "1/2"], capsys)[0] == 0  # shards side by side
         for other in ([*args, "--shard", "0/2"], args):  # the same shard, or all of OUT
@@ -869,7 +870,7 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path, structures_dir):
 def test_busy_is_an_error_of_the_library_too(tmp_path, structures_dir):
     out = tmp_path / "out"
     out.mkdir()
-    lock = _Lock(str(out), (1, 3))
+    lock = Lock(str(out), (1, 3))
     try:
         with pytest.raises(ConvertBusy):
             convert([str(structures_dir / D1ASHA)], ConvertOptions(out=str(out)), workers=1,

@@ -441,7 +441,7 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recorded_dmax(images, dmax: float | None) -> None:
     """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images (one
     convert.json read per folder; the images are streamed, only their folders kept)."""
-    from protoken.inputs import settings_beside
+    from protoken.convert.settings import agreed, settings_beside
 
     if dmax is None:
         return
@@ -452,15 +452,9 @@ def _check_recorded_dmax(images, dmax: float | None) -> None:
             continue
         checked.add(folder)
         try:
-            settings = settings_beside(image) or {}
+            agreed(settings_beside(image) or {}, "dmax", dmax, f"the images of {folder}")
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        recorded = settings.get("dmax")
-        if recorded is not None and float(recorded) != dmax:
-            raise UsageError(
-                f"--dmax {dmax:g} contradicts the images of {folder}, converted with "
-                f"dmax={recorded} (convert.json); leave --dmax out to use it"
-            )
+            raise UsageError(f"--dmax: {exc}; leave --dmax out to use the recorded one") from None
 
 
 def _reconstruct(args: argparse.Namespace) -> int:

@@ -81,7 +81,7 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
 def demo_train(out: str, max_steps: int = 600, workers: int | None = None, log=print) -> dict:
     """Train a tiny tokenizer on the bundled structures and evaluate it on its held-out
     validation split (md5 of each image's path, ``valid_frac=0.2``); returns the summary."""
-    from protoken.convert import read_manifest
+    from protoken.convert.manifest import read_manifest
     from protoken.data import in_valid_split
     from protoken.evaluate import evaluate
     from protoken.report import headline

@@ -128,17 +128,15 @@ def agree(values: list[float], d: Dist, op=dist.ReduceOp.SUM) -> list[float]:
 
 def codec_settings(cfg: TrainConfig) -> CodecSettings:
     """dmax and bit depth recorded by ``protoken convert`` (a config value must agree)."""
-    from protoken.convert import read_settings
+    from protoken.convert.settings import agreed, read_settings
 
     recorded = read_settings(cfg.data) or {}
-    dmax = cfg.dmax if cfg.dmax is not None else recorded.get("dmax", 80.0)
-    bit_depth = cfg.bit_depth if cfg.bit_depth is not None else recorded.get("bit_depth", 8)
-    for key, value in (("dmax", dmax), ("bit_depth", bit_depth)):
-        if key in recorded and recorded[key] != value:
-            raise ValueError(
-                f"config {key}={value} but {cfg.data} was converted with {key}={recorded[key]}"
-            )
-    return CodecSettings(dmax=float(dmax), bit_depth=int(bit_depth), normalize=cfg.normalize)
+    dmax = agreed(recorded, "dmax", cfg.dmax, f"the data {cfg.data}")
+    bit_depth = agreed(recorded, "bit_depth", cfg.bit_depth, f"the data {cfg.data}")
+    known = {"dmax": None if dmax is None else float(dmax),
+             "bit_depth": None if bit_depth is None else int(bit_depth)}  # fmt: skip
+    known = {k: v for k, v in known.items() if v is not None}
+    return CodecSettings(normalize=cfg.normalize, **known)
 
 
 @dataclass

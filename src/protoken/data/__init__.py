@@ -20,6 +20,7 @@ Batches are dicts ``{"image": (B, 3, H, H), "mask": (B, H, H) bool, "lengths", "
 plans, reads, decodes and pads them.
 """
 
+from protoken.convert.bins import bin_range
 from protoken.data.batches import (
     BatchPlan,
     IndexedBatches,
@@ -29,7 +30,7 @@ from protoken.data.batches import (
     decode_image,
     ignore_signals,
 )
-from protoken.data.index import ImageIndex, bin_range, in_valid_split, read_id_list
+from protoken.data.index import ImageIndex, in_valid_split, read_id_list
 
 __all__ = [
     "BatchPlan",

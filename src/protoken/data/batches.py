@@ -39,7 +39,8 @@ from protoken.codec import (
     standardize,
     unstandardize,
 )
-from protoken.data.index import ImageIndex, bin_range, side_limit
+from protoken.convert.bins import bin_range, side_limit
+from protoken.data.index import ImageIndex
 
 __all__ = [
     "BatchPlan",

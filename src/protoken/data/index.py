@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from protoken.convert.bins import bin_range, is_bin
+from protoken.convert.manifest import manifest_files, ok_rows
 from protoken.inputs import walk_files
 from protoken.shards import SHARDS_DIR, index_files, member_key, read_index
 
-__all__ = ["ImageIndex", "bin_range", "in_valid_split", "read_id_list", "side_limit"]
-
-_BIN_RE = re.compile(r"bin_(\d+)_(\d+)")
+__all__ = ["ImageIndex", "in_valid_split", "read_id_list"]
 
 
 # --------------------------------------------------------------------------- split and bins
@@ -75,60 +75,7 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     return out
 
 
-def bin_range(name: str) -> tuple[int, int]:
-    """``"bin_65_128"`` -> ``(65, 128)`` (both ends inclusive).
-
-    Raises
-    ------
-    ValueError
-        ``name`` is not a bin folder name.
-    """
-    m = _BIN_RE.fullmatch(name)
-    if m is None:
-        raise ValueError(f"not a bin folder name (bin_LO_HI): {name!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def side_limit(folder_name: str) -> int | None:
-    """The largest image side read from a folder: for a bin, the default ``--max-len`` (1024)
-    or the bin's upper length if that is larger (``bin_1985_2048`` -> 2048); None (the codec's
-    :data:`~protoken.codec.MAX_IMAGE_SIDE`) for a folder that is no bin."""
-    m = _BIN_RE.fullmatch(folder_name)
-    return max(1024, int(m.group(2))) if m else None
-
-
 # --------------------------------------------------------------------------- the index
-
-
-def _manifest_files(root: str) -> list[str]:
-    """``manifest.tsv`` and the ``manifest.shard-I-of-N.tsv`` of sharded conversions."""
-    with os.scandir(root) as it:
-        names = [e.name for e in it if e.is_file() and _MANIFEST_RE.fullmatch(e.name)]
-    return [os.path.join(root, n) for n in sorted(names)]
-
-
-_MANIFEST_RE = re.compile(r"manifest(\.shard-\d+-of-\d+)?\.tsv")
-
-
-def _manifest_rows(path: str) -> Iterator[tuple[str, str, int]]:
-    """``(id, bin, length)`` of the ``ok`` rows of a manifest written by ``protoken convert``.
-
-    Reads the first 7 columns of each line only (``str.split`` with a limit), so the
-    sequences are never split; a partial last line (a killed conversion) is skipped.
-    """
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        header = fh.readline().rstrip("\n").split("\t")
-        try:
-            c_id, c_status = header.index("id"), header.index("status")
-            c_len, c_bin = header.index("length"), header.index("bin")
-        except ValueError:
-            raise ValueError(f"{path}: not a protoken manifest (header {header})") from None
-        limit = max(c_id, c_status, c_len, c_bin) + 1
-        for line in fh:
-            cols = line.split("\t", limit)
-            if len(cols) <= limit or cols[c_status] != "ok" or not line.endswith("\n"):
-                continue
-            yield cols[c_id], cols[c_bin], int(cols[c_len])
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,7 +175,7 @@ class ImageIndex:
         for name in skip | (only or set()):
             bin_range(name)  # raises on a malformed name
         shard_indexes = index_files(root)
-        manifests = _manifest_files(root)
+        manifests = manifest_files(root)
         cache = _IndexCache(root, shard_indexes or manifests, only, skip)
         cached = cache.load()
         if cached is not None:
@@ -238,7 +185,7 @@ class ImageIndex:
             rows = _shard_rows(shard_indexes, extra)
             source = "shards"
         elif manifests:
-            rows = itertools.chain.from_iterable(_manifest_rows(p) for p in manifests)
+            rows = itertools.chain.from_iterable(ok_rows(p) for p in manifests)
             source = "manifest"
         else:
             rows = _walk_rows(root)
@@ -492,7 +439,7 @@ _SHARD_FILES = _ShardFiles()
 def _walk_rows(root: str) -> Iterator[tuple[str, str, int]]:
     """``(id, bin, 0)`` of the PNGs of the bin folders of ``root``: one directory walk."""
     with os.scandir(root) as it:
-        names = sorted(e.name for e in it if e.is_dir() and _BIN_RE.fullmatch(e.name))
+        names = sorted(e.name for e in it if e.is_dir() and is_bin(e.name))
     for name in names:
         folder = os.path.join(root, name)
         for path in walk_files(folder, (".png",)):
