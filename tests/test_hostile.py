@@ -176,9 +176,10 @@ def test_split_chain_ids_cannot_leave_their_bin(tmp_path, structures_dir):
 def test_decode_refuses_a_token_file_with_an_unsafe_or_repeated_id(tmp_path, structures_dir,
                                                                    capsys):  # fmt: skip
     """A token file whose id is ../escaped made decode write next to --out (issue)."""
-    from protoken.tokenizer import Tokenizer, save_tokens
+    from protoken.token_files import save_tokens
+    from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(CHECKPOINT)
+    tok = Tokenizer.load(CHECKPOINT)
     good = tok.encode(structures_dir / D1ASHA)
     work = tmp_path / "work"
     work.mkdir()
@@ -673,9 +674,10 @@ def test_broken_checkpoints_are_one_line_in_every_command(kind, broken_checkpoin
 
 
 def test_broken_token_files_are_one_line(tmp_path, structures_dir, capsys):
-    from protoken.tokenizer import Tokenizer, save_tokens
+    from protoken.token_files import save_tokens
+    from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(CHECKPOINT)
+    tok = Tokenizer.load(CHECKPOINT)
     good = tmp_path / "good.npz"
     save_tokens(str(good), [tok.encode(structures_dir / D1ASHA)], tok.meta())
     with np.load(good) as z:

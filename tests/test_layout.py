@@ -118,7 +118,7 @@ LAYERS = [
     {"evaluate"},
     {"report"},
     {"tokenizer", "train"},
-    {"pretrained"},
+    {"pretrained", "token_files"},
     {"checkpoint", "train_config", "plots", "data"},
     {"reconstruct"},
     {"backbone", "metrics"},
