@@ -117,7 +117,7 @@ def evaluate_checkpoint(ckpt: str, proteins: list[str], out: str, ceiling: bool)
     from protoken.evaluate import evaluate
     from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(ckpt, device="cpu")
+    tok = Tokenizer.load(ckpt, device="cpu")
     s = evaluate(tok, proteins, out, backbone=True, workers=1, progress=False, ceiling=ceiling,
                  chains="first", models="first", log=lambda *a: None)  # fmt: skip
     result = {
