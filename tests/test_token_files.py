@@ -14,7 +14,10 @@ import pytest
 from protoken.token_files import (
     WRITERS,
     Tokens,
+    chains_text,
     load_tokens,
+    load_tokens_fasta,
+    read_token_file,
     save_tokens,
     save_tokens_fasta,
     save_tokens_parquet,
@@ -65,35 +68,92 @@ def test_token_files_round_trip_and_read_with_plain_numpy(tok, structures_dir, t
 
 
 def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structures_dir, tmp_path):
+    """Every stage and the chain layout survive each format, read back by read_token_file;
+    the documented layouts read without protoken (plain numpy, text, pyarrow)."""
     tokens = list(rtok.encode_many([structures_dir / n for n in NAMES]))
+    K = rtok.model.n_stages
+    assert K > 1 and all(t.stages.shape == (t.length, K) for t in tokens)
+    complex_ = Tokens("two_chains", tokens[0].length, tokens[0].sequence, tokens[0].levels,
+                      (("H", 100), ("L", tokens[0].length - 100)))  # fmt: skip
+    tokens = [*tokens, complex_]
     path = str(tmp_path / "r.npz")
     save_tokens(path, tokens, rtok.meta())
     back, meta = load_tokens(path)
-    assert meta["layout"] == "residue" and meta["codebook_size"] == 4096
+    assert meta["layout"] == "residue" and meta["codebook_size"] == 4096 and meta["stages"] == K
     for a, b in zip(tokens, back, strict=True):
-        assert (a.id, a.length, a.sequence) == (b.id, b.length, b.sequence)
-        np.testing.assert_array_equal(a.codes, b.codes)
+        assert (a.id, a.length, a.sequence, a.chains) == (b.id, b.length, b.sequence, b.chains)
+        np.testing.assert_array_equal(a.stages, b.stages)
     z = np.load(path)  # the documented layout, with plain numpy
     assert str(z["format"]) == "protoken-tokens/2" and z["codes"].dtype == np.uint16
     off = z["offsets"]
     np.testing.assert_array_equal(z["codes"][off[1] : off[2]], tokens[1].codes)
-    # FASTA: one record per protein, one integer per residue, aligned with the sequence
+    np.testing.assert_array_equal(z[f"codes_stage{K}"][off[1] : off[2]], tokens[1].stages[:, -1])
+    c = z["chain_offsets"]
+    assert z["chain_ids"][c[-2] : c[-1]].tolist() == ["H", "L"]
+    # FASTA: a header, then one line per stage, one integer per residue
     save_tokens_fasta(str(tmp_path / "r.fasta"), tokens)
     lines = (tmp_path / "r.fasta").read_text().splitlines()
-    assert len(lines) == 2 * len(tokens)
-    for t, head, body in zip(tokens, lines[::2], lines[1::2], strict=True):
-        assert head.split()[0] == f">{t.id}"
-        values = [int(v) for v in body.split()]
-        assert len(values) == len(t.sequence) == t.length and values == t.codes.tolist()
+    assert len(lines) == (K + 1) * len(tokens)
+    for i, t in enumerate(tokens):
+        head, *body = lines[i * (K + 1) : (i + 1) * (K + 1)]
+        assert head.split()[0] == f">{t.id}" and f"length={t.length}" in head
+        assert f"stages={K}" in head and f"chains={chains_text(t.chains)}" in head
+        for k, line in enumerate(body):
+            values = [int(v) for v in line.split()]
+            assert len(values) == len(t.sequence) == t.length and values == t.stages[:, k].tolist()
+    assert lines[-K - 1].split()[2] == f"chains=H:100,L:{tokens[0].length - 100}"
+    back = load_tokens_fasta(str(tmp_path / "r.fasta"))
+    for a, b in zip(tokens, back, strict=True):
+        assert (a.id, a.length, a.chains, b.sequence) == (b.id, b.length, b.chains, "")
+        np.testing.assert_array_equal(a.stages, b.stages)
     pq = pytest.importorskip("pyarrow.parquet")
     save_tokens_parquet(str(tmp_path / "r.parquet"), tokens, rtok.meta())
     table = pq.read_table(str(tmp_path / "r.parquet"))
-    assert table.column_names == ["id", "sequence", "tokens", "length"]
+    stage_columns = ["tokens"] + [f"tokens_{k}" for k in range(2, K + 1)]
+    assert table.column_names == ["id", "sequence", *stage_columns, "length", "chain_ids",
+                                  "chain_lengths"]  # fmt: skip
     for t, row in zip(tokens, table.to_pylist(), strict=True):
         assert row["id"] == t.id and row["sequence"] == t.sequence and row["length"] == t.length
-        assert row["tokens"] == t.codes.tolist() and len(row["tokens"]) == len(row["sequence"])
+        for k, col in enumerate(stage_columns):
+            assert row[col] == t.stages[:, k].tolist() and len(row[col]) == len(row["sequence"])
+        assert list(zip(row["chain_ids"], row["chain_lengths"], strict=True)) == list(t.chains)
+    back, meta = read_token_file(str(tmp_path / "r.parquet"))
+    assert meta["stages"] == K and [b.chains for b in back] == [t.chains for t in tokens]
+    for a, b in zip(tokens, back, strict=True):
+        np.testing.assert_array_equal(a.stages, b.stages)
     with pytest.raises(ValueError, match="per-residue"):
         save_tokens_fasta(str(tmp_path / "g.fasta"), load_tokens(str(DATA / "old-tokens.npz"))[0])
+
+
+def test_the_first_k_stages_are_tokens_of_their_own(rtok, structures_dir, tmp_path):
+    """Truncated tokens (the rate knob) are written, read and decoded as tokens of k stages:
+    decoding them equals decoding the full tokens with the tokenizer set to k stages."""
+    t = rtok.encode(structures_dir / NAMES[1])
+    one = t.first_stages(1)
+    assert one.stages.shape == (t.length, 1) and one.n_tokens == t.length
+    np.testing.assert_array_equal(one.codes, t.codes)
+    save_tokens_fasta(str(tmp_path / "one.fasta"), [one])
+    head = (tmp_path / "one.fasta").read_text().splitlines()[0]
+    assert "stages=" not in head  # one stage: the format of a single code per residue
+    assert load_tokens_fasta(str(tmp_path / "one.fasta"))[0].n_stages == 1
+    with pytest.raises(ValueError, match="stages"):
+        t.first_stages(t.n_stages + 1)
+
+
+def test_chain_layouts_that_do_not_add_up_are_refused(tmp_path):
+    codes = [np.zeros((50, 1), dtype=np.int64)]
+    with pytest.raises(ValueError, match="do not sum"):
+        Tokens("x", 50, "", codes, (("A", 20), ("B", 20)))
+    (tmp_path / "bad.fasta").write_text(">x length=50 chains=A:20,B:20\n" + "1 " * 50 + "\n")
+    with pytest.raises(ValueError) as info:
+        read_token_file(str(tmp_path / "bad.fasta"))
+    assert str(info.value).startswith(str(tmp_path / "bad.fasta")) and "\n" not in str(info.value)
+    (tmp_path / "short.fasta").write_text(">x length=50 stages=2\n" + "1 " * 50 + "\n1 2\n")
+    with pytest.raises(ValueError, match="expected 50 codes"):
+        read_token_file(str(tmp_path / "short.fasta"))
+    (tmp_path / "junk.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a token file"):
+        read_token_file(str(tmp_path / "junk.txt"))
 
 
 def _rewrite(path, out, **changes):

@@ -147,7 +147,10 @@ def test_token_files_of_format_2_load_and_the_bundled_tokenizers_give_the_same_t
     assert [(t.id, t.length, t.sequence) for t in new] == [(t.id, t.length, t.sequence)
                                                           for t in old]  # fmt: skip
     for a, b in zip(old, new, strict=True):
-        assert len(a.levels) == len(b.levels)
+        assert len(a.levels) == len(b.levels) and a.layout == b.layout
+        if a.layout == "residue":  # format 2 holds (L,) codes: one stage
+            np.testing.assert_array_equal(a.stages, b.stages)
+            continue
         for ga, gb in zip(a.levels, b.levels, strict=True):
             np.testing.assert_array_equal(ga, gb)
     image = tok.decode(old[0])
@@ -169,25 +172,48 @@ def rtok(residue_checkpoint) -> Tokenizer:
     return Tokenizer.load(residue_checkpoint, device="cpu", batch_size=3)
 
 
-def test_residue_tokens_one_per_residue_decode_like_the_forward_pass(rtok, structures_dir):
+def test_residue_tokens_decode_like_the_forward_pass_from_any_number_of_stages(
+    rtok, structures_dir
+):
     assert rtok.layout == "residue" and rtok.bits_per_token == 12
+    K = rtok.model.n_stages
     items = [rtok.prepare(structures_dir / n)[0] for n in NAMES]
     levels, decoded = rtok.roundtrip([it.image for it in items])
     x, mask, lengths = rtok._batch([it.image for it in items])
     with torch.no_grad():
-        recon = rtok.model(x, mask).recon
+        codes = rtok.model(x, mask).codes
+        recon = rtok.model.decode(rtok.model.batch_codes(levels, lengths), lengths)
     for i, n in enumerate(lengths):
-        assert levels[i][0].shape == (n,)
+        assert levels[i][0].shape == (n, K)
+        # the codes of the forward pass (float noise of another padding may move a value of
+        # the finest stage across a rounding boundary: 1 / 512 of the first stage's step)
+        np.testing.assert_array_equal(levels[i][0][:, 0], codes[i, :n, 0].numpy())
+        assert (levels[i][0] == codes[i, :n].numpy()).mean() > 0.99
         want = recon[i, :, :n, :n].clamp(-1, 1).numpy()
         # batches padded differently: float noise, which the untrained decoder's near-coincident
         # atoms amplify in the angles; distances stay tight
         np.testing.assert_allclose(np.tril(decoded[i][0]), np.tril(want[0]), atol=1e-4)
         np.testing.assert_allclose(decoded[i], want, atol=2e-2)
     t = rtok.encode(structures_dir / "foldseek__d1asha_.pdb")
-    assert t.layout == "residue" and t.codes.shape == (147,) and t.n_tokens == 147
-    assert len(t.sequence) == 147
-    rec = rtok.decode_structure(t)
+    assert t.layout == "residue" and t.codes.shape == (147,) and t.n_tokens == 147 * K
+    assert len(t.sequence) == 147 and t.chains == (("A", 147),)
+    # decode from the first k stages = decode of the tokens truncated to k stages
+    for k in range(1, K + 1):
+        rtok.stages = k
+        try:
+            short = rtok.encode(structures_dir / "foldseek__d1asha_.pdb")
+            assert short.stages.shape == (147, k)
+            np.testing.assert_array_equal(short.stages, t.stages[:, :k])
+            np.testing.assert_array_equal(rtok.decode(t), rtok.decode(t.first_stages(k)))
+        finally:
+            rtok.stages = None
+    with pytest.raises(ValueError, match="stages"):
+        rtok.stages = K + 1
+    rec = rtok.decode_structure(t)  # the decoder's own backbone
     assert rec.cb.shape == (147, 3) and np.isfinite(rec.cb).all()
+    assert list(rec.atoms) == ["N", "CA", "C", "O", "CB"]
+    via_image = rtok.decode_structure(t, via="image")
+    assert via_image.cb.shape == (147, 3)
     with pytest.raises(ValueError, match="layout"):
         tok_grid = Tokenizer.load(str(DATA / "old-checkpoint.pt"), device="cpu")
         tok_grid.decode(t)

@@ -249,6 +249,22 @@ def _checkpoint(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _stages(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--stages",
+        type=_positive_int,
+        help=f"per-residue tokenizers: {what} the first K residual stages (K x 12 bits per "
+        "residue with 'residue'; default: all the tokenizer has)",
+    )
+
+
+def _set_stages(tok, args: argparse.Namespace) -> None:
+    try:
+        tok.stages = args.stages
+    except ValueError as exc:
+        raise UsageError(f"--stages: {exc}") from None
+
+
 def _fail(command: str, message, code: int = EXIT_USAGE) -> int:
     print(f"protoken {command}: {' '.join(str(message).split())}", file=sys.stderr)
     return code
@@ -510,6 +526,7 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
         "protein, its tokens as space-separated integers, one per residue; parquet: columns "
         "id, sequence, tokens, length (pyarrow). fasta and parquet need per-residue tokens",
     )
+    _stages(parser, "write")
     _structure_filters(parser)
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, help="proteins per forward pass"
@@ -527,6 +544,7 @@ def _encode(args: argparse.Namespace) -> int:
     _check_inputs(args.inputs)
     _out_file(args.out)
     tok = Tokenizer.load(args.checkpoint, batch_size=args.batch_size)
+    _set_stages(tok, args)
     if args.format != "npz" and tok.layout != "residue":
         raise UsageError(
             f"--format {args.format} writes one token per residue; {args.checkpoint} makes "
@@ -555,10 +573,12 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tokens", metavar="FILE", help="token file written by protoken encode")
+    parser.add_argument("tokens", metavar="FILE",
+                        help="token file written by protoken encode (npz, FASTA or Parquet)")  # fmt: skip
     _checkpoint(parser)
     parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
     _structure_output(parser)
+    _stages(parser, "decode from")
     _progress(parser)
 
 
@@ -568,6 +588,7 @@ def _decode(args: argparse.Namespace) -> int:
 
     _out_folder(args.out)
     tok = Tokenizer.load(args.checkpoint)
+    _set_stages(tok, args)
     try:
         tokens, meta = tok.read_tokens(args.tokens)  # every field checked; errors name the file
     except ValueError as exc:
@@ -600,6 +621,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="rebuild the full backbone; report backbone RMSD and CA TM-score",
     )
     _workers(parser, None, "processes for the 3D reconstruction")
+    _stages(parser, "encode and decode with")
     _structure_filters(parser)
     _follow_links(parser)
     _progress(parser)
@@ -615,6 +637,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_inputs(args.inputs)
     _out_folder(args.out)
     tok = Tokenizer.load(args.checkpoint)
+    _set_stages(tok, args)
     try:
         summary = evaluate(tok, find_inputs(args.inputs, follow_links=args.follow_links),
                            args.out, backbone=args.backbone,

@@ -14,15 +14,29 @@ Three formats (``protoken encode --format``):
                      level{l}_offsets (N + 1,) int64: protein i's grid is
                                       codes[offsets[i]:offsets[i + 1]], reshaped to
                                       (ceil(L_i / s_l), ceil(L_i / s_l))
-    residue layout:  codes, offsets   one code per residue: protein i's are
+    residue layout:  codes, offsets   one code per residue (the first stage): protein i's are
                                       codes[offsets[i]:offsets[i + 1]], L_i of them
+                     codes_stage{k}   stage k = 2 .. K of residual tokens (meta "stages": K),
+                                      with the same offsets
+    complexes:       chain_ids, chain_lengths   (C,) every protein's chains in order, and
+                     chain_offsets    (N + 1,): protein i's chains are [chain_offsets[i],
+                                      chain_offsets[i + 1]) (none: one chain, id unknown)
 
-``fasta`` (:class:`FastaTokenWriter`, per-residue tokens only): ``>ID length=L`` then the codes
-as space-separated integers on one line, the i-th belonging to the i-th residue.
+Stages and chains were added without changing the format's version: a reader of version 2
+ignores the members it does not know and reads the first stage of every protein.
+
+``fasta`` (:class:`FastaTokenWriter`, per-residue tokens only): ``>ID length=L`` (plus
+`` chains=A:120,B:98`` for a complex and `` stages=K`` for K > 1 stages), then the codes of
+each stage as space-separated integers on one line each, the i-th belonging to the i-th
+residue.
 
 ``parquet`` (:class:`ParquetTokenWriter`, per-residue tokens only, pyarrow): columns ``id``,
-``sequence``, ``tokens`` (list of uint16 or int32), ``length``; the meta as the schema's
-``protoken`` metadata (JSON).
+``sequence``, ``tokens`` (list of uint16 or int32: the first stage), ``tokens_2`` ..
+``tokens_K`` (the later stages), ``length``, ``chain_ids`` and ``chain_lengths`` (lists; empty
+for a single chain of unknown id); the meta as the schema's ``protoken`` metadata (JSON).
+
+All three are read back by :func:`read_token_file` (FASTA has no meta: the tokenizer comes
+from the caller).
 
 Every writer streams protein by protein under a temporary name and gives the file its name
 only when complete (:func:`protoken.fileio.publish`: never over an existing file);
@@ -51,8 +65,13 @@ __all__ = [
     "ParquetTokenWriter",
     "TokenWriter",
     "Tokens",
+    "chains_text",
     "load_tokens",
+    "load_tokens_fasta",
+    "load_tokens_parquet",
     "open_token_writer",
+    "parse_chains",
+    "read_token_file",
     "save_tokens",
     "save_tokens_fasta",
     "save_tokens_parquet",
@@ -64,40 +83,100 @@ _FORMATS = ("protoken-tokens/1", TOKEN_FORMAT)
 
 @dataclass
 class Tokens:
-    """The tokens of one protein.
+    """The tokens of one protein (or complex).
 
     Attributes
     ----------
     id : str
     length : int
-        Residues L.
+        Residues L (of all chains).
     sequence : str
-        One-letter sequence ("" when encoded from an image without one).
+        One-letter sequence ("" when encoded from an image without one), chains concatenated.
     levels : list of ndarray
-        Residue layout: one ``(L,)`` int array, code i belonging to residue i. Grid layout:
-        coarsest level first, level l an int array (ceil(L / s_l), ceil(L / s_l)).
+        Residue layout: one ``(L, K)`` int array, the K stages of residue i in row i (an
+        ``(L,)`` array is one stage). Grid layout: coarsest level first, level l an int array
+        (ceil(L / s_l), ceil(L / s_l)).
+    chains : tuple of (str, int)
+        The chain layout of a complex, ``(chain id, residues)`` in order; empty for a single
+        chain whose id is not recorded.
     """
 
     id: str
     length: int
     sequence: str
     levels: list[np.ndarray]
+    chains: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.chains = tuple((str(c), int(n)) for c, n in self.chains)
+        if self.chains and sum(n for _, n in self.chains) != self.length:
+            raise ValueError(f"{self.id}: chain lengths {self.chain_lengths} do not sum to the "
+                             f"length {self.length}")  # fmt: skip
 
     @property
     def layout(self) -> str:
-        """``"residue"`` (one code per residue) or ``"grid"``."""
-        return "residue" if len(self.levels) == 1 and np.ndim(self.levels[0]) == 1 else "grid"
+        """``"residue"`` (codes per residue) or ``"grid"``."""
+        first = np.asarray(self.levels[0]) if len(self.levels) == 1 else None
+        per_residue = first is not None and first.ndim in (1, 2) and first.shape[0] == self.length
+        return "residue" if per_residue and (first.ndim == 1 or self.length > 1) else "grid"
+
+    @property
+    def stages(self) -> np.ndarray:
+        """The ``(L, K)`` codes of the residue layout, stage k of residue i at ``[i, k]``."""
+        if self.layout != "residue":
+            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
+        codes = np.asarray(self.levels[0])
+        return codes[:, None] if codes.ndim == 1 else codes
 
     @property
     def codes(self) -> np.ndarray:
-        """The ``(L,)`` codes of the residue layout."""
-        if self.layout != "residue":
-            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
-        return self.levels[0]
+        """The ``(L,)`` codes of the first stage (12 bits per residue with ``residue``)."""
+        return self.stages[:, 0]
+
+    @property
+    def n_stages(self) -> int:
+        return self.stages.shape[1] if self.layout == "residue" else 0
+
+    def first_stages(self, k: int) -> Tokens:
+        """These tokens with only the first ``k`` stages (the rate knob)."""
+        if not 1 <= k <= self.n_stages:
+            raise ValueError(f"{self.id}: {k} stages asked, the tokens have {self.n_stages}")
+        return Tokens(self.id, self.length, self.sequence, [self.stages[:, :k]], self.chains)
+
+    @property
+    def chain_ids(self) -> list[str]:
+        return [c for c, _ in self.chains]
+
+    @property
+    def chain_lengths(self) -> list[int]:
+        return [n for _, n in self.chains]
+
+    @property
+    def chain_index(self) -> np.ndarray | None:
+        """``(L,)`` chain index of each residue, or None for one chain."""
+        if len(self.chains) < 2:
+            return None
+        return np.repeat(np.arange(len(self.chains)), self.chain_lengths)
 
     @property
     def n_tokens(self) -> int:
-        return int(sum(g.size for g in self.levels))
+        return int(sum(np.size(g) for g in self.levels))
+
+
+def chains_text(chains) -> str:
+    """``A:120,B:98``: a chain layout as the manifest, FASTA headers and reports write it."""
+    return ",".join(f"{c}:{n}" for c, n in chains)
+
+
+def parse_chains(text: str) -> tuple[tuple[str, int], ...]:
+    """Inverse of :func:`chains_text` (ValueError on anything else)."""
+    out = []
+    for part in filter(None, text.split(",")):
+        cid, sep, n = part.rpartition(":")
+        if not sep or not cid or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"bad chain layout {text[:60]!r} (expected e.g. A:120,B:98)")
+        out.append((cid, int(n)))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- token files
@@ -181,6 +260,9 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         names = [(f"level{lv}_codes", f"level{lv}_offsets") for lv in range(len(scales))]
     else:
         raise bad(f"unknown layout {layout!r}")
+    stages = meta.get("stages", 1) if layout == "residue" else 1
+    if not isinstance(stages, int) or stages < 1:
+        raise bad("meta has no valid number of stages")
     per_level = []
     for (ck, ok), s in zip(names, scales, strict=True):
         if ck not in arrays or ok not in arrays:
@@ -200,6 +282,15 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
             raise bad(f"codes outside the codebook 0..{size - 1} in {ck}")
         per_level.append((codes, expect))
+    later = []  # stages 2..K of the residue layout, each with the first stage's offsets
+    for k in range(2, stages + 1):
+        codes = arrays.get(f"codes_stage{k}")
+        if codes is None or codes.shape != per_level[0][0].shape or codes.dtype.kind not in "iu":
+            raise bad(f"codes_stage{k} missing or not shaped as codes")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            raise bad(f"codes outside the codebook 0..{size - 1} in codes_stage{k}")
+        later.append(codes)
+    chains = _chain_arrays(arrays, lengths, bad)
     out = []
     for i, length in enumerate(lengths.tolist()):
         levels = []
@@ -208,9 +299,146 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
             if layout == "grid":
                 k = math.ceil(length / s)
                 c = c.reshape(k, k)
+            elif later:
+                c = np.stack([c] + [x[off[i] : off[i + 1]].astype(np.int64) for x in later], 1)
             levels.append(c)
-        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels))
+        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels, chains[i]))
     return out, meta
+
+
+def read_token_file(path: str) -> tuple[list[Tokens], dict]:
+    """Any token file ``protoken encode`` writes: ``.npz`` (:func:`load_tokens`), ``.parquet``
+    (:func:`load_tokens_parquet`) or FASTA (:func:`load_tokens_fasta`, whose meta is empty),
+    chosen by the file's first bytes. Raises ValueError naming the file for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if head.startswith(b"PK"):
+        return load_tokens(path)
+    if head == b"PAR1":
+        return load_tokens_parquet(path)
+    if head.startswith(b">"):
+        return load_tokens_fasta(path), {}
+    raise ValueError(f"{path}: not a token file (neither .npz, Parquet nor FASTA)")
+
+
+_FASTA_LINE = 16 * MAX_IMAGE_SIDE  # bytes: a line of codes of the longest protein
+
+
+def load_tokens_fasta(path: str) -> list[Tokens]:
+    """Read a FASTA token file (the module docstring): every record's stages and chains, the
+    sequence empty (FASTA token files do not hold it). ValueError with the line for a bad
+    header, a line of codes of the wrong length or not integers, an unsafe or repeated id."""
+    out: list[Tokens] = []
+    seen: set[str] = set()
+    with open(path, "rb") as fh:
+        lines = iter(enumerate(fh, 1))
+        for no, raw in lines:
+            if len(raw) > _FASTA_LINE:
+                raise ValueError(f"{path}:{no}: line longer than {_FASTA_LINE} bytes")
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            if not line.startswith(">"):
+                raise ValueError(f"{path}:{no}: expected a '>ID length=L' header")
+            words = line[1:].split()
+            fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+            tid = words[0] if words else ""
+            if not is_safe_id(tid) or tid in seen:
+                raise ValueError(f"{path}:{no}: unsafe or repeated id {tid[:40]!r}")
+            try:
+                length, stages = int(fields["length"]), int(fields.get("stages", 1))
+                chains = parse_chains(fields.get("chains", ""))
+            except (KeyError, ValueError):
+                raise ValueError(f"{path}:{no}: bad header {line[:80]!r}") from None
+            if not 1 <= length <= MAX_IMAGE_SIDE or not 1 <= stages <= 64:
+                raise ValueError(f"{path}:{no}: length or stages out of range")
+            rows = []
+            for _ in range(stages):
+                no, raw = next(lines, (no + 1, b""))
+                if len(raw) > _FASTA_LINE:
+                    raise ValueError(f"{path}:{no}: line longer than {_FASTA_LINE} bytes")
+                try:
+                    codes = np.array(raw.split(), dtype=np.int64)
+                except ValueError:
+                    raise ValueError(f"{path}:{no}: codes must be integers") from None
+                if codes.shape != (length,) or (length and codes.min() < 0):
+                    raise ValueError(f"{path}:{no}: expected {length} codes >= 0, "
+                                     f"got {codes.size}")  # fmt: skip
+                rows.append(codes)
+            seen.add(tid)
+            try:
+                out.append(Tokens(tid, length, "", [np.stack(rows, 1)], chains))
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+    if not out:
+        raise ValueError(f"{path}: no FASTA records")
+    return out
+
+
+def load_tokens_parquet(path: str) -> tuple[list[Tokens], dict]:
+    """Read a Parquet token file (the module docstring): ``(tokens, meta)``."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading Parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(b"protoken", b"{}"))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds on a bad file
+        raise ValueError(
+            f"{path}: not a readable Parquet token file ({type(exc).__name__})"
+        ) from None
+    cols = set(table.column_names)
+    if not {"id", "sequence", "tokens", "length"} <= cols or not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a protoken Parquet token file")
+    stage_cols = ["tokens"] + sorted((c for c in cols if c.startswith("tokens_")),
+                                     key=lambda c: int(c.split("_")[1]))  # fmt: skip
+    data = table.to_pydict()
+    out, seen = [], set()
+    size = meta.get("codebook_size")
+    for i, tid in enumerate(data["id"]):
+        length = data["length"][i]
+        if not is_safe_id(tid) or tid in seen or not 1 <= length <= MAX_IMAGE_SIDE:
+            raise ValueError(f"{path}: row {i}: unsafe or repeated id, or length out of range")
+        codes = [np.asarray(data[c][i], dtype=np.int64) for c in stage_cols]
+        if any(c.shape != (length,) for c in codes) or any(
+            len(c) and (c.min() < 0 or (isinstance(size, int) and c.max() >= size)) for c in codes
+        ):
+            raise ValueError(f"{path}: row {i} ({tid}): codes do not match its length or codebook")
+        cids = data["chain_ids"][i] if "chain_ids" in data else None
+        sizes = data["chain_lengths"][i] if "chain_lengths" in data else None
+        chains = tuple(zip(cids or [], sizes or [], strict=True))
+        seen.add(tid)
+        try:
+            out.append(Tokens(tid, length, data["sequence"][i] or "", [np.stack(codes, 1)], chains))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return out, meta
+
+
+def _chain_arrays(arrays: dict, lengths: np.ndarray, bad) -> list[tuple]:
+    """Each protein's chain layout from the ``chain_*`` members (none: every protein ())."""
+    n = len(lengths)
+    if "chain_offsets" not in arrays:
+        return [()] * n
+    ids, sizes, off = arrays.get("chain_ids"), arrays.get("chain_lengths"), arrays["chain_offsets"]
+    if ids is None or sizes is None or ids.dtype.kind != "U" or sizes.dtype.kind not in "iu":
+        raise bad("chain_ids must be strings and chain_lengths integers")
+    if off.shape != (n + 1,) or off.dtype.kind not in "iu" or ids.shape != sizes.shape:
+        raise bad("chain_offsets must be (N + 1,) integers over chain_ids and chain_lengths")
+    off = off.astype(np.int64)
+    if off[0] != 0 or off[-1] != len(ids) or (np.diff(off) < 0).any():
+        raise bad("chain_offsets do not index chain_ids")
+    out = []
+    for i in range(n):
+        part = sizes[off[i] : off[i + 1]].astype(np.int64)
+        if len(part) and (part.min() < 1 or int(part.sum()) != int(lengths[i])):
+            raise bad(f"the chain lengths of protein {i} do not sum to its length")
+        out.append(tuple(zip(ids[off[i] : off[i + 1]].tolist(), part.tolist(), strict=True)))
+    return out
 
 
 def _residue_only_error(what: str) -> ValueError:
@@ -368,21 +596,37 @@ class NpzTokenWriter(TokenWriter):
         self.max_id = self.max_seq = 1
 
     def _add(self, t: Tokens) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        # the residue layout's stages are spooled as columns, grids level by level
+        parts = ([t.stages[:, k] for k in range(t.n_stages)] if self.layout == "residue"
+                 else list(t.levels))  # fmt: skip
         if not self.levels:
-            self.n_levels = len(t.levels)
-            folder = os.path.dirname(os.path.abspath(self.path))
+            self.n_levels = len(parts)
             self.levels = [_Spool(folder) for _ in range(self.n_levels)]
-        if len(t.levels) != self.n_levels:
-            raise ValueError(f"{t.id}: {len(t.levels)} levels, the file has {self.n_levels}")
+            self.chain_ids, self.chain_sizes = _Spool(folder), _Spool(folder)
+            self.chain_counts = _Spool(folder)
+            self.max_chain = 1
+            if self.layout == "residue":
+                self.meta["stages"] = self.n_levels
+        if len(parts) != self.n_levels:
+            what = "stages" if self.layout == "residue" else "levels"
+            raise ValueError(f"{t.id}: {len(parts)} {what}, the file has {self.n_levels}")
         for spool, text in ((self.ids, t.id), (self.seqs, t.sequence)):
             data = text.encode("utf-8", "surrogatepass")
             spool.fh.write(len(data).to_bytes(4, "little") + data)
         self.max_id = max(self.max_id, len(t.id))
         self.max_seq = max(self.max_seq, len(t.sequence))
         self.lengths.fh.write(np.int32(t.length).tobytes())
-        for spool, grid in zip(self.levels, t.levels, strict=True):
+        for spool, grid in zip(self.levels, parts, strict=True):
             spool.fh.write(np.asarray(grid).ravel().astype(self.dtype).tobytes())
             spool.items += int(np.size(grid))
+        self.chain_counts.fh.write(np.int32(len(t.chains)).tobytes())
+        for cid, n in t.chains:
+            data = cid.encode("utf-8", "surrogatepass")
+            self.chain_ids.fh.write(len(data).to_bytes(4, "little") + data)
+            self.chain_sizes.fh.write(np.int32(n).tobytes())
+            self.max_chain = max(self.max_chain, len(cid))
+        self.chain_ids.items += len(t.chains)
 
     def _finish(self) -> None:
         import zipfile
@@ -391,21 +635,33 @@ class NpzTokenWriter(TokenWriter):
         with zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
             self._member(zf, "format", np.array(TOKEN_FORMAT))
             self._member(zf, "meta", np.array(json.dumps(self.meta)))
-            self._strings(zf, "ids", self.ids, self.max_id)
-            self._strings(zf, "sequences", self.seqs, self.max_seq)
+            self._strings(zf, "ids", self.ids, self.max_id, n)
+            self._strings(zf, "sequences", self.seqs, self.max_seq, n)
             self._copy(zf, "lengths", self.lengths, np.dtype(np.int32), n)
-            names = (["codes"] if self.layout == "residue"
-                     else [f"level{lv}" for lv in range(self.n_levels)])  # fmt: skip
-            for lv, (name, spool) in enumerate(zip(names, self.levels, strict=True)):
-                key = name if self.layout == "residue" else f"{name}_codes"
-                off = "offsets" if self.layout == "residue" else f"{name}_offsets"
+            if self.layout == "residue":  # stage 1 as format 2 had it, then the others
+                names = ["codes"] + [f"codes_stage{k}" for k in range(2, self.n_levels + 1)]
+            else:
+                names = [f"level{lv}_codes" for lv in range(self.n_levels)]
+            for lv, (key, spool) in enumerate(zip(names, self.levels, strict=True)):
                 self._copy(zf, key, spool, self.dtype, spool.items)
-                self._offsets(zf, off, lv)
+                if self.layout != "residue" or lv == 0:
+                    off = "offsets" if self.layout == "residue" else f"level{lv}_offsets"
+                    self._offsets(zf, off, lv)
+            if self.chain_ids.items:
+                c = self.chain_ids.items
+                self._strings(zf, "chain_ids", self.chain_ids, self.max_chain, c)
+                self._copy(zf, "chain_lengths", self.chain_sizes, np.dtype(np.int32), c)
+                self.chain_counts.fh.seek(0)
+                counts = np.frombuffer(self.chain_counts.fh.read(), dtype=np.int32)
+                offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+                self._member(zf, "chain_offsets", offsets)
         self._cleanup()
 
     def _cleanup(self) -> None:
         for spool in (getattr(self, "ids", None), getattr(self, "seqs", None),
-                      getattr(self, "lengths", None), *getattr(self, "levels", [])):  # fmt: skip
+                      getattr(self, "lengths", None), *getattr(self, "levels", []),
+                      getattr(self, "chain_ids", None), getattr(self, "chain_sizes", None),
+                      getattr(self, "chain_counts", None)):  # fmt: skip
             if spool is not None:
                 spool.close()
 
@@ -428,14 +684,14 @@ class NpzTokenWriter(TokenWriter):
             for block in iter(lambda: spool.fh.read(1 << 20), b""):
                 fh.write(block)
 
-    def _strings(self, zf, name: str, spool: _Spool, width: int) -> None:
+    def _strings(self, zf, name: str, spool: _Spool, width: int, count: int) -> None:
         dtype = np.dtype(f"<U{width}")
         spool.fh.flush()
         spool.fh.seek(0)
         read = spool.fh.read
         per_block = max(1, (1 << 20) // dtype.itemsize)  # about 1 MB of padded strings
-        with self._open(zf, name, dtype, (self.count,)) as fh:
-            left = self.count
+        with self._open(zf, name, dtype, (count,)) as fh:
+            left = count
             while left:
                 k = min(left, per_block)
                 texts = []
@@ -462,6 +718,16 @@ class NpzTokenWriter(TokenWriter):
                 total = int(ends[-1])
 
 
+def fasta_header(t: Tokens) -> str:
+    """``>ID length=L`` plus `` chains=A:120,B:98`` (a complex) and `` stages=K`` (K > 1)."""
+    head = f">{t.id} length={t.length}"
+    if t.chains:
+        head += f" chains={chains_text(t.chains)}"
+    if t.n_stages > 1:
+        head += f" stages={t.n_stages}"
+    return head
+
+
 class FastaTokenWriter(TokenWriter):
     """Per-residue tokens as FASTA (:func:`save_tokens_fasta`), appended record by record."""
 
@@ -471,8 +737,9 @@ class FastaTokenWriter(TokenWriter):
         self.fh = open(self.tmp, "w")
 
     def _add(self, t: Tokens) -> None:
-        self.fh.write(f">{t.id} length={t.length}\n")
-        self.fh.write(" ".join(map(str, np.asarray(t.codes).tolist())) + "\n")
+        self.fh.write(fasta_header(t) + "\n")
+        for k in range(t.n_stages):
+            self.fh.write(" ".join(map(str, t.stages[:, k].tolist())) + "\n")
 
     def _finish(self) -> None:
         self.fh.close()
@@ -502,19 +769,31 @@ class ParquetTokenWriter(TokenWriter):
         self.writer = None
 
     def _start(self) -> None:
-        pa = self.pa
         if self.layout != "residue":
             raise _residue_only_error("--format parquet")
         self.np_type = _code_dtype(self.meta)
-        self.code_type = pa.uint16() if self.np_type == np.uint16 else pa.int32()
-        meta = json.dumps({**self.meta, "layout": "residue"})
-        schema = pa.schema([("id", pa.string()), ("sequence", pa.string()),
-                            ("tokens", pa.list_(self.code_type)), ("length", pa.int32())],
-                           metadata={"protoken": meta})  # fmt: skip
-        self.writer = self.pq.ParquetWriter(self.tmp, schema)
+        self.code_type = self.pa.uint16() if self.np_type == np.uint16 else self.pa.int32()
+        self.n_stages = None
+
+    def _open(self, n_stages: int) -> None:
+        pa = self.pa
+        self.n_stages = n_stages
+        meta = json.dumps({**self.meta, "layout": "residue", "stages": n_stages})
+        fields = [("id", pa.string()), ("sequence", pa.string()),
+                  ("tokens", pa.list_(self.code_type))]  # fmt: skip
+        fields += [(f"tokens_{k}", pa.list_(self.code_type)) for k in range(2, n_stages + 1)]
+        fields += [("length", pa.int32()), ("chain_ids", pa.list_(pa.string())),
+                   ("chain_lengths", pa.list_(pa.int32()))]  # fmt: skip
+        self.writer = self.pq.ParquetWriter(
+            self.tmp, pa.schema(fields, metadata={"protoken": meta})
+        )
 
     def _add(self, t: Tokens) -> None:
-        self.rows.append((t.id, t.sequence, np.asarray(t.codes).astype(self.np_type), t.length))
+        if self.writer is None:
+            self._open(t.n_stages)
+        if t.n_stages != self.n_stages:
+            raise ValueError(f"{t.id}: {t.n_stages} stages, the file has {self.n_stages}")
+        self.rows.append((t.id, t.sequence, t.stages.astype(self.np_type), t.length, t.chains))
         if len(self.rows) >= self.row_group:
             self._flush()
 
@@ -522,17 +801,21 @@ class ParquetTokenWriter(TokenWriter):
         if not self.rows:
             return
         pa = self.pa
-        ids, seqs, codes, lengths = zip(*self.rows, strict=True)
-        offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int32)
-        values = pa.array(np.concatenate(codes), self.code_type)
-        tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
-        table = pa.table({
-            "id": pa.array(ids, pa.string()),
-            "sequence": pa.array(seqs, pa.string()),
-            "tokens": tokens,
-            "length": pa.array(lengths, pa.int32()),
-        }, schema=self.writer.schema)  # fmt: skip
-        self.writer.write_table(table, row_group_size=len(ids))
+        ids, seqs, codes, lengths, chains = zip(*self.rows, strict=True)
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(c) for c in codes])]), pa.int32())
+        columns = {"id": pa.array(ids, pa.string()), "sequence": pa.array(seqs, pa.string())}
+        for k in range(self.n_stages):
+            values = pa.array(np.concatenate([c[:, k] for c in codes]), self.code_type)
+            columns["tokens" if k == 0 else f"tokens_{k + 1}"] = pa.ListArray.from_arrays(
+                offsets, values
+            )
+        columns["length"] = pa.array(lengths, pa.int32())
+        columns["chain_ids"] = pa.array([[c for c, _ in ch] for ch in chains],
+                                        pa.list_(pa.string()))  # fmt: skip
+        columns["chain_lengths"] = pa.array([[n for _, n in ch] for ch in chains],
+                                            pa.list_(pa.int32()))  # fmt: skip
+        self.writer.write_table(pa.table(columns, schema=self.writer.schema),
+                                row_group_size=len(ids))  # fmt: skip
         self.rows = []
 
     def _finish(self) -> None:

@@ -42,7 +42,7 @@ from protoken.fileio import file_sha256
 from protoken.geometry import sixd
 from protoken.inputs import image_id
 from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
-from protoken.token_files import Tokens, load_tokens, open_token_writer
+from protoken.token_files import Tokens, open_token_writer, read_token_file
 
 __all__ = ["INPUT_ERRORS", "EncodeSummary", "Item", "Tokenizer", "Tokens", "decode_to_files",
            "encode_to_file"]  # fmt: skip
@@ -54,13 +54,15 @@ INPUT_ERRORS = (SkipStructure, StructureError, ValueError, OSError)
 
 @dataclass
 class Item:
-    """An input prepared for the model: its id, image in [-1, 1] (3, L, L), sequence, and the
-    backbone (L, 3, 3) when it came from a structure file."""
+    """An input prepared for the model: its id, image in [-1, 1] (3, L, L), sequence, the
+    backbone (L, 3, 3) when it came from a structure file, and its chain layout
+    (``(chain id, residues)`` in order; empty when unknown)."""
 
     id: str
     image: np.ndarray
     sequence: str = ""
     backbone: np.ndarray | None = None
+    chains: tuple[tuple[str, int], ...] = ()
 
 
 def checkpoint_id(path: str) -> str:
@@ -95,6 +97,7 @@ class Tokenizer:
         self.batch_size = batch_size
         self.config = model.config
         self.provenance: dict = {}
+        self._stages: int | None = None
 
     @property
     def layout(self) -> str:
@@ -102,6 +105,24 @@ class Tokenizer:
         from protoken.model import ResidueConfig
 
         return "residue" if isinstance(self.config, ResidueConfig) else "grid"
+
+    @property
+    def stages(self) -> int | None:
+        """Per-residue tokenizers: how many residual stages :meth:`encode` keeps and
+        :meth:`decode` reads (None: all of them); 1 stage is 12 bits per residue with the
+        bundled ``residue``."""
+        return self._stages
+
+    @stages.setter
+    def stages(self, k: int | None) -> None:
+        if k is not None:
+            n = getattr(self.model, "n_stages", None)
+            if n is None:
+                raise ValueError("stages apply to per-residue tokenizers only")
+            if not 1 <= int(k) <= n:
+                raise ValueError(f"stages must be 1 to {n} for this tokenizer, got {k}")
+            k = int(k)
+        self._stages = k
 
     @property
     def bits_per_token(self) -> float:
@@ -200,7 +221,8 @@ class Tokenizer:
     def _from_backbone(self, bb) -> Item:
         image = features_to_image(sixd(bb.n, bb.ca, bb.c, dmax=self.codec.dmax), self.codec.dmax)
         image = dequantize(quantize(image, self.codec.bit_depth))
-        return Item(bb.id, image, bb.sequence, bb.coords)
+        chains = getattr(bb, "chains", None) or ((bb.chain_id, len(bb)),)
+        return Item(bb.id, image, bb.sequence, bb.coords, tuple(chains))
 
     # ------------------------------------------------------------------ model
 
@@ -230,65 +252,57 @@ class Tokenizer:
             out.append(img.clamp(-1, 1).cpu().numpy())
         return out
 
+    def _chain_tensor(self, chains: Sequence | None, lengths: Sequence[int], side: int):
+        """``(B, side)`` chain index of each residue (-1 at padding), or None when every
+        protein is one chain."""
+        if not chains or all(len(c) < 2 for c in chains):
+            return None
+        out = torch.full((len(lengths), side), -1, dtype=torch.long)
+        for i, (layout, n) in enumerate(zip(chains, lengths, strict=True)):
+            sizes = [k for _, k in layout] if len(layout) > 1 else [n]
+            if sum(sizes) != n:
+                raise ValueError(f"chain lengths {sizes} do not sum to the length {n}")
+            out[i, :n] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        return out.to(self.device)
+
+    def _to_device(self, codes):
+        if isinstance(codes, torch.Tensor):
+            return codes.to(self.device)
+        return [c.to(self.device) for c in codes]
+
     @torch.no_grad()
-    def encode_images(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Images (3, L_i, L_i) -> per image its codes: ``[codes (L,)]`` in the residue layout,
-        per level (coarsest first) the valid code grid in the grid layout."""
+    def encode_images(self, images: Sequence[np.ndarray],
+                      chains: Sequence | None = None) -> list[list[np.ndarray]]:  # fmt: skip
+        """Images (3, L_i, L_i) (and each one's chain layout, for complexes) -> per image its
+        codes in the family's shape (:meth:`protoken.model.ResidueVQVAE.unbatch_codes`:
+        ``[codes (L, K)]`` per residue, the first :attr:`stages` stages; grids per level,
+        coarsest first, for the hierarchical family)."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             x, mask, lengths = self._batch(chunk)
-            grids = self.model.encode(x, mask)
-            if self.layout == "residue":
-                if grids.ndim == 3:  # stages: the first one (TODO: all, with Tokens.stages)
-                    grids = grids[..., 0]
-                out.extend([grids[i, :n].cpu().numpy().astype(np.int64)]
-                           for i, n in enumerate(lengths))  # fmt: skip
-                continue
-            for i, n in enumerate(lengths):
-                out.append([
-                    g[i, : math.ceil(n / s), : math.ceil(n / s)].cpu().numpy().astype(np.int64)
-                    for g, s in zip(grids, self._scales_coarse_first(), strict=True)
-                ])  # fmt: skip
+            part = chains[start : start + self.batch_size] if chains else None
+            codes = self.model.encode(x, mask, self._chain_tensor(part, lengths, x.shape[-1]))
+            per = self.model.unbatch_codes(codes, lengths)
+            if self.stages is not None:
+                per = [[p[0][:, : self.stages]] for p in per]
+            out.extend(per)
         return out
 
     @torch.no_grad()
-    def decode_levels(self, levels: Sequence[Sequence[np.ndarray]],
-                      lengths: Sequence[int]) -> list[np.ndarray]:  # fmt: skip
-        """Per protein codes (``[codes (L,)]`` or grids coarsest first, as
-        :meth:`encode_images` gives) -> images (3, L, L) in [-1, 1]."""
+    def decode_levels(self, levels: Sequence[Sequence[np.ndarray]], lengths: Sequence[int],
+                      chains: Sequence | None = None) -> list[np.ndarray]:  # fmt: skip
+        """Per protein codes (as :meth:`encode_images` gives; the first k stages of per-residue
+        codes are enough) -> images (3, L, L) in [-1, 1]."""
         out: list[np.ndarray] = []
-        if self.layout == "residue":
-            for start in range(0, len(levels), self.batch_size):
-                chunk = levels[start : start + self.batch_size]
-                ns = [int(n) for n in lengths[start : start + self.batch_size]]
-                codes = torch.zeros(len(chunk), max(ns), dtype=torch.long)
-                for i, per in enumerate(chunk):
-                    c = np.asarray(per[0] if len(per) == 1 else per, dtype=np.int64)
-                    if c.shape != (ns[i],):
-                        raise ValueError(f"expected {ns[i]} codes (one per residue), got "
-                                         f"shape {c.shape}")  # fmt: skip
-                    codes[i, : ns[i]] = torch.as_tensor(c)
-                out.extend(self._to_images(self.model.decode(codes, ns), ns))
-            return out
-        scales = self._scales_coarse_first()
-        f = self.config.downsample_factor
         for start in range(0, len(levels), self.batch_size):
             chunk = levels[start : start + self.batch_size]
             ns = [int(n) for n in lengths[start : start + self.batch_size]]
-            side = -(-max(ns) // f) * f
-            grids = []
-            for lv, s in enumerate(scales):
-                g = torch.full((len(chunk), side // s, side // s), -1, dtype=torch.long)
-                for i, per in enumerate(chunk):
-                    code = torch.as_tensor(np.asarray(per[lv], dtype=np.int64))
-                    k = math.ceil(ns[i] / s)
-                    if code.shape != (k, k):
-                        raise ValueError(f"level {lv}: expected a {k}x{k} grid, got "
-                                         f"{tuple(code.shape)}")  # fmt: skip
-                    g[i, :k, :k] = code
-                grids.append(g.to(self.device))
-            out.extend(self._to_images(self.model.decode(grids, ns), ns))
+            codes = self._to_device(self.model.batch_codes(chunk, ns))
+            side = max(ns)
+            part = chains[start : start + self.batch_size] if chains else None
+            recon = self.model.decode(codes, ns, self._chain_tensor(part, ns, side))
+            out.extend(self._to_images(recon, ns))
         return out
 
     @torch.no_grad()
@@ -353,22 +367,84 @@ class Tokenizer:
 
     def tokens_of(self, items: Sequence[Item]) -> list[Tokens]:
         """Tokens of prepared items (batched by :meth:`encode_images`)."""
-        levels = self.encode_images([it.image for it in items])
-        return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv)
+        levels = self.encode_images([it.image for it in items], [it.chains for it in items])
+        return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv, it.chains)
                 for it, lv in zip(items, levels, strict=True)]  # fmt: skip
 
-    def decode(self, tokens: Tokens) -> np.ndarray:
-        """:class:`Tokens` -> image (3, L, L) in [-1, 1]."""
+    def _check_layout(self, tokens: Tokens) -> None:
         if tokens.layout != self.layout:
             raise ValueError(f"{tokens.id}: {tokens.layout} tokens, but this tokenizer's "
                              f"layout is {self.layout}")  # fmt: skip
-        return self.decode_levels([tokens.levels], [tokens.length])[0]
 
-    def decode_structure(self, tokens: Tokens, backbone: bool = False):
-        """:class:`Tokens` -> 3D (:class:`protoken.reconstruct.Reconstruction`)."""
+    def decode(self, tokens: Tokens) -> np.ndarray:
+        """:class:`Tokens` -> image (3, L, L) in [-1, 1] (per-residue tokens: from their first
+        :attr:`stages` stages)."""
+        self._check_layout(tokens)
+        tokens = self._staged(tokens)
+        return self.decode_levels([tokens.levels], [tokens.length], [tokens.chains])[0]
+
+    def _staged(self, tokens: Tokens) -> Tokens:
+        if self.stages is None or self.layout != "residue" or tokens.n_stages <= self.stages:
+            return tokens
+        return tokens.first_stages(self.stages)
+
+    @property
+    def decodes_coordinates(self) -> bool:
+        """The model's decoder ends in coordinates (the per-residue family): structures come
+        straight from it, with no image -> MDS detour."""
+        return hasattr(self.model, "decode_backbone")
+
+    def decode_structure(self, tokens: Tokens, backbone: bool = False, via: str = "auto"):
+        """:class:`Tokens` -> 3D (:class:`protoken.reconstruct.Reconstruction`).
+
+        ``via="decoder"`` (the default of a per-residue tokenizer): the decoder's own N, CA, C,
+        with O placed from ideal geometry and the virtual Cb (the full backbone whatever
+        ``backbone`` says). ``via="image"`` (the only way for the hierarchical family): the
+        decoded image through :func:`protoken.reconstruct.reconstruct` (MDS, handedness,
+        refinement; ``backbone`` adds N, CA, C, O from the image).
+        """
         from protoken.reconstruct import reconstruct
 
-        return reconstruct(self.decode(tokens), dmax=self.codec.dmax, backbone=backbone)
+        if via not in ("auto", "decoder", "image"):
+            raise ValueError(f"via must be 'auto', 'decoder' or 'image', got {via!r}")
+        if via == "image" or (via == "auto" and not self.decodes_coordinates):
+            return reconstruct(self.decode(tokens), dmax=self.codec.dmax, backbone=backbone)
+        if not self.decodes_coordinates:
+            raise ValueError("this tokenizer's decoder makes images, not coordinates")
+        return self.decode_atoms([tokens])[0]
+
+    @torch.no_grad()
+    def decode_atoms(self, tokens: Sequence[Tokens]) -> list:
+        """Per-residue tokens -> the decoder's backbones as
+        :class:`protoken.reconstruct.Reconstruction` (``atoms`` N, CA, C, O, CB; ``cb`` the
+        virtual Cb), batched."""
+        from protoken.backbone import add_oxygens
+        from protoken.geometry import virtual_cb
+        from protoken.reconstruct import Reconstruction
+
+        out = []
+        for start in range(0, len(tokens), self.batch_size):
+            chunk = [self._staged(t) for t in tokens[start : start + self.batch_size]]
+            for t in chunk:
+                self._check_layout(t)
+            ns = [t.length for t in chunk]
+            codes = self._to_device(self.model.batch_codes([t.levels for t in chunk], ns))
+            chains = self._chain_tensor([t.chains for t in chunk], ns, max(ns))
+            n, ca, c = (a.double().cpu().numpy()
+                        for a in self.model.decode_backbone(codes, ns, chains))  # fmt: skip
+            for i, (t, length) in enumerate(zip(chunk, ns, strict=True)):
+                atoms = {"N": n[i, :length], "CA": ca[i, :length], "C": c[i, :length]}
+                index = t.chain_index
+                links = (np.ones(length - 1, bool) if index is None
+                         else index[1:] == index[:-1])  # fmt: skip
+                atoms["O"] = add_oxygens(atoms["N"], atoms["CA"], atoms["C"], links)
+                atoms["CB"] = virtual_cb(atoms["N"], atoms["CA"], atoms["C"])
+                centre = atoms["CB"].mean(0)
+                atoms = {k: v - centre for k, v in atoms.items()}
+                out.append(Reconstruction(cb=atoms["CB"], mirrored_before_fix=False,
+                                          clipped_pairs=0, handedness_score=1.0,
+                                          dmax=self.codec.dmax, atoms=atoms))  # fmt: skip
+        return out
 
     def meta(self) -> dict:
         """What token files record about the tokenizer that made them."""
@@ -380,27 +456,37 @@ class Tokenizer:
             "model_config": config_to_dict(self.config),
             "codec": self.codec.to_dict(),
             "level_scales_coarse_first": self._scales_coarse_first(),
+            **({"stages": self.stages or self.model.n_stages} if self.layout == "residue" else {}),
             "codebook_size": self.config.codebook_size,
             "bits_per_token": self.bits_per_token,
             "provenance": self.provenance,
         }
 
     def read_tokens(self, path: str) -> tuple[list[Tokens], dict]:
-        """A token file this tokenizer can decode: ``(tokens, meta)`` (:func:`load_tokens`).
+        """A token file this tokenizer can decode, in any format ``protoken encode`` writes
+        (:func:`protoken.token_files.read_token_file`): ``(tokens, meta)``.
 
         Raises
         ------
         ValueError
-            One line naming the file: not a valid token file, tokens of the other layout, or
-            another codebook size.
+            One line naming the file: not a valid token file, tokens of the other layout,
+            another codebook size, more stages than the model has, or codes outside its
+            codebook (a FASTA file carries no meta: its codes are checked against the model).
         """
-        tokens, meta = load_tokens(path)
-        if meta["layout"] != self.layout:
-            raise ValueError(f"{path} holds {meta['layout']} tokens; this tokenizer decodes "
+        tokens, meta = read_token_file(path)
+        layout = meta.get("layout", tokens[0].layout)
+        if layout != self.layout:
+            raise ValueError(f"{path} holds {layout} tokens; this tokenizer decodes "
                              f"{self.layout} tokens")  # fmt: skip
-        if meta.get("codebook_size") != self.config.codebook_size:
-            raise ValueError(f"{path} has codebook size {meta.get('codebook_size')}, this "
-                             f"tokenizer {self.config.codebook_size}")  # fmt: skip
+        size = meta.get("codebook_size", self.config.codebook_size)
+        if size != self.config.codebook_size:
+            raise ValueError(f"{path} has codebook size {size}, this tokenizer "
+                             f"{self.config.codebook_size}")  # fmt: skip
+        for t in tokens:
+            try:
+                self.model.batch_codes([t.levels], [t.length])
+            except ValueError as exc:
+                raise ValueError(f"{path}: {t.id}: {exc}") from None
         return tokens, meta
 
 
@@ -501,5 +587,8 @@ def decode_to_files(tok: Tokenizer, tokens: Sequence[Tokens], out: str, fmt: str
                                     file=sys.stderr):  # fmt: skip
         image = tok.decode(t)
         write_png(png, image, bit_depth=16)
-        rec = reconstruct(image, dmax=tok.codec.dmax, backbone=backbone)
+        if tok.decodes_coordinates:  # the decoder's own backbone, not the image's
+            rec = tok.decode_structure(t, via="decoder")
+        else:
+            rec = reconstruct(image, dmax=tok.codec.dmax, backbone=backbone)
         atomic_write(structure, rec.to_text(t.sequence or None, fmt=fmt))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from protoken.codec import features_to_image
+from protoken.codec import dequantize, features_to_image, quantize
 from protoken.geometry import sixd
 from protoken.model import (
     ResidueConfig,
@@ -45,10 +45,12 @@ def model():
 
 @pytest.fixture(scope="module")
 def images(structures_dir):
+    """Images as the model sees them: 8-bit, so many distances tie (steps of 0.31 A)."""
     out = []
     for name in NAMES:
         bb = read_backbones(structures_dir / name)[0]
-        out.append(torch.tensor(features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0)).float())
+        image = features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0)
+        out.append(torch.tensor(dequantize(quantize(image, 8))).float())
     return out
 
 

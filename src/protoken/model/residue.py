@@ -417,7 +417,10 @@ class NeighbourEncoder(nn.Module):
         d, omega, theta, phi = unpack_image(x.float(), self.dmax)
         L = d.shape[-1]
         eye = torch.eye(L, dtype=torch.bool, device=d.device)
-        far = d.masked_fill(~mask | eye, math.inf)
+        far = d.double().masked_fill(~mask | eye, math.inf)
+        # images quantise distances (8-bit: steps of 0.31 A), so ties are common: broken by
+        # the residue index (1e-9 A per index, far below any step), never by the padding
+        far = far + torch.arange(L, device=d.device, dtype=torch.float64) * 1e-9
         k = min(self.k, max(L - 1, 1))
         dk, nb = far.topk(k, dim=-1, largest=False)  # (B, L, k)
         valid = torch.isfinite(dk)
