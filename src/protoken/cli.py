@@ -573,8 +573,9 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tokens", metavar="FILE",
-                        help="token file written by protoken encode (npz, FASTA or Parquet)")  # fmt: skip
+    parser.add_argument(
+        "tokens", metavar="FILE", help="token file written by protoken encode (npz, FASTA, Parquet)"
+    )
     _checkpoint(parser)
     parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
     _structure_output(parser)
