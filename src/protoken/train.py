@@ -328,7 +328,7 @@ def evaluate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp
     for batch in loader:
         x, mask = batch["image"].to(d.device), batch["mask"].to(d.device)
         with amp:
-            out = model(x, mask)
+            out = model(x, mask, *_chains(batch, d))
         loss_sum += float(out.loss_sum)
         weight += float(out.weight)
         aux += float(out.aux_loss)
@@ -542,7 +542,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             sync = ddp.no_sync() if d.enabled and i < len(micro) - 1 else nullcontext()
             with sync:
                 with amp:
-                    out = ddp(x, mask)
+                    out = ddp(x, mask, *_chains(batch, d))
                     loss = micro_loss(out, loss_norm or weight, cfg, d)
                 scaler.scale(loss).backward()
             stats.add(out)
@@ -766,6 +766,13 @@ def init_from(model, source: str, codec: CodecSettings) -> dict:
     model.load_state_dict(state, strict=False)
     return {"init": ident, "init_provenance": checkpoint.provenance(src),
             "new_weights": sorted(set(own) - set(state))}  # fmt: skip
+
+
+def _chains(batch: dict, d: Dist) -> tuple:
+    """The model's ``chains`` argument of a batch holding complexes (else nothing, so every
+    batch of single chains calls the model exactly as before)."""
+    chains = batch.get("chains")
+    return () if chains is None else (chains.to(d.device, non_blocking=True),)
 
 
 def _build(model_cfg):
