@@ -93,6 +93,52 @@ def test_bad_inputs_are_skipped_with_a_reason(structures_dir, bad_inputs_dir, tm
                  workers=1, progress=False, log=messages.append)  # fmt: skip
 
 
+class ChainAwareIdentityTokenizer(IdentityTokenizer):
+    """The perfect tokenizer whose items carry their chain layout (``Item.chains``, as
+    ``Backbone.chains``), as a chain-aware tokenizer's do."""
+
+    def _from_backbone(self, bb):
+        item = super()._from_backbone(bb)
+        item.chains = bb.chains
+        return item
+
+
+@pytest.mark.slow
+def test_complexes_are_scored_by_interface_with_their_ceiling(structures_dir, tmp_path):
+    """--chains complex: a heterodimer (one image of both chains) and a single chain through
+    the perfect tokenizer: DockQ ~1 and complex TM-score ~1, as their ceiling; the report
+    shows the interface scores and the medians by complex size."""
+    out = tmp_path / "report"
+    names = ["biotite__5zng.pdb.gz", NAMES[1]]
+    summary = evaluate(ChainAwareIdentityTokenizer(), [str(structures_dir / n) for n in names],
+                       str(out), workers=1, progress=False, chains="complex")  # fmt: skip
+    assert summary["proteins"] == 2 and summary["complexes"] == 1
+    # backbone rebuilt from a 16-bit image: atoms within a few hundredths of an Angstrom
+    assert summary["dockq"]["min"] > 0.99 and summary["ceiling_dockq"]["min"] > 0.99
+    assert summary["fnat"]["min"] == 1.0 and summary["irmsd"]["max"] < 0.1
+    assert summary["complex_tm_score"]["min"] > 0.999
+    assert summary["dockq_classes"] == {"acceptable": 1.0, "medium": 1.0, "high": 1.0}
+    size = summary["by_complex_size"]
+    assert [(e["chains"], e["complexes"]) for e in size["chains"]] == [("1", 1), ("2", 1)]
+    assert "dockq" not in size["chains"][0] and size["chains"][1]["dockq"] > 0.99
+    rows = {r.split("\t")[0]: r.split("\t") for r in (out / "metrics.tsv").read_text().splitlines()}
+    header = rows["id"]
+    dimer = dict(zip(header, rows["biotite__5zng"], strict=True))
+    assert dimer["chains"] == "A:79,C:62" and dimer["n_chains"] == "2"
+    assert dimer["interfaces"] == "1" and float(dimer["ceiling_dockq"]) > 0.99
+    single = dict(zip(header, rows[NAMES[1].split(".")[0]], strict=True))
+    assert single["n_chains"] == "1" and single["dockq"] == ""
+    report = (out / "report.md").read_text()
+    assert "## Complexes" in report and "| DockQ | " in report
+    assert "By complex size (chains; medians)" in report and "| 2 | 1 | 0.99" in report
+
+
+def test_complexes_need_items_that_carry_their_chain_layout(structures_dir, tmp_path):
+    with pytest.raises(ValueError, match="carry no chain layout"):
+        evaluate(IdentityTokenizer(), [str(structures_dir / "biotite__5zng.pdb.gz")],
+                 str(tmp_path), workers=1, progress=False, chains="complex")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- the parts
 
 

@@ -42,10 +42,13 @@ from protoken.inputs import (
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
 from protoken.reconstruct import Reconstruction, reconstruct
 from protoken.report import write_reconstruct_tables, write_report
-from protoken.structure import Backbone, read_backbones
+from protoken.structure import Backbone, format_chains, parse_chains, read_backbones
 
 __all__ = [
+    "COMPLEX_METRICS",
     "METRICS",
+    "by_complex_size",
+    "complex_row",
     "ReferenceIndex",
     "SequenceLookup",
     "compare_with_reference",
@@ -54,12 +57,22 @@ __all__ = [
     "summarize",
 ]
 
+#: Scores of a complex (``--chains complex``, :func:`protoken.metrics.complex_scores`) that
+#: rows hold, each also as ``ceiling_*``.
+COMPLEX_METRICS = (
+    "dockq", "fnat", "irmsd", "lrmsd", "complex_tm_score", "chain_tm_min",
+)  # fmt: skip
+
 #: Metrics summarised by :func:`summarize` (median, mean, min, max), when rows hold them.
 METRICS = (
     "cb_rmsd", "tm_score", "lddt", "distance_mae", "image_mse", "tokens_per_residue",
     "bits_per_residue", "bb_rmsd", "ca_rmsd", "ca_tm_score", "ceiling_cb_rmsd",
     "ceiling_tm_score", "ceiling_lddt",
+    *COMPLEX_METRICS, *(f"ceiling_{k}" for k in COMPLEX_METRICS),
 )  # fmt: skip
+
+#: DockQ quality classes (CAPRI): acceptable, medium, high from these values on.
+DOCKQ_CLASSES = (("acceptable", 0.23), ("medium", 0.49), ("high", 0.80))
 
 
 # --------------------------------------------------------------------------- comparison
@@ -68,6 +81,8 @@ METRICS = (
 def _reference_atoms(reference) -> dict[str, np.ndarray]:
     """Atoms of a reference: a Backbone, a structure file path or an (L, 3, 3) N/CA/C array give
     N, CA, C and their virtual CB; an (L, 3) array is taken as CB only."""
+    if isinstance(reference, dict):  # atoms already (a reconstruction's)
+        return reference
     if isinstance(reference, str | os.PathLike):
         reference = read_backbones(reference, chains="first", models="first")[0]
     coords = getattr(reference, "coords", reference)
@@ -155,6 +170,11 @@ def summarize(rows: Sequence[dict]) -> dict:
         out["fraction_tm_above_0.9"] = float(np.mean(tm > 0.9))
     out["mirror_images"] = int(sum(bool(r.get("mirror_image")) for r in rows))
     out["mirrored_before_fix"] = int(sum(bool(r.get("mirrored_before_fix")) for r in rows))
+    for prefix in ("", "ceiling_"):
+        dq = np.array([r[f"{prefix}dockq"] for r in rows if f"{prefix}dockq" in r])
+        if len(dq):
+            out[f"{prefix}dockq_classes"] = {name: float(np.mean(dq >= cut))
+                                             for name, cut in DOCKQ_CLASSES}  # fmt: skip
     return out
 
 
@@ -452,27 +472,85 @@ def by_length(rows: Sequence[dict], keys=("tm_score", "cb_rmsd", "lddt")) -> lis
     return out
 
 
+#: Chain-count bins of the by-complex-size medians (inclusive; None: no upper end).
+CHAIN_BINS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, None))
+
+#: Keys of the by-complex-size medians.
+COMPLEX_SIZE_KEYS = ("dockq", "complex_tm_score", "ceiling_dockq", "ceiling_complex_tm_score")
+
+
+def by_complex_size(rows: Sequence[dict]) -> dict:
+    """Medians of :data:`COMPLEX_SIZE_KEYS` by complex size: ``chains`` (per
+    :data:`CHAIN_BINS` bin that holds complexes: ``"2"``, ``"5+"`` ...) and ``residues`` (per
+    :data:`LENGTH_BINS` bin), each entry with its ``complexes`` count. Rows without a chain
+    count (``n_chains``) are left out."""
+    rows = [r for r in rows if "n_chains" in r]
+
+    def entry(label_key, label, sel) -> dict:
+        out: dict = {label_key: label, "complexes": len(sel)}
+        for key in COMPLEX_SIZE_KEYS:
+            vals = [r[key] for r in sel if key in r]
+            if vals:
+                out[key] = float(np.median(vals))
+        return out
+
+    by_chains = []
+    for lo, hi in CHAIN_BINS:
+        sel = [r for r in rows if r["n_chains"] >= lo and (hi is None or r["n_chains"] <= hi)]
+        if sel:
+            by_chains.append(entry("chains", f"{lo}+" if hi is None else str(lo), sel))
+    by_residues = []
+    for lo, hi in LENGTH_BINS:
+        sel = [r for r in rows if lo <= r["length"] <= hi]
+        if sel:
+            by_residues.append(entry("residues", f"{lo}-{hi}", sel))
+    return {"chains": by_chains, "residues": by_residues}
+
+
+def complex_row(rec: Reconstruction, truth: dict, layout, sequence: str | None) -> dict:
+    """The :data:`COMPLEX_METRICS` (and ``interfaces``) of a reconstruction of a complex image
+    against the true atoms (:func:`protoken.metrics.complex_scores`: DockQ needs
+    ``rec.atoms``, the reconstructed backbone); NaN scores (no interface) are left out."""
+    from protoken.metrics import complex_scores
+
+    pred = rec.atoms if rec.atoms is not None else {"CB": rec.cb}
+    scores = complex_scores(pred, truth, layout, sequence or None, dockq=rec.atoms is not None)
+    out = {k: scores[k] for k in (*COMPLEX_METRICS, "interfaces")
+           if k in scores and np.isfinite(scores[k])}  # fmt: skip
+    return out
+
+
 def _reconstruct_and_compare(task: tuple) -> dict:
     """Worker: reconstruct a decoded image and compare it with the reference; with
     ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer).
 
-    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling). A reference of
-    None (an input PNG) is the input image's own reconstruction, made here. The result holds
-    ``cb`` (reconstructed) and ``truth`` (the reference's Cb) for the report's pictures.
+    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling[, layout,
+    sequence]). A reference of None (an input PNG) is the input image's own reconstruction,
+    made here. With a chain layout of two chains or more (``--chains complex``) the backbone is
+    rebuilt (DockQ needs N, CA, C) and the row adds ``complex`` (:func:`complex_row`; and in
+    ``ceiling``). The result holds ``cb`` (reconstructed) and ``truth`` (the reference's Cb)
+    for the report's pictures.
     """
-    decoded, reference, image, dmax, backbone, ceiling = task
+    decoded, reference, image, dmax, backbone, ceiling = task[:6]
+    layout, sequence = (task[6], task[7]) if len(task) > 6 else (None, None)
+    multi = layout is not None and len(layout) > 1
     exact = None
     if reference is None:
-        exact = reconstruct(image, dmax=dmax)
-        reference = exact.cb
-    rec = reconstruct(decoded, dmax=dmax, backbone=backbone)
-    row = compare_with_reference(rec, reference)
+        exact = reconstruct(image, dmax=dmax, backbone=multi)
+        reference = exact.atoms if multi else exact.cb
+    rec = reconstruct(decoded, dmax=dmax, backbone=backbone or multi)
+    truth = _reference_atoms(reference)
+    row = compare_with_reference(rec, truth["CB"] if not backbone else reference)
+    if multi:
+        row["complex"] = complex_row(rec, truth, layout, sequence)
     if ceiling:
-        exact = exact if exact is not None else reconstruct(image, dmax=dmax)
-        scores = compare_with_reference(exact, reference)
+        exact = exact if exact is not None else reconstruct(image, dmax=dmax, backbone=multi)
+        scores = compare_with_reference(exact, truth["CB"])
         row["ceiling"] = {k: scores[k] for k in ("cb_rmsd", "tm_score", "lddt")}
+        if multi:
+            row["ceiling"].update(complex_row(exact, truth, layout, sequence))
     row["cb"] = rec.cb
-    row["truth"] = _reference_atoms(reference)["CB"]
+    row["truth"] = truth["CB"]
     return row
 
 
@@ -585,7 +663,20 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     the tokenizer (what the image -> 3D path alone reaches: the ceiling of any tokenizer).
     The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``layout`` and
     ``provenance`` (training steps, preset, data).
+
+    With ``chains="complex"`` each structure file is one image of all its protein chains
+    (:func:`protoken.structure.read_backbones`), and each complex of two chains or more adds
+    ``chains`` (its layout, ``A:120,B:98``), ``n_chains`` and the scores of
+    :func:`protoken.metrics.complex_scores` (``dockq``, ``fnat``, ``irmsd``, ``lrmsd``,
+    ``complex_tm_score``, ``chain_tm_min``, ``interfaces``), also as ``ceiling_*``; the
+    backbone of complexes is rebuilt for DockQ. The summary adds ``complexes`` (their number),
+    ``dockq_classes`` (fractions at least acceptable, medium, high) and ``by_complex_size``
+    (:func:`by_complex_size`). The chain layout comes from the tokenizer's items (``chains``,
+    as ``Backbone.chains``).
     """
+    complexes = chains == "complex"
+    if complexes:
+        _require_dockq()
     os.makedirs(out, exist_ok=True)
     skipped: list[tuple[str, str]] = []
 
@@ -619,10 +710,14 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
                     "distance_mae": distance_mae(it.image, dec, dmax),
                     "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
                 }  # fmt: skip
+                layout = _layout(it, length) if complexes else None
+                if layout is not None:
+                    row["chains"] = format_chains(layout)
+                    row["n_chains"] = len(layout)
                 pending.append((row, it, dec))
                 needs_image = ceiling or it.backbone is None
                 yield (dec, it.backbone, it.image if needs_image else None, dmax, backbone,
-                       ceiling)  # fmt: skip
+                       ceiling, layout, it.sequence)  # fmt: skip
 
     rows: list[dict] = []
     pictures = PicturePicks()
@@ -631,6 +726,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         row.update(cb_rmsd=res["cb_rmsd"], tm_score=res["tm_score"], lddt=res["lddt"],
                    mirrored_before_fix=res["mirrored_before_fix"],
                    mirror_image=res["mirror_image"])  # fmt: skip
+        row.update(res.get("complex", {}))
         for key, value in res.get("ceiling", {}).items():
             row[f"ceiling_{key}"] = value
         if backbone:
@@ -653,5 +749,33 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     summary["layout"] = getattr(tokenizer, "layout", "grid")
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)
+    if complexes:
+        summary["complexes"] = sum(r.get("n_chains", 0) > 1 for r in rows)
+        summary["by_complex_size"] = by_complex_size(rows)
     write_report(out, rows, summary, pictures.picks(), backbone)
     return summary
+
+
+def _require_dockq() -> None:
+    """Interface scores need the DockQ package: one run-level error naming the extra."""
+    try:
+        import DockQ.DockQ  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "--chains complex scores interfaces with the DockQ package: "
+            "pip install 'protoken[complex]'"
+        ) from None
+
+
+def _layout(item, length: int):
+    """The chain layout of a tokenizer item (``item.chains``, as ``Backbone.chains``), checked
+    against its image; a one-chain layout for an item without one that is no complex (a PNG)."""
+    layout = getattr(item, "chains", None)
+    if not layout:
+        if getattr(item, "backbone", None) is None:
+            return None  # an image without a layout: scored as one chain
+        raise ValueError(
+            f"{item.id}: the tokenizer's items carry no chain layout (Item.chains), which "
+            "--chains complex needs"
+        )
+    return parse_chains(format_chains(layout), length=length)
