@@ -27,13 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protoken.convert import (
-    ConvertOptions,
-    convert,
-    read_manifest,
-    single_thread_blas,
-    tune_malloc,
-)
+from protoken.convert import ConvertOptions, convert, read_manifest
+from protoken.convert.pool import single_thread_blas, tune_malloc
 from protoken.geometry import sixd
 from protoken.structure import read_backbones
 

@@ -5,13 +5,13 @@
 Prints, for 8- and 16-bit PNGs of bins 65-128 and 257-320 (the real structures of ../shared
 converted, each bin replicated by hard links to >= 64 files so that every worker has a shard):
 
-1. images/s in one process: ``codec.read_image`` alone, and one dataset worker (items, items
-   standardised, padded batches of 16);
+1. images/s in one process: ``codec.read_image`` alone, and the training stream
+   (``IndexedBatches``: padded batches of 16, and standardised);
 2. images/s through ``DataLoader(num_workers=2)`` and its ratio to one process;
 3. the model's training throughput (forward + backward + AdamW, ``--preset``) on padded images
    of the same sizes, and the share of a training step that decoding its images costs;
-4. the cost per file of discovery, split, sharding and the shuffle passes (``--listing`` empty
-   files): what each worker pays per epoch for files it does not decode;
+4. the cost per file of indexing a folder without a manifest (one walk, ``--listing`` empty
+   files), paid once per run: the stream itself never lists a folder;
 5. (``--part shards``) loose PNGs vs tar shards (``convert --format shards``) read through the
    index, as training reads them: images/s in one worker and the time from nothing to the
    first batch (index, split, plan, first batch), at 10^3 and 10^5 images. The larger sets
@@ -29,14 +29,13 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from protoken.codec import read_image
-from protoken.data import IterableImageDataset, collate_with_padding
+from protoken.data import BatchPlan, ImageIndex, IndexedBatches
 
 BINS = ("bin_65_128", "bin_257_320")
 
@@ -118,31 +117,24 @@ def mean_length(folder: Path) -> float:
 
 
 def decode_rates(folder: Path, seconds: float) -> dict[str, tuple[float, float]]:
+    """Images/s of ``folder`` (a bin folder; its parent is indexed, by one walk)."""
     files = sorted(folder.glob("*.png"))
-    collate = partial(collate_with_padding, multiple=64)
+    index = ImageIndex.build(folder.parent, only_bins=[folder.name])
+    plan = BatchPlan(index, index.split_rows("all", 0.0), 16, group_by_bin=True, seed=0)
 
-    def dataset(**kw):
-        return IterableImageDataset(folder, split="all", infinite=True, seed=0, **kw)
+    def stream(**kw):
+        return IndexedBatches(plan, 64, **kw)
+
+    def images(batch) -> int:
+        return len(batch["ids"])
 
     return {
         "read_image": rate((read_image(p) for p in itertools.cycle(files)), seconds),
-        "item": rate(iter(dataset()), seconds),
-        "item_seed_norm": rate(iter(dataset(normalize="seed")), seconds),
-        "batch16": rate(
-            iter(dataset(batch_size=16, multiple=64)),
-            seconds,
-            count=lambda b: len(b["ids"]),
-        ),
-        "loader_0w": rate(
-            iter(DataLoader(dataset(), batch_size=16, num_workers=0, collate_fn=collate)),
-            seconds,
-            count=lambda b: len(b["ids"]),
-        ),
+        "batch16": rate(iter(stream()), seconds, count=images),
+        "batch16_reference_norm": rate(iter(stream(normalize="reference")), seconds, images),
+        "loader_0w": rate(iter(DataLoader(stream(), batch_size=None)), seconds, images),
         "loader_2w": rate(
-            iter(DataLoader(dataset(), batch_size=16, num_workers=2, collate_fn=collate)),
-            seconds,
-            count=lambda b: len(b["ids"]),
-            warmup=4,
+            iter(DataLoader(stream(), batch_size=None, num_workers=2)), seconds, images, warmup=4
         ),
     }
 
@@ -150,14 +142,14 @@ def decode_rates(folder: Path, seconds: float) -> dict[str, tuple[float, float]]
 def train_rate(preset: str, side: int, batch: int, steps: int) -> float | None:
     """Training images/s of the model at ``side`` x ``side`` (None if the model is unavailable)."""
     try:
-        from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths
+        from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
     except ImportError as exc:  # the model is developed in parallel
         print(f"# model unavailable ({exc}): skipping the training comparison")
         return None
     torch.manual_seed(0)
-    config = VQVAEConfig.preset(preset)
+    config = HierarchicalConfig.preset(preset)
     side = -(-side // config.downsample_factor) * config.downsample_factor
-    model = VQVAE(config).train()
+    model = HierarchicalVQVAE(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, config.in_channels, side, side) * 2 - 1
     mask = mask_from_lengths([side] * batch, side)
@@ -175,33 +167,24 @@ def train_rate(preset: str, side: int, batch: int, steps: int) -> float | None:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def listing_cost(n_files: int, tmp: Path) -> list[tuple[str, float, float]]:
-    """Microseconds per file in the folder that one worker spends per epoch on listing, split,
-    sharding and shuffling (empty files: nothing is decoded); the first epoch of an iterator
-    counts its shard with one more walk, later epochs of an infinite stream reuse the count."""
-    folder = tmp / "listing" / "bin_65_128"
+def listing_cost(n_files: int, tmp: Path) -> list[tuple[str, float]]:
+    """Microseconds per file to index a folder without a manifest (one walk; empty files,
+    nothing is decoded), and to split and plan it: paid once when a run starts."""
+    root = tmp / "listing"
+    folder = root / "bin_65_128"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
         (folder / f"AF-P{i:07d}-F1-model_v4.png").touch()
-    out = []
-    for label, buffer, world in (
-        ("no shuffle, 1 shard", 0, 1),
-        ("buffer >= shard (1 pass), 1 shard", n_files, 1),
-        ("buffer 10% (10 passes), 1 shard", n_files // 10, 1),
-        ("buffer >= shard, 16 shards", n_files, 16),
-        ("buffer 10% of shard (10 passes), 16 shards", n_files // 160, 16),
-    ):
-        ds = IterableImageDataset(
-            folder, split="train", shuffle_buffer=buffer, rank=0, world_size=world
-        )
-        counts: list[int] = []
-        times = []
-        for epoch in (0, 1):
-            t0 = time.perf_counter()
-            n = sum(1 for _ in ds._epoch_files(epoch, 0, world, counts))
-            times.append((time.perf_counter() - t0) / n_files * 1e6)
-        out.append((f"{label}: {n} files yielded", *times))
-    return out
+    t0 = time.perf_counter()
+    index = ImageIndex.build(root)
+    t1 = time.perf_counter()
+    rows = index.split_rows("train", 0.05)
+    t2 = time.perf_counter()
+    BatchPlan(index, rows, 16, group_by_bin=True, seed=0).batch(0, 0)
+    t3 = time.perf_counter()
+    per_file = 1e6 / n_files
+    return [("index (one walk)", (t1 - t0) * per_file), ("split", (t2 - t1) * per_file),
+            ("plan of an epoch", (t3 - t2) * per_file)]  # fmt: skip
 
 
 def _sized_sets(tmp: Path, sizes: tuple[int, ...]) -> dict[tuple[str, int], Path]:
@@ -316,9 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             "bin",
             "mean_L",
             "read_image",
-            "item",
-            "item_seed_norm",
             "batch16",
+            "batch16_reference_norm",
             "loader_0w",
             "loader_2w",
             "2w/0w",
@@ -330,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = replicated_bin(roots[depth], name, tmp / f"rep{depth}")
             lengths[name] = mean_length(folder)
             r = decode_rates(folder, args.seconds)
-            per_worker[depth, name] = r["item"][1]
+            per_worker[depth, name] = r["batch16"][1]
             cells = [str(depth), name, f"{lengths[name]:.0f}"]
             cells += [f"{r[k][0]:.0f}/{r[k][1]:.0f}" for k in header[3:-1]]
             cells.append(f"{r['loader_2w'][0] / r['loader_0w'][0]:.2f}")
@@ -351,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("# decode_share: CPU time to decode an image / wall time to train on it")
 
-        print(f"\n## per-file cost of listing + split + shard + shuffle ({args.listing} files)")
-        print("first_epoch\tnext_epochs\t(us per file in the folder, per worker)")
-        for label, first, later in listing_cost(args.listing, tmp):
-            print(f"{first:.2f}\t{later:.2f}\t{label}")
+        print(f"\n## per-file cost of indexing a folder without a manifest ({args.listing} files)")
+        print("us_per_file\tstep")
+        for label, cost in listing_cost(args.listing, tmp):
+            print(f"{cost:.2f}\t{label}")
     return 0
 
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 if n.endswith(".png"):
                     pngs[n[: -len(".png")]] = os.path.join(root, n)
         for name in args.checkpoint:
-            tok = Tokenizer.from_checkpoint(name, device="cpu")
+            tok = Tokenizer.load(name, device="cpu")
             for t, path in files.items():
                 sid = os.path.basename(path).split(".")[0]
                 item = tok.prepare(path, chains="first", models="first")[0]

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     shared = os.path.join(ROOT, "..", "shared", "data")
     p.add_argument("--structures", default=os.path.join(shared, "structures"))
     p.add_argument("--train", default=os.path.join(shared, "train"))
+    p.add_argument("--promod3", default=os.path.join(shared, "promod3", "chains.tsv"),
+                   help="chains.tsv of the ProMod3 training set (its sequences count as training "
+                        "chains too); '' to leave it out")  # fmt: skip
     p.add_argument("--out", default=os.path.join(ROOT, "configs", "heldout.tsv"))
     args = p.parse_args(argv)
     for folder in (args.structures, args.train):
@@ -77,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                 n_chains += 1
         except Exception:  # noqa: BLE001 - an unreadable training file adds no k-mers
             continue
+    if args.promod3:
+        with open(args.promod3) as fh:
+            header = fh.readline().rstrip("\n").split("\t")
+            col = header.index("sequence")
+            for line in fh:
+                train_kmers |= kmers(line.rstrip("\n").split("\t")[col])
+                n_chains += 1
     print(f"training set: {n_chains} chains, {len(train_kmers)} distinct {K}-mers")
 
     rows, seen, held, unshared = [], set(), [], set()

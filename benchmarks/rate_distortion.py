@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from protoken.model.residue import V1_FIELDS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "results", "rate_distortion")
@@ -52,14 +54,24 @@ COMMON = {
 }
 #: name -> (preset, model overrides[, training overrides])
 CONFIGS = {
-    "residue-4096": ("residue-small", {}),
-    "residue-1000": ("residue-small", {"fsq_levels": [8, 5, 5, 5]}),
+    # the first per-residue design (on BM5, --data data/bm5)
+    "residue-4096": ("residue-small", {**V1_FIELDS}),
+    "residue-1000": ("residue-small", {**V1_FIELDS, "fsq_levels": [8, 5, 5, 5]}),
     "hier-512-mse": ("tiny", {}),
     "hier-512-geo": ("tiny", {"loss": "geometric"}),
     "hier-64-geo": ("tiny", {"loss": "geometric", "codebook_size": 64}),
     # a schedule fitted to a 30-minute budget: 128-residue crops (~0.45 s a step on one
     # thread), cosine decay over the ~4,000 steps that fit in 30 CPU minutes
-    "residue-4096-30min": ("residue-small", {}, {"crop": 128, "max_steps": 4000}),
+    "residue-4096-30min": ("residue-small", {**V1_FIELDS}, {"crop": 128, "max_steps": 4000}),
+    # issue 21's designs, on the ProMod3 chains (--data data/promod3): the first per-residue
+    # design, then the neighbourhood encoder with residual FSQ (4 stages, random stage
+    # dropout), without and with the decoder's pair representation and binned-6D heads
+    "v1-promod3": ("residue-small", {**V1_FIELDS}),
+    "knn-rfsq": ("residue-small", {}),
+    "knn-rfsq-pair": (
+        "residue-small",
+        {"pair_dim_decoder": 32, "n_pair_blocks": 2, "pair_loss_weight": 0.25},
+    ),
 }
 
 
@@ -105,7 +117,7 @@ def evaluate_checkpoint(ckpt: str, proteins: list[str], out: str, ceiling: bool)
     from protoken.evaluate import evaluate
     from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(ckpt, device="cpu")
+    tok = Tokenizer.load(ckpt, device="cpu")
     s = evaluate(tok, proteins, out, backbone=True, workers=1, progress=False, ceiling=ceiling,
                  chains="first", models="first", log=lambda *a: None)  # fmt: skip
     result = {
@@ -130,7 +142,8 @@ def run_config(name: str, args, proteins: list[str]) -> None:
     run = os.path.join(args.work, name)
     os.makedirs(run, exist_ok=True)
     cfg = {**COMMON, **(train[0] if train else {}), "data": os.path.abspath(args.data),
-           "out": run, "preset": preset}  # fmt: skip
+           "out": run, "preset": preset, "split_key_regex": args.split_key_regex,
+           "valid_frac": args.valid_frac}  # fmt: skip
     if overrides:
         cfg["model"] = overrides
     cfg_path = os.path.join(run, "config.yaml")
@@ -215,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.path.join(ROOT, "data", "bm5"))
     p.add_argument("--structures", default=os.path.join(ROOT, "..", "shared", "data", "structures"))
+    p.add_argument("--split-key-regex", default=None,
+                   help="train/validation split key (default: by complex for BM5, by PDB id "
+                        "for ProMod3, chosen from the data folder's name)")  # fmt: skip
     p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 15, 20, 30])
     p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     p.add_argument("--proteins", type=int, default=40)
@@ -228,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                   "../shared/data/train --out data/bm5 --chains split --models first",
                   file=sys.stderr)  # fmt: skip
             return 1
+        args.valid_frac = COMMON["valid_frac"]
+        if args.split_key_regex is None:
+            promod3 = "promod3" in os.path.basename(os.path.normpath(args.data))
+            args.split_key_regex = "^([0-9A-Za-z]{4})_" if promod3 else COMMON["split_key_regex"]
+            args.valid_frac = 0.02 if promod3 else COMMON["valid_frac"]
         args.minutes = sorted(args.minutes)
         args.ceiling = True
         proteins = heldout_proteins(args.proteins, args.structures)

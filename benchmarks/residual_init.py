@@ -34,7 +34,7 @@ from protoken.codec import read_image
 from protoken.convert import ConvertOptions, convert
 from protoken.inputs import walk_files
 from protoken.metrics import distance_mae
-from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths
+from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
 from protoken.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def train_batches(train: dict, batch: int, rng: random.Random):
 
 
 @torch.no_grad()
-def held_out(model: VQVAE, val: dict, factor: int) -> tuple[float, float]:
+def held_out(model: HierarchicalVQVAE, val: dict, factor: int) -> tuple[float, float]:
     model.eval()
     sse = pixels = 0.0
     maes, counts = [], []
@@ -99,7 +99,7 @@ def held_out(model: VQVAE, val: dict, factor: int) -> tuple[float, float]:
             x, mask = batch_of(chunk, factor)
             out = model(x, mask)
             n = float(mask.sum()) * 3
-            sse += float(out.recon_loss) * n
+            sse += float(out.loss_sum / out.weight) * n
             pixels += n
             for i, im in enumerate(chunk):
                 length = im.shape[-1]
@@ -111,7 +111,7 @@ def held_out(model: VQVAE, val: dict, factor: int) -> tuple[float, float]:
 
 def run(train, val, seed: int, scaled: bool, steps: int, lr: float) -> dict:
     torch.manual_seed(seed)
-    model = VQVAE(VQVAEConfig.preset("tiny"))
+    model = HierarchicalVQVAE(HierarchicalConfig.preset("tiny"))
     torch.manual_seed(10_000 + seed)  # the same weights but for the projections
     set_projections(model, scaled)
     factor = model.config.downsample_factor

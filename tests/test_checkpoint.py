@@ -15,7 +15,7 @@ import torch
 from helpers import MICRO
 from protoken import checkpoint
 from protoken.codec import CodecSettings
-from protoken.model import VQVAEConfig, build_model, config_to_dict
+from protoken.model import HierarchicalConfig, build_model, config_to_dict
 
 
 class _Payload:
@@ -29,7 +29,7 @@ class _Payload:
 
 
 def _model_payload() -> dict:
-    cfg = VQVAEConfig.preset("tiny", **MICRO)
+    cfg = HierarchicalConfig.preset("tiny", **MICRO)
     model = build_model(cfg)
     return {
         "model": model.state_dict(),

@@ -252,12 +252,12 @@ def micro_checkpoint(tmp_path_factory) -> str:
     from helpers import MICRO
     from protoken import checkpoint as ckpt_io
     from protoken.codec import CodecSettings
-    from protoken.model import VQVAE, VQVAEConfig, config_to_dict
+    from protoken.model import HierarchicalVQVAE, HierarchicalConfig, config_to_dict
 
     torch.manual_seed(0)
-    cfg = VQVAEConfig.preset("tiny", **MICRO)
+    cfg = HierarchicalConfig.preset("tiny", **MICRO)
     path = str(tmp_path_factory.mktemp("micro") / "best.pt")
-    ckpt_io.save(path, {"model": VQVAE(cfg).state_dict(), "model_config": config_to_dict(cfg),
+    ckpt_io.save(path, {"model": HierarchicalVQVAE(cfg).state_dict(), "model_config": config_to_dict(cfg),
                         "codec": CodecSettings().to_dict()})  # fmt: skip
     return path
 
@@ -283,7 +283,7 @@ def test_encode_memory_does_not_grow_with_the_number_of_proteins(small, residue_
     the end (as before), the 1,800 more proteins' Tokens cost ~2 MB here (175 KB each for the
     small preset at L = 256); what may grow is the set of ids written (~100 bytes each)."""
     from helpers import linked_images, peak_python_memory
-    from protoken.tokenizer import load_tokens
+    from protoken.token_files import load_tokens
 
     fmt = "npz"  # the writers of every format: test_tokenizer.py
     peaks = {}
@@ -334,7 +334,7 @@ def test_a_failed_or_interrupted_encode_leaves_no_file(small, micro_checkpoint, 
 
 def test_encode_never_overwrites_and_skips_a_repeated_id(small, micro_checkpoint, tmp_path,
                                                          capsys):  # fmt: skip
-    from protoken.tokenizer import load_tokens
+    from protoken.token_files import load_tokens
 
     out = tmp_path / "t.npz"
     out.write_text("user data")

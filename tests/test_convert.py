@@ -325,7 +325,7 @@ def test_single_thread_blas_sets_openblas_to_one_thread():
     """Workers run numpy's BLAS on one thread (in a fresh process: the setting is global)."""
     code = (
         "import ctypes, numpy\n"
-        "from protoken.convert import single_thread_blas\n"
+        "from protoken.convert.pool import single_thread_blas\n"
         "done = single_thread_blas()\n"
         "libs = {l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l.lower()}\n"
         "names = ('openblas_get_num_threads', 'scipy_openblas_get_num_threads64_')\n"

@@ -28,7 +28,8 @@ import pytest
 import helpers
 from protoken.cli import main
 from protoken.codec import decode_png, features_to_image, read_image, write_png
-from protoken.convert import ConvertBusy, ConvertOptions, _Lock, convert, read_manifest
+from protoken.convert import ConvertBusy, ConvertOptions, convert, read_manifest
+from protoken.convert.lock import Lock
 from protoken.geometry import sixd
 from protoken.inputs import (
     MAX_ID_LENGTH,
@@ -175,9 +176,10 @@ def test_split_chain_ids_cannot_leave_their_bin(tmp_path, structures_dir):
 def test_decode_refuses_a_token_file_with_an_unsafe_or_repeated_id(tmp_path, structures_dir,
                                                                    capsys):  # fmt: skip
     """A token file whose id is ../escaped made decode write next to --out (issue)."""
-    from protoken.tokenizer import Tokenizer, save_tokens
+    from protoken.token_files import save_tokens
+    from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(CHECKPOINT)
+    tok = Tokenizer.load(CHECKPOINT)
     good = tok.encode(structures_dir / D1ASHA)
     work = tmp_path / "work"
     work.mkdir()
@@ -366,10 +368,12 @@ def test_a_dataloader_worker_skips_a_bomb_without_memory_error(bomb_data):
     """A 20000x20000 PNG gave a MemoryError traceback in a loader worker."""
     from torch.utils.data import DataLoader
 
-    from protoken.data import IterableImageDataset
+    from protoken.data import BatchPlan, ImageIndex, IndexedBatches
 
-    ds = IterableImageDataset(str(bomb_data / "bin_40_64"), split="all")
-    ids = [item["id"] for item in DataLoader(ds, batch_size=None, num_workers=1)]
+    index = ImageIndex.build(str(bomb_data))
+    plan = BatchPlan(index, index.split_rows("all", 0.0), 4, True, seed=0)
+    stream = IndexedBatches(plan, 16, num_batches=plan.batches_per_epoch)
+    ids = [i for batch in DataLoader(stream, batch_size=None, num_workers=1) for i in batch["ids"]]
     assert ids and "bomb_3000" not in ids and "bomb_20000" not in ids
     assert len(ids) == len(list((bomb_data / "bin_40_64").glob("*.png"))) - 2
 
@@ -489,14 +493,14 @@ def test_one_writer_per_out_and_shard(tmp_path, structures_dir, capsys):
     srcs = [str(structures_dir / n) for n in sorted(os.listdir(structures_dir))[:40:5]]
     args = ["convert", *srcs, "--out", str(out), "--no-progress", "--workers", "1"]
     out.mkdir()
-    lock = _Lock(str(out), None)  # a run in progress (flock: the same in another process)
+    lock = Lock(str(out), None)  # a run in progress (flock: the same in another process)
     try:
         code, _, err = run_cli(args, capsys)
         assert code == 1 and "is being written by another protoken convert (pid" in one_line(err)
         assert not (out / "manifest.tsv").exists()
     finally:
         lock.release()
-    shard0 = _Lock(str(out), (0, 2))
+    shard0 = Lock(str(out), (0, 2))
     try:
         assert run_cli([*args, "--shard", "1/2"], capsys)[0] == 0  # shards side by side
         for other in ([*args, "--shard", "0/2"], args):  # the same shard, or all of OUT
@@ -670,9 +674,10 @@ def test_broken_checkpoints_are_one_line_in_every_command(kind, broken_checkpoin
 
 
 def test_broken_token_files_are_one_line(tmp_path, structures_dir, capsys):
-    from protoken.tokenizer import Tokenizer, save_tokens
+    from protoken.token_files import save_tokens
+    from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(CHECKPOINT)
+    tok = Tokenizer.load(CHECKPOINT)
     good = tmp_path / "good.npz"
     save_tokens(str(good), [tok.encode(structures_dir / D1ASHA)], tok.meta())
     with np.load(good) as z:
@@ -867,7 +872,7 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path, structures_dir):
 def test_busy_is_an_error_of_the_library_too(tmp_path, structures_dir):
     out = tmp_path / "out"
     out.mkdir()
-    lock = _Lock(str(out), (1, 3))
+    lock = Lock(str(out), (1, 3))
     try:
         with pytest.raises(ConvertBusy):
             convert([str(structures_dir / D1ASHA)], ConvertOptions(out=str(out)), workers=1,

@@ -17,14 +17,8 @@ import torch
 
 from helpers import MICRO
 from protoken import checkpoint
-from protoken.train import (
-    EXIT_PREEMPTED,
-    TrainConfig,
-    config_from_args,
-    learning_rate,
-    micro_loss,
-    train,
-)
+from protoken.cli import EXIT_PREEMPTED, train_config_from_args
+from protoken.train import TrainConfig, learning_rate, micro_loss, train
 
 BINS = ("bin_40_64", "bin_65_128", "bin_129_192")
 
@@ -421,10 +415,11 @@ def test_config_is_validated_and_resume_may_change_only_some_fields(mixed_data, 
     args = parser.parse_args(
         ["--data", "d", "--out", "o", "--set", "group_by_bin=False", "--set", "lr=0.01"]
     )
-    cfg = config_from_args(args)
+    cfg = train_config_from_args(args)
     assert cfg.group_by_bin is False and cfg.lr == 0.01
     with pytest.raises(ValueError, match="wandb='maybe'"):
-        config_from_args(parser.parse_args(["--data", "d", "--out", "o", "--set", "wandb=maybe"]))
+        maybe = ["--data", "d", "--out", "o", "--set", "wandb=maybe"]
+        train_config_from_args(parser.parse_args(maybe))
 
     run = tmp_path / "run"
     train(config(mixed_data, run, max_steps=2))

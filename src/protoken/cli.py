@@ -1,11 +1,10 @@
 """The ``protoken`` command: argument parsing and wiring, nothing else.
 
 Each subcommand is a pair of functions here, ``_NAME_arguments(parser)`` and
-``_NAME(args) -> int``, that call the library (``train`` keeps its own in
-:mod:`protoken.train`). Options shared by several commands are declared once, as the option
-groups below (structure filters, codec settings, shards, progress, structure output). Library
-modules are imported inside the run functions, so that ``protoken convert`` never pays for
-importing torch.
+``_NAME(args) -> int``, that call the library. Options shared by several commands are declared
+once, as the option groups below (structure filters, codec settings, shards, progress,
+structure output). Library modules are imported inside the run functions, so that
+``protoken convert`` never pays for importing torch.
 
 Exit codes, one policy for every command (:func:`main`):
 
@@ -250,6 +249,22 @@ def _checkpoint(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _stages(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--stages",
+        type=_positive_int,
+        help=f"per-residue tokenizers: {what} the first K residual stages (K x 12 bits per "
+        "residue with 'residue'; default: all the tokenizer has)",
+    )
+
+
+def _set_stages(tok, args: argparse.Namespace) -> None:
+    try:
+        tok.stages = args.stages
+    except ValueError as exc:
+        raise UsageError(f"--stages: {exc}") from None
+
+
 def _fail(command: str, message, code: int = EXIT_USAGE) -> int:
     print(f"protoken {command}: {' '.join(str(message).split())}", file=sys.stderr)
     return code
@@ -441,7 +456,7 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recorded_dmax(images, dmax: float | None) -> None:
     """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images (one
     convert.json read per folder; the images are streamed, only their folders kept)."""
-    from protoken.inputs import settings_beside
+    from protoken.convert.settings import agreed, settings_beside
 
     if dmax is None:
         return
@@ -452,15 +467,9 @@ def _check_recorded_dmax(images, dmax: float | None) -> None:
             continue
         checked.add(folder)
         try:
-            settings = settings_beside(image) or {}
+            agreed(settings_beside(image) or {}, "dmax", dmax, f"the images of {folder}")
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        recorded = settings.get("dmax")
-        if recorded is not None and float(recorded) != dmax:
-            raise UsageError(
-                f"--dmax {dmax:g} contradicts the images of {folder}, converted with "
-                f"dmax={recorded} (convert.json); leave --dmax out to use it"
-            )
+            raise UsageError(f"--dmax: {exc}; leave --dmax out to use the recorded one") from None
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -517,6 +526,7 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
         "protein, its tokens as space-separated integers, one per residue; parquet: columns "
         "id, sequence, tokens, length (pyarrow). fasta and parquet need per-residue tokens",
     )
+    _stages(parser, "write")
     _structure_filters(parser)
     parser.add_argument(
         "--batch-size", type=_positive_int, default=8, help="proteins per forward pass"
@@ -527,16 +537,14 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from protoken.archives import find_inputs
-    from protoken.fileio import write_tsv
-    from protoken.tokenizer import Tokenizer, open_token_writer
+    from protoken.tokenizer import Tokenizer, encode_to_file
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
     _out_file(args.out)
-    tok = Tokenizer.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+    tok = Tokenizer.load(args.checkpoint, batch_size=args.batch_size)
+    _set_stages(tok, args)
     if args.format != "npz" and tok.layout != "residue":
         raise UsageError(
             f"--format {args.format} writes one token per residue; {args.checkpoint} makes "
@@ -549,104 +557,55 @@ def _encode(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--format parquet needs pyarrow: pip install 'protoken[parquet]'"
             ) from None
-    skipped: list[dict] = []
-
-    def skip(source, exc) -> None:
-        skipped.append({"source": str(source), "reason": " ".join(str(exc).split())})
-        tqdm.write(f"protoken encode: skipped {source}: {exc}", file=sys.stderr)
-
-    # Streamed end to end: inputs are walked as they are read, each batch's tokens go straight
-    # to the writer (a temporary file renamed to --out when complete). What grows with the
-    # number of proteins is only the set of ids written (a repeated id is skipped: the file
-    # must hold each id once) and the skipped inputs.
-    paths = find_inputs(args.inputs, args.shard, args.follow_links)
-    bar = tqdm(paths, desc="encode", unit="file", disable=args.no_progress, file=sys.stderr)
-    seen: set[str] = set()
-    tokens_per_residue = 0.0
-    writer = open_token_writer(args.out, tok.meta(), args.format)
     try:
-        tokens = tok.encode_many(bar, chains=args.chains, models=args.models,
-                                 min_len=args.min_len, max_len=args.max_len,
-                                 on_error=skip)  # fmt: skip
-        for t in tokens:
-            if t.id in seen:
-                skip(t.id, "duplicate id: a protein of this id is already in the file "
-                     "(the first one is kept)")  # fmt: skip
-                continue
-            seen.add(t.id)
-            writer.add(t)
-            tokens_per_residue += t.n_tokens / t.length
-        n = writer.count
-        if n:
-            writer.close()
+        done = encode_to_file(tok, find_inputs(args.inputs, args.shard, args.follow_links),
+                              args.out, args.format, args.chains, args.models, args.min_len,
+                              args.max_len, progress=not args.no_progress)  # fmt: skip
     except FileNotFoundError as exc:
-        writer.abort()
         return _fail("encode", exc)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-        if skipped:
-            write_tsv(args.out + ".skipped.tsv", ("source", "reason"), skipped)
-    if not n:
-        writer.abort()
+    if not done.written:
         return _fail("encode", "nothing encoded", EXIT_NOTHING)
-    per_res = tokens_per_residue / n
-    bits = per_res * tok.bits_per_token
-    print(f"encoded {n} proteins ({len(skipped)} inputs skipped) into {args.out}; "
-          f"{per_res:.2f} tokens ({bits:.1f} bits) per residue on average")  # fmt: skip
+    bits = done.tokens_per_residue * tok.bits_per_token
+    print(f"encoded {done.written} proteins ({len(done.skipped)} inputs skipped) into "
+          f"{args.out}; {done.tokens_per_residue:.2f} tokens ({bits:.1f} bits) per residue "
+          "on average")  # fmt: skip
     return EXIT_OK
 
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tokens", metavar="FILE", help="token file written by protoken encode")
+    parser.add_argument(
+        "tokens", metavar="FILE", help="token file written by protoken encode (npz, FASTA, Parquet)"
+    )
     _checkpoint(parser)
     parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
     _structure_output(parser)
+    _stages(parser, "decode from")
     _progress(parser)
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from protoken.codec import write_png
-    from protoken.fileio import atomic_write
-    from protoken.inputs import UnsafePath, safe_output_path
-    from protoken.reconstruct import reconstruct
-    from protoken.tokenizer import Tokenizer, load_tokens
+    from protoken.inputs import UnsafePath
+    from protoken.tokenizer import Tokenizer, decode_to_files
 
     _out_folder(args.out)
-    tok = Tokenizer.from_checkpoint(args.checkpoint)
+    tok = Tokenizer.load(args.checkpoint)
+    _set_stages(tok, args)
     try:
-        tokens, meta = load_tokens(args.tokens)  # every field checked; errors name the file
+        tokens, meta = tok.read_tokens(args.tokens)  # every field checked; errors name the file
     except ValueError as exc:
         raise UsageError(f"token file {exc}") from None
     except Exception as exc:  # noqa: BLE001 - anything else a malformed file causes: one line
         raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
-    try:
-        paths = [(safe_output_path(args.out, t.id, ".png"),
-                  safe_output_path(args.out, t.id, f".{args.format}")) for t in tokens]  # fmt: skip
-    except UnsafePath as exc:
-        raise UsageError(f"token file {args.tokens}: {exc}") from None
-    if meta["layout"] != tok.layout:
-        raise UsageError(f"token file {args.tokens} holds {meta['layout']} tokens; "
-                         f"{args.checkpoint} decodes {tok.layout} tokens")  # fmt: skip
-    if meta.get("codebook_size") != tok.config.codebook_size:
-        raise UsageError(f"token file {args.tokens} has codebook size {meta.get('codebook_size')},"
-                         f" {args.checkpoint} {tok.config.codebook_size}")  # fmt: skip
     if meta.get("checkpoint") and meta["checkpoint"] != tok.checkpoint:
         print(f"protoken decode: warning: tokens were made by checkpoint {meta['checkpoint']}, "
               f"decoding with {tok.checkpoint}", file=sys.stderr)  # fmt: skip
-    for t, (png, structure) in tqdm(zip(tokens, paths, strict=True), total=len(tokens),
-                                    desc="decode", unit="protein", disable=args.no_progress,
-                                    file=sys.stderr):  # fmt: skip
-        image = tok.decode(t)
-        write_png(png, image, bit_depth=16)
-        rec = reconstruct(image, dmax=tok.codec.dmax, backbone=args.backbone)
-        atomic_write(structure, rec.to_text(t.sequence or None, fmt=args.format))
+    try:
+        decode_to_files(tok, tokens, args.out, args.format, args.backbone,
+                        progress=not args.no_progress)  # fmt: skip
+    except UnsafePath as exc:
+        raise UsageError(f"token file {args.tokens}: {exc}") from None
     print(f"decoded {len(tokens)} proteins into {args.out} (ID.png, ID.{args.format})")
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -663,6 +622,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="rebuild the full backbone; report backbone RMSD and CA TM-score",
     )
     _workers(parser, None, "processes for the 3D reconstruction")
+    _stages(parser, "encode and decode with")
     _structure_filters(parser)
     _follow_links(parser)
     _progress(parser)
@@ -677,7 +637,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_length_limits(args)
     _check_inputs(args.inputs)
     _out_folder(args.out)
-    tok = Tokenizer.from_checkpoint(args.checkpoint)
+    tok = Tokenizer.load(args.checkpoint)
+    _set_stages(tok, args)
     try:
         summary = evaluate(tok, find_inputs(args.inputs, follow_links=args.follow_links),
                            args.out, backbone=args.backbone,
@@ -697,15 +658,93 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from protoken.train import add_arguments
+    from protoken.train_config import RESUMABLE
 
-    add_arguments(parser)
+    parser.add_argument("--data", help="folder written by protoken convert (bin_*/ID.png)")
+    parser.add_argument("--out", help="run folder (checkpoints, metrics, samples)")
+    parser.add_argument("--config", help="YAML or JSON file of TrainConfig values")
+    parser.add_argument("--preset", help="model preset (tiny, small, reference, ...)")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--num-workers", type=int, help="DataLoader workers per process")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue RUN/last.pt with RUN/config.json; only "
+        f"{', '.join(sorted(RESUMABLE))} may be changed",
+    )
+    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=_config_override,
+        metavar="KEY=VALUE",
+        help="any TrainConfig value, e.g. --set eval_interval=100 "
+        "--set 'model={\"codebook_size\": 512}' (repeatable)",
+    )
+
+
+def _config_override(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as JSON when it parses (numbers, true, lists)."""
+    import json
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = {"True": True, "False": False}.get(raw, raw)
+    return key.strip(), value
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The :class:`~protoken.train_config.TrainConfig` of ``protoken train``: RUN/config.json
+    with ``--resume``, else defaults; then ``--config``, the flags and ``--set`` in that order.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        A missing ``--data`` or ``--out``, no RUN/config.json to resume, a bad value.
+    """
+    from protoken.train_config import TrainConfig, read_mapping
+
+    base: dict = {}
+    if args.resume:
+        out = args.out or (args.config and read_mapping(args.config).get("out"))
+        if not out:
+            raise ValueError("--resume needs --out (the run folder)")
+        path = os.path.join(out, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume: no {path}")
+        base = {k: v for k, v in read_mapping(path).items() if k not in ("model_config", "codec")}
+    if args.config:
+        base.update(read_mapping(args.config))
+    for key in ("data", "out", "preset", "max_steps", "batch_size", "lr", "num_workers", "dtype"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    if args.wandb:
+        base["wandb"] = True
+    base.update(args.overrides)
+    if not base.get("data"):
+        raise ValueError("--data is required (a folder written by protoken convert)")
+    if not base.get("out"):
+        raise ValueError("--out is required (the run folder)")
+    return TrainConfig.from_dict(base)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from protoken.train import run
+    from protoken.train import train
 
-    return run(args)
+    try:
+        last = train(train_config_from_args(args), resume=args.resume)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return _fail("train", f"error: {exc}")
+    return EXIT_PREEMPTED if last.get("preempted") else EXIT_OK
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

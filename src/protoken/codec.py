@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from protoken.convert.settings import agreed, settings_beside
 from protoken.fileio import atomic_write
 from protoken.geometry import DMAX, SixD
-from protoken.inputs import settings_beside
 
 __all__ = [
     "SEED_MEAN",
@@ -374,9 +374,9 @@ def read_converted_image(
     """Read an image with the settings ``protoken convert`` recorded beside it.
 
     The ``convert.json`` of the image's folder or the one above
-    (:func:`protoken.inputs.settings_beside`) says which dmax and bit depth the image was made
-    with. Returns (image (3, L, L) in [-1, 1], dmax): the recorded dmax, else ``dmax``, else
-    the default 80 A.
+    (:func:`protoken.convert.settings.settings_beside`) says which dmax and bit depth the image
+    was made with. Returns (image (3, L, L) in [-1, 1], dmax): the recorded dmax, else
+    ``dmax``, else the default 80 A.
 
     Raises
     ------
@@ -400,17 +400,14 @@ def decode_converted(
 ) -> tuple[np.ndarray, float]:
     """:func:`read_converted_image` for PNG bytes (an image in a tar shard) and the settings
     recorded with them (the output folder's ``convert.json``, ``{}`` if none)."""
-    recorded = settings.get("dmax")
-    if recorded is not None and dmax is not None and float(recorded) != float(dmax):
-        raise ValueError(f"converted with dmax={recorded} (its convert.json), not dmax={dmax}")
+    recorded = agreed(settings, "dmax", dmax, "the image")
     pixels = decode_png(data, max_len)
     depth = 8 if pixels.dtype == np.uint8 else 16
     if settings.get("bit_depth") not in (None, depth):
         raise ValueError(
             f"the PNG is {depth}-bit, but its convert.json says bit_depth={settings['bit_depth']}"
         )
-    used = float(recorded if recorded is not None else (DMAX if dmax is None else dmax))
-    return dequantize(pixels, dtype=dtype), used
+    return dequantize(pixels, dtype=dtype), float(DMAX if recorded is None else recorded)
 
 
 def check_image(image: np.ndarray) -> None:

@@ -64,7 +64,7 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
 
     t0 = time.perf_counter()
     _convert_bundled(out, "[1/2]", workers, log)
-    tok = Tokenizer.from_checkpoint(checkpoint)
+    tok = Tokenizer.load(checkpoint)
     held_out = heldout_structures()
     report = os.path.join(out, "report")
     log(
@@ -81,7 +81,7 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
 def demo_train(out: str, max_steps: int = 600, workers: int | None = None, log=print) -> dict:
     """Train a tiny tokenizer on the bundled structures and evaluate it on its held-out
     validation split (md5 of each image's path, ``valid_frac=0.2``); returns the summary."""
-    from protoken.convert import read_manifest
+    from protoken.convert.manifest import read_manifest
     from protoken.data import in_valid_split
     from protoken.evaluate import evaluate
     from protoken.report import headline
@@ -118,7 +118,7 @@ def demo_train(out: str, max_steps: int = 600, workers: int | None = None, log=p
             held_out.append(row["source"])
     report = os.path.join(out, "report")
     log(f"[3/3] evaluating on the {len(held_out)} held-out proteins (full backbone) in {report}")
-    tok = Tokenizer.from_checkpoint(os.path.join(run_dir, "best.pt"))
+    tok = Tokenizer.load(os.path.join(run_dir, "best.pt"))
     result = evaluate(tok, sorted(held_out), report, backbone=True, workers=workers, progress=False)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     log(headline(result, report))

@@ -524,23 +524,25 @@ def _reconstruct_and_compare(task: tuple) -> dict:
     """Worker: reconstruct a decoded image and compare it with the reference; with
     ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer).
 
-    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling[, layout,
-    sequence]). A reference of None (an input PNG) is the input image's own reconstruction,
-    made here. With a chain layout of two chains or more (``--chains complex``) the backbone is
-    rebuilt (DockQ needs N, CA, C) and the row adds ``complex`` (:func:`complex_row`; and in
-    ``ceiling``). The result holds ``cb`` (reconstructed) and ``truth`` (the reference's Cb)
-    for the report's pictures.
+    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling, structure or
+    None[, layout, sequence]). A reference of None (an input PNG) is the input image's own
+    reconstruction, made here. A structure given (a per-residue decoder's own backbone) is
+    compared as it is, the decoded image unused. With a chain layout of two chains or more
+    (``--chains complex``) the backbone is rebuilt (DockQ needs N, CA, C) and the row adds
+    ``complex`` (:func:`complex_row`; and in ``ceiling``). The result holds ``cb``
+    (reconstructed) and ``truth`` (the reference's Cb) for the report's pictures.
     """
-    decoded, reference, image, dmax, backbone, ceiling = task[:6]
-    layout, sequence = (task[6], task[7]) if len(task) > 6 else (None, None)
+    decoded, reference, image, dmax, backbone, ceiling, rec = task[:7]
+    layout, sequence = (task[7], task[8]) if len(task) > 7 else (None, None)
     multi = layout is not None and len(layout) > 1
     exact = None
     if reference is None:
         exact = reconstruct(image, dmax=dmax, backbone=multi)
         reference = exact.atoms if multi else exact.cb
-    rec = reconstruct(decoded, dmax=dmax, backbone=backbone or multi)
+    if rec is None:
+        rec = reconstruct(decoded, dmax=dmax, backbone=backbone or multi)
     truth = _reference_atoms(reference)
-    row = compare_with_reference(rec, truth["CB"] if not backbone else reference)
+    row = compare_with_reference(rec, reference)
     if multi:
         row["complex"] = complex_row(rec, truth, layout, sequence)
     if ceiling:
@@ -646,7 +648,7 @@ def _picture(index: int, image: np.ndarray, decoded: np.ndarray, result: dict) -
 def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
              models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
-             ceiling: bool = True, log=print) -> dict:  # fmt: skip
+             ceiling: bool = True, via: str = "auto", log=print) -> dict:  # fmt: skip
     """Evaluate a tokenizer on structure files (or PNGs: then the reference is the 3D
     reconstruction of the input image itself). Writes OUT/metrics.tsv, OUT/summary.json and
     OUT/report.md with its pictures (:func:`protoken.report.write_report`); returns the summary.
@@ -662,18 +664,23 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     ``ceiling`` also ``ceiling_*``, the same metrics of the input image reconstructed without
     the tokenizer (what the image -> 3D path alone reaches: the ceiling of any tokenizer).
     The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``layout`` and
-    ``provenance`` (training steps, preset, data).
+    ``provenance`` (training steps, preset, data), ``structure_from`` (``via``: a per-residue
+    decoder's own backbone, ``"decoder"``, or the decoded image through MDS, ``"image"``; see
+    :meth:`protoken.tokenizer.Tokenizer.decode_structure`) and, per-residue, ``stages``.
 
     With ``chains="complex"`` each structure file is one image of all its protein chains
     (:func:`protoken.structure.read_backbones`), and each complex of two chains or more adds
     ``chains`` (its layout, ``A:120,B:98``), ``n_chains`` and the scores of
     :func:`protoken.metrics.complex_scores` (``dockq``, ``fnat``, ``irmsd``, ``lrmsd``,
     ``complex_tm_score``, ``chain_tm_min``, ``interfaces``), also as ``ceiling_*``; the
-    backbone of complexes is rebuilt for DockQ. The summary adds ``complexes`` (their number),
-    ``dockq_classes`` (fractions at least acceptable, medium, high) and ``by_complex_size``
-    (:func:`by_complex_size`). The chain layout comes from the tokenizer's items (``chains``,
-    as ``Backbone.chains``).
+    backbone of complexes is rebuilt for DockQ (when the structure does not come from the
+    decoder). The summary adds ``complexes`` (their number), ``dockq_classes`` (fractions at
+    least acceptable, medium, high) and ``by_complex_size`` (:func:`by_complex_size`). The
+    chain layout comes from the tokenizer's items (``Item.chains``).
     """
+    from_decoder = via == "decoder" or (via == "auto" and tokenizer.decodes_coordinates)
+    if from_decoder and not tokenizer.decodes_coordinates:
+        raise ValueError("this tokenizer's decoder makes images, not coordinates (use via='image')")
     complexes = chains == "complex"
     if complexes:
         _require_dockq()
@@ -695,11 +702,17 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         items = tokenizer.prepare_many(inputs, chains=chains, models=models, min_len=min_len,
                                        max_len=max_len, on_error=skip)  # fmt: skip
         while batch := list(itertools.islice(items, batch_size)):
-            levels, decoded = tokenizer.roundtrip([it.image for it in batch])
-            for it, lv, dec in zip(batch, levels, decoded, strict=True):
+            tokens = tokenizer.tokens_of(batch)
+            levels = [t.levels for t in tokens]
+            decoded = tokenizer.decode_levels(levels, [t.length for t in tokens],
+                                              [t.chains for t in tokens])  # fmt: skip
+            recs = tokenizer.decode_atoms(tokens) if from_decoder else [None] * len(batch)
+            for it, t, lv, dec, rec in zip(batch, tokens, levels, decoded, recs, strict=True):
+                # codebook use per level (grids) or per stage (per-residue codes)
+                parts = [t.stages[:, k] for k in range(t.n_stages)] if t.n_stages else lv
                 if not used:
-                    used.extend(np.zeros(size, dtype=bool) for _ in lv)
-                for seen, grid in zip(used, lv, strict=True):
+                    used.extend(np.zeros(size, dtype=bool) for _ in parts)
+                for seen, grid in zip(used, parts, strict=True):
                     codes = np.asarray(grid).ravel()
                     seen[codes[(codes >= 0) & (codes < size)]] = True
                 length = int(it.image.shape[-1])
@@ -717,7 +730,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
                 pending.append((row, it, dec))
                 needs_image = ceiling or it.backbone is None
                 yield (dec, it.backbone, it.image if needs_image else None, dmax, backbone,
-                       ceiling, layout, it.sequence)  # fmt: skip
+                       ceiling, rec, layout, it.sequence)  # fmt: skip
 
     rows: list[dict] = []
     pictures = PicturePicks()
@@ -747,6 +760,9 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         round(float(seen.mean()), 4) for seen in used]  # fmt: skip
     summary["checkpoint"] = getattr(tokenizer, "checkpoint", "")
     summary["layout"] = getattr(tokenizer, "layout", "grid")
+    summary["structure_from"] = "decoder" if from_decoder else "image"
+    if summary["layout"] == "residue":
+        summary["stages"] = len(used)
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)
     if complexes:

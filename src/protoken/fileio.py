@@ -11,6 +11,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "format_value",
+    "publish",
     "read_fasta",
     "temp_name",
     "write_tsv",
@@ -52,6 +53,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
         except OSError:
             pass
         raise
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Give the finished file ``tmp`` the name ``path``, unless ``path`` exists: then False,
+    and ``tmp`` is left as it is. Never replaces a file, even one that appears meanwhile: a
+    hard link, which fails on an existing name; where hard links are not supported (some
+    network or FUSE file systems), a check then a rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        if os.path.lexists(path):
+            return False
+        os.replace(tmp, path)
+        return True
+    os.unlink(tmp)
+    return True
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False) -> None:

@@ -13,8 +13,7 @@ One place decides which files a command reads and what each is called:
   that come from data (file names, chain ids, ids stored in token files) never become paths
   unchecked;
 - :func:`in_shard` / :func:`parse_shard`: ``--shard I/N``, by the md5 of each input's id, so
-  that a shard is the same whatever the root and inputs sharing an id share a shard;
-- :func:`settings_beside`: the ``convert.json`` of the folder an image was converted into.
+  that a shard is the same whatever the root and inputs sharing an id share a shard.
 
 Safe ids
 --------
@@ -40,7 +39,6 @@ token file's ``../escaped``) is refused rather than written outside ``--out``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -63,7 +61,6 @@ __all__ = [
     "parse_shard",
     "safe_id",
     "safe_output_path",
-    "settings_beside",
     "shard_from_environment",
     "structure_id",
     "walk_files",
@@ -426,35 +423,3 @@ def find_inputs(
                     yield path
         if not pngs:
             yield from find_structures([item], shard, follow_links)
-
-
-# --------------------------------------------------------------------------- settings
-
-#: The file ``protoken convert`` records its output-changing settings in, in OUT.
-SETTINGS_FILE = "convert.json"
-
-
-def settings_beside(image_path: str | os.PathLike) -> dict | None:
-    """The settings recorded by ``protoken convert`` for an image: ``convert.json`` in the
-    image's folder or the one above it (``OUT/bin_65_128/ID.png`` -> ``OUT/convert.json``).
-
-    Returns None when there is none (an image from elsewhere).
-
-    Raises
-    ------
-    ValueError
-        The file exists but is not a JSON object.
-    """
-    folder = os.path.dirname(os.path.abspath(os.fspath(image_path)))
-    for candidate in (folder, os.path.dirname(folder)):
-        path = os.path.join(candidate, SETTINGS_FILE)
-        if os.path.isfile(path):
-            try:
-                with open(path) as fh:
-                    settings = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"unreadable {path}: {exc}") from None
-            if not isinstance(settings, dict):
-                raise ValueError(f"{path} is not a JSON object")
-            return settings
-    return None

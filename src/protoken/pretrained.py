@@ -12,7 +12,7 @@ A bundled tokenizer ``NAME`` is three files in ``protoken/resources/pretrained/`
     limitations, how to reproduce).
 
 ``aliases.json`` maps names to others (``default`` -> the recommended tokenizer). Wherever a
-checkpoint path is accepted (``--checkpoint``, :meth:`protoken.Tokenizer.from_checkpoint`), a
+checkpoint path is accepted (``--checkpoint``, :meth:`protoken.Tokenizer.load`), a
 bundled name works too; a path that exists wins over a name. ``protoken pretrained`` lists them.
 :func:`export` writes the files from a training checkpoint (``benchmarks/pretrained.py release``).
 """

@@ -39,8 +39,9 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from protoken.convert.settings import read_settings
 from protoken.fileio import drop_partial_last_line
-from protoken.inputs import SETTINGS_FILE, Shard, check_under, in_shard, is_safe_id
+from protoken.inputs import Shard, check_under, in_shard, is_safe_id
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -147,11 +148,7 @@ class ShardImage:
 def iter_shard_images(out: str, shard: Shard | None = None) -> Iterator[ShardImage]:
     """The images of a folder written by ``convert --format shards``, in index order, as
     :class:`ShardImage` (``shard`` keeps those whose id is in shard I of N)."""
-    settings: dict = {}
-    path = os.path.join(out, SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path) as fh:
-            settings = json.load(fh)
+    settings = read_settings(out) or {}
     root = os.path.join(out, SHARDS_DIR)
     for index in index_files(out):
         for name, member, offset, size, image_id, _length, _bin in read_index(index):

@@ -1,38 +1,28 @@
-"""Structures <-> tokens: the trained VQ-VAE as a protein structure tokenizer.
+"""Structures <-> tokens: a trained model as a protein structure tokenizer.
 
 >>> from protoken import Tokenizer
->>> tok = Tokenizer.from_checkpoint("runs/demo/best.pt")
+>>> tok = Tokenizer.load("default")            # a bundled tokenizer, or RUN/best.pt
 >>> tokens = tok.encode("1abc.cif.gz")        # a structure file, a PNG, or an image array
 >>> image = tok.decode(tokens)                 # (3, L, L) in [-1, 1]
 >>> structure = tok.decode_structure(tokens)   # a protoken.reconstruct.Reconstruction
 
-A protein of L residues gets, at level l (coarsest first, downsampling s_l), a square grid of
-ceil(L / s_l) x ceil(L / s_l) codes, each one of ``codebook_size`` values.
+A protein of L residues gets, with a per-residue tokenizer, one code per residue; with a
+hierarchical one, at level l (coarsest first, downsampling s_l), a square grid of
+ceil(L / s_l) x ceil(L / s_l) codes; each code one of ``codebook_size`` values.
 
-Token files (``protoken encode --out FILE.npz``) are numpy ``.npz`` archives readable without
-protoken::
-
-    format           "protoken-tokens/1"
-    meta             JSON: checkpoint id, model config, codec settings, level scales
-    ids, sequences   (N,) str;   lengths (N,) int32
-    level{l}_codes   all proteins' level-l grids, flattened row-major and concatenated
-                     (uint16 when the codebook has <= 65536 codes)
-    level{l}_offsets (N + 1,) int64: protein i's grid is codes[offsets[i]:offsets[i + 1]],
-                     reshaped to (ceil(L_i / s_l), ceil(L_i / s_l))
-
-(per-residue layout: ``codes`` and ``offsets``, one code per residue). They are written
-streamed, in memory that does not grow with the number of proteins, by :class:`TokenWriter`
-(:func:`open_token_writer`: ``.npz``, FASTA or Parquet), under a temporary name renamed when
-complete; :func:`save_tokens` and its FASTA and Parquet siblings take a list or a generator.
+What ``protoken encode`` and ``protoken decode`` do with many proteins is here too:
+:func:`encode_to_file` (inputs streamed to a token file, unusable inputs recorded) and
+:func:`decode_to_files` (tokens to PNG images and structure files). Token files themselves are
+:mod:`protoken.token_files`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,71 +38,31 @@ from protoken.codec import (
     standardize,
     unstandardize,
 )
-from protoken.fileio import file_sha256, temp_name
+from protoken.fileio import file_sha256
 from protoken.geometry import sixd
 from protoken.inputs import image_id
 from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
+from protoken.token_files import Tokens, open_token_writer, read_token_file
 
-__all__ = ["INPUT_ERRORS", "TOKEN_FORMAT", "FastaTokenWriter", "Item", "NpzTokenWriter",
-           "ParquetTokenWriter", "TokenWriter", "Tokenizer", "Tokens", "load_tokens",
-           "open_token_writer", "save_tokens", "save_tokens_fasta",
-           "save_tokens_parquet"]  # fmt: skip
+__all__ = ["INPUT_ERRORS", "EncodeSummary", "Item", "Tokenizer", "Tokens", "decode_to_files",
+           "encode_to_file"]  # fmt: skip
 
 #: What :meth:`Tokenizer.prepare` raises for an input it cannot use (unreadable, skipped by a
 #: chain, model or length policy, not an image ...); ``on_error`` callbacks receive these.
 INPUT_ERRORS = (SkipStructure, StructureError, ValueError, OSError)
 
-TOKEN_FORMAT = "protoken-tokens/2"
-_FORMATS = ("protoken-tokens/1", TOKEN_FORMAT)
-
-
-@dataclass
-class Tokens:
-    """The tokens of one protein.
-
-    Attributes
-    ----------
-    id : str
-    length : int
-        Residues L.
-    sequence : str
-        One-letter sequence ("" when encoded from an image without one).
-    levels : list of ndarray
-        Residue layout: one ``(L,)`` int array, code i belonging to residue i. Grid layout:
-        coarsest level first, level l an int array (ceil(L / s_l), ceil(L / s_l)).
-    """
-
-    id: str
-    length: int
-    sequence: str
-    levels: list[np.ndarray]
-
-    @property
-    def layout(self) -> str:
-        """``"residue"`` (one code per residue) or ``"grid"``."""
-        return "residue" if len(self.levels) == 1 and np.ndim(self.levels[0]) == 1 else "grid"
-
-    @property
-    def codes(self) -> np.ndarray:
-        """The ``(L,)`` codes of the residue layout."""
-        if self.layout != "residue":
-            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
-        return self.levels[0]
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(g.size for g in self.levels))
-
 
 @dataclass
 class Item:
-    """An input prepared for the model: its id, image in [-1, 1] (3, L, L), sequence, and the
-    backbone (L, 3, 3) when it came from a structure file."""
+    """An input prepared for the model: its id, image in [-1, 1] (3, L, L), sequence, the
+    backbone (L, 3, 3) when it came from a structure file, and its chain layout
+    (``(chain id, residues)`` in order; empty when unknown)."""
 
     id: str
     image: np.ndarray
     sequence: str = ""
     backbone: np.ndarray | None = None
+    chains: tuple[tuple[str, int], ...] = ()
 
 
 def checkpoint_id(path: str) -> str:
@@ -147,6 +97,7 @@ class Tokenizer:
         self.batch_size = batch_size
         self.config = model.config
         self.provenance: dict = {}
+        self._stages: int | None = None
 
     @property
     def layout(self) -> str:
@@ -156,34 +107,68 @@ class Tokenizer:
         return "residue" if isinstance(self.config, ResidueConfig) else "grid"
 
     @property
+    def stages(self) -> int | None:
+        """Per-residue tokenizers: how many residual stages :meth:`encode` keeps and
+        :meth:`decode` reads (None: all of them); 1 stage is 12 bits per residue with the
+        bundled ``residue``."""
+        return self._stages
+
+    @stages.setter
+    def stages(self, k: int | None) -> None:
+        if k is not None:
+            n = getattr(self.model, "n_stages", None)
+            if n is None:
+                raise ValueError("stages apply to per-residue tokenizers only")
+            if not 1 <= int(k) <= n:
+                raise ValueError(f"stages must be 1 to {n} for this tokenizer, got {k}")
+            k = int(k)
+        self._stages = k
+
+    @property
     def bits_per_token(self) -> float:
         return math.log2(self.config.codebook_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device=None, batch_size: int = 8) -> Tokenizer:
-        """Load a checkpoint written by ``protoken train`` (``best.pt`` or ``last.pt``) with
-        ``weights_only=True`` (see :mod:`protoken.checkpoint`), or a bundled tokenizer by name
-        (``"default"``, ``"residue"``: :mod:`protoken.pretrained`)."""
+    def load(cls, name_or_path: str | os.PathLike, device=None, batch_size: int = 8) -> Tokenizer:
+        """A bundled tokenizer by name (``"default"``, ``"residue"``: offline, see
+        :mod:`protoken.pretrained`), or a checkpoint written by ``protoken train``
+        (``best.pt`` or ``last.pt``), loaded with ``weights_only=True`` (see
+        :mod:`protoken.checkpoint`); a path that exists wins over a name.
+
+        Raises
+        ------
+        protoken.checkpoint.CheckpointError
+            No such checkpoint, or an unusable one (one line naming the file).
+        """
         from protoken import checkpoint, pretrained
 
-        if pretrained.is_name(path):
-            return cls.from_pretrained(path, device, batch_size)
+        if pretrained.is_name(name_or_path):
+            return cls.from_pretrained(os.fspath(name_or_path), device, batch_size)
+        path = os.fspath(name_or_path)
         ckpt = checkpoint.load(path)
-        model = checkpoint.build_model(ckpt)
-        codec = CodecSettings.from_dict(ckpt["codec"])
-        tok = cls(model, codec, checkpoint_id(path), device, batch_size)
-        tok.provenance = checkpoint.provenance(ckpt)
-        return tok
+        return cls._of(ckpt, checkpoint_id(path), checkpoint.provenance(ckpt), device, batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device=None, batch_size: int = 8) -> Tokenizer:
+        """:meth:`load` (its former name)."""
+        return cls.load(path, device, batch_size)
 
     @classmethod
     def from_pretrained(cls, name: str = "default", device=None, batch_size: int = 8) -> Tokenizer:
-        """A tokenizer bundled with the package (offline; see ``protoken pretrained``)."""
-        from protoken import checkpoint, pretrained
+        """A tokenizer bundled with the package, by name only (see ``protoken pretrained``)."""
+        from protoken import pretrained
 
         ckpt = pretrained.load(name)
-        tok = cls(checkpoint.build_model(ckpt), CodecSettings.from_dict(ckpt["codec"]),
-                  ckpt["checkpoint_id"], device, batch_size)  # fmt: skip
-        tok.provenance = ckpt.get("provenance", {})
+        return cls._of(ckpt, ckpt["checkpoint_id"], ckpt.get("provenance", {}), device,
+                       batch_size)  # fmt: skip
+
+    @classmethod
+    def _of(cls, ckpt: dict, checkpoint: str, provenance: dict, device, batch_size) -> Tokenizer:
+        from protoken.checkpoint import build_model
+
+        tok = cls(build_model(ckpt), CodecSettings.from_dict(ckpt["codec"]), checkpoint, device,
+                  batch_size)  # fmt: skip
+        tok.provenance = provenance
         return tok
 
     # ------------------------------------------------------------------ inputs
@@ -236,7 +221,8 @@ class Tokenizer:
     def _from_backbone(self, bb) -> Item:
         image = features_to_image(sixd(bb.n, bb.ca, bb.c, dmax=self.codec.dmax), self.codec.dmax)
         image = dequantize(quantize(image, self.codec.bit_depth))
-        return Item(bb.id, image, bb.sequence, bb.coords)
+        chains = getattr(bb, "chains", None) or ((bb.chain_id, len(bb)),)
+        return Item(bb.id, image, bb.sequence, bb.coords, tuple(chains))
 
     # ------------------------------------------------------------------ model
 
@@ -266,63 +252,57 @@ class Tokenizer:
             out.append(img.clamp(-1, 1).cpu().numpy())
         return out
 
+    def _chain_tensor(self, chains: Sequence | None, lengths: Sequence[int], side: int):
+        """``(B, side)`` chain index of each residue (-1 at padding), or None when every
+        protein is one chain."""
+        if not chains or all(len(c) < 2 for c in chains):
+            return None
+        out = torch.full((len(lengths), side), -1, dtype=torch.long)
+        for i, (layout, n) in enumerate(zip(chains, lengths, strict=True)):
+            sizes = [k for _, k in layout] if len(layout) > 1 else [n]
+            if sum(sizes) != n:
+                raise ValueError(f"chain lengths {sizes} do not sum to the length {n}")
+            out[i, :n] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        return out.to(self.device)
+
+    def _to_device(self, codes):
+        if isinstance(codes, torch.Tensor):
+            return codes.to(self.device)
+        return [c.to(self.device) for c in codes]
+
     @torch.no_grad()
-    def encode_images(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Images (3, L_i, L_i) -> per image its codes: ``[codes (L,)]`` in the residue layout,
-        per level (coarsest first) the valid code grid in the grid layout."""
+    def encode_images(self, images: Sequence[np.ndarray],
+                      chains: Sequence | None = None) -> list[list[np.ndarray]]:  # fmt: skip
+        """Images (3, L_i, L_i) (and each one's chain layout, for complexes) -> per image its
+        codes in the family's shape (:meth:`protoken.model.ResidueVQVAE.unbatch_codes`:
+        ``[codes (L, K)]`` per residue, the first :attr:`stages` stages; grids per level,
+        coarsest first, for the hierarchical family)."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             x, mask, lengths = self._batch(chunk)
-            grids = self.model.encode(x, mask)
-            if self.layout == "residue":
-                out.extend([grids[i, :n].cpu().numpy().astype(np.int64)]
-                           for i, n in enumerate(lengths))  # fmt: skip
-                continue
-            for i, n in enumerate(lengths):
-                out.append([
-                    g[i, : math.ceil(n / s), : math.ceil(n / s)].cpu().numpy().astype(np.int64)
-                    for g, s in zip(grids, self._scales_coarse_first(), strict=True)
-                ])  # fmt: skip
+            part = chains[start : start + self.batch_size] if chains else None
+            codes = self.model.encode(x, mask, self._chain_tensor(part, lengths, x.shape[-1]))
+            per = self.model.unbatch_codes(codes, lengths)
+            if self.stages is not None:
+                per = [[p[0][:, : self.stages]] for p in per]
+            out.extend(per)
         return out
 
     @torch.no_grad()
-    def decode_levels(self, levels: Sequence[Sequence[np.ndarray]],
-                      lengths: Sequence[int]) -> list[np.ndarray]:  # fmt: skip
-        """Per protein codes (``[codes (L,)]`` or grids coarsest first, as
-        :meth:`encode_images` gives) -> images (3, L, L) in [-1, 1]."""
+    def decode_levels(self, levels: Sequence[Sequence[np.ndarray]], lengths: Sequence[int],
+                      chains: Sequence | None = None) -> list[np.ndarray]:  # fmt: skip
+        """Per protein codes (as :meth:`encode_images` gives; the first k stages of per-residue
+        codes are enough) -> images (3, L, L) in [-1, 1]."""
         out: list[np.ndarray] = []
-        if self.layout == "residue":
-            for start in range(0, len(levels), self.batch_size):
-                chunk = levels[start : start + self.batch_size]
-                ns = [int(n) for n in lengths[start : start + self.batch_size]]
-                codes = torch.zeros(len(chunk), max(ns), dtype=torch.long)
-                for i, per in enumerate(chunk):
-                    c = np.asarray(per[0] if len(per) == 1 else per, dtype=np.int64)
-                    if c.shape != (ns[i],):
-                        raise ValueError(f"expected {ns[i]} codes (one per residue), got "
-                                         f"shape {c.shape}")  # fmt: skip
-                    codes[i, : ns[i]] = torch.as_tensor(c)
-                out.extend(self._to_images(self.model.decode(codes, ns), ns))
-            return out
-        scales = self._scales_coarse_first()
-        f = self.config.downsample_factor
         for start in range(0, len(levels), self.batch_size):
             chunk = levels[start : start + self.batch_size]
             ns = [int(n) for n in lengths[start : start + self.batch_size]]
-            side = -(-max(ns) // f) * f
-            grids = []
-            for lv, s in enumerate(scales):
-                g = torch.full((len(chunk), side // s, side // s), -1, dtype=torch.long)
-                for i, per in enumerate(chunk):
-                    code = torch.as_tensor(np.asarray(per[lv], dtype=np.int64))
-                    k = math.ceil(ns[i] / s)
-                    if code.shape != (k, k):
-                        raise ValueError(f"level {lv}: expected a {k}x{k} grid, got "
-                                         f"{tuple(code.shape)}")  # fmt: skip
-                    g[i, :k, :k] = code
-                grids.append(g.to(self.device))
-            out.extend(self._to_images(self.model.decode(grids, ns), ns))
+            codes = self._to_device(self.model.batch_codes(chunk, ns))
+            side = max(ns)
+            part = chains[start : start + self.batch_size] if chains else None
+            recon = self.model.decode(codes, ns, self._chain_tensor(part, ns, side))
+            out.extend(self._to_images(recon, ns))
         return out
 
     @torch.no_grad()
@@ -387,22 +367,84 @@ class Tokenizer:
 
     def tokens_of(self, items: Sequence[Item]) -> list[Tokens]:
         """Tokens of prepared items (batched by :meth:`encode_images`)."""
-        levels = self.encode_images([it.image for it in items])
-        return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv)
+        levels = self.encode_images([it.image for it in items], [it.chains for it in items])
+        return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv, it.chains)
                 for it, lv in zip(items, levels, strict=True)]  # fmt: skip
 
-    def decode(self, tokens: Tokens) -> np.ndarray:
-        """:class:`Tokens` -> image (3, L, L) in [-1, 1]."""
+    def _check_layout(self, tokens: Tokens) -> None:
         if tokens.layout != self.layout:
             raise ValueError(f"{tokens.id}: {tokens.layout} tokens, but this tokenizer's "
                              f"layout is {self.layout}")  # fmt: skip
-        return self.decode_levels([tokens.levels], [tokens.length])[0]
 
-    def decode_structure(self, tokens: Tokens, backbone: bool = False):
-        """:class:`Tokens` -> 3D (:class:`protoken.reconstruct.Reconstruction`)."""
+    def decode(self, tokens: Tokens) -> np.ndarray:
+        """:class:`Tokens` -> image (3, L, L) in [-1, 1] (per-residue tokens: from their first
+        :attr:`stages` stages)."""
+        self._check_layout(tokens)
+        tokens = self._staged(tokens)
+        return self.decode_levels([tokens.levels], [tokens.length], [tokens.chains])[0]
+
+    def _staged(self, tokens: Tokens) -> Tokens:
+        if self.stages is None or self.layout != "residue" or tokens.n_stages <= self.stages:
+            return tokens
+        return tokens.first_stages(self.stages)
+
+    @property
+    def decodes_coordinates(self) -> bool:
+        """The model's decoder ends in coordinates (the per-residue family): structures come
+        straight from it, with no image -> MDS detour."""
+        return hasattr(self.model, "decode_backbone")
+
+    def decode_structure(self, tokens: Tokens, backbone: bool = False, via: str = "auto"):
+        """:class:`Tokens` -> 3D (:class:`protoken.reconstruct.Reconstruction`).
+
+        ``via="decoder"`` (the default of a per-residue tokenizer): the decoder's own N, CA, C,
+        with O placed from ideal geometry and the virtual Cb (the full backbone whatever
+        ``backbone`` says). ``via="image"`` (the only way for the hierarchical family): the
+        decoded image through :func:`protoken.reconstruct.reconstruct` (MDS, handedness,
+        refinement; ``backbone`` adds N, CA, C, O from the image).
+        """
         from protoken.reconstruct import reconstruct
 
-        return reconstruct(self.decode(tokens), dmax=self.codec.dmax, backbone=backbone)
+        if via not in ("auto", "decoder", "image"):
+            raise ValueError(f"via must be 'auto', 'decoder' or 'image', got {via!r}")
+        if via == "image" or (via == "auto" and not self.decodes_coordinates):
+            return reconstruct(self.decode(tokens), dmax=self.codec.dmax, backbone=backbone)
+        if not self.decodes_coordinates:
+            raise ValueError("this tokenizer's decoder makes images, not coordinates")
+        return self.decode_atoms([tokens])[0]
+
+    @torch.no_grad()
+    def decode_atoms(self, tokens: Sequence[Tokens]) -> list:
+        """Per-residue tokens -> the decoder's backbones as
+        :class:`protoken.reconstruct.Reconstruction` (``atoms`` N, CA, C, O, CB; ``cb`` the
+        virtual Cb), batched."""
+        from protoken.backbone import add_oxygens
+        from protoken.geometry import virtual_cb
+        from protoken.reconstruct import Reconstruction
+
+        out = []
+        for start in range(0, len(tokens), self.batch_size):
+            chunk = [self._staged(t) for t in tokens[start : start + self.batch_size]]
+            for t in chunk:
+                self._check_layout(t)
+            ns = [t.length for t in chunk]
+            codes = self._to_device(self.model.batch_codes([t.levels for t in chunk], ns))
+            chains = self._chain_tensor([t.chains for t in chunk], ns, max(ns))
+            n, ca, c = (a.double().cpu().numpy()
+                        for a in self.model.decode_backbone(codes, ns, chains))  # fmt: skip
+            for i, (t, length) in enumerate(zip(chunk, ns, strict=True)):
+                atoms = {"N": n[i, :length], "CA": ca[i, :length], "C": c[i, :length]}
+                index = t.chain_index
+                links = (np.ones(length - 1, bool) if index is None
+                         else index[1:] == index[:-1])  # fmt: skip
+                atoms["O"] = add_oxygens(atoms["N"], atoms["CA"], atoms["C"], links)
+                atoms["CB"] = virtual_cb(atoms["N"], atoms["CA"], atoms["C"])
+                centre = atoms["CB"].mean(0)
+                atoms = {k: v - centre for k, v in atoms.items()}
+                out.append(Reconstruction(cb=atoms["CB"], mirrored_before_fix=False,
+                                          clipped_pairs=0, handedness_score=1.0,
+                                          dmax=self.codec.dmax, atoms=atoms))  # fmt: skip
+        return out
 
     def meta(self) -> dict:
         """What token files record about the tokenizer that made them."""
@@ -414,486 +456,139 @@ class Tokenizer:
             "model_config": config_to_dict(self.config),
             "codec": self.codec.to_dict(),
             "level_scales_coarse_first": self._scales_coarse_first(),
+            **({"stages": self.stages or self.model.n_stages} if self.layout == "residue" else {}),
             "codebook_size": self.config.codebook_size,
             "bits_per_token": self.bits_per_token,
             "provenance": self.provenance,
         }
 
+    def read_tokens(self, path: str) -> tuple[list[Tokens], dict]:
+        """A token file this tokenizer can decode, in any format ``protoken encode`` writes
+        (:func:`protoken.token_files.read_token_file`): ``(tokens, meta)``.
 
-# --------------------------------------------------------------------------- token files
-
-
-def _code_dtype(meta: dict):
-    return np.uint16 if meta.get("codebook_size", 1 << 16) <= (1 << 16) else np.int32
-
-
-def save_tokens(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
-    """Write tokens to a ``.npz`` file (format in the module docstring), atomically, in memory
-    that does not grow with their number (:class:`NpzTokenWriter`; ``tokens`` may be a
-    generator). An existing file is not overwritten (FileExistsError)."""
-    with NpzTokenWriter(path, meta) as out:
+        Raises
+        ------
+        ValueError
+            One line naming the file: not a valid token file, tokens of the other layout,
+            another codebook size, more stages than the model has, or codes outside its
+            codebook (a FASTA file carries no meta: its codes are checked against the model).
+        """
+        tokens, meta = read_token_file(path)
+        layout = meta.get("layout", tokens[0].layout)
+        if layout != self.layout:
+            raise ValueError(f"{path} holds {layout} tokens; this tokenizer decodes "
+                             f"{self.layout} tokens")  # fmt: skip
+        size = meta.get("codebook_size", self.config.codebook_size)
+        if size != self.config.codebook_size:
+            raise ValueError(f"{path} has codebook size {size}, this tokenizer "
+                             f"{self.config.codebook_size}")  # fmt: skip
         for t in tokens:
-            out.add(t)
+            try:
+                self.model.batch_codes([t.levels], [t.length])
+            except ValueError as exc:
+                raise ValueError(f"{path}: {t.id}: {exc}") from None
+        return tokens, meta
 
 
-def load_tokens(path: str) -> tuple[list[Tokens], dict]:
-    """Read a token file (version 1 or 2): ``(tokens, meta)``.
+# --------------------------------------------------------------------------- many proteins
+
+
+@dataclass
+class EncodeSummary:
+    """What :func:`encode_to_file` did: proteins written, inputs skipped (``{"source",
+    "reason"}`` each), and the mean tokens per residue of the proteins written."""
+
+    written: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    tokens_per_residue: float = 0.0
+
+
+def encode_to_file(tok: Tokenizer, sources: Iterable, out: str, format: str = "npz",
+                   chains: str = "skip-multi", models: str = "skip-multi", min_len: int = 1,
+                   max_len: int | None = None, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> EncodeSummary:  # fmt: skip
+    """Encode ``sources`` (as :meth:`Tokenizer.encode_many`) into the token file ``out``.
+
+    Streamed end to end: inputs are read as they come, each batch's tokens go straight to the
+    writer (:func:`protoken.token_files.open_token_writer`, a temporary file given the name
+    ``out`` when complete). What grows with the number of proteins is only the set of ids
+    written (a repeated id is skipped: the file holds each id once) and the skipped inputs,
+    which are written to ``out.skipped.tsv`` and each told to ``log`` (default: stderr). With
+    nothing to write, no token file is made (``written`` is 0).
 
     Raises
     ------
-    ValueError
-        One line naming the file and what is wrong: not a token file, a missing key, bad
-        metadata, arrays of the wrong type or shape, offsets that do not match the lengths,
-        codes outside the codebook, duplicate or unsafe ids.
+    FileExistsError
+        ``out`` exists (it is never overwritten).
+    FileNotFoundError
+        An input does not exist (nothing is written).
     """
-    from protoken.inputs import is_safe_id
+    from tqdm import tqdm
 
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{path}: {why}")
+    from protoken.fileio import write_tsv
 
+    summary = EncodeSummary()
+    bar = tqdm(sources, desc="encode", unit="file", disable=not progress, file=sys.stderr)
+    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+
+    def skip(source, exc) -> None:
+        summary.skipped.append({"source": str(source), "reason": " ".join(str(exc).split())})
+        say(f"protoken encode: skipped {source}: {exc}")
+
+    seen: set[str] = set()
+    tokens_per_residue = 0.0
+    writer = open_token_writer(out, tok.meta(), format)
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise bad(f"not a token file ({type(exc).__name__})") from None
-    if not hasattr(z, "files"):
-        raise bad("not a token file (a bare array, not an .npz archive)")
-    try:
-        with z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # a corrupt member: zlib, zipfile or numpy errors
-        raise bad(f"unreadable archive member ({type(exc).__name__})") from None
-    for key in ("format", "meta", "ids", "sequences", "lengths"):
-        if key not in arrays:
-            raise bad(f"missing {key!r}")
-    fmt = str(arrays["format"])
-    if fmt not in _FORMATS:
-        raise bad(f"not a protoken token file (format {fmt[:40]!r})")
-    try:
-        meta = json.loads(str(arrays["meta"]))
-    except ValueError:
-        raise bad("meta is not JSON") from None
-    if not isinstance(meta, dict):
-        raise bad("meta is not a JSON object")
-    layout = meta.get("layout", "grid") if fmt == TOKEN_FORMAT else "grid"
-    meta["layout"] = layout
-    ids, seqs, lengths = arrays["ids"], arrays["sequences"], arrays["lengths"]
-    if ids.dtype.kind != "U" or seqs.dtype.kind != "U" or lengths.dtype.kind not in "iu":
-        raise bad("ids and sequences must be strings, lengths integers")
-    n = len(ids)
-    if ids.shape != (n,) or seqs.shape != (n,) or lengths.shape != (n,):
-        raise bad("ids, sequences and lengths must be (N,) arrays of one N")
-    if n and (lengths.min() < 1 or lengths.max() > MAX_IMAGE_SIDE):
-        raise bad(f"lengths must lie in 1..{MAX_IMAGE_SIDE}")
-    if len(set(ids.tolist())) != n:
-        raise bad("several proteins share an id (each would overwrite the other)")
-    unsafe = [i for i in ids.tolist() if not is_safe_id(i)]
-    if unsafe:
-        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
-    size = meta.get("codebook_size")
-    if not isinstance(size, int) or size < 1:
-        raise bad("meta has no valid codebook_size")
-    if layout == "residue":
-        scales, names = [1], [("codes", "offsets")]
-    elif layout == "grid":
-        scales = meta.get("level_scales_coarse_first")
-        if not isinstance(scales, list) or not scales or not all(
-                isinstance(v, int) and v >= 1 for v in scales):  # fmt: skip
-            raise bad("meta has no valid level_scales_coarse_first")
-        names = [(f"level{lv}_codes", f"level{lv}_offsets") for lv in range(len(scales))]
-    else:
-        raise bad(f"unknown layout {layout!r}")
-    per_level = []
-    for (ck, ok), s in zip(names, scales, strict=True):
-        if ck not in arrays or ok not in arrays:
-            raise bad(f"missing {ck!r} or {ok!r}")
-        codes, offsets = arrays[ck], arrays[ok]
-        if codes.ndim != 1 or codes.dtype.kind not in "iu":
-            raise bad(f"{ck} must be a 1-D integer array")
-        if offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
-            raise bad(f"{ok} must be (N + 1,) integers")
-        if layout == "residue":
-            sizes = lengths.astype(np.int64)
+        for t in tok.encode_many(bar, chains, models, min_len, max_len, on_error=skip):
+            if t.id in seen:
+                skip(t.id, "duplicate id: a protein of this id is already in the file "
+                     "(the first one is kept)")  # fmt: skip
+                continue
+            seen.add(t.id)
+            writer.add(t)
+            tokens_per_residue += t.n_tokens / t.length
+        summary.written = writer.count
+        if writer.count:
+            writer.close()
         else:
-            sizes = np.ceil(lengths / s).astype(np.int64) ** 2
-        expect = np.concatenate([[0], np.cumsum(sizes)])
-        if not np.array_equal(offsets.astype(np.int64), expect) or len(codes) != expect[-1]:
-            raise bad(f"{ok} do not match the lengths ({len(codes)} codes)")
-        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
-            raise bad(f"codes outside the codebook 0..{size - 1} in {ck}")
-        per_level.append((codes, expect))
-    out = []
-    for i, length in enumerate(lengths.tolist()):
-        levels = []
-        for (codes, off), s in zip(per_level, scales, strict=True):
-            c = codes[off[i] : off[i + 1]].astype(np.int64)
-            if layout == "grid":
-                k = math.ceil(length / s)
-                c = c.reshape(k, k)
-            levels.append(c)
-        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels))
-    return out, meta
+            writer.abort()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if summary.skipped:
+            write_tsv(out + ".skipped.tsv", ("source", "reason"), summary.skipped)
+    summary.tokens_per_residue = tokens_per_residue / max(summary.written, 1)
+    return summary
 
 
-def _residue_only_error(what: str) -> ValueError:
-    return ValueError(
-        f"{what} needs per-residue tokens (a residue-family tokenizer such as 'residue'); "
-        "grid tokens have no order aligned with the sequence"
-    )
+def decode_to_files(tok: Tokenizer, tokens: Sequence[Tokens], out: str, fmt: str = "pdb",
+                    backbone: bool = False, progress: bool = False) -> None:  # fmt: skip
+    """Decode each protein to ``out/ID.png`` (its image, 16-bit) and ``out/ID.FMT`` (its 3D
+    structure, Cb only or the full backbone), every file written atomically.
 
-
-def save_tokens_fasta(path: str, tokens: Iterable[Tokens]) -> None:
-    """Per-residue tokens as FASTA, for language models: one record per protein, ``>ID``
-    then its codes as space-separated integers on one line, the i-th number belonging to the
-    i-th residue of the amino-acid sequence (same ids and order as ``protoken convert``'s FASTA).
-    Appended record by record (:class:`FastaTokenWriter`), atomically."""
-    with FastaTokenWriter(path) as out:
-        for t in tokens:
-            out.add(t)
-
-
-def save_tokens_parquet(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
-    """Per-residue tokens as a Parquet table (pyarrow): columns ``id`` (string), ``sequence``
-    (string), ``tokens`` (list of uint16/int32, one per residue), ``length`` (int32); ``meta``
-    is stored as the schema's ``protoken`` metadata (JSON). Written a row group at a time
-    (:class:`ParquetTokenWriter`), atomically."""
-    with ParquetTokenWriter(path, meta) as out:
-        for t in tokens:
-            out.add(t)
-
-
-# --------------------------------------------------------------------------- streamed writers
-
-
-def _commit(tmp: str, path: str) -> None:
-    """Give the finished temporary file its name, never replacing a file that appeared at
-    ``path`` meanwhile (a hard link fails on an existing name; without hard links, a check then
-    a rename)."""
-    taken = (f"{path} appeared while it was being written; not overwritten (the tokens are "
-             f"kept in {tmp})")  # fmt: skip
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(taken) from None
-    except OSError:  # a file system without hard links
-        if os.path.lexists(path):
-            raise FileExistsError(taken) from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
-
-
-class TokenWriter:
-    """Write tokens to a file protein by protein, in memory that does not grow with their number.
-
-    >>> with open_token_writer("t.npz", tok.meta()) as out:   # or format="fasta" / "parquet"
-    ...     for t in tok.encode_many(paths):
-    ...         out.add(t)
-
-    The file is written under a temporary name (:func:`protoken.fileio.temp_name`) and gets its
-    own name only when :meth:`close` finishes it, so a reader never sees a partial file: a run
-    that fails or is interrupted removes the temporary file (leaving the block by an exception
-    calls :meth:`abort`), and one that is killed leaves at most ``FILE.tmp<pid>``, which is not
-    a token file. An existing file is never overwritten. Closing a writer to which nothing was
-    added raises ValueError and writes nothing.
+    Raises
+    ------
+    protoken.inputs.UnsafePath
+        An id that is no safe id (checked for every protein before anything is written).
     """
+    from tqdm import tqdm
 
-    suffix = ""
+    from protoken.codec import write_png
+    from protoken.fileio import atomic_write
+    from protoken.inputs import safe_output_path
+    from protoken.reconstruct import reconstruct
 
-    def __init__(self, path: str | os.PathLike, meta: dict | None = None):
-        self.path = os.fspath(path)
-        self.meta = dict(meta or {})
-        self.count = 0
-        self.layout: str | None = None
-        self.tmp = temp_name(self.path, self.suffix)
-        self._done = False
-        if os.path.lexists(self.path):
-            raise FileExistsError(f"{self.path} exists (not overwritten)")
-
-    def add(self, tokens: Tokens) -> None:
-        """Append one protein's tokens."""
-        if self._done:
-            raise ValueError(f"{self.path}: writer already closed")
-        if self.layout is None:
-            self.layout = tokens.layout
-            self._start()
-        elif tokens.layout != self.layout:
-            raise ValueError(f"{self.path}: tokens of both layouts in one file")
-        self._add(tokens)
-        self.count += 1
-
-    def close(self) -> None:
-        """Finish the file and give it its name (ValueError, and no file, if it is empty)."""
-        if self._done:
-            return
-        if self.count == 0:
-            self.abort()
-            raise ValueError("no tokens to save")
-        try:
-            self._finish()
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        _commit(self.tmp, self.path)  # FileExistsError keeps the finished temporary file
-
-    def abort(self) -> None:
-        """Stop writing and remove the temporary file (the named file is never created)."""
-        self._done = True
-        self._cleanup()
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
-
-    def __enter__(self) -> TokenWriter:
-        return self
-
-    def __exit__(self, kind, exc, tb) -> None:
-        if kind is None:
-            self.close()
+    paths = [(safe_output_path(out, t.id, ".png"), safe_output_path(out, t.id, f".{fmt}"))
+             for t in tokens]  # fmt: skip
+    for t, (png, structure) in tqdm(zip(tokens, paths, strict=True), total=len(tokens),
+                                    desc="decode", unit="protein", disable=not progress,
+                                    file=sys.stderr):  # fmt: skip
+        image = tok.decode(t)
+        write_png(png, image, bit_depth=16)
+        if tok.decodes_coordinates:  # the decoder's own backbone, not the image's
+            rec = tok.decode_structure(t, via="decoder")
         else:
-            self.abort()
-
-    # what each format does
-    def _start(self) -> None:
-        raise NotImplementedError
-
-    def _add(self, tokens: Tokens) -> None:
-        raise NotImplementedError
-
-    def _finish(self) -> None:
-        raise NotImplementedError
-
-    def _cleanup(self) -> None:
-        pass
-
-
-class _Spool:
-    """One field of an ``.npz`` token file, spooled to an anonymous temporary file (deleted by
-    the OS however the run ends) while the proteins stream by."""
-
-    def __init__(self, folder: str):
-        import tempfile
-
-        self.fh = tempfile.TemporaryFile(dir=folder, prefix=".protoken-spool")
-        self.items = 0
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-class NpzTokenWriter(TokenWriter):
-    """The ``.npz`` token file (module docstring), written in memory O(one protein).
-
-    Each field is spooled to an anonymous temporary file as proteins arrive (codes as raw
-    integers, ids and sequences as length-prefixed UTF-8, the lengths); :meth:`close` then
-    writes every field as a deflated ``.npy`` member of the zip archive, streamed from its spool
-    in 1 MB blocks (the offsets computed from the lengths, strings padded to the longest), so
-    the file is byte-for-byte the format :func:`load_tokens` and plain ``numpy.load`` read.
-    """
-
-    suffix = ".npz"
-    _BLOCK = 1 << 16  # records per block when the spools are copied into the archive
-
-    def _start(self) -> None:
-        self.meta = {**self.meta, "layout": self.layout}
-        self.dtype = np.dtype(_code_dtype(self.meta))
-        folder = os.path.dirname(os.path.abspath(self.path))
-        self.ids, self.seqs, self.lengths = _Spool(folder), _Spool(folder), _Spool(folder)
-        self.levels: list[_Spool] = []
-        self.n_levels = 0
-        self.max_id = self.max_seq = 1
-
-    def _add(self, t: Tokens) -> None:
-        if not self.levels:
-            self.n_levels = len(t.levels)
-            folder = os.path.dirname(os.path.abspath(self.path))
-            self.levels = [_Spool(folder) for _ in range(self.n_levels)]
-        if len(t.levels) != self.n_levels:
-            raise ValueError(f"{t.id}: {len(t.levels)} levels, the file has {self.n_levels}")
-        for spool, text in ((self.ids, t.id), (self.seqs, t.sequence)):
-            data = text.encode("utf-8", "surrogatepass")
-            spool.fh.write(len(data).to_bytes(4, "little") + data)
-        self.max_id = max(self.max_id, len(t.id))
-        self.max_seq = max(self.max_seq, len(t.sequence))
-        self.lengths.fh.write(np.int32(t.length).tobytes())
-        for spool, grid in zip(self.levels, t.levels, strict=True):
-            spool.fh.write(np.asarray(grid).ravel().astype(self.dtype).tobytes())
-            spool.items += int(np.size(grid))
-
-    def _finish(self) -> None:
-        import zipfile
-
-        n = self.count
-        with zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            self._member(zf, "format", np.array(TOKEN_FORMAT))
-            self._member(zf, "meta", np.array(json.dumps(self.meta)))
-            self._strings(zf, "ids", self.ids, self.max_id)
-            self._strings(zf, "sequences", self.seqs, self.max_seq)
-            self._copy(zf, "lengths", self.lengths, np.dtype(np.int32), n)
-            names = (["codes"] if self.layout == "residue"
-                     else [f"level{lv}" for lv in range(self.n_levels)])  # fmt: skip
-            for lv, (name, spool) in enumerate(zip(names, self.levels, strict=True)):
-                key = name if self.layout == "residue" else f"{name}_codes"
-                off = "offsets" if self.layout == "residue" else f"{name}_offsets"
-                self._copy(zf, key, spool, self.dtype, spool.items)
-                self._offsets(zf, off, lv)
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        for spool in (getattr(self, "ids", None), getattr(self, "seqs", None),
-                      getattr(self, "lengths", None), *getattr(self, "levels", [])):  # fmt: skip
-            if spool is not None:
-                spool.close()
-
-    @staticmethod
-    def _open(zf, name: str, dtype: np.dtype, shape: tuple):
-        fh = zf.open(name + ".npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                  "shape": shape}  # fmt: skip
-        np.lib.format.write_array_header_1_0(fh, header)
-        return fh
-
-    def _member(self, zf, name: str, array: np.ndarray) -> None:
-        with zf.open(name + ".npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array(fh, array, allow_pickle=False)
-
-    def _copy(self, zf, name: str, spool: _Spool, dtype: np.dtype, items: int) -> None:
-        spool.fh.flush()
-        spool.fh.seek(0)
-        with self._open(zf, name, dtype, (items,)) as fh:
-            for block in iter(lambda: spool.fh.read(1 << 20), b""):
-                fh.write(block)
-
-    def _strings(self, zf, name: str, spool: _Spool, width: int) -> None:
-        dtype = np.dtype(f"<U{width}")
-        spool.fh.flush()
-        spool.fh.seek(0)
-        read = spool.fh.read
-        per_block = max(1, (1 << 20) // dtype.itemsize)  # about 1 MB of padded strings
-        with self._open(zf, name, dtype, (self.count,)) as fh:
-            left = self.count
-            while left:
-                k = min(left, per_block)
-                texts = []
-                for _ in range(k):
-                    size = int.from_bytes(read(4), "little")
-                    texts.append(read(size).decode("utf-8", "surrogatepass"))
-                fh.write(np.array(texts, dtype=dtype).tobytes())
-                left -= k
-
-    def _offsets(self, zf, name: str, lv: int) -> None:
-        scale = 1 if self.layout == "residue" else self.meta["level_scales_coarse_first"][lv]
-        self.lengths.fh.seek(0)
-        with self._open(zf, name, np.dtype(np.int64), (self.count + 1,)) as fh:
-            fh.write(np.zeros(1, np.int64).tobytes())
-            total = 0
-            while True:
-                data = self.lengths.fh.read(4 * self._BLOCK)
-                if not data:
-                    break
-                lengths = np.frombuffer(data, dtype=np.int32).astype(np.int64)
-                sizes = lengths if self.layout == "residue" else (-(-lengths // scale)) ** 2
-                ends = total + np.cumsum(sizes)
-                fh.write(ends.astype(np.int64).tobytes())
-                total = int(ends[-1])
-
-
-class FastaTokenWriter(TokenWriter):
-    """Per-residue tokens as FASTA (:func:`save_tokens_fasta`), appended record by record."""
-
-    def _start(self) -> None:
-        if self.layout != "residue":
-            raise _residue_only_error("--format fasta")
-        self.fh = open(self.tmp, "w")
-
-    def _add(self, t: Tokens) -> None:
-        self.fh.write(f">{t.id} length={t.length}\n")
-        self.fh.write(" ".join(map(str, np.asarray(t.codes).tolist())) + "\n")
-
-    def _finish(self) -> None:
-        self.fh.close()
-
-    def _cleanup(self) -> None:
-        fh = getattr(self, "fh", None)
-        if fh is not None:
-            fh.close()
-
-
-class ParquetTokenWriter(TokenWriter):
-    """Per-residue tokens as Parquet (:func:`save_tokens_parquet`), one row group per
-    ``row_group`` proteins (``pyarrow.parquet.ParquetWriter``): memory O(row_group), the codes
-    buffered as uint16 (int32 for codebooks over 65536)."""
-
-    suffix = ".parquet"
-
-    def __init__(self, path, meta=None, row_group: int = 1024):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError("parquet needs pyarrow: pip install 'protoken[parquet]'") from None
-        super().__init__(path, meta)
-        self.pa, self.pq, self.row_group = pa, pq, row_group
-        self.rows: list[Tokens] = []
-        self.writer = None
-
-    def _start(self) -> None:
-        pa = self.pa
-        if self.layout != "residue":
-            raise _residue_only_error("--format parquet")
-        self.np_type = _code_dtype(self.meta)
-        self.code_type = pa.uint16() if self.np_type == np.uint16 else pa.int32()
-        meta = json.dumps({**self.meta, "layout": "residue"})
-        schema = pa.schema([("id", pa.string()), ("sequence", pa.string()),
-                            ("tokens", pa.list_(self.code_type)), ("length", pa.int32())],
-                           metadata={"protoken": meta})  # fmt: skip
-        self.writer = self.pq.ParquetWriter(self.tmp, schema)
-
-    def _add(self, t: Tokens) -> None:
-        self.rows.append((t.id, t.sequence, np.asarray(t.codes).astype(self.np_type), t.length))
-        if len(self.rows) >= self.row_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.rows:
-            return
-        pa = self.pa
-        ids, seqs, codes, lengths = zip(*self.rows, strict=True)
-        offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int32)
-        values = pa.array(np.concatenate(codes), self.code_type)
-        tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
-        table = pa.table({
-            "id": pa.array(ids, pa.string()),
-            "sequence": pa.array(seqs, pa.string()),
-            "tokens": tokens,
-            "length": pa.array(lengths, pa.int32()),
-        }, schema=self.writer.schema)  # fmt: skip
-        self.writer.write_table(table, row_group_size=len(ids))
-        self.rows = []
-
-    def _finish(self) -> None:
-        self._flush()
-        self.writer.close()
-        self.writer = None
-
-    def _cleanup(self) -> None:
-        self.rows = []
-        if self.writer is not None:
-            try:
-                self.writer.close()
-            except Exception:  # noqa: BLE001 - closing a half-written file on the way out
-                pass
-            self.writer = None
-
-
-#: ``--format`` -> writer class.
-WRITERS = {"npz": NpzTokenWriter, "fasta": FastaTokenWriter, "parquet": ParquetTokenWriter}
-
-
-def open_token_writer(path: str | os.PathLike, meta: dict | None = None,
-                      format: str = "npz") -> TokenWriter:  # fmt: skip
-    """A :class:`TokenWriter` of ``format`` (``"npz"``, ``"fasta"`` or ``"parquet"``)."""
-    if format not in WRITERS:
-        raise ValueError(f"unknown token format {format!r} (one of {', '.join(WRITERS)})")
-    return WRITERS[format](path, meta)
+            rec = reconstruct(image, dmax=tok.codec.dmax, backbone=backbone)
+        atomic_write(structure, rec.to_text(t.sequence or None, fmt=fmt))

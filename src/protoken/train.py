@@ -32,10 +32,10 @@ loss), checkpoints of :mod:`protoken.checkpoint`; ``samples/step_NNNNNN.png``.
 
 Pre-emption: SIGTERM, SIGINT or SIGUSR1, to the main process or its whole process group
 (DataLoader workers ignore them), makes every rank stop at the next step boundary; rank 0
-writes ``last.pt`` there and the process exits with :data:`EXIT_PREEMPTED` (75,
-``EX_TEMPFAIL``: "requeue me"). ``--resume`` continues exactly: the sample order is a pure
-function of (seed, epoch, position, rank, worker) (:class:`protoken.data.IndexedBatches`),
-so nothing is replayed.
+writes ``last.pt`` there and ``protoken train`` exits with
+:data:`protoken.cli.EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "requeue me"). ``--resume``
+continues exactly: the sample order is a pure function of (seed, epoch, position, rank,
+worker) (:class:`protoken.data.IndexedBatches`), so nothing is replayed.
 
 Exit codes of ``protoken train``: 0 done, 2 bad config / data / checkpoint, 75 pre-empted
 (``RUN/last.pt`` written; run the same command with ``--resume``).
@@ -43,13 +43,11 @@ Exit codes of ``protoken train``: 0 done, 2 bad config / data / checkpoint, 75 p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -63,12 +61,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from protoken import checkpoint
 from protoken.codec import CodecSettings
 from protoken.model import config_to_dict
-from protoken.train_config import RESUMABLE, TrainConfig, read_mapping, resumed_config
+from protoken.train_config import RESUMABLE, TrainConfig, resumed_config
 
-__all__ = ["EXIT_PREEMPTED", "RESUMABLE", "TrainConfig", "train"]
+__all__ = ["RESUMABLE", "TrainConfig", "train"]
 
-#: Exit code of a run stopped by a signal after writing RUN/last.pt (sysexits' EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
 # --------------------------------------------------------------------------- distributed
 
 
@@ -128,17 +124,15 @@ def agree(values: list[float], d: Dist, op=dist.ReduceOp.SUM) -> list[float]:
 
 def codec_settings(cfg: TrainConfig) -> CodecSettings:
     """dmax and bit depth recorded by ``protoken convert`` (a config value must agree)."""
-    from protoken.convert import read_settings
+    from protoken.convert.settings import agreed, read_settings
 
     recorded = read_settings(cfg.data) or {}
-    dmax = cfg.dmax if cfg.dmax is not None else recorded.get("dmax", 80.0)
-    bit_depth = cfg.bit_depth if cfg.bit_depth is not None else recorded.get("bit_depth", 8)
-    for key, value in (("dmax", dmax), ("bit_depth", bit_depth)):
-        if key in recorded and recorded[key] != value:
-            raise ValueError(
-                f"config {key}={value} but {cfg.data} was converted with {key}={recorded[key]}"
-            )
-    return CodecSettings(dmax=float(dmax), bit_depth=int(bit_depth), normalize=cfg.normalize)
+    dmax = agreed(recorded, "dmax", cfg.dmax, f"the data {cfg.data}")
+    bit_depth = agreed(recorded, "bit_depth", cfg.bit_depth, f"the data {cfg.data}")
+    known = {"dmax": None if dmax is None else float(dmax),
+             "bit_depth": None if bit_depth is None else int(bit_depth)}  # fmt: skip
+    known = {k: v for k, v in known.items() if v is not None}
+    return CodecSettings(normalize=cfg.normalize, **known)
 
 
 @dataclass
@@ -486,8 +480,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             "continue it, or choose another --out"
         )
     model_cfg, codec = cfg.model_cfg(), codec_settings(cfg)
-    if getattr(model_cfg, "dmax", codec.dmax) != codec.dmax:  # the loss reads Angstrom
-        model_cfg = dataclasses.replace(model_cfg, dmax=codec.dmax)
+    if model_cfg.loss.dmax != codec.dmax:  # the loss reads Angstrom
+        model_cfg = dataclasses.replace(
+            model_cfg, loss=dataclasses.replace(model_cfg.loss, dmax=codec.dmax)
+        )
     if ckpt is not None and ckpt["codec"] != codec.to_dict():
         raise ValueError(f"{last_path} used codec settings {ckpt['codec']}, now {codec}")
 
@@ -584,7 +580,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
         save_checkpoint(last_path, run.state(step, best_val, consumed, scaler), model, optimizer, d)
         run.say(
             f"protoken train: stopped by signal at step {step}; {last_path} saved; "
-            f"continue with --resume (exit code {EXIT_PREEMPTED})"
+            "continue with --resume"
         )
         last["preempted"] = True
     run.finish()
@@ -720,84 +716,3 @@ def _resume_checkpoint(cfg: TrainConfig, last_path: str) -> dict:
     saved = TrainConfig.from_dict(ckpt["config"])
     resumed_config(saved, cfg)
     return ckpt
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="folder written by protoken convert (bin_*/ID.png)")
-    parser.add_argument("--out", help="run folder (checkpoints, metrics, samples)")
-    parser.add_argument("--config", help="YAML or JSON file of TrainConfig values")
-    parser.add_argument("--preset", help="model preset (tiny, small, reference, ...)")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--num-workers", type=int, help="DataLoader workers per process")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue RUN/last.pt with RUN/config.json; only "
-        f"{', '.join(sorted(RESUMABLE))} may be changed",
-    )
-    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        type=_parse_override,
-        metavar="KEY=VALUE",
-        help="any TrainConfig value, e.g. --set eval_interval=100 "
-        "--set 'model={\"codebook_size\": 512}' (repeatable)",
-    )
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as JSON when it parses (numbers, true, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = {"True": True, "False": False}.get(raw, raw)
-    return key.strip(), value
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The config of ``protoken train``: RUN/config.json with ``--resume``, else defaults;
-    then ``--config``, the flags and ``--set`` in that order."""
-    base: dict[str, Any] = {}
-    if args.resume:
-        out = args.out or (args.config and read_mapping(args.config).get("out"))
-        if not out:
-            raise ValueError("--resume needs --out (the run folder)")
-        path = os.path.join(out, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no {path}")
-        base = {k: v for k, v in read_mapping(path).items() if k not in ("model_config", "codec")}
-    if args.config:
-        base.update(read_mapping(args.config))
-    for key in ("data", "out", "preset", "max_steps", "batch_size", "lr", "num_workers", "dtype"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    if args.wandb:
-        base["wandb"] = True
-    base.update(args.overrides)
-    if not base.get("data"):
-        raise ValueError("--data is required (a folder written by protoken convert)")
-    if not base.get("out"):
-        raise ValueError("--out is required (the run folder)")
-    return TrainConfig.from_dict(base)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-        last = train(cfg, resume=args.resume)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"protoken train: error: {exc}", file=sys.stderr)
-        return 2
-    return EXIT_PREEMPTED if last.get("preempted") else 0

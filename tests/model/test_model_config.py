@@ -1,20 +1,25 @@
-"""VQVAEConfig: presets, serialisation, validation, parameter counts."""
+"""HierarchicalConfig: presets, serialisation, validation, parameter counts."""
 
 import json
 
 import pytest
 import torch
 
-from protoken.model import PRESETS, VQVAE, VQVAEConfig, preset_config
+from protoken.model import (
+    HIERARCHICAL_PRESETS,
+    HierarchicalConfig,
+    HierarchicalVQVAE,
+    preset_config,
+)
 
 
-def _n_params(config: VQVAEConfig) -> int:
+def _n_params(config: HierarchicalConfig) -> int:
     with torch.device("meta"):  # no memory for the 180M-parameter reference model
-        return VQVAE(config).num_parameters()
+        return HierarchicalVQVAE(config).num_parameters()
 
 
 def test_reference_preset_has_the_reference_designs_values():
-    c = VQVAEConfig.preset("reference")
+    c = HierarchicalConfig.preset("reference")
     assert (c.n_embd, c.mlp_hidden_dim, c.n_head, c.attn_dim) == (1024, 2048, 16, 256)
     assert (c.codebook_size, c.codebook_dim) == (4096, 1024)
     assert (c.n_layer_encoder, c.n_layer_decoder, c.beta) == (2, 2, 0.25)
@@ -29,12 +34,12 @@ def test_reference_preset_has_the_reference_designs_values():
     [("tiny", 200_000, 1_000_000), ("small", 5_000_000, 30_000_000), ("reference", 1.5e8, 2.2e8)],
 )
 def test_preset_parameter_counts(name, low, high):
-    assert low <= _n_params(PRESETS[name]) < high
+    assert low <= _n_params(HIERARCHICAL_PRESETS[name]) < high
 
 
 def test_block_parameter_count_matches_formula():
-    c = VQVAEConfig.preset("tiny")
-    model = VQVAE(c)
+    c = HierarchicalConfig.preset("tiny")
+    model = HierarchicalVQVAE(c)
     block = model.encoders[0].transformer.blocks[0]
     e, m, d = c.n_embd, c.mlp_hidden_dim, c.attn_dim
     expected = 2 * 2 * e + e * 3 * d + (d * e + e) + (e * m + m) + (m * e + e)
@@ -42,8 +47,8 @@ def test_block_parameter_count_matches_formula():
 
 
 def test_codebooks_are_buffers_not_parameters():
-    c = VQVAEConfig.preset("tiny")
-    model = VQVAE(c)
+    c = HierarchicalConfig.preset("tiny")
+    model = HierarchicalVQVAE(c)
     names = {n for n, _ in model.named_buffers()}
     assert "quantizers.0.embed" in names and "quantizers.0.cluster_size" in names
     assert not any(
@@ -54,24 +59,24 @@ def test_codebooks_are_buffers_not_parameters():
 
 
 def test_dict_round_trip_through_json():
-    c = VQVAEConfig.preset("small", symmetric_output=True)
+    c = HierarchicalConfig.preset("small", symmetric_output=True)
     d = json.loads(json.dumps(c.to_dict()))
-    assert VQVAEConfig.from_dict(d) == c
+    assert HierarchicalConfig.from_dict(d) == c
     assert d["scaling_rates"] == [2, 2, 2, 2, 2]
 
 
 def test_from_dict_rejects_unknown_fields():
-    d = VQVAEConfig.preset("tiny").to_dict() | {"n_layers": 3}
+    d = HierarchicalConfig.preset("tiny").to_dict() | {"n_layers": 3}
     with pytest.raises(ValueError, match="n_layers"):
-        VQVAEConfig.from_dict(d)
+        HierarchicalConfig.from_dict(d)
 
 
 def test_preset_override_of_rates_rederives_windows():
-    c = VQVAEConfig.preset("reference", scaling_rates=(4, 4, 2))
+    c = HierarchicalConfig.preset("reference", scaling_rates=(4, 4, 2))
     assert c.downsample_factor == 32 and c.level_scales == (4, 16, 32)
     assert c.window_sizes == (8, 8, 0)
     with pytest.raises(KeyError):
-        VQVAEConfig.preset("huge")
+        HierarchicalConfig.preset("huge")
 
 
 @pytest.mark.parametrize(
@@ -88,20 +93,24 @@ def test_preset_override_of_rates_rederives_windows():
 )
 def test_invalid_configs_raise(bad):
     with pytest.raises(ValueError):
-        VQVAEConfig(**bad)
+        HierarchicalConfig(**bad)
 
 
 def test_old_names_still_load():
     """Configs and checkpoints written before the renames: ``latent_dim`` is ``attn_dim``,
     the ``seed`` preset is ``reference``."""
-    old = VQVAEConfig.preset("tiny").to_dict()
+    old = HierarchicalConfig.preset("tiny").to_dict()
     old["latent_dim"] = old.pop("attn_dim")
-    assert VQVAEConfig.from_dict(old) == VQVAEConfig.preset("tiny")
-    assert VQVAEConfig.preset("seed") == VQVAEConfig.preset("reference") == VQVAEConfig()
+    assert HierarchicalConfig.from_dict(old) == HierarchicalConfig.preset("tiny")
+    assert (
+        HierarchicalConfig.preset("seed")
+        == HierarchicalConfig.preset("reference")
+        == HierarchicalConfig()
+    )
     # an old TrainConfig's model overrides, applied to an old preset name
-    c = VQVAEConfig.preset("seed", latent_dim=64, n_head=4)
+    c = HierarchicalConfig.preset("seed", latent_dim=64, n_head=4)
     assert c.attn_dim == 64 and "latent_dim" not in c.to_dict()
     with pytest.raises(ValueError, match="latent_dim"):
-        VQVAEConfig.from_dict(old | {"attn_dim": 64})
+        HierarchicalConfig.from_dict(old | {"attn_dim": 64})
     # the family factory (what TrainConfig uses) reads the old preset name too
     assert preset_config("seed", {"latent_dim": 64, "n_head": 4}) == c

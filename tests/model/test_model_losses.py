@@ -13,7 +13,7 @@ import torch
 from protoken.codec import features_to_image
 from protoken.geometry import sixd
 from protoken.model import mask_from_lengths
-from protoken.model.losses import LossWeights, geometric_loss, geometric_weight, mse_loss
+from protoken.model.losses import LossConfig, geometric_loss, geometric_weight, mse_loss
 from protoken.structure import read_backbones
 
 
@@ -25,7 +25,7 @@ def real(structures_dir):
 
 def _loss(a, b, **kw):
     mask = mask_from_lengths([a.shape[-1]], a.shape[-1])
-    return geometric_loss(a, b, mask, LossWeights(**kw))
+    return geometric_loss(a, b, mask, LossConfig(kind="geometric", **kw))
 
 
 def test_zero_on_the_truth_and_weight_counts_pairs(real):

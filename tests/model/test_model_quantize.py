@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from protoken.model import VectorQuantizer
+from protoken.model.quantize import VectorQuantizer
 
 # Five tokens in a 1 x 5 grid of 2-D vectors; the last one is padding.
 TOKENS = torch.tensor([[1.0, 0.0], [9.0, 1.0], [11.0, -1.0], [0.0, 0.5], [100.0, 100.0]])
@@ -212,7 +212,7 @@ def _ddp_worker(rank, world, port, out_dir):
         # a DDP-wrapped tiny VQ-VAE: identical parameters and codebooks after a step
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths
+        from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
 
         torch.manual_seed(rank)  # different init on purpose: DDP must broadcast it
         # buffers are synced once at construction, never in forward: equal codebooks after
@@ -220,7 +220,9 @@ def _ddp_worker(rank, world, port, out_dir):
         no_sync = {"forward_sync_buffers": False}
         if "forward_sync_buffers" not in inspect.signature(DDP).parameters:
             no_sync = {"broadcast_buffers": False}
-        model = DDP(VQVAE(VQVAEConfig.preset("tiny", codebook_size=32)), **no_sync)
+        model = DDP(
+            HierarchicalVQVAE(HierarchicalConfig.preset("tiny", codebook_size=32)), **no_sync
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         lengths = [[20, 32], [17, 29]][rank]
         m = mask_from_lengths(lengths, 32)

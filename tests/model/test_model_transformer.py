@@ -6,10 +6,10 @@ import pytest
 import torch
 from rotary_embedding_torch import apply_rotary_emb
 
-from protoken.model import VQVAEConfig
+from protoken.model import HierarchicalConfig
 from protoken.model.transformer import Attention, Transformer
 
-CFG = VQVAEConfig.preset("tiny", n_embd=16, attn_dim=16, n_head=2, rope_dim=8)
+CFG = HierarchicalConfig.preset("tiny", n_embd=16, attn_dim=16, n_head=2, rope_dim=8)
 
 
 def _reference_attention(attn: Attention, x, mask, groups):
@@ -66,7 +66,7 @@ def test_attention_matches_brute_force_with_padding(window, shift):
 
 def test_padded_tokens_do_not_influence_valid_ones():
     torch.manual_seed(0)
-    stage = Transformer(VQVAEConfig.preset("tiny", n_layer_encoder=2), 2, window=4)
+    stage = Transformer(HierarchicalConfig.preset("tiny", n_layer_encoder=2), 2, window=4)
     x = torch.randn(2, 64, 10, 10)
     mask = torch.zeros(2, 10, 10, dtype=torch.bool)
     mask[:, :6, :6] = True
@@ -116,7 +116,7 @@ def test_rotary_makes_attention_depend_on_relative_position_in_2d():
 
 def test_residual_projections_start_small_as_in_nanogpt():
     torch.manual_seed(0)
-    config = VQVAEConfig.preset("tiny", n_layer_encoder=3)
+    config = HierarchicalConfig.preset("tiny", n_layer_encoder=3)
     stack = Transformer(config, n_layer=3, window=0)
     projections = [p for b in stack.blocks for p in (b.attn.proj, b.mlp.proj)]
     weights = torch.cat([p.weight.flatten() for p in projections])

@@ -1,4 +1,4 @@
-"""VQVAE: shapes, masks, losses, gradients, encode/decode, padding invariance, symmetry."""
+"""HierarchicalVQVAE: shapes, masks, losses, gradients, encode/decode, padding, symmetry."""
 
 import dataclasses
 import math
@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from protoken.model import VQVAE, VQVAEConfig, mask_from_lengths, symmetrise
+from protoken.model import HierarchicalConfig, HierarchicalVQVAE, mask_from_lengths
+from protoken.model.hierarchical import symmetrise
 
 # tiny, with two blocks per stage (aligned + shifted windows) and 4x4 windows so that small
 # test images already span several windows at the fine levels
-CFG = VQVAEConfig.preset(
+CFG = HierarchicalConfig.preset(
     "tiny", n_layer_encoder=2, n_layer_decoder=2, window_sizes=(4, 4, 0), codebook_size=64
 )
 
@@ -22,10 +23,10 @@ def _batch(lengths, size, seed=0):
     return x, mask
 
 
-def _model(cfg=CFG, seed=0) -> VQVAE:
+def _model(cfg=CFG, seed=0) -> HierarchicalVQVAE:
     """A model whose codebooks were initialised by one training forward."""
     torch.manual_seed(seed)
-    model = VQVAE(cfg)
+    model = HierarchicalVQVAE(cfg)
     model(*_batch([40, 33, 48], 48, seed=123))
     return model.eval()
 
@@ -46,10 +47,12 @@ def test_shapes_and_masks_for_lengths_not_multiple_of_the_downsampling():
     out = model(x, mask)
     assert out.recon.shape == x.shape
     assert out.recon[~mask[:, None].expand_as(x)].abs().max() == 0
-    assert out.usage.shape == out.perplexity.shape == out.commit_losses.shape == (3,)
-    shapes = [tuple(i.shape) for i in out.indices]
+    assert all(
+        out.metrics[k].shape == (3,) for k in ("codebook_usage", "perplexity", "commit_loss")
+    )
+    shapes = [tuple(i.shape) for i in out.codes]
     assert shapes == [(2, 3, 3), (2, 6, 6), (2, 12, 12)]  # coarsest first: 48/16, 48/8, 48/4
-    for idx, s in zip(out.indices, (16, 8, 4), strict=True):
+    for idx, s in zip(out.codes, (16, 8, 4), strict=True):
         assert idx.dtype == torch.int64
         for b, n in enumerate(lengths):
             valid = math.ceil(n / s)
@@ -82,16 +85,18 @@ def test_loss_is_masked_mse_plus_beta_times_commitment():
         )
         / n
     )
-    torch.testing.assert_close(out.recon_loss, recon_loss)
-    torch.testing.assert_close(out.commit_loss, out.commit_losses.sum())
-    torch.testing.assert_close(out.loss, out.recon_loss + 0.25 * out.commit_loss)
-    assert out.commit_loss > 0
+    torch.testing.assert_close(out.loss_sum / out.weight, recon_loss)
+    commit = out.metrics["commit_loss"].sum()
+    torch.testing.assert_close(out.aux_loss, 0.25 * commit)
+    torch.testing.assert_close(out.loss, recon_loss + 0.25 * commit)
+    assert commit > 0
 
 
 def test_gradients_reach_every_encoder_through_the_straight_through_estimator():
     model = _model().train()
     x, mask = _batch([37, 20], 48)
-    model(x, mask).recon_loss.backward()  # no commitment term: the STE is the only path
+    out = model(x, mask)
+    (out.loss_sum / out.weight).backward()  # no commitment term: the STE is the only path
     for level, encoder in enumerate(model.encoders):
         grad = encoder.down.stages[0][0].weight.grad
         assert grad is not None and grad.abs().sum() > 0, level
@@ -128,7 +133,7 @@ def test_a_proteins_output_does_not_depend_on_the_padding_of_its_batch(symmetric
     mask = mask_from_lengths([90, 37, 61], 96)
     batched = model(x, mask)
     torch.testing.assert_close(batched.recon[1, :, :48, :48], alone.recon[0], atol=1e-4, rtol=0)
-    for a, b in zip(alone.indices, batched.indices, strict=True):
+    for a, b in zip(alone.codes, batched.codes, strict=True):
         n = a.shape[-1]
         assert torch.equal(b[1, :n, :n], a[0])
 
@@ -147,7 +152,7 @@ def test_symmetrise_builds_channel0_from_two_symmetrised_maps():
 
 
 def test_symmetric_output_predicts_d_and_omega_from_both_triangles():
-    model = _model(VQVAEConfig.preset("tiny", symmetric_output=True))
+    model = _model(HierarchicalConfig.preset("tiny", symmetric_output=True))
     assert model.head.out.out_channels == 4
     x, mask = _batch([30], 32)
     out = model(x, mask).recon
@@ -160,7 +165,7 @@ def test_symmetric_output_predicts_d_and_omega_from_both_triangles():
 
 def test_a_few_steps_of_training_reduce_the_loss():
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig.preset("tiny"))
+    model = HierarchicalVQVAE(HierarchicalConfig.preset("tiny"))
     # smooth, structured images (distance-map-like), not noise
     t = torch.linspace(0, 1, 32)
     base = torch.stack(
@@ -179,5 +184,5 @@ def test_a_few_steps_of_training_reduce_the_loss():
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(out.recon_loss.item())
+        losses.append((out.loss_sum / out.weight).item())
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])  # worst of 6 seeds: 0.38

@@ -3,35 +3,28 @@
 >>> from protoken.model import build_model, mask_from_lengths
 >>> model = build_model("tiny")                  # a preset of any family, or a config
 >>> out = model(x, mask)                         # x (B, 3, H, W), mask (B, H, W) bool
->>> codes = model.encode(x, mask)                # list of (B, h_l, w_l) int64, coarsest first
+>>> codes = model.encode(x, mask)                # the family's codes, -1 at padding
 >>> images = model.decode(codes, lengths)        # (B, 3, H, W)
+>>> per_protein = model.unbatch_codes(codes, lengths)     # list of [arrays] per protein
+>>> codes = model.batch_codes(per_protein, lengths)       # and back (shapes checked)
 
-Families: ``hierarchical`` (:class:`VQVAE`, grids of codes per level; presets ``tiny``, ``small``,
-``reference``; ``seed``, the old name of ``reference``, is still read) and ``residue``
-(:class:`ResidueVQVAE`, one FSQ code per residue; presets ``residue-tiny``, ``residue-small``,
-``residue-base``; ``encode`` returns one ``(B, L)`` tensor). A family registers its
-config class, model class and presets in :data:`FAMILIES`; a checkpoint's ``model_config`` names its
-family (no name: hierarchical, as every checkpoint written before families existed).
+Families:
 
-The output contract every family's ``forward(x, mask)`` meets (what ``protoken train`` uses):
+``hierarchical`` (:class:`HierarchicalVQVAE`, :mod:`protoken.model.hierarchical`)
+    Grids of codes per level (coarsest first); presets ``tiny``, ``small``, ``reference``
+    (``seed``, its old name, is still read).
+``residue`` (:class:`ResidueVQVAE`, :mod:`protoken.model.residue`)
+    K residual-FSQ codes per residue, ``(B, L, K)``; presets ``residue-tiny``,
+    ``residue-small``, ``residue-base``.
 
-``recon``
-    ``(B, C, H, W)`` reconstruction, zero at padded pixels.
-``loss_sum``
-    Scalar float32: the sum over valid elements of the per-element reconstruction error (not a
-    mean), so the training loop can divide the sum over ranks and accumulation steps by the
-    global weight and weigh every residue pair alike whatever the batch it sits in.
-``weight``
-    Scalar: what ``loss_sum`` sums over (for the VQ-VAE, valid pixels x channels). The model
-    also has ``loss_weight(mask) -> int`` giving the same number from the mask alone, so the
-    loop knows the global weight of a step on the host before its forward passes.
-``aux_loss``
-    Scalar, auxiliary losses already normalised and weighted (the VQ-VAE's ``beta`` times its
-    commitment losses): added once per micro-batch, averaged over micro-batches and ranks.
-``metrics``
-    Dict of detached tensors to log (scalars or per-level vectors), e.g. ``codebook_usage``.
-
-so the loss the loop minimises is ``sum(loss_sum) / sum(weight) + mean(aux_loss)``.
+A family registers its config class, model class and presets in :data:`FAMILIES`; a
+checkpoint's ``model_config`` names its family (no name: hierarchical, as every checkpoint
+written before families existed). Every family takes ``chains`` (the ``(B, L)`` chain index
+of a complex's residues) in ``forward``, ``encode`` and ``decode``, and returns
+:class:`ModelOutput` from ``forward`` (:mod:`protoken.model.contract`), so the loss the
+training loop minimises is ``sum(loss_sum) / sum(weight) + mean(aux_loss)``; its
+``loss_weight(mask)`` gives ``weight`` from the mask alone, so the loop knows the global weight
+of a step on the host before its forward passes.
 """
 
 from __future__ import annotations
@@ -40,37 +33,37 @@ from typing import Any
 
 from torch import nn
 
-from protoken.model.config import PRESET_ALIASES, PRESETS, VQVAEConfig
-from protoken.model.quantize import QuantizerOutput, VectorQuantizer
-from protoken.model.residue import RESIDUE_PRESETS, ResidueConfig, ResidueOutput, ResidueVQVAE
-from protoken.model.vqvae import VQVAE, VQVAEOutput, mask_from_lengths, symmetrise
+from protoken.model.contract import ModelOutput, mask_from_lengths
+from protoken.model.hierarchical import (
+    HIERARCHICAL_PRESETS,
+    PRESET_ALIASES,
+    HierarchicalConfig,
+    HierarchicalVQVAE,
+)
+from protoken.model.residue import RESIDUE_PRESETS, ResidueConfig, ResidueVQVAE
 
 __all__ = [
     "DEFAULT_FAMILY",
     "FAMILIES",
-    "PRESETS",
-    "VQVAE",
-    "QuantizerOutput",
+    "HIERARCHICAL_PRESETS",
+    "HierarchicalConfig",
+    "HierarchicalVQVAE",
+    "ModelOutput",
     "RESIDUE_PRESETS",
     "ResidueConfig",
-    "ResidueOutput",
     "ResidueVQVAE",
-    "VQVAEConfig",
-    "VQVAEOutput",
-    "VectorQuantizer",
     "build_model",
     "config_from_dict",
     "config_to_dict",
     "family_of",
     "mask_from_lengths",
     "preset_config",
-    "symmetrise",
 ]
 
 #: family name -> (config class, model class, presets {name: config}). The config class has
 #: ``to_dict()``, ``from_dict(d)`` and ``dataclasses.replace``-able fields.
 FAMILIES: dict[str, tuple[type, type[nn.Module], dict[str, Any]]] = {
-    "hierarchical": (VQVAEConfig, VQVAE, PRESETS),
+    "hierarchical": (HierarchicalConfig, HierarchicalVQVAE, HIERARCHICAL_PRESETS),
     "residue": (ResidueConfig, ResidueVQVAE, RESIDUE_PRESETS),
 }
 #: The family of a ``model_config`` without a ``family`` field (checkpoints of format 1).

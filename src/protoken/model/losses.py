@@ -29,15 +29,17 @@ and micro-batches by the global weight (the model output contract of :mod:`proto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "LossWeights",
+    "LossConfig",
     "geometric_loss",
     "geometric_weight",
     "loss_weight",
@@ -50,9 +52,12 @@ _FAPE_CLAMP = 10.0
 
 
 @dataclass(frozen=True)
-class LossWeights:
-    """Settings of :func:`geometric_loss` (fields of the model configs of the same names)."""
+class LossConfig:
+    """The reconstruction loss of a model: ``kind`` (``"mse"``, the reference design's, or
+    ``"geometric"``) and the settings of :func:`geometric_loss` (``dmax``: the codec's distance
+    cut-off in Angstrom). One field of every family's config (``config.loss``)."""
 
+    kind: str = "mse"
     dmax: float = 80.0
     delta: float = 1.0
     angle_cutoff: float = 20.0
@@ -60,9 +65,32 @@ class LossWeights:
     frame_cutoff: float = 20.0
     frame_weight: float = 1.0
 
-    @classmethod
-    def from_config(cls, config) -> LossWeights:
-        return cls(**{f: getattr(config, f) for f in cls.__dataclass_fields__})
+    #: The settings besides ``kind`` (flat fields of the model configs written before this
+    #: class, read by :meth:`from_fields`).
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "dmax", "delta", "angle_cutoff", "angle_weight", "frame_cutoff", "frame_weight",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mse", "geometric"):
+            raise ValueError(f"loss must be 'mse' or 'geometric', got {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, d: dict[str, Any]) -> LossConfig:
+        """This loss with the loss entries of a config dict applied, removing them from ``d``:
+        ``loss`` as a dict of this class's fields, a LossConfig or a kind name, and the settings
+        as flat fields (as configs of older versions and ``--set dmax=...`` give them)."""
+        loss = d.pop("loss", None)
+        flat = {k: d.pop(k) for k in self.FIELDS if k in d}
+        if isinstance(loss, LossConfig):
+            base = loss
+        elif isinstance(loss, dict):
+            base = dataclasses.replace(self, **loss)
+        else:
+            base = dataclasses.replace(self, kind=loss) if loss else self
+        return dataclasses.replace(base, **flat)
 
 
 def unpack_image(image: Tensor, dmax: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -107,7 +135,7 @@ def _frame_vector(d: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
 
 
 def geometric_loss(
-    recon: Tensor, target: Tensor, mask: Tensor, w: LossWeights
+    recon: Tensor, target: Tensor, mask: Tensor, w: LossConfig
 ) -> tuple[Tensor, Tensor]:
     """The geometric loss (see the module docstring) of ``(B, 3, L, L)`` images.
 
@@ -140,21 +168,21 @@ def geometric_loss(
 
 
 def reconstruction_loss(
-    recon: Tensor, target: Tensor, mask: Tensor, config
+    recon: Tensor, target: Tensor, mask: Tensor, loss: LossConfig
 ) -> tuple[Tensor, Tensor]:
-    """The loss a model config asks for (``config.loss``: ``"mse"`` or ``"geometric"``, with
-    the config's :class:`LossWeights` fields): ``(loss_sum, weight)``."""
-    if config.loss == "geometric":
-        return geometric_loss(recon, target, mask, LossWeights.from_config(config))
+    """The loss ``loss`` asks for (``loss.kind``: ``"mse"`` or ``"geometric"``):
+    ``(loss_sum, weight)``."""
+    if loss.kind == "geometric":
+        return geometric_loss(recon, target, mask, loss)
     return mse_loss(recon, target, mask)
 
 
-def loss_weight(mask: Tensor, config) -> int:
+def loss_weight(mask: Tensor, loss: LossConfig, channels: int = 3) -> int:
     """What :func:`reconstruction_loss` sums over for a ``(B, H, W)`` or ``(B, 1, H, W)`` mask,
     computed where the mask is (valid pixels x channels for the MSE, valid pairs i != j for
     the geometric loss)."""
     if mask.ndim == 4:
         mask = mask[:, 0]
-    if config.loss == "geometric":
+    if loss.kind == "geometric":
         return geometric_weight(mask)
-    return int(mask.sum()) * config.in_channels
+    return int(mask.sum()) * channels

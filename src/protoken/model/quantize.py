@@ -72,6 +72,14 @@ class QuantizerOutput:
     perplexity: Tensor
 
 
+def code_statistics(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Of a histogram of codes ``(codebook_size,)``: the fraction of codes used and the
+    perplexity ``exp(entropy)`` of their distribution."""
+    probs = counts / counts.sum().clamp(min=1)
+    perplexity = torch.exp(-(probs * torch.log(probs.clamp(min=1e-12))).sum())
+    return (counts > 0).float().mean(), perplexity
+
+
 class VectorQuantizer(nn.Module):
     """EMA vector quantiser of one level.
 
@@ -170,9 +178,7 @@ class VectorQuantizer(nn.Module):
             q = (q + (z - z.detach())) * valid.unsqueeze(1)
             quantized = q.reshape(B, h, w, -1).permute(0, 3, 1, 2)
             idx = torch.where(valid, idx, -1).reshape(B, h, w)
-            probs = counts / counts.sum().clamp(min=1)
-            perplexity = torch.exp(-(probs * torch.log(probs.clamp(min=1e-12))).sum())
-            usage = (counts > 0).float().mean()
+            usage, perplexity = code_statistics(counts)
         return QuantizerOutput(quantized, idx, commit, usage, perplexity)
 
     @torch.no_grad()

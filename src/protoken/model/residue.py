@@ -1,33 +1,44 @@
-"""The per-residue tokenizer: a 6D image in, exactly one code per residue, the image back out.
+"""The per-residue tokenizer: a 6D image in, K codes per residue (a rate knob), a backbone out.
 
 ::
 
-    image (B, 3, L, L)
-      -> pair features f_ij = MLP(RBF(d_ij), sin/cos of omega_ij, theta_ij, phi_ij, theta_ji,
-         phi_ji) + relpos(j - i)                                   (B, L, L, pair_dim)
-      -> masked mean and max over j (row pooling)                  (B, L, d_model)
-      -> 1D transformer over residues (rotary positions)           (B, L, d_model)
-      -> FSQ (vector-quantize-pytorch): one code per residue       (B, L) int64
-      -> 1D transformer over the codes                             (B, L, d_model)
-      -> a frame per residue (rotation by Gram-Schmidt, translation) -> ideal N, CA, C
-      -> virtual Cb and the 6D features in torch                    (B, 3, L, L)
+    image (B, 3, L, L), chain index (B, L)
+      -> each residue's 16 nearest residues by Cb distance (row i of the image): RBF(d),
+         sin/cos of omega, theta_ij, phi_ij, theta_ji, phi_ji, relative position
+         -> attention pooling                                       (B, L, d_model)
+      -> 1D transformer over residues                               (B, L, d_model)
+      -> residual FSQ (vector-quantize-pytorch): K stages, stage k of residue i is token (i, k)
+                                                                    (B, L, K) int64
+      -> 1D transformer over the summed code vectors of the first k stages
+      -> pair representation z_ij (outer product of residues, relative position)
+         -> binned d / omega / theta / phi (trRosetta's 37 / 25 / 25 / 13 bins), cross-entropy
+         -> attention biased by z_ij (the decoder's last blocks)
+      -> a frame per residue -> N, CA, C (and O, Cb)                 (B, L, 3) each
+      -> the 6D image of that backbone, in torch                     (B, 3, L, L)
+
+The encoder reads a residue's neighbourhood, as ESM3's structure encoder does, rather than a
+pooled whole row: a token then describes the same local geometry whether the chain has 60 or
+1000 residues, and training on crops carries over to whole chains. Position enters as a
+relative-position bias of the attention (T5-style buckets: exact within 16 residues, then
+log-spaced to 128, plus one bucket for "another chain"), so chains of a complex are known as
+chains, never as a sequence distance.
+
+Rate: residual FSQ quantises what earlier stages left (each stage 4096 codes, 12 bits), and
+training drops the later stages at random (``quantize_dropout``, as SoundStream and EnCodec do),
+so one model decodes from the first 1, 2, 3 or 4 stages: 12 to 48 bits per residue.
 
 The decoder predicts coordinates and derives the image with the 6D formulas
-(:mod:`protoken.model.geometry_torch`), as ESM3's and GCP-VQVAE's decoders end in coordinates:
-its images are those of a real backbone by construction, and the image -> 3D path reads them
-back exactly. The image is invariant to rotation and translation, so the predicted frames need
-no canonical orientation. The geometric loss (:mod:`protoken.model.losses`) trains it; its
-frame-aligned term decides the fold's handedness (without it the decoder fitted mirror images
-of 3 of 4 training proteins in an overfitting test).
+(:mod:`protoken.model.geometry_torch`): its images are those of a real backbone by construction.
+Its losses: the geometric loss of :mod:`protoken.model.losses` on that image (distances,
+angles, and a frame-aligned term that fixes the handedness), plus cross-entropy of the pair
+heads against the binned true image (ESM3's distogram and direction heads; the image holds
+their exact targets).
 
-FSQ (finite scalar quantisation, Mentzer et al. 2023) has no codebook to learn: no EMA, no dead
-codes, nothing to all-reduce under DDP. Levels ``(8, 8, 8, 8)`` give 4096 codes, 12 bits per
-residue, as ESM3, GCP-VQVAE and Kanzi.
+A configuration without the fields of this design (checkpoints written before it) builds the
+first per-residue design exactly (pooled rows, rotary positions, one FSQ stage, no pair
+representation): see :data:`V1_FIELDS`; its weights load and give the same tokens.
 
-Cost: the pair encoder is pointwise, the decoder's 6D features are elementwise: linear in the
-pixels; the transformers are quadratic in L, like the image.
-
-Padding: attention ignores padded residues, pooling uses only valid pairs, and every other
+Padding: attention ignores padded residues, neighbours are valid residues only, and every other
 operation is per residue or per pair, so a protein's codes do not depend on its batch.
 """
 
@@ -35,17 +46,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
+from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import Tensor, nn
 
 from protoken.model import geometry_torch as gt
-from protoken.model.losses import loss_weight, reconstruction_loss, unpack_image
-from protoken.model.transformer import Transformer
+from protoken.model.contract import ModelOutput
+from protoken.model.losses import LossConfig, reconstruction_loss, unpack_image
+from protoken.model.quantize import code_statistics
 
-__all__ = ["RESIDUE_PRESETS", "ResidueConfig", "ResidueOutput", "ResidueVQVAE"]
+__all__ = [
+    "PAIR_BINS",
+    "RESIDUE_PRESETS",
+    "V1_FIELDS",
+    "ResidueConfig",
+    "ResidueVQVAE",
+    "chain_layout",
+    "relpos_buckets",
+]
+
+# --------------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
@@ -54,71 +81,96 @@ class ResidueConfig:
 
     Parameters
     ----------
-    d_model : int
-        Width of the residue transformers (``n_embd`` of their blocks).
-    n_head, mlp_ratio : int
-        Attention heads, MLP hidden width / d_model.
-    rope_dim : int
-        Rotary features per head (a multiple of 4; half rotate with the residue index).
+    d_model, n_head, mlp_ratio : int
+        Width of the residue transformers, attention heads, MLP hidden width / d_model.
     n_layer_encoder, n_layer_decoder : int
-        Transformer blocks of the encoder and the decoder.
+        Transformer blocks of the encoder and of the decoder (the decoder's last
+        ``n_pair_blocks`` of them are biased by the pair representation).
+    encoder : {"knn", "row"}
+        Residue features from the ``knn`` nearest residues (this design) or pooled over the
+        whole row (the first design).
+    knn : int
+        Neighbours per residue of the ``knn`` encoder.
     pair_dim : int
-        Width of the pair features pooled into residues.
+        Width of the encoder's pair features.
     n_rbf : int
         Radial basis functions of the distance (centres 2 .. 22 A).
+    position : {"relpos", "rope"}
+        Relative-position attention bias with a bucket for "another chain" (this design), or
+        rotary features (the first design: ``rope_dim`` per head; one chain only).
+    rope_dim : int
+        Rotary features per head of ``position="rope"``.
     max_relpos : int
-        Sequence separations are clipped to this for the relative-position embedding.
+        Separations clipped to this in the ``row`` encoder's position embedding.
     fsq_levels : tuple of int
-        FSQ levels; the codebook size is their product.
-    loss, dmax, delta, angle_cutoff, angle_weight, frame_cutoff, frame_weight
-        As :class:`protoken.model.VQVAEConfig` (``loss`` defaults to ``"geometric"`` here).
+        FSQ levels of each stage; the codes per stage are their product.
+    n_stages : int
+        Residual FSQ stages (tokens per residue at the full rate).
+    pair_dim_decoder : int
+        Width of the decoder's pair representation; 0 for none.
+    n_pair_blocks : int
+        Decoder blocks (the last ones) whose attention is biased by the pair representation.
+    pair_loss_weight : float
+        Weight of the pair heads' cross-entropy (summed over the four heads, per pair).
+    pair_loss_fraction : float
+        Fraction of the pairs (drawn at random) whose cross-entropy training computes.
+    loss : LossConfig
+        The geometric loss's settings (``dmax`` is the codec's).
     """
 
     in_channels: int = 3
     d_model: int = 128
     n_head: int = 4
     mlp_ratio: int = 4
-    rope_dim: int = 16
     n_layer_encoder: int = 2
     n_layer_decoder: int = 6
+    encoder: str = "knn"
+    knn: int = 16
     pair_dim: int = 32
     n_rbf: int = 16
+    position: str = "relpos"
+    rope_dim: int = 16
     max_relpos: int = 32
     fsq_levels: tuple[int, ...] = (8, 8, 8, 8)
-    loss: str = "geometric"
-    dmax: float = 80.0
-    delta: float = 1.0
-    angle_cutoff: float = 20.0
-    angle_weight: float = 1.0
-    frame_cutoff: float = 20.0
-    frame_weight: float = 1.0
+    n_stages: int = 4
+    pair_dim_decoder: int = 0
+    n_pair_blocks: int = 0
+    pair_loss_weight: float = 0.0
+    pair_loss_fraction: float = 0.25
+    loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig(kind="geometric"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
-        if self.loss not in ("mse", "geometric"):
-            raise ValueError(f"loss must be 'mse' or 'geometric', got {self.loss!r}")
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig(**self.loss))
+        if self.encoder not in ("knn", "row"):
+            raise ValueError(f"encoder must be 'knn' or 'row', got {self.encoder!r}")
+        if self.position not in ("relpos", "rope"):
+            raise ValueError(f"position must be 'relpos' or 'rope', got {self.position!r}")
         if self.d_model % self.n_head:
             raise ValueError("d_model must be divisible by n_head")
-        if self.rope_dim % 4 or not 0 < self.rope_dim <= self.d_model // self.n_head:
+        if self.position == "rope" and (
+            self.rope_dim % 4 or not 0 < self.rope_dim <= self.d_model // self.n_head
+        ):
             raise ValueError("rope_dim must be a multiple of 4 and at most d_model // n_head")
         if not self.fsq_levels or any(v < 2 for v in self.fsq_levels):
             raise ValueError(f"fsq_levels must be integers >= 2, got {self.fsq_levels}")
+        if self.n_stages < 1:
+            raise ValueError(f"n_stages must be >= 1, got {self.n_stages}")
+        if not 0 <= self.n_pair_blocks <= self.n_layer_decoder:
+            raise ValueError("n_pair_blocks must be between 0 and n_layer_decoder")
+        if self.n_pair_blocks and not self.pair_dim_decoder:
+            raise ValueError("n_pair_blocks needs a pair representation (pair_dim_decoder > 0)")
+        if self.pair_loss_weight and not self.pair_dim_decoder:
+            raise ValueError("pair_loss_weight needs a pair representation (pair_dim_decoder)")
 
-    # what the 2D transformer blocks read
     @property
-    def n_embd(self) -> int:
-        return self.d_model
-
-    @property
-    def attn_dim(self) -> int:
-        return self.d_model
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return self.d_model * self.mlp_ratio
+    def dmax(self) -> float:
+        return self.loss.dmax
 
     @property
     def codebook_size(self) -> int:
+        """Codes of one stage."""
         return math.prod(self.fsq_levels)
 
     @property
@@ -127,16 +179,22 @@ class ResidueConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Image sides need no padding multiple: one token per residue."""
+        """Image sides need no padding multiple: tokens are per residue."""
         return 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        d = dataclasses.asdict(self)
+        d["fsq_levels"] = list(self.fsq_levels)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResidueConfig:
+        """Inverse of :meth:`to_dict`; also reads the first design's configs (flat loss fields,
+        none of this design's fields: :data:`V1_FIELDS`)."""
+        d = dict(d)
+        if "encoder" not in d:  # written before this design
+            d = {**V1_FIELDS, **d}
+        d["loss"] = LossConfig(kind="geometric").with_overrides(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -147,89 +205,269 @@ class ResidueConfig:
     def preset(cls, name: str, **overrides: Any) -> ResidueConfig:
         if name not in RESIDUE_PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose from {sorted(RESIDUE_PRESETS)}")
-        return dataclasses.replace(RESIDUE_PRESETS[name], **overrides)
+        base = RESIDUE_PRESETS[name]
+        overrides["loss"] = base.loss.with_overrides(overrides)
+        return dataclasses.replace(base, **overrides)
 
+
+#: The first per-residue design (checkpoints written before ``encoder`` existed).
+V1_FIELDS: dict[str, Any] = {
+    "encoder": "row",
+    "position": "rope",
+    "n_stages": 1,
+    "pair_dim_decoder": 0,
+    "n_pair_blocks": 0,
+    "pair_loss_weight": 0.0,
+}
 
 #: ``residue-tiny`` (tests), ``residue-small`` (the bundled ``residue`` model), ``residue-base``.
 RESIDUE_PRESETS: dict[str, ResidueConfig] = {
     "residue-tiny": ResidueConfig(
-        d_model=32, n_head=2, rope_dim=8, n_layer_encoder=1, n_layer_decoder=1, pair_dim=8, n_rbf=8
-    ),
+        d_model=32,
+        n_head=2,
+        n_layer_encoder=1,
+        n_layer_decoder=2,
+        n_pair_blocks=1,
+        pair_dim=8,
+        n_rbf=8,
+        knn=8,
+        pair_dim_decoder=8,
+        n_stages=2,
+    ),  # fmt: skip
     "residue-small": ResidueConfig(),
     "residue-base": ResidueConfig(
-        d_model=256, n_head=8, rope_dim=16, n_layer_encoder=4, n_layer_decoder=8, pair_dim=64
-    ),
+        d_model=256,
+        n_head=8,
+        n_layer_encoder=4,
+        n_layer_decoder=12,
+        n_pair_blocks=4,
+        pair_dim=64,
+        pair_dim_decoder=64,
+    ),  # fmt: skip
 }
 
+# --------------------------------------------------------------------------- positions
 
-@dataclass
-class ResidueOutput:
-    """What :meth:`ResidueVQVAE.forward` returns (the output contract of :mod:`protoken.model`).
 
-    ``recon`` (B, 3, L, L) zero at padding; ``loss_sum``/``weight`` the reconstruction loss sum
-    and what it sums over; ``aux_loss`` 0 (FSQ has no commitment loss); ``metrics``
-    (``codebook_usage``: fraction of the codebook used in the batch, ``perplexity``);
-    ``indices`` (B, L) int64, -1 at padding; ``loss`` = ``loss_sum / weight``.
+def chain_layout(chains: Tensor | None, rmask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each residue's index within its chain and the same-chain matrix.
+
+    Parameters
+    ----------
+    chains : Tensor or None
+        ``(B, L)`` chain index of each residue (chains contiguous, in order); None: one chain.
+    rmask : Tensor
+        ``(B, L)`` bool, valid residues.
+
+    Returns
+    -------
+    pos : Tensor
+        ``(B, L)`` int64, 0 at each chain's first residue.
+    same : Tensor
+        ``(B, L, L)`` bool, residues i and j in one chain. Both have a batch dimension of 1
+        when ``chains`` is None (the same for every protein).
     """
+    B, L = rmask.shape
+    idx = torch.arange(L, device=rmask.device).expand(B, L)
+    if chains is None:  # broadcast over the batch
+        return idx[:1], torch.ones(1, L, L, dtype=torch.bool, device=rmask.device)
+    chains = chains.to(rmask.device).long()
+    start = torch.ones_like(rmask)
+    start[:, 1:] = chains[:, 1:] != chains[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first, chains[:, :, None] == chains[:, None, :]
 
-    recon: Tensor
-    loss_sum: Tensor
-    weight: Tensor
-    aux_loss: Tensor
-    metrics: dict[str, Tensor]
-    loss: Tensor
-    indices: Tensor
+
+_N_EXACT, _N_LOG, _MAX_DIST = 16, 8, 128
+_HALF = _N_EXACT + _N_LOG - 1
+#: Relative-position buckets: signed separations (exact below 16, log-spaced to 128), then
+#: "another chain".
+N_BUCKETS = 2 * _HALF + 2
 
 
-class FSQ(nn.Module):
-    """Finite scalar quantisation of ``len(levels)``-dim vectors, by vector-quantize-pytorch's
-    :class:`vector_quantize_pytorch.FSQ` (straight-through rounding of bounded coordinates)."""
+def relpos_buckets(pos: Tensor, same: Tensor) -> Tensor:
+    """``(B, L, L)`` bucket of residue pair (i, j): the separation ``pos_j - pos_i`` within a
+    chain (exact up to 15, then 8 log-spaced buckets to 128 and beyond), and one bucket,
+    ``N_BUCKETS - 1``, for residues of different chains."""
+    rel = pos[:, None, :] - pos[:, :, None]
+    a = rel.abs()
+    logb = _N_EXACT + (
+        torch.log(a.clamp(min=_N_EXACT).float() / _N_EXACT)
+        / math.log(_MAX_DIST / _N_EXACT)
+        * _N_LOG
+    ).long().clamp(max=_N_LOG - 1)
+    mag = torch.where(a < _N_EXACT, a, logb)
+    signed = torch.where(rel < 0, -mag, mag) + _HALF
+    return torch.where(same, signed, torch.full_like(signed, N_BUCKETS - 1))
 
-    def __init__(self, levels: tuple[int, ...]) -> None:
+
+# --------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over residues ``(B, L, C)``, with an additive bias
+    ``(B, n_head, L, L)`` and/or rotary features (``rope_dim`` per head, from ``rope_start``)."""
+
+    def __init__(self, d_model: int, n_head: int, rope_dim: int = 0, rope_start: int = 0):
         super().__init__()
-        from vector_quantize_pytorch import FSQ as _FSQ
+        self.n_head, self.rope_start = n_head, rope_start
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model)
+        self.rotary = RotaryEmbedding(dim=rope_dim) if rope_dim else None
 
-        self.fsq = _FSQ(levels=list(levels))
-        self.size = math.prod(levels)
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, L, D)`` -> quantised ``(B, L, D)``, indices ``(B, L)`` int64."""
-        q, idx = self.fsq(z)
-        return q, idx.long()
-
-    def lookup(self, indices: Tensor) -> Tensor:
-        return self.fsq.indices_to_codes(indices.clamp(0, self.size - 1))
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)
+        if self.rotary is not None:
+            freqs = self.rotary(torch.arange(x.shape[1], device=x.device))
+            q = apply_rotary_emb(freqs, q, start_index=self.rope_start)
+            k = apply_rotary_emb(freqs, k, start_index=self.rope_start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 
 
-class PairEncoder(nn.Module):
-    """``(B, 3, L, L)`` image -> ``(B, L, d_model)`` residue vectors by pair features and
-    masked mean + max pooling over each row (residue i's pairs with every j != i)."""
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden)
+        self.proj = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class SequenceBlock(nn.Module):
+    """Pre-LayerNorm transformer block over residues: ``x + attn(ln(x))``, ``x + mlp(ln(x))``;
+    with ``pair_dim`` the attention is also biased by a linear map of a pair representation."""
+
+    def __init__(self, c: ResidueConfig, pair_dim: int = 0) -> None:
+        super().__init__()
+        rope = c.rope_dim // 2 if c.position == "rope" else 0  # the first design's layout
+        self.ln_1 = nn.LayerNorm(c.d_model)
+        self.attn = Attention(c.d_model, c.n_head, rope, rope_start=rope)
+        self.ln_2 = nn.LayerNorm(c.d_model)
+        self.mlp = MLP(c.d_model, c.d_model * c.mlp_ratio)
+        self.pair_bias = nn.Linear(pair_dim, c.n_head, bias=False) if pair_dim else None
+
+    def forward(self, x: Tensor, bias: Tensor, pair: Tensor | None = None) -> Tensor:
+        if self.pair_bias is not None:
+            bias = bias + rearrange(self.pair_bias(pair), "b i j h -> b h i j")
+        x = x + self.attn(self.ln_1(x), bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+class SequenceStack(nn.Module):
+    """Blocks over ``(B, L, d_model)`` residues and a final LayerNorm; the last
+    ``n_pair_blocks`` read the pair representation. Output projections start as nanoGPT's,
+    N(0, 0.02 / sqrt(2 n_layer)), so each block starts near the identity."""
+
+    def __init__(self, c: ResidueConfig, n_layer: int, n_pair_blocks: int = 0) -> None:
+        super().__init__()
+        first_pair = n_layer - n_pair_blocks
+        self.blocks = nn.ModuleList(
+            SequenceBlock(c, c.pair_dim_decoder if i >= first_pair else 0) for i in range(n_layer)
+        )
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.relpos = nn.Embedding(N_BUCKETS, c.n_head) if c.position == "relpos" else None
+        if self.relpos is not None:
+            nn.init.zeros_(self.relpos.weight)
+        std = 0.02 / math.sqrt(2 * max(n_layer, 1))
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=std)
+                nn.init.zeros_(proj.bias)
+
+    def forward(self, x: Tensor, rmask: Tensor, buckets: Tensor, pair: Tensor | None = None):
+        bias = torch.zeros(rmask.shape[0], 1, 1, rmask.shape[1], device=x.device)
+        bias = bias.masked_fill(~rmask[:, None, None, :], float("-inf"))
+        if self.relpos is not None:
+            bias = bias + rearrange(self.relpos(buckets), "b i j h -> b h i j")
+        for block in self.blocks:
+            x = block(x, bias, pair)
+        return self.ln_f(x) * rmask[..., None]
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def _pair_features(d, omega, theta, phi, theta_t, phi_t, centres: Tensor, dmax: float) -> Tensor:
+    """RBF(d), d / dmax, sin and cos of omega, theta_ij, phi_ij, theta_ji, phi_ji (any leading
+    shape; the ``_t`` angles are those of the pair (j, i), given already in place)."""
+    width = (centres[1] - centres[0]) if len(centres) > 1 else 2.0
+    rbf = torch.exp(-(((d[..., None] - centres) / width) ** 2))
+    angles = torch.stack([omega, theta, phi, theta_t, phi_t], -1)
+    return torch.cat([rbf, (d / dmax)[..., None], angles.sin(), angles.cos()], -1)
+
+
+class NeighbourEncoder(nn.Module):
+    """Image -> residue vectors from each residue's ``knn`` nearest residues by Cb distance:
+    pair features + relative position, pooled by attention (``n_head`` heads) and a mean."""
+
+    def __init__(self, c: ResidueConfig) -> None:
+        super().__init__()
+        self.dmax, self.k, self.n_head = c.dmax, c.knn, c.n_head
+        self.register_buffer("centres", torch.linspace(2.0, 22.0, c.n_rbf), persistent=False)
+        self.pair = nn.Sequential(
+            nn.Linear(c.n_rbf + 11, c.pair_dim), nn.GELU(), nn.Linear(c.pair_dim, c.pair_dim)
+        )
+        self.relpos = nn.Embedding(N_BUCKETS, c.pair_dim)
+        self.score = nn.Linear(c.pair_dim, c.n_head)
+        self.out = nn.Sequential(nn.LayerNorm(2 * c.pair_dim), nn.Linear(2 * c.pair_dim, c.d_model))
+
+    def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
+        d, omega, theta, phi = unpack_image(x.float(), self.dmax)
+        L = d.shape[-1]
+        eye = torch.eye(L, dtype=torch.bool, device=d.device)
+        far = d.double().masked_fill(~mask | eye, math.inf)
+        # images quantise distances (8-bit: steps of 0.31 A), so ties are common: broken by
+        # the residue index (1e-9 A per index, far below any step), never by the padding
+        far = far + torch.arange(L, device=d.device, dtype=torch.float64) * 1e-9
+        k = min(self.k, max(L - 1, 1))
+        dk, nb = far.topk(k, dim=-1, largest=False)  # (B, L, k)
+        valid = torch.isfinite(dk)
+
+        def take(t: Tensor) -> Tensor:
+            return t.gather(-1, nb)
+
+        def take_t(t: Tensor) -> Tensor:  # t_ji for the neighbours j of i
+            return t.transpose(-1, -2).gather(-1, nb)
+
+        feats = _pair_features(
+            take(d), take(omega), take(theta), take(phi), take_t(theta), take_t(phi),
+            self.centres, self.dmax,
+        )  # fmt: skip
+        nb_buckets = buckets.expand(nb.shape[0], -1, -1).gather(-1, nb)
+        h = self.pair(feats) + self.relpos(nb_buckets)  # (B, L, k, P)
+        w = valid[..., None].to(h.dtype)
+        mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
+        s = self.score(h).masked_fill(~valid[..., None], -1e4).softmax(dim=2)  # (B, L, k, H)
+        hv = rearrange(h, "b l k (h p) -> b l k h p", h=self.n_head)
+        pooled = torch.einsum("blkh,blkhp->blhp", s * w, hv).flatten(2)
+        return self.out(torch.cat([pooled, mean], -1))
+
+
+class RowEncoder(nn.Module):
+    """The first design's encoder: pair features of every pair of row i, masked mean and max."""
 
     def __init__(self, c: ResidueConfig) -> None:
         super().__init__()
         self.dmax = c.dmax
         self.register_buffer("centres", torch.linspace(2.0, 22.0, c.n_rbf), persistent=False)
-        n_in = c.n_rbf + 1 + 10
         self.pair = nn.Sequential(
-            nn.Linear(n_in, c.pair_dim), nn.GELU(), nn.Linear(c.pair_dim, c.pair_dim)
+            nn.Linear(c.n_rbf + 11, c.pair_dim), nn.GELU(), nn.Linear(c.pair_dim, c.pair_dim)
         )
         self.max_relpos = c.max_relpos
         self.relpos = nn.Embedding(2 * c.max_relpos + 1, c.pair_dim)
         self.out = nn.Sequential(nn.LayerNorm(2 * c.pair_dim), nn.Linear(2 * c.pair_dim, c.d_model))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
         d, omega, theta, phi = unpack_image(x.float(), self.dmax)
         th_t, ph_t = theta.transpose(-1, -2), phi.transpose(-1, -2)
-        width = (self.centres[1] - self.centres[0]) if len(self.centres) > 1 else 2.0
-        rbf = torch.exp(-(((d[..., None] - self.centres) / width) ** 2))
-        angles = torch.stack([omega, theta, phi, th_t, ph_t], -1)
-        feats = torch.cat([rbf, (d / self.dmax)[..., None], angles.sin(), angles.cos()], -1)
+        feats = _pair_features(d, omega, theta, phi, th_t, ph_t, self.centres, self.dmax)
         L = x.shape[-1]
         pos = torch.arange(L, device=x.device)
         rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
         h = self.pair(feats) + self.relpos(rel + self.max_relpos)  # (B, L, L, P)
-        n = x.shape[-1]
-        pm = mask & ~torch.eye(n, dtype=torch.bool, device=x.device)
+        pm = mask & ~torch.eye(L, dtype=torch.bool, device=x.device)
         w = pm[..., None].to(h.dtype)
         mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
         mx = h.masked_fill(~pm[..., None], -1e4).amax(2)
@@ -237,27 +475,155 @@ class PairEncoder(nn.Module):
         return self.out(torch.cat([mean, mx], -1))
 
 
-class FrameHead(nn.Module):
-    """Residue vectors -> a frame each -> the backbone's 6D image."""
+# --------------------------------------------------------------------------- quantiser
+
+
+class StageFSQ(nn.Module):
+    """Residual FSQ of ``len(levels)``-dim vectors in ``n_stages`` stages, by
+    vector-quantize-pytorch (:class:`~vector_quantize_pytorch.ResidualFSQ`, or
+    :class:`~vector_quantize_pytorch.FSQ` for the first design's single stage). Training drops
+    the stages after a random one (per batch), so decoding from the first k stages works."""
+
+    def __init__(self, levels: tuple[int, ...], n_stages: int, single: bool) -> None:
+        super().__init__()
+        from vector_quantize_pytorch import FSQ, ResidualFSQ
+
+        self.n_stages, self.size, self.single = n_stages, math.prod(levels), single
+        if single:
+            self.fsq = FSQ(levels=list(levels))
+        else:
+            self.rfsq = ResidualFSQ(
+                levels=list(levels), num_quantizers=n_stages, quantize_dropout=n_stages > 1
+            )
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, L, D)`` -> quantised ``(B, L, D)``, codes ``(B, L, K)`` int64 (-1: a stage
+        dropped in training)."""
+        if self.single:
+            q, idx = self.fsq(z)
+            return q, idx.long()[..., None]
+        q, idx = self.rfsq(z)
+        return q, idx.long()
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """Codes ``(B, L, k)``, ``1 <= k <= n_stages`` (-1: no code) -> summed code vectors."""
+        if codes.shape[-1] < 1 or codes.shape[-1] > self.n_stages:
+            raise ValueError(
+                f"expected 1 to {self.n_stages} stages of codes, got {codes.shape[-1]}"
+            )
+        if self.single:
+            return self.fsq.indices_to_codes(codes[..., 0].clamp(0, self.size - 1))
+        codes = codes.clamp(-1, self.size - 1)
+        pad = self.n_stages - codes.shape[-1]
+        if pad:
+            codes = F.pad(codes, (0, pad), value=-1)
+        parts = self.rfsq.get_codes_from_indices(codes)  # (K, B, L, D), zero where -1
+        return parts.sum(0)
+
+
+# --------------------------------------------------------------------------- decoder heads
+
+#: trRosetta's bins of the 6D features: d in 36 bins of 0.5 A over 2-20 A plus "beyond 20 A",
+#: omega and theta in 24 bins of 15 degrees, phi in 12, each plus "no contact" (bin 0).
+PAIR_BINS = {"d": 37, "omega": 25, "theta": 25, "phi": 13}
+_CONTACT = 20.0
+
+
+def binned_targets(d: Tensor, omega: Tensor, theta: Tensor, phi: Tensor) -> dict[str, Tensor]:
+    """trRosetta's class of each pair's d, omega, theta, phi (bin 0: d >= 20 A)."""
+    far = d >= _CONTACT
+    db = ((d - 2.0) / 0.5).floor().long().clamp(0, 35) + 1
+    ob = ((omega + math.pi) / (2 * math.pi) * 24).floor().long().clamp(0, 23) + 1
+    tb = ((theta + math.pi) / (2 * math.pi) * 24).floor().long().clamp(0, 23) + 1
+    pb = (phi / math.pi * 12).floor().long().clamp(0, 11) + 1
+    zero = torch.zeros_like(db)
+    return {
+        "d": torch.where(far, zero, db),
+        "omega": torch.where(far, zero, ob),
+        "theta": torch.where(far, zero, tb),
+        "phi": torch.where(far, zero, pb),
+    }
+
+
+class PairRepresentation(nn.Module):
+    """Residues ``(B, L, C)`` -> pairs ``(B, L, L, P)``: ``W (a_i * b_j) + u_i + v_j`` plus an
+    embedding of the relative-position bucket (an outer product of the residues, kept to one
+    matrix product per pair: on a CPU every pair-wise layer costs as much as the transformer)."""
 
     def __init__(self, c: ResidueConfig) -> None:
         super().__init__()
-        self.dmax = c.dmax
+        p = c.pair_dim_decoder
+        self.ln = nn.LayerNorm(c.d_model)
+        self.abuv = nn.Linear(c.d_model, 4 * p)
+        self.prod = nn.Linear(p, p)
+        self.relpos = nn.Embedding(N_BUCKETS, p)
+
+    def forward(self, h: Tensor, buckets: Tensor) -> Tensor:
+        a, b, u, v = self.abuv(self.ln(h)).chunk(4, -1)
+        z = self.prod(a[:, :, None] * b[:, None]) + u[:, :, None] + v[:, None]
+        return z + self.relpos(buckets)
+
+
+class PairHeads(nn.Module):
+    """Pair representation -> logits of the binned d and omega (from ``z_ij + z_ji``: both
+    symmetric), theta and phi (from ``z_ij``)."""
+
+    def __init__(self, c: ResidueConfig) -> None:
+        super().__init__()
+        p = c.pair_dim_decoder
+        self.sym = nn.Sequential(nn.LayerNorm(p), nn.Linear(p, PAIR_BINS["d"] + PAIR_BINS["omega"]))
+        self.asym = nn.Sequential(
+            nn.LayerNorm(p), nn.Linear(p, PAIR_BINS["theta"] + PAIR_BINS["phi"])
+        )
+
+    def forward(self, z: Tensor, pm: Tensor) -> dict[str, Tensor]:
+        """Logits ``(N, bins)`` of the N pairs where ``pm`` ``(B, L, L)`` holds, in the order of
+        ``pm.nonzero()``."""
+        b, i, j = pm.nonzero(as_tuple=True)
+        zij = z[b, i, j]
+        d, omega = self.sym(zij + z[b, j, i]).split([PAIR_BINS["d"], PAIR_BINS["omega"]], -1)
+        theta, phi = self.asym(zij).split([PAIR_BINS["theta"], PAIR_BINS["phi"]], -1)
+        return {"d": d, "omega": omega, "theta": theta, "phi": phi}
+
+
+def pair_cross_entropy(
+    heads: PairHeads, z: Tensor, target: Tensor, pm: Tensor, dmax: float, fraction: float
+) -> Tensor:
+    """Cross-entropy of the four pair heads against the binned true image, summed over valid
+    pairs: in training over a random ``fraction`` of them, scaled by ``1 / fraction`` (an
+    unbiased estimate of the sum at a fraction of the cost)."""
+    with torch.no_grad():
+        if fraction < 1.0:
+            pm = pm & (torch.rand(pm.shape, device=pm.device) < fraction)
+        bins = binned_targets(*unpack_image(target.float(), dmax))
+    logits = heads(z, pm)
+    total = target.new_zeros((), dtype=torch.float32)
+    for name, lg in logits.items():
+        total = total + F.cross_entropy(lg.float(), bins[name][pm], reduction="sum")
+    return total / fraction
+
+
+class FrameHead(nn.Module):
+    """Residue vectors ``(B, L, d_model)`` -> a frame each (rotation by Gram-Schmidt of two
+    predicted vectors, translation in units of 10 A) -> ideal N, CA, C ``(B, L, 3)``."""
+
+    def __init__(self, c: ResidueConfig) -> None:
+        super().__init__()
         self.proj = nn.Linear(c.d_model, 9)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, L, d_model)`` -> N, CA, C ``(B, L, 3)``."""
         p = self.proj(h.float())
-        rot = gt.rotation_from_6d(p[..., 3:6] + _E1.to(p), p[..., 6:9] + _E2.to(p))
+        e1 = torch.tensor([1.0, 0.0, 0.0], device=p.device)
+        e2 = torch.tensor([0.0, 1.0, 0.0], device=p.device)
+        rot = gt.rotation_from_6d(p[..., 3:6] + e1, p[..., 6:9] + e2)
         return gt.backbone_from_frames(rot, p[..., :3] * 10.0)
 
 
-_E1 = torch.tensor([1.0, 0.0, 0.0])
-_E2 = torch.tensor([0.0, 1.0, 0.0])
+# --------------------------------------------------------------------------- model
 
 
 class ResidueVQVAE(nn.Module):
-    """One FSQ code per residue; see the module docstring.
+    """Per-residue tokens of 6D images; see the module docstring.
 
     Parameters
     ----------
@@ -266,20 +632,30 @@ class ResidueVQVAE(nn.Module):
 
     def __init__(self, config: ResidueConfig) -> None:
         super().__init__()
-        self.config = config
-        self.pair_encoder = PairEncoder(config)
-        self.encoder = Transformer(config, config.n_layer_encoder, 0)
-        self.pre_quant = nn.Linear(config.d_model, len(config.fsq_levels))
-        self.quantizer = FSQ(config.fsq_levels)
-        self.post_quant = nn.Linear(len(config.fsq_levels), config.d_model)
-        self.decoder = Transformer(config, config.n_layer_decoder, 0)
-        self.head = FrameHead(config)
+        c = self.config = config
+        self.pair_encoder = NeighbourEncoder(c) if c.encoder == "knn" else RowEncoder(c)
+        self.encoder = SequenceStack(c, c.n_layer_encoder)
+        self.pre_quant = nn.Linear(c.d_model, len(c.fsq_levels))
+        self.quantizer = StageFSQ(c.fsq_levels, c.n_stages, single=c.encoder == "row")
+        self.post_quant = nn.Linear(len(c.fsq_levels), c.d_model)
+        self.decoder = SequenceStack(c, c.n_layer_decoder - c.n_pair_blocks)
+        if c.pair_dim_decoder:
+            self.pair = PairRepresentation(c)
+            self.structure = SequenceStack(c, c.n_pair_blocks, c.n_pair_blocks)
+            self.pair_heads = PairHeads(c) if c.pair_loss_weight else None
+        self.head = FrameHead(c)
 
     # -- helpers -----------------------------------------------------------------------------
 
+    @property
+    def n_stages(self) -> int:
+        return self.config.n_stages
+
     def loss_weight(self, mask: Tensor) -> int:
-        """What ``loss_sum`` sums over for this mask (see :class:`protoken.model.VQVAE`)."""
-        return loss_weight(mask, self.config)
+        """What ``loss_sum`` sums over for this ``(B, L, L)`` mask: valid pairs ``i != j``."""
+        if mask.ndim == 4:
+            mask = mask[:, 0]
+        return int(mask.sum()) - int(mask.diagonal(dim1=-2, dim2=-1).sum())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -293,83 +669,121 @@ class ResidueVQVAE(nn.Module):
             raise ValueError(f"mask must be (B, L, L) or (B, 1, L, L), got {mask.shape}")
         return mask.bool()
 
-    @staticmethod
-    def _residue_mask(mask: Tensor) -> Tensor:
-        return mask.diagonal(dim1=-2, dim2=-1)  # (B, L)
-
-    def _transform(self, block: Transformer, h: Tensor, rmask: Tensor) -> Tensor:
-        """A 2D transformer run on a 1 x L grid: (B, L, C) -> (B, L, C)."""
-        y = block(h.transpose(1, 2)[:, :, None], rmask[:, None])
-        return y[:, :, 0].transpose(1, 2)
-
-    def _encode(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        rmask = self._residue_mask(mask)
-        h = self.pair_encoder(x * mask[:, None], mask)
-        h = self._transform(self.encoder, h, rmask)
+    def _encode(self, x: Tensor, mask: Tensor, buckets: Tensor) -> tuple[Tensor, Tensor]:
+        rmask = mask.diagonal(dim1=-2, dim2=-1)
+        h = self.pair_encoder(x * mask[:, None], mask, buckets)
+        h = self.encoder(h, rmask, buckets)
         q, idx = self.quantizer(self.pre_quant(h).float())
-        return q, idx.masked_fill(~rmask, -1), rmask
+        return q, idx.masked_fill(~rmask[..., None], -1)
 
-    def _decode(self, q: Tensor, rmask: Tensor) -> Tensor:
-        h = self._transform(self.decoder, self.post_quant(q), rmask)
+    def _trunk(self, q: Tensor, rmask: Tensor, buckets: Tensor):
+        """Code vectors -> residue vectors for the frame head, and the pair representation."""
+        h = self.decoder(self.post_quant(q), rmask, buckets)
+        if not self.config.pair_dim_decoder:
+            return h, None
+        z = self.pair(h, buckets)
+        return self.structure(h, rmask, buckets, z), z
+
+    def _image(self, h: Tensor, rmask: Tensor) -> Tensor:
         # coordinates and angles in fp32 even under bf16 autocast (acos / atan2 of nearly
         # parallel vectors lose everything in bf16)
         with torch.autocast(h.device.type, enabled=False):
             n, ca, c = self.head(h.float())
-            feats = gt.sixd(n, ca, c, self.config.dmax)
-            image = gt.features_to_image(*feats, self.config.dmax)
+            image = gt.features_to_image(*gt.sixd(n, ca, c, self.config.dmax), self.config.dmax)
         pm = rmask[:, :, None] & rmask[:, None, :]
         return image * pm[:, None]
 
+    def _layout(self, rmask: Tensor, chains: Tensor | None) -> Tensor:
+        pos, same = chain_layout(chains, rmask)
+        return relpos_buckets(pos, same)
+
     # -- public API --------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, mask: Tensor) -> ResidueOutput:
+    def forward(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> ModelOutput:
         """Encode, quantise, decode and compute the loss; ``x`` ``(B, 3, L, L)`` zero-padded,
-        ``mask`` ``(B, L, L)`` bool."""
+        ``mask`` ``(B, L, L)`` bool, ``chains`` ``(B, L)`` chain index (None: one chain).
+        ``metrics``: ``codebook_usage`` and ``perplexity`` per stage; ``aux_loss`` 0 (FSQ has
+        no commitment loss); ``codes`` ``(B, L, K)``, -1 at padding and at the stages dropped
+        in training."""
         mask = self._check(x, mask)
-        q, idx, rmask = self._encode(x, mask)
-        recon = self._decode(q, rmask)
-        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config)
-        with torch.no_grad():
-            valid = idx[rmask]
-            counts = torch.bincount(valid, minlength=self.quantizer.size).float()
-            usage = (counts > 0).float().mean()
-            p = counts / counts.sum().clamp(min=1)
-            perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
-        zero = loss_sum.new_zeros(())
-        return ResidueOutput(
-            recon=recon,
-            loss_sum=loss_sum,
-            weight=weight,
-            aux_loss=zero,
-            metrics={"codebook_usage": usage, "perplexity": perplexity},
-            loss=loss_sum / weight.clamp(min=1),
-            indices=idx,
-        )
+        rmask = mask.diagonal(dim1=-2, dim2=-1)
+        buckets = self._layout(rmask, chains)
+        q, idx = self._encode(x, mask, buckets)
+        h, z = self._trunk(q, rmask, buckets)
+        recon = self._image(h, rmask)
+        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss)
+        if z is not None and self.config.pair_loss_weight:
+            pm = mask & ~torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
+            frac = self.config.pair_loss_fraction if self.training else 1.0
+            ce = pair_cross_entropy(self.pair_heads, z, x, pm, self.config.dmax, frac)
+            loss_sum = loss_sum + self.config.pair_loss_weight * ce
+        with torch.no_grad():  # per stage; a stage dropped in this batch counts no code
+            stats = [
+                code_statistics(torch.bincount(idx[..., k][rmask & (idx[..., k] >= 0)],
+                                               minlength=self.quantizer.size).float())
+                for k in range(idx.shape[-1])
+            ]  # fmt: skip
+            metrics = {
+                "codebook_usage": torch.stack([u for u, _ in stats]),
+                "perplexity": torch.stack([p for _, p in stats]),
+            }
+        return ModelOutput(recon, loss_sum, weight, loss_sum.new_zeros(()), metrics, idx)
 
     @torch.no_grad()
-    def encode(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Images ``(B, 3, L, L)`` and masks -> codes ``(B, L)`` int64, -1 at padding."""
+    def encode(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> Tensor:
+        """Images ``(B, 3, L, L)`` and masks -> codes ``(B, L, K)`` int64, -1 at padding."""
         mask = self._check(x, mask)
-        return self._encode(x, mask)[1]
+        rmask = mask.diagonal(dim1=-2, dim2=-1)
+        return self._encode(x, mask, self._layout(rmask, chains))[1]
 
-    def _lookup(self, indices: Tensor, lengths) -> tuple[Tensor, Tensor]:
-        """Codes ``(B, L)`` and lengths -> their code vectors and the residue mask."""
-        indices = torch.as_tensor(indices)
-        if indices.ndim != 2:
-            raise ValueError(f"expected (B, L) codes, got shape {tuple(indices.shape)}")
+    def _lookup(self, codes: Tensor, lengths) -> tuple[Tensor, Tensor]:
+        codes = torch.as_tensor(codes)
+        if codes.ndim == 2:  # one stage
+            codes = codes[..., None]
+        if codes.ndim != 3:
+            raise ValueError(f"expected (B, L, K) codes, got shape {tuple(codes.shape)}")
         device = self.post_quant.weight.device
         lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
-        rmask = torch.arange(indices.shape[1], device=device)[None] < lengths[:, None]
-        return self.quantizer.lookup(indices.to(device)), rmask
+        rmask = torch.arange(codes.shape[1], device=device)[None] < lengths[:, None]
+        return self.quantizer.lookup(codes.to(device)), rmask
 
-    def decode(self, indices: Tensor, lengths) -> Tensor:
-        """Codes ``(B, L)`` (values past each length ignored) -> images ``(B, 3, L, L)``."""
-        return self._decode(*self._lookup(indices, lengths))
+    def decode(self, codes: Tensor, lengths, chains: Tensor | None = None) -> Tensor:
+        """Codes ``(B, L, k)`` of the first ``k`` stages (or ``(B, L)``: one stage; values past
+        each length ignored) -> images ``(B, 3, L, L)``."""
+        q, rmask = self._lookup(codes, lengths)
+        buckets = self._layout(rmask, chains)
+        return self._image(self._trunk(q, rmask, buckets)[0], rmask)
+
+    def unbatch_codes(self, codes: Tensor, lengths) -> list[list[np.ndarray]]:
+        """Batched codes ``(B, L, K)`` -> per protein ``[codes (L_i, K)]`` (int64)."""
+        return [[codes[i, : int(n)].cpu().numpy().astype(np.int64)] for i, n in enumerate(lengths)]
+
+    def batch_codes(self, per_protein: Sequence[Sequence[np.ndarray]], lengths) -> Tensor:
+        """Per protein ``[codes (L_i, k)]`` (or ``(L_i,)``: one stage) -> ``(B, max L, k)``;
+        ``1 <= k <= n_stages`` stages, the same for every protein."""
+        ns = [int(n) for n in lengths]
+        arrays = [np.asarray(p[0] if len(p) == 1 else p, dtype=np.int64) for p in per_protein]
+        arrays = [a[:, None] if a.ndim == 1 else a for a in arrays]
+        stages = {a.shape[-1] for a in arrays}
+        if len(stages) > 1:
+            raise ValueError(f"proteins with different numbers of stages: {sorted(stages)}")
+        k = stages.pop() if stages else 1
+        if not 1 <= k <= self.n_stages:
+            raise ValueError(f"expected 1 to {self.n_stages} stages of codes, got {k}")
+        out = torch.full((len(arrays), max(ns, default=0), k), -1, dtype=torch.long)
+        for i, (a, n) in enumerate(zip(arrays, ns, strict=True)):
+            if a.shape != (n, k):
+                raise ValueError(f"expected {n} x {k} codes (one per residue and stage), got "
+                                 f"shape {a.shape}")  # fmt: skip
+            if n and (a.min() < 0 or a.max() >= self.quantizer.size):
+                raise ValueError(f"codes outside 0..{self.quantizer.size - 1}")
+            out[i, :n] = torch.as_tensor(a)
+        return out
 
     @torch.no_grad()
-    def decode_backbone(self, indices: Tensor, lengths) -> tuple[Tensor, Tensor, Tensor]:
-        """Codes ``(B, L)`` -> the decoder's own N, CA, C ``(B, L, 3)`` (before the image)."""
-        q, rmask = self._lookup(indices, lengths)
-        h = self._transform(self.decoder, self.post_quant(q), rmask)
+    def decode_backbone(self, codes: Tensor, lengths, chains: Tensor | None = None):
+        """Codes ``(B, L, k)`` -> the decoder's own N, CA, C ``(B, L, 3)`` each."""
+        q, rmask = self._lookup(codes, lengths)
+        h = self._trunk(q, rmask, self._layout(rmask, chains))[0]
         with torch.autocast(h.device.type, enabled=False):
             return self.head(h.float())

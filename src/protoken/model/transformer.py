@@ -26,8 +26,6 @@ from einops import rearrange
 from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import Tensor, nn
 
-from protoken.model.config import VQVAEConfig
-
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of each pixel of a ``(B, C, H, W)`` map (no batch statistics)."""
@@ -43,7 +41,7 @@ class Attention(nn.Module):
     ``rope_dim`` features of each head are rotated, half by the row and half by the column index.
     """
 
-    def __init__(self, config: VQVAEConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.attn_dim, bias=False)
@@ -111,7 +109,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Two linear layers with a GELU between: ``n_embd -> mlp_hidden_dim -> n_embd``."""
 
-    def __init__(self, config: VQVAEConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         self.fc = nn.Linear(config.n_embd, config.mlp_hidden_dim)
         self.proj = nn.Linear(config.mlp_hidden_dim, config.n_embd)
@@ -123,7 +121,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
 
-    def __init__(self, config: VQVAEConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = Attention(config)
@@ -142,7 +140,7 @@ class Transformer(nn.Module):
     With ``window > 0`` the blocks alternate between aligned and half-shifted windows.
     """
 
-    def __init__(self, config: VQVAEConfig, n_layer: int, window: int) -> None:
+    def __init__(self, config, n_layer: int, window: int) -> None:
         super().__init__()
         self.window = window
         self.blocks = nn.ModuleList(Block(config) for _ in range(n_layer))

@@ -1,0 +1,845 @@
+"""Token files: the tokens of many proteins, read and written in memory that does not grow
+with their number.
+
+Three formats (``protoken encode --format``):
+
+``npz`` (:class:`NpzTokenWriter`, read by :func:`load_tokens`, and by plain ``numpy.load``)::
+
+    format           "protoken-tokens/2"  (version 1, before the per-residue family, is read)
+    meta             JSON: layout ("grid" or "residue"), checkpoint id, model config, codec
+                     settings, codebook size, level scales, provenance
+    ids, sequences   (N,) str;   lengths (N,) int32
+    grid layout:     level{l}_codes   all proteins' level-l grids, flattened row-major and
+                                      concatenated (uint16 when the codebook has <= 65536 codes)
+                     level{l}_offsets (N + 1,) int64: protein i's grid is
+                                      codes[offsets[i]:offsets[i + 1]], reshaped to
+                                      (ceil(L_i / s_l), ceil(L_i / s_l))
+    residue layout:  codes, offsets   one code per residue (the first stage): protein i's are
+                                      codes[offsets[i]:offsets[i + 1]], L_i of them
+                     codes_stage{k}   stage k = 2 .. K of residual tokens (meta "stages": K),
+                                      with the same offsets
+    complexes:       chain_ids, chain_lengths   (C,) every protein's chains in order, and
+                     chain_offsets    (N + 1,): protein i's chains are [chain_offsets[i],
+                                      chain_offsets[i + 1]) (none: one chain, id unknown)
+
+Stages and chains were added without changing the format's version: a reader of version 2
+ignores the members it does not know and reads the first stage of every protein.
+
+``fasta`` (:class:`FastaTokenWriter`, per-residue tokens only): ``>ID length=L`` (plus
+`` chains=A:120,B:98`` for a complex and `` stages=K`` for K > 1 stages), then the codes of
+each stage as space-separated integers on one line each, the i-th belonging to the i-th
+residue.
+
+``parquet`` (:class:`ParquetTokenWriter`, per-residue tokens only, pyarrow): columns ``id``,
+``sequence``, ``tokens`` (list of uint16 or int32: the first stage), ``tokens_2`` ..
+``tokens_K`` (the later stages), ``length``, ``chain_ids`` and ``chain_lengths`` (lists; empty
+for a single chain of unknown id); the meta as the schema's ``protoken`` metadata (JSON).
+
+All three are read back by :func:`read_token_file` (FASTA has no meta: the tokenizer comes
+from the caller).
+
+Every writer streams protein by protein under a temporary name and gives the file its name
+only when complete (:func:`protoken.fileio.publish`: never over an existing file);
+:func:`save_tokens` and its FASTA and Parquet siblings take a list or a generator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from protoken.codec import MAX_IMAGE_SIDE
+from protoken.fileio import publish, temp_name
+from protoken.inputs import is_safe_id
+
+__all__ = [
+    "TOKEN_FORMAT",
+    "WRITERS",
+    "FastaTokenWriter",
+    "NpzTokenWriter",
+    "ParquetTokenWriter",
+    "TokenWriter",
+    "Tokens",
+    "chains_text",
+    "load_tokens",
+    "load_tokens_fasta",
+    "load_tokens_parquet",
+    "open_token_writer",
+    "parse_chains",
+    "read_token_file",
+    "save_tokens",
+    "save_tokens_fasta",
+    "save_tokens_parquet",
+]
+
+TOKEN_FORMAT = "protoken-tokens/2"
+_FORMATS = ("protoken-tokens/1", TOKEN_FORMAT)
+
+
+@dataclass
+class Tokens:
+    """The tokens of one protein (or complex).
+
+    Attributes
+    ----------
+    id : str
+    length : int
+        Residues L (of all chains).
+    sequence : str
+        One-letter sequence ("" when encoded from an image without one), chains concatenated.
+    levels : list of ndarray
+        Residue layout: one ``(L, K)`` int array, the K stages of residue i in row i (an
+        ``(L,)`` array is one stage). Grid layout: coarsest level first, level l an int array
+        (ceil(L / s_l), ceil(L / s_l)).
+    chains : tuple of (str, int)
+        The chain layout of a complex, ``(chain id, residues)`` in order; empty for a single
+        chain whose id is not recorded.
+    """
+
+    id: str
+    length: int
+    sequence: str
+    levels: list[np.ndarray]
+    chains: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.chains = tuple((str(c), int(n)) for c, n in self.chains)
+        if self.chains and sum(n for _, n in self.chains) != self.length:
+            raise ValueError(f"{self.id}: chain lengths {self.chain_lengths} do not sum to the "
+                             f"length {self.length}")  # fmt: skip
+
+    @property
+    def layout(self) -> str:
+        """``"residue"`` (codes per residue) or ``"grid"``."""
+        first = np.asarray(self.levels[0]) if len(self.levels) == 1 else None
+        per_residue = first is not None and first.ndim in (1, 2) and first.shape[0] == self.length
+        return "residue" if per_residue and (first.ndim == 1 or self.length > 1) else "grid"
+
+    @property
+    def stages(self) -> np.ndarray:
+        """The ``(L, K)`` codes of the residue layout, stage k of residue i at ``[i, k]``."""
+        if self.layout != "residue":
+            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
+        codes = np.asarray(self.levels[0])
+        return codes[:, None] if codes.ndim == 1 else codes
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The ``(L,)`` codes of the first stage (12 bits per residue with ``residue``)."""
+        return self.stages[:, 0]
+
+    @property
+    def n_stages(self) -> int:
+        return self.stages.shape[1] if self.layout == "residue" else 0
+
+    def first_stages(self, k: int) -> Tokens:
+        """These tokens with only the first ``k`` stages (the rate knob)."""
+        if not 1 <= k <= self.n_stages:
+            raise ValueError(f"{self.id}: {k} stages asked, the tokens have {self.n_stages}")
+        return Tokens(self.id, self.length, self.sequence, [self.stages[:, :k]], self.chains)
+
+    @property
+    def chain_ids(self) -> list[str]:
+        return [c for c, _ in self.chains]
+
+    @property
+    def chain_lengths(self) -> list[int]:
+        return [n for _, n in self.chains]
+
+    @property
+    def chain_index(self) -> np.ndarray | None:
+        """``(L,)`` chain index of each residue, or None for one chain."""
+        if len(self.chains) < 2:
+            return None
+        return np.repeat(np.arange(len(self.chains)), self.chain_lengths)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(np.size(g) for g in self.levels))
+
+
+def chains_text(chains) -> str:
+    """``A:120,B:98``: a chain layout as the manifest, FASTA headers and reports write it."""
+    return ",".join(f"{c}:{n}" for c, n in chains)
+
+
+def parse_chains(text: str) -> tuple[tuple[str, int], ...]:
+    """Inverse of :func:`chains_text` (ValueError on anything else)."""
+    out = []
+    for part in filter(None, text.split(",")):
+        cid, sep, n = part.rpartition(":")
+        if not sep or not cid or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"bad chain layout {text[:60]!r} (expected e.g. A:120,B:98)")
+        out.append((cid, int(n)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- token files
+
+
+def _code_dtype(meta: dict):
+    return np.uint16 if meta.get("codebook_size", 1 << 16) <= (1 << 16) else np.int32
+
+
+def save_tokens(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
+    """Write tokens to a ``.npz`` file (format in the module docstring), atomically, in memory
+    that does not grow with their number (:class:`NpzTokenWriter`; ``tokens`` may be a
+    generator). An existing file is not overwritten (FileExistsError)."""
+    with NpzTokenWriter(path, meta) as out:
+        for t in tokens:
+            out.add(t)
+
+
+def load_tokens(path: str) -> tuple[list[Tokens], dict]:
+    """Read a token file (version 1 or 2): ``(tokens, meta)``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file and what is wrong: not a token file, a missing key, bad
+        metadata, arrays of the wrong type or shape, offsets that do not match the lengths,
+        codes outside the codebook, duplicate or unsafe ids.
+    """
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise bad(f"not a token file ({type(exc).__name__})") from None
+    if not hasattr(z, "files"):
+        raise bad("not a token file (a bare array, not an .npz archive)")
+    try:
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # a corrupt member: zlib, zipfile or numpy errors
+        raise bad(f"unreadable archive member ({type(exc).__name__})") from None
+    for key in ("format", "meta", "ids", "sequences", "lengths"):
+        if key not in arrays:
+            raise bad(f"missing {key!r}")
+    fmt = str(arrays["format"])
+    if fmt not in _FORMATS:
+        raise bad(f"not a protoken token file (format {fmt[:40]!r})")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except ValueError:
+        raise bad("meta is not JSON") from None
+    if not isinstance(meta, dict):
+        raise bad("meta is not a JSON object")
+    layout = meta.get("layout", "grid") if fmt == TOKEN_FORMAT else "grid"
+    meta["layout"] = layout
+    ids, seqs, lengths = arrays["ids"], arrays["sequences"], arrays["lengths"]
+    if ids.dtype.kind != "U" or seqs.dtype.kind != "U" or lengths.dtype.kind not in "iu":
+        raise bad("ids and sequences must be strings, lengths integers")
+    n = len(ids)
+    if ids.shape != (n,) or seqs.shape != (n,) or lengths.shape != (n,):
+        raise bad("ids, sequences and lengths must be (N,) arrays of one N")
+    if n and (lengths.min() < 1 or lengths.max() > MAX_IMAGE_SIDE):
+        raise bad(f"lengths must lie in 1..{MAX_IMAGE_SIDE}")
+    if len(set(ids.tolist())) != n:
+        raise bad("several proteins share an id (each would overwrite the other)")
+    unsafe = [i for i in ids.tolist() if not is_safe_id(i)]
+    if unsafe:
+        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
+    size = meta.get("codebook_size")
+    if not isinstance(size, int) or size < 1:
+        raise bad("meta has no valid codebook_size")
+    if layout == "residue":
+        scales, names = [1], [("codes", "offsets")]
+    elif layout == "grid":
+        scales = meta.get("level_scales_coarse_first")
+        if not isinstance(scales, list) or not scales or not all(
+                isinstance(v, int) and v >= 1 for v in scales):  # fmt: skip
+            raise bad("meta has no valid level_scales_coarse_first")
+        names = [(f"level{lv}_codes", f"level{lv}_offsets") for lv in range(len(scales))]
+    else:
+        raise bad(f"unknown layout {layout!r}")
+    stages = meta.get("stages", 1) if layout == "residue" else 1
+    if not isinstance(stages, int) or stages < 1:
+        raise bad("meta has no valid number of stages")
+    per_level = []
+    for (ck, ok), s in zip(names, scales, strict=True):
+        if ck not in arrays or ok not in arrays:
+            raise bad(f"missing {ck!r} or {ok!r}")
+        codes, offsets = arrays[ck], arrays[ok]
+        if codes.ndim != 1 or codes.dtype.kind not in "iu":
+            raise bad(f"{ck} must be a 1-D integer array")
+        if offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
+            raise bad(f"{ok} must be (N + 1,) integers")
+        if layout == "residue":
+            sizes = lengths.astype(np.int64)
+        else:
+            sizes = np.ceil(lengths / s).astype(np.int64) ** 2
+        expect = np.concatenate([[0], np.cumsum(sizes)])
+        if not np.array_equal(offsets.astype(np.int64), expect) or len(codes) != expect[-1]:
+            raise bad(f"{ok} do not match the lengths ({len(codes)} codes)")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            raise bad(f"codes outside the codebook 0..{size - 1} in {ck}")
+        per_level.append((codes, expect))
+    later = []  # stages 2..K of the residue layout, each with the first stage's offsets
+    for k in range(2, stages + 1):
+        codes = arrays.get(f"codes_stage{k}")
+        if codes is None or codes.shape != per_level[0][0].shape or codes.dtype.kind not in "iu":
+            raise bad(f"codes_stage{k} missing or not shaped as codes")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            raise bad(f"codes outside the codebook 0..{size - 1} in codes_stage{k}")
+        later.append(codes)
+    chains = _chain_arrays(arrays, lengths, bad)
+    out = []
+    for i, length in enumerate(lengths.tolist()):
+        levels = []
+        for (codes, off), s in zip(per_level, scales, strict=True):
+            c = codes[off[i] : off[i + 1]].astype(np.int64)
+            if layout == "grid":
+                k = math.ceil(length / s)
+                c = c.reshape(k, k)
+            elif later:
+                c = np.stack([c] + [x[off[i] : off[i + 1]].astype(np.int64) for x in later], 1)
+            levels.append(c)
+        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels, chains[i]))
+    return out, meta
+
+
+def read_token_file(path: str) -> tuple[list[Tokens], dict]:
+    """Any token file ``protoken encode`` writes: ``.npz`` (:func:`load_tokens`), ``.parquet``
+    (:func:`load_tokens_parquet`) or FASTA (:func:`load_tokens_fasta`, whose meta is empty),
+    chosen by the file's first bytes. Raises ValueError naming the file for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if head.startswith(b"PK"):
+        return load_tokens(path)
+    if head == b"PAR1":
+        return load_tokens_parquet(path)
+    if head.startswith(b">"):
+        return load_tokens_fasta(path), {}
+    raise ValueError(f"{path}: not a token file (neither .npz, Parquet nor FASTA)")
+
+
+_FASTA_LINE = 16 * MAX_IMAGE_SIDE  # bytes: a line of codes of the longest protein
+
+
+def load_tokens_fasta(path: str) -> list[Tokens]:
+    """Read a FASTA token file (the module docstring): every record's stages and chains, the
+    sequence empty (FASTA token files do not hold it). ValueError with the line for a bad
+    header, a line of codes of the wrong length or not integers, an unsafe or repeated id."""
+    out: list[Tokens] = []
+    seen: set[str] = set()
+    with open(path, "rb") as fh:
+        lines = iter(enumerate(fh, 1))
+        for no, raw in lines:
+            if len(raw) > _FASTA_LINE:
+                raise ValueError(f"{path}:{no}: line longer than {_FASTA_LINE} bytes")
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            if not line.startswith(">"):
+                raise ValueError(f"{path}:{no}: expected a '>ID length=L' header")
+            words = line[1:].split()
+            fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+            tid = words[0] if words else ""
+            if not is_safe_id(tid) or tid in seen:
+                raise ValueError(f"{path}:{no}: unsafe or repeated id {tid[:40]!r}")
+            try:
+                length, stages = int(fields["length"]), int(fields.get("stages", 1))
+                chains = parse_chains(fields.get("chains", ""))
+            except (KeyError, ValueError):
+                raise ValueError(f"{path}:{no}: bad header {line[:80]!r}") from None
+            if not 1 <= length <= MAX_IMAGE_SIDE or not 1 <= stages <= 64:
+                raise ValueError(f"{path}:{no}: length or stages out of range")
+            rows = []
+            for _ in range(stages):
+                no, raw = next(lines, (no + 1, b""))
+                if len(raw) > _FASTA_LINE:
+                    raise ValueError(f"{path}:{no}: line longer than {_FASTA_LINE} bytes")
+                try:
+                    codes = np.array(raw.split(), dtype=np.int64)
+                except ValueError:
+                    raise ValueError(f"{path}:{no}: codes must be integers") from None
+                if codes.shape != (length,) or (length and codes.min() < 0):
+                    raise ValueError(f"{path}:{no}: expected {length} codes >= 0, "
+                                     f"got {codes.size}")  # fmt: skip
+                rows.append(codes)
+            seen.add(tid)
+            try:
+                out.append(Tokens(tid, length, "", [np.stack(rows, 1)], chains))
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+    if not out:
+        raise ValueError(f"{path}: no FASTA records")
+    return out
+
+
+def load_tokens_parquet(path: str) -> tuple[list[Tokens], dict]:
+    """Read a Parquet token file (the module docstring): ``(tokens, meta)``."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading Parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(b"protoken", b"{}"))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds on a bad file
+        raise ValueError(
+            f"{path}: not a readable Parquet token file ({type(exc).__name__})"
+        ) from None
+    cols = set(table.column_names)
+    if not {"id", "sequence", "tokens", "length"} <= cols or not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a protoken Parquet token file")
+    stage_cols = ["tokens"] + sorted((c for c in cols if c.startswith("tokens_")),
+                                     key=lambda c: int(c.split("_")[1]))  # fmt: skip
+    data = table.to_pydict()
+    out, seen = [], set()
+    size = meta.get("codebook_size")
+    for i, tid in enumerate(data["id"]):
+        length = data["length"][i]
+        if not is_safe_id(tid) or tid in seen or not 1 <= length <= MAX_IMAGE_SIDE:
+            raise ValueError(f"{path}: row {i}: unsafe or repeated id, or length out of range")
+        codes = [np.asarray(data[c][i], dtype=np.int64) for c in stage_cols]
+        if any(c.shape != (length,) for c in codes) or any(
+            len(c) and (c.min() < 0 or (isinstance(size, int) and c.max() >= size)) for c in codes
+        ):
+            raise ValueError(f"{path}: row {i} ({tid}): codes do not match its length or codebook")
+        cids = data["chain_ids"][i] if "chain_ids" in data else None
+        sizes = data["chain_lengths"][i] if "chain_lengths" in data else None
+        chains = tuple(zip(cids or [], sizes or [], strict=True))
+        seen.add(tid)
+        try:
+            out.append(Tokens(tid, length, data["sequence"][i] or "", [np.stack(codes, 1)], chains))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return out, meta
+
+
+def _chain_arrays(arrays: dict, lengths: np.ndarray, bad) -> list[tuple]:
+    """Each protein's chain layout from the ``chain_*`` members (none: every protein ())."""
+    n = len(lengths)
+    if "chain_offsets" not in arrays:
+        return [()] * n
+    ids, sizes, off = arrays.get("chain_ids"), arrays.get("chain_lengths"), arrays["chain_offsets"]
+    if ids is None or sizes is None or ids.dtype.kind != "U" or sizes.dtype.kind not in "iu":
+        raise bad("chain_ids must be strings and chain_lengths integers")
+    if off.shape != (n + 1,) or off.dtype.kind not in "iu" or ids.shape != sizes.shape:
+        raise bad("chain_offsets must be (N + 1,) integers over chain_ids and chain_lengths")
+    off = off.astype(np.int64)
+    if off[0] != 0 or off[-1] != len(ids) or (np.diff(off) < 0).any():
+        raise bad("chain_offsets do not index chain_ids")
+    out = []
+    for i in range(n):
+        part = sizes[off[i] : off[i + 1]].astype(np.int64)
+        if len(part) and (part.min() < 1 or int(part.sum()) != int(lengths[i])):
+            raise bad(f"the chain lengths of protein {i} do not sum to its length")
+        out.append(tuple(zip(ids[off[i] : off[i + 1]].tolist(), part.tolist(), strict=True)))
+    return out
+
+
+def _residue_only_error(what: str) -> ValueError:
+    return ValueError(
+        f"{what} needs per-residue tokens (a residue-family tokenizer such as 'residue'); "
+        "grid tokens have no order aligned with the sequence"
+    )
+
+
+def save_tokens_fasta(path: str, tokens: Iterable[Tokens]) -> None:
+    """Per-residue tokens as FASTA, for language models: one record per protein, ``>ID``
+    then its codes as space-separated integers on one line, the i-th number belonging to the
+    i-th residue of the amino-acid sequence (same ids and order as ``protoken convert``'s FASTA).
+    Appended record by record (:class:`FastaTokenWriter`), atomically."""
+    with FastaTokenWriter(path) as out:
+        for t in tokens:
+            out.add(t)
+
+
+def save_tokens_parquet(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
+    """Per-residue tokens as a Parquet table (pyarrow): columns ``id`` (string), ``sequence``
+    (string), ``tokens`` (list of uint16/int32, one per residue), ``length`` (int32); ``meta``
+    is stored as the schema's ``protoken`` metadata (JSON). Written a row group at a time
+    (:class:`ParquetTokenWriter`), atomically."""
+    with ParquetTokenWriter(path, meta) as out:
+        for t in tokens:
+            out.add(t)
+
+
+# --------------------------------------------------------------------------- streamed writers
+
+
+class TokenWriter:
+    """Write tokens to a file protein by protein, in memory that does not grow with their number.
+
+    >>> with open_token_writer("t.npz", tok.meta()) as out:   # or format="fasta" / "parquet"
+    ...     for t in tok.encode_many(paths):
+    ...         out.add(t)
+
+    The file is written under a temporary name (:func:`protoken.fileio.temp_name`) and gets its
+    own name only when :meth:`close` finishes it, so a reader never sees a partial file: a run
+    that fails or is interrupted removes the temporary file (leaving the block by an exception
+    calls :meth:`abort`), and one that is killed leaves at most ``FILE.tmp<pid>``, which is not
+    a token file. An existing file is never overwritten. Closing a writer to which nothing was
+    added raises ValueError and writes nothing.
+    """
+
+    suffix = ""
+
+    def __init__(self, path: str | os.PathLike, meta: dict | None = None):
+        self.path = os.fspath(path)
+        self.meta = dict(meta or {})
+        self.count = 0
+        self.layout: str | None = None
+        self.tmp = temp_name(self.path, self.suffix)
+        self._done = False
+        if os.path.lexists(self.path):
+            raise FileExistsError(f"{self.path} exists (not overwritten)")
+
+    def add(self, tokens: Tokens) -> None:
+        """Append one protein's tokens."""
+        if self._done:
+            raise ValueError(f"{self.path}: writer already closed")
+        if self.layout is None:
+            self.layout = tokens.layout
+            self._start()
+        elif tokens.layout != self.layout:
+            raise ValueError(f"{self.path}: tokens of both layouts in one file")
+        self._add(tokens)
+        self.count += 1
+
+    def close(self) -> None:
+        """Finish the file and give it its name (ValueError, and no file, if it is empty)."""
+        if self._done:
+            return
+        if self.count == 0:
+            self.abort()
+            raise ValueError("no tokens to save")
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        if not publish(self.tmp, self.path):  # the finished temporary file is kept
+            raise FileExistsError(f"{self.path} appeared while it was being written; not "
+                                  f"overwritten (the tokens are kept in {self.tmp})")  # fmt: skip
+
+    def abort(self) -> None:
+        """Stop writing and remove the temporary file (the named file is never created)."""
+        self._done = True
+        self._cleanup()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    # what each format does
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _add(self, tokens: Tokens) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _cleanup(self) -> None:
+        pass
+
+
+class _Spool:
+    """One field of an ``.npz`` token file, spooled to an anonymous temporary file (deleted by
+    the OS however the run ends) while the proteins stream by."""
+
+    def __init__(self, folder: str):
+        import tempfile
+
+        self.fh = tempfile.TemporaryFile(dir=folder, prefix=".protoken-spool")
+        self.items = 0
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class NpzTokenWriter(TokenWriter):
+    """The ``.npz`` token file (module docstring), written in memory O(one protein).
+
+    Each field is spooled to an anonymous temporary file as proteins arrive (codes as raw
+    integers, ids and sequences as length-prefixed UTF-8, the lengths); :meth:`close` then
+    writes every field as a deflated ``.npy`` member of the zip archive, streamed from its spool
+    in 1 MB blocks (the offsets computed from the lengths, strings padded to the longest), so
+    the file is byte-for-byte the format :func:`load_tokens` and plain ``numpy.load`` read.
+    """
+
+    suffix = ".npz"
+    _BLOCK = 1 << 16  # records per block when the spools are copied into the archive
+
+    def _start(self) -> None:
+        self.meta = {**self.meta, "layout": self.layout}
+        self.dtype = np.dtype(_code_dtype(self.meta))
+        folder = os.path.dirname(os.path.abspath(self.path))
+        self.ids, self.seqs, self.lengths = _Spool(folder), _Spool(folder), _Spool(folder)
+        self.levels: list[_Spool] = []
+        self.n_levels = 0
+        self.max_id = self.max_seq = 1
+
+    def _add(self, t: Tokens) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        # the residue layout's stages are spooled as columns, grids level by level
+        parts = ([t.stages[:, k] for k in range(t.n_stages)] if self.layout == "residue"
+                 else list(t.levels))  # fmt: skip
+        if not self.levels:
+            self.n_levels = len(parts)
+            self.levels = [_Spool(folder) for _ in range(self.n_levels)]
+            self.chain_ids, self.chain_sizes = _Spool(folder), _Spool(folder)
+            self.chain_counts = _Spool(folder)
+            self.max_chain = 1
+            if self.layout == "residue":
+                self.meta["stages"] = self.n_levels
+        if len(parts) != self.n_levels:
+            what = "stages" if self.layout == "residue" else "levels"
+            raise ValueError(f"{t.id}: {len(parts)} {what}, the file has {self.n_levels}")
+        for spool, text in ((self.ids, t.id), (self.seqs, t.sequence)):
+            data = text.encode("utf-8", "surrogatepass")
+            spool.fh.write(len(data).to_bytes(4, "little") + data)
+        self.max_id = max(self.max_id, len(t.id))
+        self.max_seq = max(self.max_seq, len(t.sequence))
+        self.lengths.fh.write(np.int32(t.length).tobytes())
+        for spool, grid in zip(self.levels, parts, strict=True):
+            spool.fh.write(np.asarray(grid).ravel().astype(self.dtype).tobytes())
+            spool.items += int(np.size(grid))
+        self.chain_counts.fh.write(np.int32(len(t.chains)).tobytes())
+        for cid, n in t.chains:
+            data = cid.encode("utf-8", "surrogatepass")
+            self.chain_ids.fh.write(len(data).to_bytes(4, "little") + data)
+            self.chain_sizes.fh.write(np.int32(n).tobytes())
+            self.max_chain = max(self.max_chain, len(cid))
+        self.chain_ids.items += len(t.chains)
+
+    def _finish(self) -> None:
+        import zipfile
+
+        n = self.count
+        with zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            self._member(zf, "format", np.array(TOKEN_FORMAT))
+            self._member(zf, "meta", np.array(json.dumps(self.meta)))
+            self._strings(zf, "ids", self.ids, self.max_id, n)
+            self._strings(zf, "sequences", self.seqs, self.max_seq, n)
+            self._copy(zf, "lengths", self.lengths, np.dtype(np.int32), n)
+            if self.layout == "residue":  # stage 1 as format 2 had it, then the others
+                names = ["codes"] + [f"codes_stage{k}" for k in range(2, self.n_levels + 1)]
+            else:
+                names = [f"level{lv}_codes" for lv in range(self.n_levels)]
+            for lv, (key, spool) in enumerate(zip(names, self.levels, strict=True)):
+                self._copy(zf, key, spool, self.dtype, spool.items)
+                if self.layout != "residue" or lv == 0:
+                    off = "offsets" if self.layout == "residue" else f"level{lv}_offsets"
+                    self._offsets(zf, off, lv)
+            if self.chain_ids.items:
+                c = self.chain_ids.items
+                self._strings(zf, "chain_ids", self.chain_ids, self.max_chain, c)
+                self._copy(zf, "chain_lengths", self.chain_sizes, np.dtype(np.int32), c)
+                self.chain_counts.fh.seek(0)
+                counts = np.frombuffer(self.chain_counts.fh.read(), dtype=np.int32)
+                offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+                self._member(zf, "chain_offsets", offsets)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for spool in (getattr(self, "ids", None), getattr(self, "seqs", None),
+                      getattr(self, "lengths", None), *getattr(self, "levels", []),
+                      getattr(self, "chain_ids", None), getattr(self, "chain_sizes", None),
+                      getattr(self, "chain_counts", None)):  # fmt: skip
+            if spool is not None:
+                spool.close()
+
+    @staticmethod
+    def _open(zf, name: str, dtype: np.dtype, shape: tuple):
+        fh = zf.open(name + ".npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                  "shape": shape}  # fmt: skip
+        np.lib.format.write_array_header_1_0(fh, header)
+        return fh
+
+    def _member(self, zf, name: str, array: np.ndarray) -> None:
+        with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, array, allow_pickle=False)
+
+    def _copy(self, zf, name: str, spool: _Spool, dtype: np.dtype, items: int) -> None:
+        spool.fh.flush()
+        spool.fh.seek(0)
+        with self._open(zf, name, dtype, (items,)) as fh:
+            for block in iter(lambda: spool.fh.read(1 << 20), b""):
+                fh.write(block)
+
+    def _strings(self, zf, name: str, spool: _Spool, width: int, count: int) -> None:
+        dtype = np.dtype(f"<U{width}")
+        spool.fh.flush()
+        spool.fh.seek(0)
+        read = spool.fh.read
+        per_block = max(1, (1 << 20) // dtype.itemsize)  # about 1 MB of padded strings
+        with self._open(zf, name, dtype, (count,)) as fh:
+            left = count
+            while left:
+                k = min(left, per_block)
+                texts = []
+                for _ in range(k):
+                    size = int.from_bytes(read(4), "little")
+                    texts.append(read(size).decode("utf-8", "surrogatepass"))
+                fh.write(np.array(texts, dtype=dtype).tobytes())
+                left -= k
+
+    def _offsets(self, zf, name: str, lv: int) -> None:
+        scale = 1 if self.layout == "residue" else self.meta["level_scales_coarse_first"][lv]
+        self.lengths.fh.seek(0)
+        with self._open(zf, name, np.dtype(np.int64), (self.count + 1,)) as fh:
+            fh.write(np.zeros(1, np.int64).tobytes())
+            total = 0
+            while True:
+                data = self.lengths.fh.read(4 * self._BLOCK)
+                if not data:
+                    break
+                lengths = np.frombuffer(data, dtype=np.int32).astype(np.int64)
+                sizes = lengths if self.layout == "residue" else (-(-lengths // scale)) ** 2
+                ends = total + np.cumsum(sizes)
+                fh.write(ends.astype(np.int64).tobytes())
+                total = int(ends[-1])
+
+
+def fasta_header(t: Tokens) -> str:
+    """``>ID length=L`` plus `` chains=A:120,B:98`` (a complex) and `` stages=K`` (K > 1)."""
+    head = f">{t.id} length={t.length}"
+    if t.chains:
+        head += f" chains={chains_text(t.chains)}"
+    if t.n_stages > 1:
+        head += f" stages={t.n_stages}"
+    return head
+
+
+class FastaTokenWriter(TokenWriter):
+    """Per-residue tokens as FASTA (:func:`save_tokens_fasta`), appended record by record."""
+
+    def _start(self) -> None:
+        if self.layout != "residue":
+            raise _residue_only_error("--format fasta")
+        self.fh = open(self.tmp, "w")
+
+    def _add(self, t: Tokens) -> None:
+        self.fh.write(fasta_header(t) + "\n")
+        for k in range(t.n_stages):
+            self.fh.write(" ".join(map(str, t.stages[:, k].tolist())) + "\n")
+
+    def _finish(self) -> None:
+        self.fh.close()
+
+    def _cleanup(self) -> None:
+        fh = getattr(self, "fh", None)
+        if fh is not None:
+            fh.close()
+
+
+class ParquetTokenWriter(TokenWriter):
+    """Per-residue tokens as Parquet (:func:`save_tokens_parquet`), one row group per
+    ``row_group`` proteins (``pyarrow.parquet.ParquetWriter``): memory O(row_group), the codes
+    buffered as uint16 (int32 for codebooks over 65536)."""
+
+    suffix = ".parquet"
+
+    def __init__(self, path, meta=None, row_group: int = 1024):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+        super().__init__(path, meta)
+        self.pa, self.pq, self.row_group = pa, pq, row_group
+        self.rows: list[Tokens] = []
+        self.writer = None
+
+    def _start(self) -> None:
+        if self.layout != "residue":
+            raise _residue_only_error("--format parquet")
+        self.np_type = _code_dtype(self.meta)
+        self.code_type = self.pa.uint16() if self.np_type == np.uint16 else self.pa.int32()
+        self.n_stages = None
+
+    def _open(self, n_stages: int) -> None:
+        pa = self.pa
+        self.n_stages = n_stages
+        meta = json.dumps({**self.meta, "layout": "residue", "stages": n_stages})
+        fields = [("id", pa.string()), ("sequence", pa.string()),
+                  ("tokens", pa.list_(self.code_type))]  # fmt: skip
+        fields += [(f"tokens_{k}", pa.list_(self.code_type)) for k in range(2, n_stages + 1)]
+        fields += [("length", pa.int32()), ("chain_ids", pa.list_(pa.string())),
+                   ("chain_lengths", pa.list_(pa.int32()))]  # fmt: skip
+        self.writer = self.pq.ParquetWriter(
+            self.tmp, pa.schema(fields, metadata={"protoken": meta})
+        )
+
+    def _add(self, t: Tokens) -> None:
+        if self.writer is None:
+            self._open(t.n_stages)
+        if t.n_stages != self.n_stages:
+            raise ValueError(f"{t.id}: {t.n_stages} stages, the file has {self.n_stages}")
+        self.rows.append((t.id, t.sequence, t.stages.astype(self.np_type), t.length, t.chains))
+        if len(self.rows) >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        pa = self.pa
+        ids, seqs, codes, lengths, chains = zip(*self.rows, strict=True)
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(c) for c in codes])]), pa.int32())
+        columns = {"id": pa.array(ids, pa.string()), "sequence": pa.array(seqs, pa.string())}
+        for k in range(self.n_stages):
+            values = pa.array(np.concatenate([c[:, k] for c in codes]), self.code_type)
+            columns["tokens" if k == 0 else f"tokens_{k + 1}"] = pa.ListArray.from_arrays(
+                offsets, values
+            )
+        columns["length"] = pa.array(lengths, pa.int32())
+        columns["chain_ids"] = pa.array([[c for c, _ in ch] for ch in chains],
+                                        pa.list_(pa.string()))  # fmt: skip
+        columns["chain_lengths"] = pa.array([[n for _, n in ch] for ch in chains],
+                                            pa.list_(pa.int32()))  # fmt: skip
+        self.writer.write_table(pa.table(columns, schema=self.writer.schema),
+                                row_group_size=len(ids))  # fmt: skip
+        self.rows = []
+
+    def _finish(self) -> None:
+        self._flush()
+        self.writer.close()
+        self.writer = None
+
+    def _cleanup(self) -> None:
+        self.rows = []
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - closing a half-written file on the way out
+                pass
+            self.writer = None
+
+
+#: ``--format`` -> writer class.
+WRITERS = {"npz": NpzTokenWriter, "fasta": FastaTokenWriter, "parquet": ParquetTokenWriter}
+
+
+def open_token_writer(path: str | os.PathLike, meta: dict | None = None,
+                      format: str = "npz") -> TokenWriter:  # fmt: skip
+    """A :class:`TokenWriter` of ``format`` (``"npz"``, ``"fasta"`` or ``"parquet"``)."""
+    if format not in WRITERS:
+        raise ValueError(f"unknown token format {format!r} (one of {', '.join(WRITERS)})")
+    return WRITERS[format](path, meta)
