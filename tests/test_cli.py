@@ -221,16 +221,29 @@ def test_encode_formats_for_language_models(structures_dir, tmp_path, capsys):
     src = [str(structures_dir / n) for n in ("foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb")]
     fasta = tmp_path / "t.fasta"
     assert main(["encode", *src, "-c", ckpt, "--format", "fasta", "-o", str(fasta),
-                 "--no-progress"]) == 0  # fmt: skip
+                 "--stages", "1", "--no-progress"]) == 0  # fmt: skip
     assert "1.00 tokens (12.0 bits) per residue" in capsys.readouterr().out
     records = fasta.read_text().splitlines()
     seqs = [read_backbones(s)[0].sequence for s in src]
     assert [len(line.split()) for line in records[1::2]] == [len(q) for q in seqs]
-    # per-residue tokens round-trip through decode
+    # every stage: 2 tokens (24 bits) per residue, a FASTA line per stage
+    both = tmp_path / "t2.fasta"
+    assert main(["encode", *src, "-c", ckpt, "--format", "fasta", "-o", str(both),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "2.00 tokens (24.0 bits) per residue" in capsys.readouterr().out
+    assert len(both.read_text().splitlines()) == 3 * len(src)
+    assert main(["encode", *src, "-c", ckpt, "-o", str(tmp_path / "x.npz"), "--stages", "3",
+                 "--no-progress"]) == 2  # fmt: skip
+    assert "--stages" in capsys.readouterr().err
+    # per-residue tokens round-trip through decode, from npz and from FASTA alike
     npz = tmp_path / "t.npz"
     assert main(["encode", *src, "-c", ckpt, "-o", str(npz), "--no-progress"]) == 0
     assert main(["decode", str(npz), "-c", ckpt, "-o", str(tmp_path / "d"), "--no-progress"]) == 0
     assert (tmp_path / "d" / "kortemme__1CTF_A.pdb").stat().st_size > 0
+    assert main(["decode", str(both), "-c", ckpt, "-o", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert (tmp_path / "f" / "kortemme__1CTF_A.png").read_bytes() == (
+        tmp_path / "d" / "kortemme__1CTF_A.png"
+    ).read_bytes()
     # grid tokens have no per-residue order: refused before any work; layouts must match
     grid = str(DATA / "old-checkpoint.pt")
     capsys.readouterr()

@@ -474,3 +474,48 @@ def test_pixel_weighting_divides_by_the_mean_pixels_of_a_step(mixed_data):
     cfg = config(mixed_data, Path("unused"), grad_accum=2)
     got = reference_weight(build_model("tiny", MICRO), data, cfg, SimpleNamespace(world_size=3))
     assert got == pytest.approx(3 * pixels / plan.batches_per_epoch * 3 * 2)
+
+
+def test_init_starts_from_a_tokenizers_weights_and_refuses_what_does_not_match(
+    mixed_data, tmp_path
+):
+    """--init: the weights of a trained run (or a bundled tokenizer) are the new run's start,
+    recorded as its lineage; another family, other shapes or another codec are refused in one
+    line; weights only the new model has (the chain projections) keep their initialisation."""
+    from protoken.codec import CodecSettings
+    from protoken.model import build_model
+    from protoken.train import init_from
+
+    first = tmp_path / "first"
+    train(config(mixed_data, first, max_steps=3))
+    parent = str(first / "last.pt")
+    ckpt = checkpoint.load(parent)
+    # a run fine-tuned from it starts with its weights and records where they came from
+    second = tmp_path / "second"
+    train(config(mixed_data, second, max_steps=1, init=parent, lr=1e-12, min_lr=1e-12))
+    child = checkpoint.load(str(second / "last.pt"))
+    assert child["lineage"]["init"].startswith(os.path.abspath(parent))
+    assert child["lineage"]["init_provenance"]["step"] == 3
+    assert checkpoint.provenance(child)["lineage"] == child["lineage"]
+    trained = {name for name, _ in build_model("tiny", MICRO).named_parameters()}
+    for key in trained:  # (the EMA codebooks are buffers: they move in the step taken)
+        torch.testing.assert_close(child["model"][key], ckpt["model"][key], atol=1e-6, rtol=0)
+    # the model extended to complexes: its new weights start at zero, the rest loads
+    codec = CodecSettings()
+    grown = build_model("tiny", {**MICRO, "chain_aware": True})
+    lineage = init_from(grown, parent, codec)
+    assert lineage["new_weights"] and all(".chain." in k for k in lineage["new_weights"])
+    # mismatches, each one line naming the source
+    cases = {
+        "family": (build_model("residue-tiny"), parent, "is a hierarchical tokenizer"),
+        "shapes": (build_model("tiny", {**MICRO, "n_embd": 16}), parent, "other shapes"),
+        "codec": (build_model("tiny", MICRO), parent, "dmax"),
+        "missing": (build_model("tiny", MICRO), str(tmp_path / "nothing.pt"), "--init"),
+    }
+    for what, (model, source, message) in cases.items():
+        with pytest.raises(ValueError) as info:
+            init_from(model, source, CodecSettings(dmax=40.0) if what == "codec" else codec)
+        text = str(info.value)
+        assert text.startswith(f"--init {source}") and message in text and "\n" not in text, what
+    bundled = init_from(build_model("residue-small"), "residue", codec)
+    assert bundled["init"].startswith("bundled:residue")

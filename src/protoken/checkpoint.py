@@ -274,6 +274,8 @@ def provenance(ckpt: dict[str, Any]) -> dict[str, Any]:
         "split_key_regex": cfg.get("split_key_regex"),
         "valid_frac": cfg.get("valid_frac"),
     }
+    if ckpt.get("lineage"):  # fine-tuned (--init): where its starting weights came from
+        out["lineage"] = ckpt["lineage"]
     return {k: v for k, v in out.items() if v not in (None, "")}
 
 

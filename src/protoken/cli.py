@@ -666,6 +666,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (checkpoints, metrics, samples)")
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig values")
     parser.add_argument("--preset", help="model preset (tiny, small, reference, ...)")
+    parser.add_argument(
+        "--init",
+        metavar="NAME|PATH",
+        help="start from the weights of a bundled tokenizer (e.g. residue) or a checkpoint "
+        "(fine-tuning; a new optimiser). Its family and weight shapes must match the model's; "
+        "weights the model has and it lacks start from their initialisation",
+    )
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -726,7 +733,8 @@ def train_config_from_args(args: argparse.Namespace):
         base = {k: v for k, v in read_mapping(path).items() if k not in ("model_config", "codec")}
     if args.config:
         base.update(read_mapping(args.config))
-    for key in ("data", "out", "preset", "max_steps", "batch_size", "lr", "num_workers", "dtype"):
+    for key in ("data", "out", "preset", "init", "max_steps", "batch_size", "lr", "num_workers",
+                "dtype"):  # fmt: skip
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     if args.wandb:

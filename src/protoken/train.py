@@ -60,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from protoken import checkpoint
 from protoken.codec import CodecSettings
+from protoken.fileio import file_sha256
 from protoken.model import config_to_dict
 from protoken.train_config import RESUMABLE, TrainConfig, resumed_config
 
@@ -327,7 +328,7 @@ def evaluate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp
     for batch in loader:
         x, mask = batch["image"].to(d.device), batch["mask"].to(d.device)
         with amp:
-            out = model(x, mask)
+            out = model(x, mask, *_chains(batch, d))
         loss_sum += float(out.loss_sum)
         weight += float(out.weight)
         aux += float(out.aux_loss)
@@ -501,6 +502,11 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
         step, best_val = ckpt["step"], ckpt["best_val"]
         epoch, position = ckpt["data"]["epoch"], ckpt["data"]["position"]
         checkpoint.set_rng_state(ckpt["rng"][d.rank % len(ckpt["rng"])])
+    lineage = None
+    if ckpt is not None:
+        lineage = ckpt.get("lineage")
+    elif cfg.init:  # fine-tuning: every rank loads the same weights
+        lineage = init_from(model, cfg.init, codec)
     # the quantisers all-reduce their EMA statistics: no buffer broadcast at each forward
     ddp = DDP(model, **_no_buffer_sync()) if d.enabled else model
 
@@ -513,7 +519,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
         )
     batches, consumed = iter(data.train_loader), 0  # consumed: batches of finished steps
     loss_norm = reference_weight(model, data, cfg, d) if cfg.loss_weighting == "pixel" else None
-    run = Run(cfg, d, model_cfg, codec, data)
+    run = Run(cfg, d, model_cfg, codec, data, lineage)
     run.announce(model, dtype, step, epoch, position)
 
     # -- the loop
@@ -536,7 +542,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             sync = ddp.no_sync() if d.enabled and i < len(micro) - 1 else nullcontext()
             with sync:
                 with amp:
-                    out = ddp(x, mask)
+                    out = ddp(x, mask, *_chains(batch, d))
                     loss = micro_loss(out, loss_norm or weight, cfg, d)
                 scaler.scale(loss).backward()
             stats.add(out)
@@ -591,8 +597,10 @@ class Run:
     """What the loop writes besides checkpoints (rank 0): RUN/config.json, the console,
     RUN/metrics.jsonl, sample pictures, Weights & Biases; and the checkpoint's run state."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg, codec: CodecSettings, data: Data):
+    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg, codec: CodecSettings, data: Data,
+                 lineage: dict | None = None):  # fmt: skip
         self.cfg, self.d, self.codec, self.data = cfg, d, codec, data
+        self.lineage = lineage
         self.model_cfg = config_to_dict(model_cfg)
         self.path = os.path.join(cfg.out, "metrics.jsonl")
         self.wandb = _init_wandb(cfg, self.model_cfg) if cfg.wandb and d.master else None
@@ -614,6 +622,12 @@ class Run:
             f"{self.data.n_train} training / {self.data.n_val} validation images, "
             f"{self.data.batches_per_epoch} batches per epoch, from step {step} "
             f"(epoch {epoch}, batch {position})"
+            + (f"; weights from {self.lineage['init']}" if self.lineage else "")
+            + (
+                f" (new: {', '.join(self.lineage['new_weights'][:4])})"
+                if self.lineage and self.lineage["new_weights"]
+                else ""
+            )  # fmt: skip
         )
 
     def log_step(self, rec: dict) -> None:
@@ -651,6 +665,7 @@ class Run:
             "codec": self.codec.to_dict(),
             "scaler": scaler.state_dict(),
             "data": data,
+            **({"lineage": self.lineage} if self.lineage else {}),
         }
 
     def log(self, record: dict, text: str, image: str | None = None) -> None:
@@ -699,6 +714,65 @@ def _no_buffer_sync() -> dict:
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
+
+
+def init_from(model, source: str, codec: CodecSettings) -> dict:
+    """Load a bundled tokenizer's (by name) or a checkpoint's weights into ``model`` for
+    fine-tuning (``--init``); returns the lineage recorded in the run's checkpoints.
+
+    The source must be of the model's family and image codec, and every weight it holds must
+    exist in the model with the same shape; weights the model has beyond them (e.g. the
+    chain projections of a model extended to complexes) keep their initialisation and are
+    listed in the lineage.
+
+    Raises
+    ------
+    ValueError
+        One line naming the source: unreadable, another family or codec, or weights whose
+        names or shapes differ.
+    """
+    from protoken import pretrained
+    from protoken.model import config_from_dict, family_of
+
+    try:
+        if pretrained.is_name(source) and not os.path.exists(source):
+            src, ident = pretrained.load(source), f"bundled:{source}"
+            ident += f"@{src.get('checkpoint_id', '')}" if src.get("checkpoint_id") else ""
+        else:
+            src = checkpoint.load(source)
+            checkpoint.validate(src, source)
+            ident = f"{os.path.abspath(source)}@{file_sha256(source)[:12]}"
+        src_family = family_of(config_from_dict(src["model_config"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--init {source}: {exc}") from None
+    family = family_of(model.config)
+    if src_family != family:
+        raise ValueError(f"--init {source} is a {src_family} tokenizer; this run trains a "
+                         f"{family} model")  # fmt: skip
+    src_codec = CodecSettings.from_dict(src["codec"])
+    if (src_codec.dmax, src_codec.bit_depth) != (codec.dmax, codec.bit_depth):
+        raise ValueError(f"--init {source} was trained on images of dmax {src_codec.dmax}, "
+                         f"{src_codec.bit_depth}-bit; the data are dmax {codec.dmax}, "
+                         f"{codec.bit_depth}-bit")  # fmt: skip
+    own = model.state_dict()
+    state = src["model"]
+    foreign = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != own[k].shape)
+    if foreign or shapes:
+        what = (f"weights this model lacks: {', '.join(foreign[:3])}" if foreign else
+                f"weights of other shapes: {', '.join(shapes[:3])}")  # fmt: skip
+        raise ValueError(f"--init {source} does not match the model ({what}); use the same "
+                         "preset and model settings")  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    return {"init": ident, "init_provenance": checkpoint.provenance(src),
+            "new_weights": sorted(set(own) - set(state))}  # fmt: skip
+
+
+def _chains(batch: dict, d: Dist) -> tuple:
+    """The model's ``chains`` argument of a batch holding complexes (else nothing, so every
+    batch of single chains calls the model exactly as before)."""
+    chains = batch.get("chains")
+    return () if chains is None else (chains.to(d.device, non_blocking=True),)
 
 
 def _build(model_cfg):

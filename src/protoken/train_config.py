@@ -80,6 +80,8 @@ class TrainConfig(BaseModel):
     log_interval: int = Field(10, ge=1)
     ckpt_interval: int = Field(200, ge=1)
     seed: int = 0
+    # fine-tuning: start from a bundled tokenizer's or a checkpoint's weights (see train.init_from)
+    init: str | None = None
     wandb: bool = False
     wandb_project: str = "protoken"
     wandb_run_name: str = ""

@@ -24,6 +24,7 @@ from protoken.data import (
     decode_image,
     ignore_signals,
 )
+from protoken.data.batches import crop_complex
 
 
 def spearman(a, b) -> float:
@@ -406,3 +407,70 @@ def test_bin_names_read_as_length_ranges():
 
 def _take(stream, n):
     return [b for _, b in zip(range(n), stream, strict=False)]
+
+
+# --------------------------------------------------------------------------- complexes
+
+
+@pytest.fixture(scope="module")
+def complex_folder(tmp_path_factory, structures_dir) -> tuple[Path, np.ndarray, tuple]:
+    """Haemoglobin (4hhb: four chains, 574 residues) as one complex image in a converted
+    folder whose manifest records its chain layout, beside two single chains."""
+    from protoken.codec import features_to_image, write_png
+    from protoken.geometry import sixd
+    from protoken.structure import read_backbones
+
+    root = tmp_path_factory.mktemp("complexes")
+    chains = read_backbones(structures_dir / "graphein__4hhb.cif.gz", "split", "first")
+    coords = np.concatenate([bb.coords for bb in chains])
+    image = features_to_image(sixd(coords[:, 0], coords[:, 1], coords[:, 2]), 80.0)
+    sizes = tuple(len(bb) for bb in chains)
+    rows = [("4hhb", "bin_513_576", len(coords), ",".join(f"{bb.chain_id}:{len(bb)}"
+                                                           for bb in chains))]  # fmt: skip
+    (root / "bin_513_576").mkdir()
+    write_png(str(root / "bin_513_576" / "4hhb.png"), image, bit_depth=16)
+    for bb in chains[:2]:
+        single = features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0)
+        (root / "bin_129_192").mkdir(exist_ok=True)
+        write_png(str(root / "bin_129_192" / f"{bb.id}.png"), single, bit_depth=16)
+        rows.append((bb.id, "bin_129_192", len(bb), f"{bb.chain_id}:{len(bb)}"))
+    header = "source\tid\tstatus\treason\tlength\tdropped\tbin\tsequence\tchains\n"
+    body = "".join(f"x\t{i}\tok\t\t{n}\t0\t{b}\tA\t{c}\n" for i, b, n, c in rows)
+    (root / "manifest.tsv").write_text(header + body)
+    return root, image, sizes
+
+
+def test_a_complex_crop_keeps_each_chain_in_order_around_its_interface(complex_folder):
+    _, image, sizes = complex_folder
+    for seed in range(5):
+        crop, chains, rows = crop_complex(image, sizes, 128, np.random.default_rng(seed))
+        assert crop.shape == (3, 128, 128) and len(chains) == len(rows) == 128
+        np.testing.assert_array_equal(crop, image[:, rows][:, :, rows])  # every pixel kept
+        assert (np.diff(chains) >= 0).all() and set(chains.tolist()) == set(range(len(sizes)))
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        d = np.where(np.tri(len(image[0]), k=-1, dtype=bool), image[0], image[0].T)
+        for c in range(len(sizes)):
+            mine = rows[chains == c]
+            assert (np.diff(mine) == 1).all()  # one contiguous window per chain
+            assert abs(len(mine) - 128 * sizes[c] / sum(sizes)) <= 1  # its share
+            other = (np.arange(len(d)) < starts[c]) | (np.arange(len(d)) >= starts[c + 1])
+            nearest = starts[c] + np.argmin(d[starts[c] : starts[c + 1]][:, other].min(1))
+            assert mine[0] <= nearest <= mine[-1]  # the interface is in view
+
+
+def test_batches_of_complexes_carry_their_chains(complex_folder):
+    root, image, sizes = complex_folder
+    index = ImageIndex.build(root)
+    row = [index.id(i) for i in range(len(index))].index("4hhb")
+    assert index.chain_lengths(row) == sizes
+    assert all(index.chain_lengths(i) is None for i in range(len(index)) if i != row)
+    plan = BatchPlan(index, np.arange(len(index)), batch_size=3, group_by_bin=False, seed=0)
+    batch = next(iter(IndexedBatches(plan, 1, num_batches=1, crop=100)))
+    k = batch["ids"].index("4hhb")
+    chains = batch["chains"]
+    assert chains.shape == (3, 100) and set(chains[k].tolist()) == set(range(4))
+    for i, n in enumerate(batch["lengths"].tolist()):
+        assert (chains[i, n:] == -1).all()
+        if i != k:
+            assert (chains[i, :n] == 0).all()  # single chains: chain 0
+    assert ImageIndex.build(root).chain_lengths(row) == sizes  # from the cache too

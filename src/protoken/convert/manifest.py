@@ -131,6 +131,33 @@ def ok_rows(path: str) -> Iterator[tuple[str, str, int]]:
             yield cols[c_id], cols[c_bin], int(cols[c_len])
 
 
+def chain_layouts(path: str) -> dict[str, tuple[int, ...]]:
+    """The chain lengths of the ``ok`` rows of a manifest that hold a complex (its ``chains``
+    column, ``A:120,B:98``, written by ``convert --chains complex``): ``{id: (120, 98)}``.
+    Rows of one chain, and manifests without the column, give nothing."""
+    out: dict[str, tuple[int, ...]] = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        header = fh.readline().rstrip("\n").split("\t")
+        if "chains" not in header:
+            return out
+        c_id, c_status, c_chains = (
+            header.index("id"),
+            header.index("status"),
+            header.index("chains"),
+        )
+        for line in fh:
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != len(header) or cols[c_status] != "ok" or "," not in cols[c_chains]:
+                continue
+            try:
+                out[cols[c_id]] = tuple(
+                    int(p.rpartition(":")[2]) for p in cols[c_chains].split(",")
+                )
+            except ValueError:
+                continue  # a damaged row: the image then trains as one chain
+    return out
+
+
 class HashedSet:
     """A set of manifest values (sources, ids) held as sorted 64-bit hashes of their cleaned
     text (:func:`hash64`): 8 bytes per value, so resuming over millions of inputs stays small.

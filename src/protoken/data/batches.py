@@ -48,6 +48,7 @@ __all__ = [
     "Normalization",
     "batch_sizes_for_budget",
     "collate_with_padding",
+    "crop_complex",
     "decode_image",
     "ignore_signals",
 ]
@@ -248,7 +249,10 @@ def collate_with_padding(batch: Sequence[Mapping[str, Any]], multiple: int) -> d
     dict
         ``"image"``: FloatTensor (B, 3, H, H), zero outside each item's L_i x L_i square;
         ``"mask"``: BoolTensor (B, H, H), True on the valid top-left L_i x L_i square;
-        ``"lengths"``: LongTensor (B,); ``"ids"``: list of str; ``"paths"``: list of str.
+        ``"lengths"``: LongTensor (B,); ``"ids"``: list of str; ``"paths"``: list of str;
+        when an item is a complex (its ``"chains"``: the chain index of each residue),
+        ``"chains"``: LongTensor (B, H), each residue's chain (0 for single chains), -1 at
+        padding.
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
@@ -268,13 +272,57 @@ def collate_with_padding(batch: Sequence[Mapping[str, Any]], multiple: int) -> d
     mask = torch.logical_and(
         valid[:, :, None], valid[:, None, :], out=_empty((len(batch), side, side), torch.bool)
     )
-    return {
+    out = {
         "image": images,
         "mask": mask,
         "lengths": lengths,
         "ids": [item["id"] for item in batch],
         "paths": [item.get("path", "") for item in batch],
     }
+    if any(item.get("chains") is not None for item in batch):
+        chains = torch.full((len(batch), side), -1, dtype=torch.long)
+        for i, item in enumerate(batch):
+            n = int(item["length"])
+            chains[i, :n] = 0 if item.get("chains") is None else torch.as_tensor(item["chains"])
+        out["chains"] = chains
+    return out
+
+
+def crop_complex(image: np.ndarray, sizes: Sequence[int], crop: int, rng) -> tuple:
+    """A ``crop``-residue image of a complex: one contiguous window per chain, chains in order,
+    each window's share of ``crop`` proportional to its chain's length and centred (give or
+    take a quarter window) on the chain's residue nearest another chain, so the interface is
+    in view; every residue pair of the windows keeps its pixel. Returns the image, the chain
+    index of its residues and their rows in the full image. Monotone in the distance channel:
+    works on standardised images too."""
+    sizes = [int(v) for v in sizes]
+    total = sum(sizes)
+    n = image.shape[-1]
+    if total != n:
+        raise ValueError(f"chain lengths {sizes} do not sum to the image side {n}")
+    exact = [crop * v / total for v in sizes]  # largest remainders: shares sum to crop
+    share = [int(x) for x in exact]
+    for c in np.argsort([int(x) - x for x in exact], kind="stable")[: crop - sum(share)]:
+        share[c] += 1
+    c0 = image[0]
+    dist = np.where(np.tri(n, k=-1, dtype=bool), c0, c0.T)  # d from the lower triangle
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    chain_of = np.repeat(np.arange(len(sizes)), sizes)
+    rows = []
+    for c, (lo, hi) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        w = share[c]
+        if w == 0:
+            continue
+        other = chain_of != c
+        if other.any():
+            centre = int(np.argmin(dist[lo:hi][:, other].min(axis=1)))
+        else:
+            centre = int(rng.integers(0, hi - lo))
+        centre += int(rng.integers(-(w // 4), w // 4 + 1))
+        start = int(np.clip(centre - w // 2, 0, hi - lo - w))
+        rows.append(np.arange(lo + start, lo + start + w))
+    idx = np.concatenate(rows)
+    return np.ascontiguousarray(image[:, idx][:, :, idx]), chain_of[idx], idx
 
 
 def _check_rank(rank: int, world_size: int) -> tuple[int, int]:
@@ -448,7 +496,8 @@ class IndexedBatches(IterableDataset):
         Explicit per-channel standardisation (on the [0, 1] scale) instead.
     crop : int, optional
         Images longer than this are cut to a random ``crop x crop`` window on the diagonal
-        (residues ``s .. s + crop - 1`` against themselves: a complete, smaller 6D image). The
+        (residues ``s .. s + crop - 1`` against themselves: a complete, smaller 6D image); a
+        complex to a window per chain around its interface (:func:`crop_complex`). The
         window is a pure function of ``(seed, epoch, batch, row)``, so resume stays exact.
     """
 
@@ -491,13 +540,18 @@ class IndexedBatches(IterableDataset):
             return self.epoch, t % m
         return self.epoch + t // m, t % m
 
-    def _crop(self, image: np.ndarray, epoch: int, k: int, row: int) -> np.ndarray:
+    def _crop(self, image: np.ndarray, epoch: int, k: int, row: int, chains=None):
+        """The image (a random diagonal window, or for a complex :func:`crop_complex`) and
+        its residues' chain index (None for one chain)."""
         n = image.shape[-1]
+        index = None if chains is None else np.repeat(np.arange(len(chains)), chains)
         if self.crop is None or n <= self.crop:
-            return image
+            return image, index
         rng = np.random.default_rng([self.plan.seed, epoch & _MASK64, epoch < 0, k, row])
+        if chains is not None:
+            return crop_complex(image, chains, self.crop, rng)[:2]
         s = int(rng.integers(0, n - self.crop + 1))
-        return np.ascontiguousarray(image[..., s : s + self.crop, s : s + self.crop])
+        return np.ascontiguousarray(image[..., s : s + self.crop, s : s + self.crop]), None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -520,13 +574,19 @@ class IndexedBatches(IterableDataset):
                 except (OSError, ValueError) as exc:
                     _warn_once(logged, path, exc)
                     continue
-                image = self._crop(image, epoch, k, row)
+                sizes = index.chain_lengths(row)
+                if sizes is not None and sum(sizes) != image.shape[-1]:
+                    _warn_once(logged, path, ValueError(f"manifest chains {sizes} do not add "
+                                                        "up to the image: one chain"))  # fmt: skip
+                    sizes = None
+                image, chains = self._crop(image, epoch, k, row, sizes)
                 items.append(
                     {
                         "image": torch.from_numpy(image),
                         "length": image.shape[-1],
                         "id": index.id(row),
                         "path": path,
+                        "chains": chains,
                     }
                 )
             if not items:

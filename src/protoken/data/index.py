@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from protoken.convert.bins import bin_range, is_bin
-from protoken.convert.manifest import manifest_files, ok_rows
+from protoken.convert.manifest import chain_layouts, manifest_files, ok_rows
 from protoken.inputs import walk_files
 from protoken.shards import SHARDS_DIR, index_files, member_key, read_index
 
@@ -117,9 +117,26 @@ class ImageIndex:
     data_size: np.ndarray | None = None
     # md5 of each image's default split key (BIN/ID.png) as 64 bits: a vectorised split
     split_hash: np.ndarray | None = None
+    # complexes (convert --chains complex): the rows of images of several chains, sorted, and
+    # their chain lengths, chain_sizes[chain_offsets[k]:chain_offsets[k + 1]] for chain_rows[k]
+    chain_rows: np.ndarray | None = None
+    chain_offsets: np.ndarray | None = None
+    chain_sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.bin_of)
+
+    def chain_lengths(self, i: int) -> tuple[int, ...] | None:
+        """The chain lengths of image ``i`` when it is a complex (from the manifest's
+        ``chains`` column), else None."""
+        if self.chain_rows is None or not len(self.chain_rows):
+            return None
+        k = int(np.searchsorted(self.chain_rows, i))
+        if k == len(self.chain_rows) or self.chain_rows[k] != i:
+            return None
+        return tuple(
+            int(v) for v in self.chain_sizes[self.chain_offsets[k] : self.chain_offsets[k + 1]]
+        )
 
     def id(self, i: int) -> str:
         """Image id (file name without ``.png``)."""
@@ -176,7 +193,9 @@ class ImageIndex:
             bin_range(name)  # raises on a malformed name
         shard_indexes = index_files(root)
         manifests = manifest_files(root)
-        cache = _IndexCache(root, shard_indexes or manifests, only, skip)
+        # shards: the chain layouts of complexes come from the manifests beside them
+        cache = _IndexCache(root, shard_indexes + manifests if shard_indexes else manifests,
+                            only, skip)  # fmt: skip
         cached = cache.load()
         if cached is not None:
             return cls(root=root, **cached)
@@ -247,6 +266,7 @@ class ImageIndex:
             "split_hash": split_hash,
             **shard_fields,
         }
+        fields.update(_chain_fields(manifests, ids))
         if source != "walk":
             cache.save(fields)
         return cls(root=root, **fields)
@@ -326,7 +346,7 @@ class _IndexCache:
     """
 
     ARRAYS = ("bin_of", "lengths", "names", "offsets", "split_hash", "shard_of", "data_offset",
-              "data_size")  # fmt: skip
+              "data_size", "chain_rows", "chain_offsets", "chain_sizes")  # fmt: skip
 
     def __init__(self, root: str, sources: list[str], only, skip):
         sig = []
@@ -393,6 +413,27 @@ class _IndexCache:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
             pass  # a read-only data set: no cache
+
+
+def _chain_fields(manifests: list[str], ids: list[bytes]) -> dict[str, np.ndarray]:
+    """The index's chain arrays (see :class:`ImageIndex`) for the images (``ids``, in index
+    order) that the manifests record as complexes."""
+    layouts: dict[str, tuple[int, ...]] = {}
+    for path in manifests:
+        layouts.update(chain_layouts(path))
+    rows, sizes, offsets = [], [], [0]
+    if layouts:
+        for i, raw in enumerate(ids):
+            layout = layouts.get(raw.decode("utf-8", "surrogateescape"))
+            if layout:
+                rows.append(i)
+                sizes.extend(layout)
+                offsets.append(len(sizes))
+    return {
+        "chain_rows": np.asarray(rows, dtype=np.int64),
+        "chain_offsets": np.asarray(offsets, dtype=np.int64),
+        "chain_sizes": np.asarray(sizes, dtype=np.int32),
+    }
 
 
 def _shard_rows(paths: list[str], extra: list) -> Iterator[tuple[str, str, int]]:
