@@ -277,3 +277,34 @@ def test_picture_picks_hold_few_proteins_and_find_best_median_worst():
         for i, tm in enumerate(tms):
             picks.offer(i, float(tm), lambda i=i: Picture(i, None, None, None, None))
         assert tms[picks.picks()["median"].index] == np.sort(tms)[n // 2]
+
+
+def test_reconstruct_writes_a_complex_with_its_chains_and_compares_it(structures_dir, tmp_path):
+    """An image of --chains complex and its FASTA (chains= in the header) -> one PDB with the
+    chains A and C, named residues, and the complex's scores against the structure file."""
+    import gemmi
+
+    from protoken.convert import ConvertOptions, convert
+    from protoken.evaluate import reconstruct_images
+
+    src = structures_dir / "biotite__5zng.pdb.gz"
+    conv = tmp_path / "conv"
+    convert([str(src)], ConvertOptions(out=str(conv), chains="complex", bit_depth=16), 1,
+            progress=False)  # fmt: skip
+    images = sorted(str(p) for p in conv.glob("bin_*/*.png"))
+    out = tmp_path / "rec"
+    rows, summary = reconstruct_images(images, str(out), fasta=str(conv / "fasta"),
+                                       reference=str(src), workers=1)  # fmt: skip
+    (row,) = rows
+    assert row["chains"] == "A:79,C:62" and row["n_chains"] == 2 and not row["note"]
+    assert row["complex_tm_score"] > 0.999 and row["chain_tm_min"] > 0.999
+    assert "dockq" not in row  # DockQ needs the backbone (--backbone)
+    st = gemmi.read_structure(str(out / "biotite__5zng.pdb"))
+    assert [(ch.name, len(ch)) for ch in st[0]] == [("A", 79), ("C", 62)]
+    (cx,) = read_backbones(src, chains="complex")
+    names = "".join(gemmi.find_tabulated_residue(r.name).one_letter_code.upper()
+                    for ch in st[0] for r in ch)  # fmt: skip
+    assert names == cx.sequence
+    header = (out / "metrics.tsv").read_text().splitlines()[0].split("\t")
+    assert {"chains", "complex_tm_score", "dockq"} <= set(header)
+    assert summary["complex_tm_score"]["min"] > 0.999

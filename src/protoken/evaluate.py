@@ -42,7 +42,13 @@ from protoken.inputs import (
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
 from protoken.reconstruct import Reconstruction, reconstruct
 from protoken.report import write_reconstruct_tables, write_report
-from protoken.structure import Backbone, format_chains, parse_chains, read_backbones
+from protoken.structure import (
+    Backbone,
+    format_chains,
+    parse_chains,
+    read_backbones,
+    structure_to_text,
+)
 
 __all__ = [
     "COMPLEX_METRICS",
@@ -183,16 +189,34 @@ def summarize(rows: Sequence[dict]) -> dict:
 
 class SequenceLookup:
     """Residue names for images (``--fasta``): one FASTA file, whose records are matched by id
-    (a single record also serves a single image of any id), or a folder of ID.fasta files."""
+    (a single record also serves a single image of any id), or a folder of ID.fasta files.
+    A header's ``chains=A:120,B:98`` (``protoken convert --chains complex``) gives the
+    image's chain layout (:meth:`chains`)."""
 
     def __init__(self, path: str | os.PathLike | None, n_images: int):
         self.path = os.fspath(path) if path else None
         self.records: dict[str, str] = {}
+        self.layouts: dict[str, str] = {}
         self.single = None
+        self.single_layout = ""
         if self.path and os.path.isfile(self.path):
             self.records = read_fasta(self.path)
+            self.layouts = _fasta_layouts(self.path)
             if len(self.records) == 1 and n_images == 1:
                 self.single = next(iter(self.records.values()))
+                self.single_layout = next(iter(self.layouts.values()), "")
+
+    def chains(self, sid: str) -> str:
+        """The chain layout of image ``sid`` from its FASTA header (``A:120,B:98``), or ""."""
+        if not self.path:
+            return ""
+        if os.path.isdir(self.path):
+            for ext in (".fasta", ".fa", ".faa"):
+                fasta = os.path.join(self.path, sid + ext)
+                if os.path.isfile(fasta):
+                    return next(iter(_fasta_layouts(fasta).values()), "")
+            return ""
+        return self.layouts.get(sid, self.single_layout if sid not in self.records else "")
 
     def get(self, sid: str) -> str | None:
         """The sequence of image ``sid``, or None."""
@@ -242,13 +266,31 @@ class ReferenceIndex:
         return read_reference(sid, self.locate(sid))
 
 
-def read_reference(sid: str, where: tuple[str, str] | None) -> Backbone | None:
-    """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none)."""
+def _fasta_layouts(path: str) -> dict[str, str]:
+    """``chains=`` of the FASTA headers of a file: id -> layout text (records without one are
+    left out)."""
+    out = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith(">") and "chains=" in line:
+                words = line[1:].split()
+                fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+                if words and fields.get("chains"):
+                    out[words[0]] = fields["chains"]
+    return out
+
+
+def read_reference(sid: str, where: tuple[str, str] | None,
+                   complex_: bool = False) -> Backbone | None:  # fmt: skip
+    """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none); with
+    ``complex_`` (an image of several chains) all protein chains of the file, as ``protoken
+    convert --chains complex`` reads them."""
     if where is None:
         return None
     path, mode = where
     if mode == "first":
-        return read_backbones(path, chains="first", models="first")[0]
+        policy = "complex" if complex_ else "first"
+        return read_backbones(path, chains=policy, models="first")[0]
     for bb in read_backbones(path, chains="split", models="first"):
         if bb.id == sid:
             return bb
@@ -329,6 +371,8 @@ class _ImageTask:
     reference: tuple[str, str] | None
     with_references: bool
     max_len: int | None = None
+    #: The chain layout from the FASTA header (``A:120,B:98``), "" when none.
+    chains: str = ""
 
 
 def _reconstruct_image(task: _ImageTask) -> dict:
@@ -353,15 +397,31 @@ def _reconstruct_image(task: _ImageTask) -> dict:
         if seq is not None and len(seq) != len(rec):
             note = f"sequence has {len(seq)} residues, image {len(rec)}: residues written as UNK"
             seq = None
-        atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
+        layout = None
+        if task.chains:
+            try:
+                layout = parse_chains(task.chains, length=len(rec))
+            except ValueError as exc:
+                note = (note + "; " if note else "") + f"{exc}: written as one chain"
+        if layout is not None and len(layout) > 1:  # a complex: its chains, numbered 1..n each
+            text = structure_to_text(rec.output_atoms, seq, fmt=task.fmt, chains=layout)
+        else:
+            text = rec.to_text(sequence=seq, fmt=task.fmt)
+        atomic_write(path, text)
         row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
         row["mirrored_before_fix"] = rec.mirrored_before_fix
+        if layout is not None:
+            row["chains"], row["n_chains"] = format_chains(layout), len(layout)
         if task.with_references:
-            ref = read_reference(sid, task.reference)
+            multi = layout is not None and len(layout) > 1
+            ref = read_reference(sid, task.reference, complex_=multi)
             if ref is None:
                 row["note"] = (note + "; " if note else "") + "no reference"
             else:
                 row.update(compare_with_reference(rec, ref))
+                if multi:
+                    truth = _reference_atoms(ref)
+                    row.update(complex_row(rec, truth, layout, ref.sequence))
                 row["has_reference"] = True
     except ValueError as exc:  # a refused image: the reason says it all
         row["error"] = " ".join(str(exc).split())
@@ -381,7 +441,7 @@ def image_tasks(images: Iterable[str], out: str, sequences: SequenceLookup,
         sid = image_id(image)
         yield _ImageTask(image, out, fmt, dmax, refine, backbone, sequences.get(sid),
                          references.locate(sid) if references else None, bool(references),
-                         max_len)  # fmt: skip
+                         max_len, sequences.chains(sid))  # fmt: skip
 
 
 def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None,
@@ -397,13 +457,17 @@ def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None
     sequence and reference location (:func:`image_tasks`), and at most twice ``workers`` tasks
     are in flight. ``on_row(row)`` hears of each row as it is done (in input order).
 
-    Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK. With ``reference``
-    (:class:`ReferenceIndex`) each structure is compared with its reference
-    (:func:`compare_with_reference`) and ``out/metrics.tsv`` and ``out/summary.json`` are
-    written. ``dmax``: the images' cut-off when no convert.json beside them says (default 80);
-    one that contradicts it fails the image. An image that fails (unreadable, refused from its
-    header, larger than ``max_len``, degenerate ...) is recorded (``error``, and a row of
-    ``out/failed.tsv``: id, image, reason), never stops the others.
+    Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK; a FASTA header's
+    chain layout (``chains=A:120,B:98``, as ``protoken convert --chains complex`` writes it)
+    makes the structure one chain per entry, with those ids, residues numbered from 1 in each.
+    With ``reference`` (:class:`ReferenceIndex`) each structure is compared with its reference
+    (:func:`compare_with_reference`; a complex with all protein chains of the reference file,
+    and :func:`complex_row`: DockQ with ``backbone``) and ``out/metrics.tsv`` and
+    ``out/summary.json`` are written. ``dmax``: the images' cut-off when no convert.json
+    beside them says (default 80); one that contradicts it fails the image. An image that
+    fails (unreadable, refused from its header, larger than ``max_len``, degenerate ...) is
+    recorded (``error``, and a row of ``out/failed.tsv``: id, image, reason), never stops the
+    others.
 
     Returns
     -------

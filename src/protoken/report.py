@@ -59,6 +59,8 @@ def write_reconstruct_tables(out: str, rows: list[dict], summary: dict, backbone
     """``protoken reconstruct --reference``'s ``metrics.tsv`` (the compared ``rows``) and
     ``summary.json``."""
     columns = RECONSTRUCT_COLUMNS + (RECONSTRUCT_BACKBONE_COLUMNS if backbone else ())
+    if any(r.get("n_chains", 1) > 1 for r in rows):  # complexes (FASTA headers with chains=)
+        columns += tuple(c for c in EVALUATE_COMPLEX_COLUMNS if not c.startswith("ceiling_"))
     write_tsv(os.path.join(out, "metrics.tsv"), columns, rows)
     _write_json(os.path.join(out, "summary.json"), summary)
 
