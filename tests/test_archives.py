@@ -134,6 +134,7 @@ def test_foldcomp_entries_match_their_decompressed_pdb_text(foldcomp_db):
     assert is_foldcomp_db(str(db))
     members = list(iter_foldcomp(str(db)))
     assert [m.name for m in members] == [f.name.split(".")[0] for f in files]
+    starts: set[int] = set()
     for m, f in zip(members, files, strict=True):
         data = m.read()
         (fast,) = read_member(m.name, "foldcomp", data)
@@ -143,8 +144,16 @@ def test_foldcomp_entries_match_their_decompressed_pdb_text(foldcomp_db):
         (orig,) = read_backbones(f)
         assert fast.id == m.name and fast.sequence == slow.sequence == orig.sequence
         assert np.abs(fast.coords - slow.coords).max() < 1e-3  # the PDB text's 3 decimals
+        # residue numbers from the entry's header, as foldcomp.decompress writes them; the
+        # original numbering when it is consecutive (Foldcomp keeps only the first number)
+        assert fast.res_ids == slow.res_ids
+        start = int(orig.res_ids[0])
+        if orig.res_ids == [str(k) for k in range(start, start + len(orig))]:
+            assert fast.res_ids == orig.res_ids
+            starts.add(start)
         # Foldcomp is lossy (torsion angles): CA positions within a few Angstrom
         assert np.sqrt(((fast.ca - orig.ca) ** 2).sum(-1).mean()) < 1.0
+    assert {0, 1, 2, 3} <= starts  # d1asha_ starts at 0, d1tu9a_ at 2, d1q1fa_ at 3
 
 
 def test_foldcomp_database_converts_shards_and_resumes_per_member(tmp_path, foldcomp_db,

@@ -340,3 +340,143 @@ def test_single_thread_blas_sets_openblas_to_one_thread():
     if done == "False":
         pytest.skip("numpy is not linked to OpenBLAS here")
     assert got.strip() == "[1]", out.stdout
+
+
+# --------------------------------------------------------------------------- complexes
+
+COMPLEXES = {
+    "graphein__4hhb.cif.gz": "A:141,B:146,C:141,D:146",  # hemoglobin tetramer
+    "biotite__5zng.pdb.gz": "A:79,C:62",  # heterodimer
+    "graphein__input_pdb_cryst1.pdb.gz": "L:112,H:123,A:223",  # Fab (L, H) and its antigen
+    "foldseek__d1asha_.pdb": "A:147",  # a single chain
+}
+
+
+@pytest.fixture(scope="module")
+def complex_run(tmp_path_factory, structures_dir):
+    """The test complexes, a single chain and complexes to refuse, with --chains complex,
+    16-bit PNGs and shards."""
+    refused = ["biotite__1igy.cif.gz", "se3diff__pentamer.pdb.gz", "tmtools__7ok9.pdb.gz",
+               "cathtools__B4DXN4.multiple_superposed_models.pdb"]  # fmt: skip
+    names = [*COMPLEXES, *refused]
+    inputs = [str(structures_dir / n) for n in names]
+    root = tmp_path_factory.mktemp("complexes")
+    for fmt in ("png", "shards"):
+        opts = ConvertOptions(out=str(root / fmt), chains="complex", models="first", bit_depth=16,
+                              format=fmt, max_len=1100)  # fmt: skip
+        convert(inputs, opts, workers=1, progress=False)
+    return root, {Path(s).name: r for s, (r,) in rows_by_source(root / "png").items()}
+
+
+def test_complex_rows_record_the_chain_layout_and_the_reasons(complex_run):
+    root, rows = complex_run
+    header = (root / "png" / "manifest.tsv").read_text().splitlines()[0].split("\t")
+    assert header[-1] == "chains"
+    for name, layout in COMPLEXES.items():
+        row = rows[name]
+        assert (row["status"], row["chains"], row["id"]) == ("ok", layout, name.split(".")[0])
+        assert int(row["length"]) == sum(int(x.split(":")[1]) for x in layout.split(","))
+    # 1igy (an IgG: 2 x (213 + 434) residues) is above --max-len as a whole: not split
+    igg = rows["biotite__1igy.cif.gz"]
+    assert igg["status"] == "skipped" and igg["chains"] == "A:213,B:434,C:213,D:434"
+    assert igg["reason"].startswith("too long: complex of 4 chains, 1294 residues > 1100")
+    assert "not split" in igg["reason"]
+    pentamer = rows["se3diff__pentamer.pdb.gz"]
+    assert pentamer["status"] == "failed" and "holds residue 221 twice" in pentamer["reason"]
+    superposed = rows["cathtools__B4DXN4.multiple_superposed_models.pdb"]
+    assert superposed["status"] == "failed" and superposed["reason"].startswith("chains clash")
+    fragments = rows["tmtools__7ok9.pdb.gz"]  # 6097 residues, and eight 3-4 residue fragments
+    assert fragments["status"] == "skipped" and fragments["reason"].startswith("too long")
+    assert fragments["chains"].endswith("P:5,Q:5") and "R:" not in fragments["chains"]
+
+
+def test_complex_image_is_the_image_of_the_concatenated_backbone(complex_run, structures_dir):
+    """The PNG of a complex equals the 6D image (geometry.sixd) of its chains' N, CA, C read
+    one by one (--chains split) and concatenated; an inter-chain pixel is the Cb distance
+    gemmi's own atoms give."""
+    import gemmi
+    import imagecodecs
+
+    from protoken.codec import features_to_pixels
+    from protoken.geometry import sixd, virtual_cb
+
+    root, rows = complex_run
+    for name in COMPLEXES:
+        split = read_backbones(structures_dir / name, chains="split", models="first")
+        coords = np.concatenate([b.coords for b in split])
+        want = features_to_pixels(sixd(coords[:, 0], coords[:, 1], coords[:, 2], dmax=80.0),
+                                  80.0, 16)  # fmt: skip
+        row = rows[name]
+        png = (root / "png" / row["bin"] / f"{row['id']}.png").read_bytes()
+        got = imagecodecs.png_decode(png)
+        np.testing.assert_array_equal(got, want)
+    # hemoglobin: Cb of alpha1 Val 1 and beta1 His 2, from gemmi directly
+    st = gemmi.read_structure(str(structures_dir / "graphein__4hhb.cif.gz"))
+    res_a, res_b = st[0]["A"][0], st[0]["B"][1]
+
+    def cb(res):
+        n, ca, c = (np.array(res.find_atom(a, "*").pos.tolist()) for a in ("N", "CA", "C"))
+        return virtual_cb(n[None], ca[None], c[None])[0]
+
+    d = float(np.linalg.norm(cb(res_a) - cb(res_b)))
+    row = rows["graphein__4hhb.cif.gz"]
+    img = read_image(root / "png" / row["bin"] / "graphein__4hhb.png", dtype=np.float64)
+    assert 0 < d < 80 and abs((img[0, 141 + 1, 0] + 1) / 2 * 80 - d) < 80 / 65535
+
+
+def test_complex_layout_is_in_the_fasta_header_and_the_shard_json(complex_run):
+    import json
+    import tarfile
+
+    root, rows = complex_run
+    for name, layout in COMPLEXES.items():
+        row = rows[name]
+        fasta = (root / "png" / "fasta" / f"{row['id']}.fasta").read_text()
+        assert fasta == f">{row['id']} length={row['length']} chains={layout}\n{row['sequence']}\n"
+        assert len(row["sequence"]) == int(row["length"])  # no letter for a chain break
+    metas = {}
+    for tar in (root / "shards" / "shards").rglob("*.tar"):
+        with tarfile.open(tar) as tf:
+            for member in tf.getnames():
+                if member.endswith(".json"):
+                    meta = json.load(tf.extractfile(member))
+                    metas[meta["id"]] = meta
+    assert {metas[rows[n]["id"]]["chains"] for n in COMPLEXES} == set(COMPLEXES.values())
+
+
+def test_single_chain_files_give_the_same_image_under_complex(tmp_path, structures_dir):
+    name = "foldseek__d1asha_.pdb"
+    for chains in ("first", "complex"):
+        convert([str(structures_dir / name)], ConvertOptions(out=str(tmp_path / chains),
+                chains=chains), workers=1, progress=False)  # fmt: skip
+    png = f"{bin_name(147)}/foldseek__d1asha_.png"
+    assert (tmp_path / "first" / png).read_bytes() == (tmp_path / "complex" / png).read_bytes()
+
+
+def test_resume_reads_the_layout_and_old_manifests_keep_their_columns(tmp_path, structures_dir):
+    """A complex whose FASTA exists is skipped with its layout from the header; a manifest
+    written before the chains column is appended in its own columns and still read."""
+    src = structures_dir / "biotite__5zng.pdb.gz"
+    out = tmp_path / "out"
+    opts = ConvertOptions(out=str(out), chains="complex", min_len=10)
+    convert([str(src)], opts, workers=1, progress=False)
+    manifest = out / "manifest.tsv"
+    lines = manifest.read_text().splitlines()
+    # the same output folder, its manifest as an older protoken wrote it (no chains column)
+    old = ["\t".join(ln.split("\t")[:-1]) for ln in lines]
+    manifest.write_text("\n".join(old[:1]) + "\n")  # the row gone: the FASTA says it is done
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(src, copy / src.name)
+    convert([str(copy / src.name)], opts, workers=1, progress=False)
+    text = manifest.read_text().splitlines()
+    assert text[0] == old[0] and all(ln.count("\t") == old[0].count("\t") for ln in text)
+    (row,) = read_manifest(str(manifest))
+    assert row["status"] == "skipped" and row["reason"].startswith("outputs already exist")
+    assert row["length"] == "141" and "chains" not in row
+    # a new manifest has the column, filled from the FASTA header
+    out2 = tmp_path / "out2"
+    convert([str(src)], ConvertOptions(out=str(out2), chains="complex", min_len=10,
+            fasta_dir=str(out / "fasta")), workers=1, progress=False)  # fmt: skip
+    (row,) = read_manifest(str(out2 / "manifest.tsv"))
+    assert row["chains"] == "A:79,C:62" and row["reason"].startswith("outputs already exist")

@@ -30,15 +30,26 @@ NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pd
 class IdentityTokenizer(Tokenizer):
     """A 'perfect tokenizer': decoding returns the input image exactly."""
 
+    decodes_coordinates = False  # its decoder makes images
+
     def __init__(self, bit_depth: int = 16):
         self.codec = CodecSettings(bit_depth=bit_depth)
         self.checkpoint = "identity"
         self.batch_size = 8
         self.config = type("Cfg", (), {"codebook_size": 256, "level_scales": (4,)})()
+        self._encoded: list = []
+
+    def encode_images(self, images, chains=None):
+        self._encoded = [np.array(im, copy=True) for im in images]  # what decoding returns
+        return [[np.zeros((math.ceil(im.shape[-1] / 4),) * 2, dtype=np.int64)] for im in images]
+
+    def decode_levels(self, levels, lengths, chains=None):
+        assert [im.shape[-1] for im in self._encoded] == list(lengths)
+        return self._encoded
 
     def roundtrip(self, images):
-        levels = [[np.zeros((math.ceil(im.shape[-1] / 4),) * 2, dtype=np.int64)] for im in images]
-        return levels, [np.array(im, copy=True) for im in images]
+        levels = self.encode_images(images)
+        return levels, self.decode_levels(levels, [im.shape[-1] for im in images])
 
 
 @pytest.mark.parametrize("backbone", [False, True])
@@ -91,6 +102,51 @@ def test_bad_inputs_are_skipped_with_a_reason(structures_dir, bad_inputs_dir, tm
     with pytest.raises(ValueError, match="no protein"):
         evaluate(IdentityTokenizer(), [str(bad_inputs_dir / "empty.pdb")], str(tmp_path),
                  workers=1, progress=False, log=messages.append)  # fmt: skip
+
+
+class LayoutlessTokenizer(IdentityTokenizer):
+    """The perfect tokenizer whose items lose their chain layout (``Item.chains`` empty)."""
+
+    def _from_backbone(self, bb):
+        item = super()._from_backbone(bb)
+        item.chains = ()
+        return item
+
+
+@pytest.mark.slow
+def test_complexes_are_scored_by_interface_with_their_ceiling(structures_dir, tmp_path):
+    """--chains complex: a heterodimer (one image of both chains) and a single chain through
+    the perfect tokenizer: DockQ ~1 and complex TM-score ~1, as their ceiling; the report
+    shows the interface scores and the medians by complex size."""
+    out = tmp_path / "report"
+    names = ["biotite__5zng.pdb.gz", NAMES[1]]
+    summary = evaluate(IdentityTokenizer(), [str(structures_dir / n) for n in names],
+                       str(out), workers=1, progress=False, chains="complex")  # fmt: skip
+    assert summary["proteins"] == 2 and summary["complexes"] == 1
+    # backbone rebuilt from a 16-bit image: atoms within a few hundredths of an Angstrom
+    assert summary["dockq"]["min"] > 0.99 and summary["ceiling_dockq"]["min"] > 0.99
+    assert summary["fnat"]["min"] == 1.0 and summary["irmsd"]["max"] < 0.1
+    assert summary["complex_tm_score"]["min"] > 0.999
+    assert summary["dockq_classes"] == {"acceptable": 1.0, "medium": 1.0, "high": 1.0}
+    size = summary["by_complex_size"]
+    assert [(e["chains"], e["complexes"]) for e in size["chains"]] == [("1", 1), ("2", 1)]
+    assert "dockq" not in size["chains"][0] and size["chains"][1]["dockq"] > 0.99
+    rows = {r.split("\t")[0]: r.split("\t") for r in (out / "metrics.tsv").read_text().splitlines()}
+    header = rows["id"]
+    dimer = dict(zip(header, rows["biotite__5zng"], strict=True))
+    assert dimer["chains"] == "A:79,C:62" and dimer["n_chains"] == "2"
+    assert dimer["interfaces"] == "1" and float(dimer["ceiling_dockq"]) > 0.99
+    single = dict(zip(header, rows[NAMES[1].split(".")[0]], strict=True))
+    assert single["n_chains"] == "1" and single["dockq"] == ""
+    report = (out / "report.md").read_text()
+    assert "## Complexes" in report and "| DockQ | " in report
+    assert "By complex size (chains; medians)" in report and "| 2 | 1 | 0.99" in report
+
+
+def test_complexes_need_items_that_carry_their_chain_layout(structures_dir, tmp_path):
+    with pytest.raises(ValueError, match="carry no chain layout"):
+        evaluate(LayoutlessTokenizer(), [str(structures_dir / "biotite__5zng.pdb.gz")],
+                 str(tmp_path), workers=1, progress=False, chains="complex")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the parts
@@ -221,3 +277,34 @@ def test_picture_picks_hold_few_proteins_and_find_best_median_worst():
         for i, tm in enumerate(tms):
             picks.offer(i, float(tm), lambda i=i: Picture(i, None, None, None, None))
         assert tms[picks.picks()["median"].index] == np.sort(tms)[n // 2]
+
+
+def test_reconstruct_writes_a_complex_with_its_chains_and_compares_it(structures_dir, tmp_path):
+    """An image of --chains complex and its FASTA (chains= in the header) -> one PDB with the
+    chains A and C, named residues, and the complex's scores against the structure file."""
+    import gemmi
+
+    from protoken.convert import ConvertOptions, convert
+    from protoken.evaluate import reconstruct_images
+
+    src = structures_dir / "biotite__5zng.pdb.gz"
+    conv = tmp_path / "conv"
+    convert([str(src)], ConvertOptions(out=str(conv), chains="complex", bit_depth=16), 1,
+            progress=False)  # fmt: skip
+    images = sorted(str(p) for p in conv.glob("bin_*/*.png"))
+    out = tmp_path / "rec"
+    rows, summary = reconstruct_images(images, str(out), fasta=str(conv / "fasta"),
+                                       reference=str(src), workers=1)  # fmt: skip
+    (row,) = rows
+    assert row["chains"] == "A:79,C:62" and row["n_chains"] == 2 and not row["note"]
+    assert row["complex_tm_score"] > 0.999 and row["chain_tm_min"] > 0.999
+    assert "dockq" not in row  # DockQ needs the backbone (--backbone)
+    st = gemmi.read_structure(str(out / "biotite__5zng.pdb"))
+    assert [(ch.name, len(ch)) for ch in st[0]] == [("A", 79), ("C", 62)]
+    (cx,) = read_backbones(src, chains="complex")
+    names = "".join(gemmi.find_tabulated_residue(r.name).one_letter_code.upper()
+                    for ch in st[0] for r in ch)  # fmt: skip
+    assert names == cx.sequence
+    header = (out / "metrics.tsv").read_text().splitlines()[0].split("\t")
+    assert {"chains", "complex_tm_score", "dockq"} <= set(header)
+    assert summary["complex_tm_score"]["min"] > 0.999

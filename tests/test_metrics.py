@@ -166,3 +166,97 @@ def test_distance_mae_reads_distances_from_the_lower_triangle():
     assert distance_mae(truth[:, :1, :1], decoded[:, :1, :1], 80.0) == 0.0
     with pytest.raises(ValueError):
         distance_mae(truth, decoded[:, :5, :5], 80.0)
+
+
+# --------------------------------------------------------------------------- complexes
+
+
+def _complex_atoms(structures_dir, name):
+    from protoken.geometry import virtual_cb
+
+    (bb,) = read_backbones(structures_dir / name, chains="complex", models="first")
+    atoms = {"N": bb.n, "CA": bb.ca, "C": bb.c, "CB": virtual_cb(bb.n, bb.ca, bb.c)}
+    return bb, atoms
+
+
+def _moved(atoms, rows, shift):
+    out = {k: v.copy() for k, v in atoms.items()}
+    for v in out.values():
+        v[rows] += shift
+    return out
+
+
+def _min_distances(atoms, a, b):
+    """(|a|, |b|): the smallest distance between any atoms of residue i of ``a`` and j of ``b``."""
+    xa = np.stack([atoms[k][a] for k in atoms], axis=1)  # (na, atoms, 3)
+    xb = np.stack([atoms[k][b] for k in atoms], axis=1)
+    d = np.linalg.norm(xa[:, None, :, None] - xb[None, :, None, :], axis=-1)
+    return d.min(axis=(2, 3))
+
+
+def test_dockq_of_a_complex_against_itself_is_one_and_a_shifted_chain_scores_lower(
+    structures_dir,
+):
+    """DockQ (the DockQ package) on a real heterodimer, checked against values computed here:
+    a partner moved by 3 A has ligand RMSD 3 A, fnat the fraction of native contacts (atoms
+    within 5 A) kept, interface RMSD the Kabsch RMSD of the interface's N, CA, C (residues
+    within 10 A of the partner), and DockQ = (fnat + 1/(1+(irmsd/1.5)^2) +
+    1/(1+(lrmsd/8.5)^2)) / 3. The shifted complex is scored first: a result DockQ memoised
+    must not leak into the next call."""
+    from protoken.metrics import complex_scores
+
+    bb, atoms = _complex_atoms(structures_dir, "biotite__5zng.pdb.gz")
+    (ca_id, na), (cc_id, nc) = bb.chains
+    a, c = np.arange(na), np.arange(na, na + nc)
+    shifted = _moved(atoms, c, np.array([3.0, 0.0, 0.0]))
+    s = complex_scores(shifted, atoms, bb.chains, bb.sequence)
+    assert s["interfaces"] == 1 and list(s["interface_scores"]) == [f"{ca_id}/{cc_id}"]
+    assert s["lrmsd"] == pytest.approx(3.0, abs=2e-3)  # PDB files hold 3 decimals
+    native = _min_distances(atoms, a, c)
+    model = _min_distances(shifted, a, c)
+    contacts = native < 5.0
+    assert s["fnat"] == pytest.approx((contacts & (model < 5.0)).sum() / contacts.sum())
+    near = native < 10.0
+    rows = np.concatenate([a[near.any(axis=1)], c[near.any(axis=0)]])
+    interface = [np.concatenate([x[k][rows] for k in ("N", "CA", "C")]) for x in (shifted, atoms)]
+    assert s["irmsd"] == pytest.approx(rmsd(*interface), abs=2e-3)
+    formula = (s["fnat"] + 1 / (1 + (s["irmsd"] / 1.5) ** 2) + 1 / (1 + (3.0 / 8.5) ** 2)) / 3
+    assert s["dockq"] == pytest.approx(formula, abs=1e-3)
+    assert 0.5 < s["dockq"] < 0.95
+    # each chain is intact: per-chain TM-scores 1, the complex's lower
+    assert s["chain_tm_scores"] == {ca_id: pytest.approx(1.0), cc_id: pytest.approx(1.0)}
+    assert s["complex_tm_score"] < 0.95
+
+    same = complex_scores(atoms, atoms, bb.chains, bb.sequence)
+    assert same["dockq"] == pytest.approx(1.0) and same["fnat"] == 1.0
+    assert same["irmsd"] < 1e-3 and same["lrmsd"] < 1e-3
+    assert same["complex_tm_score"] == pytest.approx(1.0)
+
+
+def test_complex_tm_score_is_the_analytic_value_when_a_chain_is_far_away(structures_dir):
+    """The 4hhb tetramer with chain D moved 100 A: the best superposition is the other three
+    chains' own, so TM = (L_ABC + sum_D 1 / (1 + (100 / d0)^2)) / L with d0 of the whole
+    length; every chain alone still scores 1."""
+    from protoken.metrics import complex_scores
+
+    bb, atoms = _complex_atoms(structures_dir, "graphein__4hhb.cif.gz")
+    n_d = bb.chains[-1][1]
+    far = _moved(atoms, np.arange(len(bb) - n_d, len(bb)), np.array([0.0, 100.0, 0.0]))
+    s = complex_scores(far, atoms, bb.chains, dockq=False)
+    length = len(bb)
+    expected = (length - n_d + n_d / (1 + (100.0 / d0(length)) ** 2)) / length
+    assert s["complex_tm_score"] == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(428 / 574, abs=2e-3)
+    assert s["chain_tm_min"] == pytest.approx(1.0) and "dockq" not in s
+
+
+def test_complex_scores_refuse_what_they_cannot_score(structures_dir):
+    from protoken.metrics import complex_scores
+
+    bb, atoms = _complex_atoms(structures_dir, "biotite__5zng.pdb.gz")
+    with pytest.raises(ValueError, match="does not cover"):
+        complex_scores(atoms, atoms, [("A", 10)])
+    cb_only = {"CB": atoms["CB"]}
+    with pytest.raises(ValueError, match="DockQ needs N, CA and C"):
+        complex_scores(cb_only, cb_only, bb.chains)
+    assert complex_scores(cb_only, cb_only, bb.chains, dockq=False)["complex_tm_score"] == 1.0

@@ -240,3 +240,167 @@ def test_reader_does_not_modify_the_input(structures_dir, tmp_path):
     with pytest.raises(SkipStructure):
         read_backbones(src)
     assert src.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- complexes
+
+TETRAMER = "graphein__4hhb.cif.gz"  # hemoglobin: alpha, beta, alpha, beta
+HETERODIMER = "biotite__5zng.pdb.gz"  # two different chains, A and C
+FAB = "graphein__input_pdb_cryst1.pdb.gz"  # antibody L and H (Kabat insertion codes), antigen
+
+
+def _gemmi_residues(path) -> list[tuple[str, str, np.ndarray]]:
+    """(chain, residue id, N/CA/C) of every amino acid with N, CA and C of the first model,
+    read with gemmi's object model (independent of read_backbones' flat-table code)."""
+    st = gemmi.read_structure(str(path))
+    st.setup_entities()
+    out = []
+    for chain in st[0]:
+        for res in chain:
+            if not gemmi.find_tabulated_residue(res.name).is_amino_acid():
+                continue
+            atoms = [res.find_atom(a, "*") for a in ("N", "CA", "C")]
+            if all(atoms):
+                rid = f"{res.seqid.num}{res.seqid.icode.strip()}"
+                xyz = np.array([[a.pos.x, a.pos.y, a.pos.z] for a in atoms])
+                out.append((chain.name, rid, xyz))
+    return out
+
+
+@pytest.mark.parametrize("name", [TETRAMER, HETERODIMER, FAB])
+def test_complex_is_its_chains_in_file_order(structures_dir, name):
+    path = structures_dir / name
+    (cx,) = read_backbones(path, chains="complex", models="first")
+    split = read_backbones(path, chains="split", models="first")
+    assert cx.id == name.split(".")[0]
+    assert cx.chains == tuple((b.chain_id, len(b)) for b in split)
+    np.testing.assert_array_equal(cx.coords, np.concatenate([b.coords for b in split]))
+    assert cx.sequence == "".join(b.sequence for b in split)
+    index = np.concatenate([np.full(len(b), k) for k, b in enumerate(split)])
+    np.testing.assert_array_equal(cx.chain_index, index)
+    # chains, numbering and coordinates as gemmi's own object model reads them
+    ref = _gemmi_residues(path)
+    assert [(c, r) for c, r, _ in ref] == list(zip(cx.chain_ids, cx.res_ids, strict=True))
+    np.testing.assert_allclose(np.stack([x for _, _, x in ref]), cx.coords, atol=1e-6)
+
+
+def test_complex_layouts_of_the_test_complexes(structures_dir):
+    def layout(name):
+        return read_backbones(structures_dir / name, chains="complex", models="first")[0]
+
+    assert layout(TETRAMER).chains == (("A", 141), ("B", 146), ("C", 141), ("D", 146))
+    assert layout(HETERODIMER).chains == (("A", 79), ("C", 62))
+    fab = layout(FAB)
+    assert fab.chains == (("L", 112), ("H", 123), ("A", 223))
+    # Kabat numbering: CDR insertions are residues of their own, numbered 52A, 100A ...
+    heavy = fab.res_ids[112:235]
+    assert {"52A", "100A", "100B"} <= set(heavy)
+    assert heavy.index("52A") == heavy.index("52") + 1
+
+
+def test_single_chain_files_give_under_complex_what_first_gives(structures_dir, single_chain):
+    for name in single_chain[::6]:
+        (a,) = read_backbones(structures_dir / name, chains="first", models="first")
+        (b,) = read_backbones(structures_dir / name, chains="complex", models="first")
+        assert (a.id, a.sequence, a.res_ids, a.chains) == (b.id, b.sequence, b.res_ids, b.chains)
+        assert b.chains == ((a.chain_id, len(a)),)
+        np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_short_chains_are_dropped_from_a_complex_and_recorded(structures_dir, tmp_path):
+    # 7ok9: twelve large chains, two pentapeptides (kept) and eight 3-4 residue fragments
+    (cx,) = read_backbones(structures_dir / "tmtools__7ok9.pdb.gz", chains="complex")
+    assert [c for c, _ in cx.chains][-2:] == ["P", "Q"] and cx.chains[-1][1] == 5
+    assert cx.dropped_chains == tuple(
+        (c, n) for c, n in zip("RSTUVWXY", [4] * 5 + [3] * 3, strict=True)
+    )
+    assert cx.dropped >= sum(n for _, n in cx.dropped_chains)
+    assert len(cx) == sum(n for _, n in cx.chains)
+    # a complex of fragments only is skipped with the reason
+    with pytest.raises(SkipStructure, match=r"no protein chain of 5 residues or more \(A:2,B:2"):
+        read_backbones(structures_dir / "cathtools__tally_multi_chain.pdb", chains="complex")
+
+
+def test_multi_chain_skip_names_the_chain_options(structures_dir):
+    with pytest.raises(SkipStructure, match=r"use --chains split\|first\|complex"):
+        read_backbones(structures_dir / "foldseek__1tim.pdb.gz")
+
+
+def _pdb_records(path) -> list[str]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        return [line for line in fh if line.startswith(("ATOM  ", "HETATM"))]
+
+
+def test_overlapping_chains_are_refused(structures_dir, tmp_path):
+    # the same chain twice under two ids: the same coordinates twice
+    lines = [ln for ln in _pdb_records(structures_dir / HETERODIMER) if ln[21] == "A"]
+    twice = tmp_path / "twice.pdb"
+    twice.write_text("".join(lines) + "TER\n" + "".join(ln[:21] + "B" + ln[22:] for ln in lines))
+    with pytest.raises(StructureError, match="chains clash: 79 residue pairs"):
+        read_backbones(twice, chains="complex")
+    assert len(read_backbones(twice, chains="split")) == 2  # the other policies read it
+    # a real file: superposed models of two homologues given as chains A and B
+    with pytest.raises(StructureError, match="chains clash"):
+        read_backbones(structures_dir / "cathtools__B4DXN4.multiple_superposed_models.pdb",
+                       chains="complex")  # fmt: skip
+
+
+def test_one_chain_id_for_two_chains_is_refused(structures_dir, tmp_path):
+    # two models concatenated without MODEL records: chain ids A and C both repeat
+    lines = _pdb_records(structures_dir / HETERODIMER)
+    doubled = tmp_path / "doubled.pdb"
+    doubled.write_text("".join(lines) + "".join(lines))
+    with pytest.raises(StructureError, match=r"chain 'A' holds residue \S+ twice"):
+        read_backbones(doubled, chains="complex")
+    # a real file: five copies of chain A, numbering restarted
+    with pytest.raises(StructureError, match="two chains under one id"):
+        read_backbones(structures_dir / "se3diff__pentamer.pdb.gz", chains="complex")
+
+
+@pytest.mark.parametrize("fmt", ["pdb", "cif"])
+def test_written_complex_reads_back_with_its_chains_and_numbering(structures_dir, tmp_path, fmt):
+    from protoken.geometry import virtual_cb
+    from protoken.structure import write_structure
+
+    (cx,) = read_backbones(structures_dir / FAB, chains="complex", models="first")
+    atoms = {"N": cx.n, "CA": cx.ca, "C": cx.c, "CB": virtual_cb(cx.n, cx.ca, cx.c)}
+    out = tmp_path / f"fab.{fmt}"
+    write_structure(out, atoms, sequence=cx.sequence, chains=cx.chains, res_ids=cx.res_ids)
+    (back,) = read_backbones(out, chains="complex")
+    assert back.chains == cx.chains and back.res_ids == cx.res_ids
+    assert back.sequence == cx.sequence
+    np.testing.assert_allclose(back.coords, cx.coords, atol=1e-3)
+    st = gemmi.read_structure(str(out))
+    assert [ch.name for ch in st[0]] == ["L", "H", "A"]
+    assert [len(ch) for ch in st[0]] == [112, 123, 223]
+    if fmt == "pdb":  # a TER record closes each chain, after its last residue
+        ter = [ln[17:26] for ln in out.read_text().splitlines() if ln.startswith("TER")]
+        assert ter == [f"{cx.res_names[i - 1]} {c}{cx.res_ids[i - 1]:>4}"
+                       for c, i in (("L", 112), ("H", 235), ("A", 458))]  # fmt: skip
+
+
+def test_writer_refuses_layouts_it_cannot_write():
+    xyz = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="does not cover 4"):
+        structure_to_text({"CA": xyz}, chains=[("A", 3)])
+    with pytest.raises(ValueError, match="a chain id repeats"):
+        structure_to_text({"CA": xyz}, chains=[("A", 2), ("A", 2)])
+    with pytest.raises(ValueError, match="at most 2 characters"):
+        structure_to_text({"CA": xyz}, chains=[("ABC", 4)])
+    assert "ABC" in structure_to_text({"CA": xyz}, fmt="cif", chains=[("ABC", 4)])
+    with pytest.raises(ValueError, match="bad residue id"):
+        structure_to_text({"CA": xyz}, res_ids=["1", "2", "3", "x"])
+
+
+def test_chain_layout_text_round_trip_and_refusals():
+    from protoken.structure import format_chains, parse_chains
+
+    layout = (("A", 120), ("B", 98), ("", 3))
+    assert format_chains(layout) == "A:120,B:98,:3"
+    assert parse_chains("A:120,B:98,:3", length=221) == layout
+    for bad in ("A120", "A:0", "A:x", "A:1,A:2", "A,B:3:4", "A B:3", "ABCDE:3"):
+        with pytest.raises(ValueError, match="chain layout"):
+            parse_chains(bad)
+    with pytest.raises(ValueError, match="sums to 218 residues, not the length 219"):
+        parse_chains("A:120,B:98", length=219)

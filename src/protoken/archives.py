@@ -477,6 +477,7 @@ def _foldcomp_backbone(foldcomp, name: str, data: bytes):
     if why:
         raise StructureError(why)
     three = _three_letter()
+    first = _first_residue_number(data)
     return Backbone(
         id=member_id(name),
         sequence=sequence,
@@ -484,4 +485,16 @@ def _foldcomp_backbone(foldcomp, name: str, data: bytes):
         chain_id="A",
         dropped=0,
         res_names=[three[r] for r in sequence],
+        res_ids=[str(k) for k in range(first, first + len(sequence))],
     )
+
+
+def _first_residue_number(data: bytes) -> int:
+    """The author number of a Foldcomp entry's first residue: ``idxResidue`` of its header
+    (an unsigned 16-bit integer, bytes 8-9 after the ``FCMP`` magic, little-endian; see
+    ``CompressedFileHeader`` in Foldcomp's foldcomp.h). Residues are stored consecutively and
+    ``foldcomp.decompress`` numbers them from it; ``get_data`` does not return it. 1 when the
+    bytes are no Foldcomp header."""
+    if len(data) >= 10 and data[:4] == b"FCMP":
+        return int.from_bytes(data[8:10], "little")
+    return 1

@@ -127,7 +127,9 @@ def _structure_filters(parser: argparse.ArgumentParser) -> None:
         choices=CHAIN_POLICIES,
         default="skip-multi",
         help="files with several protein chains: skip them (default, as the reference "
-        "design), one image per chain (id STEM_CHAIN), or the first chain",
+        "design), one image per chain (id STEM_CHAIN), the first chain, or one image of the "
+        "whole complex (id STEM; chains in file order, the layout recorded; --min-len and "
+        "--max-len apply to the whole complex)",
     )
     group.add_argument(
         "--models",

@@ -42,10 +42,19 @@ from protoken.inputs import (
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
 from protoken.reconstruct import Reconstruction, reconstruct
 from protoken.report import write_reconstruct_tables, write_report
-from protoken.structure import Backbone, read_backbones
+from protoken.structure import (
+    Backbone,
+    format_chains,
+    parse_chains,
+    read_backbones,
+    structure_to_text,
+)
 
 __all__ = [
+    "COMPLEX_METRICS",
     "METRICS",
+    "by_complex_size",
+    "complex_row",
     "ReferenceIndex",
     "SequenceLookup",
     "compare_with_reference",
@@ -54,12 +63,22 @@ __all__ = [
     "summarize",
 ]
 
+#: Scores of a complex (``--chains complex``, :func:`protoken.metrics.complex_scores`) that
+#: rows hold, each also as ``ceiling_*``.
+COMPLEX_METRICS = (
+    "dockq", "fnat", "irmsd", "lrmsd", "complex_tm_score", "chain_tm_min",
+)  # fmt: skip
+
 #: Metrics summarised by :func:`summarize` (median, mean, min, max), when rows hold them.
 METRICS = (
     "cb_rmsd", "tm_score", "lddt", "distance_mae", "image_mse", "tokens_per_residue",
     "bits_per_residue", "bb_rmsd", "ca_rmsd", "ca_tm_score", "ceiling_cb_rmsd",
     "ceiling_tm_score", "ceiling_lddt",
+    *COMPLEX_METRICS, *(f"ceiling_{k}" for k in COMPLEX_METRICS),
 )  # fmt: skip
+
+#: DockQ quality classes (CAPRI): acceptable, medium, high from these values on.
+DOCKQ_CLASSES = (("acceptable", 0.23), ("medium", 0.49), ("high", 0.80))
 
 
 # --------------------------------------------------------------------------- comparison
@@ -68,6 +87,8 @@ METRICS = (
 def _reference_atoms(reference) -> dict[str, np.ndarray]:
     """Atoms of a reference: a Backbone, a structure file path or an (L, 3, 3) N/CA/C array give
     N, CA, C and their virtual CB; an (L, 3) array is taken as CB only."""
+    if isinstance(reference, dict):  # atoms already (a reconstruction's)
+        return reference
     if isinstance(reference, str | os.PathLike):
         reference = read_backbones(reference, chains="first", models="first")[0]
     coords = getattr(reference, "coords", reference)
@@ -155,6 +176,11 @@ def summarize(rows: Sequence[dict]) -> dict:
         out["fraction_tm_above_0.9"] = float(np.mean(tm > 0.9))
     out["mirror_images"] = int(sum(bool(r.get("mirror_image")) for r in rows))
     out["mirrored_before_fix"] = int(sum(bool(r.get("mirrored_before_fix")) for r in rows))
+    for prefix in ("", "ceiling_"):
+        dq = np.array([r[f"{prefix}dockq"] for r in rows if f"{prefix}dockq" in r])
+        if len(dq):
+            out[f"{prefix}dockq_classes"] = {name: float(np.mean(dq >= cut))
+                                             for name, cut in DOCKQ_CLASSES}  # fmt: skip
     return out
 
 
@@ -163,16 +189,34 @@ def summarize(rows: Sequence[dict]) -> dict:
 
 class SequenceLookup:
     """Residue names for images (``--fasta``): one FASTA file, whose records are matched by id
-    (a single record also serves a single image of any id), or a folder of ID.fasta files."""
+    (a single record also serves a single image of any id), or a folder of ID.fasta files.
+    A header's ``chains=A:120,B:98`` (``protoken convert --chains complex``) gives the
+    image's chain layout (:meth:`chains`)."""
 
     def __init__(self, path: str | os.PathLike | None, n_images: int):
         self.path = os.fspath(path) if path else None
         self.records: dict[str, str] = {}
+        self.layouts: dict[str, str] = {}
         self.single = None
+        self.single_layout = ""
         if self.path and os.path.isfile(self.path):
             self.records = read_fasta(self.path)
+            self.layouts = _fasta_layouts(self.path)
             if len(self.records) == 1 and n_images == 1:
                 self.single = next(iter(self.records.values()))
+                self.single_layout = next(iter(self.layouts.values()), "")
+
+    def chains(self, sid: str) -> str:
+        """The chain layout of image ``sid`` from its FASTA header (``A:120,B:98``), or ""."""
+        if not self.path:
+            return ""
+        if os.path.isdir(self.path):
+            for ext in (".fasta", ".fa", ".faa"):
+                fasta = os.path.join(self.path, sid + ext)
+                if os.path.isfile(fasta):
+                    return next(iter(_fasta_layouts(fasta).values()), "")
+            return ""
+        return self.layouts.get(sid, self.single_layout if sid not in self.records else "")
 
     def get(self, sid: str) -> str | None:
         """The sequence of image ``sid``, or None."""
@@ -222,13 +266,31 @@ class ReferenceIndex:
         return read_reference(sid, self.locate(sid))
 
 
-def read_reference(sid: str, where: tuple[str, str] | None) -> Backbone | None:
-    """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none)."""
+def _fasta_layouts(path: str) -> dict[str, str]:
+    """``chains=`` of the FASTA headers of a file: id -> layout text (records without one are
+    left out)."""
+    out = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith(">") and "chains=" in line:
+                words = line[1:].split()
+                fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+                if words and fields.get("chains"):
+                    out[words[0]] = fields["chains"]
+    return out
+
+
+def read_reference(sid: str, where: tuple[str, str] | None,
+                   complex_: bool = False) -> Backbone | None:  # fmt: skip
+    """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none); with
+    ``complex_`` (an image of several chains) all protein chains of the file, as ``protoken
+    convert --chains complex`` reads them."""
     if where is None:
         return None
     path, mode = where
     if mode == "first":
-        return read_backbones(path, chains="first", models="first")[0]
+        policy = "complex" if complex_ else "first"
+        return read_backbones(path, chains=policy, models="first")[0]
     for bb in read_backbones(path, chains="split", models="first"):
         if bb.id == sid:
             return bb
@@ -309,6 +371,8 @@ class _ImageTask:
     reference: tuple[str, str] | None
     with_references: bool
     max_len: int | None = None
+    #: The chain layout from the FASTA header (``A:120,B:98``), "" when none.
+    chains: str = ""
 
 
 def _reconstruct_image(task: _ImageTask) -> dict:
@@ -333,15 +397,31 @@ def _reconstruct_image(task: _ImageTask) -> dict:
         if seq is not None and len(seq) != len(rec):
             note = f"sequence has {len(seq)} residues, image {len(rec)}: residues written as UNK"
             seq = None
-        atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
+        layout = None
+        if task.chains:
+            try:
+                layout = parse_chains(task.chains, length=len(rec))
+            except ValueError as exc:
+                note = (note + "; " if note else "") + f"{exc}: written as one chain"
+        if layout is not None and len(layout) > 1:  # a complex: its chains, numbered 1..n each
+            text = structure_to_text(rec.output_atoms, seq, fmt=task.fmt, chains=layout)
+        else:
+            text = rec.to_text(sequence=seq, fmt=task.fmt)
+        atomic_write(path, text)
         row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
         row["mirrored_before_fix"] = rec.mirrored_before_fix
+        if layout is not None:
+            row["chains"], row["n_chains"] = format_chains(layout), len(layout)
         if task.with_references:
-            ref = read_reference(sid, task.reference)
+            multi = layout is not None and len(layout) > 1
+            ref = read_reference(sid, task.reference, complex_=multi)
             if ref is None:
                 row["note"] = (note + "; " if note else "") + "no reference"
             else:
                 row.update(compare_with_reference(rec, ref))
+                if multi:
+                    truth = _reference_atoms(ref)
+                    row.update(complex_row(rec, truth, layout, ref.sequence))
                 row["has_reference"] = True
     except ValueError as exc:  # a refused image: the reason says it all
         row["error"] = " ".join(str(exc).split())
@@ -361,7 +441,7 @@ def image_tasks(images: Iterable[str], out: str, sequences: SequenceLookup,
         sid = image_id(image)
         yield _ImageTask(image, out, fmt, dmax, refine, backbone, sequences.get(sid),
                          references.locate(sid) if references else None, bool(references),
-                         max_len)  # fmt: skip
+                         max_len, sequences.chains(sid))  # fmt: skip
 
 
 def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None,
@@ -377,13 +457,17 @@ def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None
     sequence and reference location (:func:`image_tasks`), and at most twice ``workers`` tasks
     are in flight. ``on_row(row)`` hears of each row as it is done (in input order).
 
-    Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK. With ``reference``
-    (:class:`ReferenceIndex`) each structure is compared with its reference
-    (:func:`compare_with_reference`) and ``out/metrics.tsv`` and ``out/summary.json`` are
-    written. ``dmax``: the images' cut-off when no convert.json beside them says (default 80);
-    one that contradicts it fails the image. An image that fails (unreadable, refused from its
-    header, larger than ``max_len``, degenerate ...) is recorded (``error``, and a row of
-    ``out/failed.tsv``: id, image, reason), never stops the others.
+    Residue names come from ``fasta`` (:class:`SequenceLookup`), else UNK; a FASTA header's
+    chain layout (``chains=A:120,B:98``, as ``protoken convert --chains complex`` writes it)
+    makes the structure one chain per entry, with those ids, residues numbered from 1 in each.
+    With ``reference`` (:class:`ReferenceIndex`) each structure is compared with its reference
+    (:func:`compare_with_reference`; a complex with all protein chains of the reference file,
+    and :func:`complex_row`: DockQ with ``backbone``) and ``out/metrics.tsv`` and
+    ``out/summary.json`` are written. ``dmax``: the images' cut-off when no convert.json
+    beside them says (default 80); one that contradicts it fails the image. An image that
+    fails (unreadable, refused from its header, larger than ``max_len``, degenerate ...) is
+    recorded (``error``, and a row of ``out/failed.tsv``: id, image, reason), never stops the
+    others.
 
     Returns
     -------
@@ -452,30 +536,87 @@ def by_length(rows: Sequence[dict], keys=("tm_score", "cb_rmsd", "lddt")) -> lis
     return out
 
 
+#: Chain-count bins of the by-complex-size medians (inclusive; None: no upper end).
+CHAIN_BINS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, None))
+
+#: Keys of the by-complex-size medians.
+COMPLEX_SIZE_KEYS = ("dockq", "complex_tm_score", "ceiling_dockq", "ceiling_complex_tm_score")
+
+
+def by_complex_size(rows: Sequence[dict]) -> dict:
+    """Medians of :data:`COMPLEX_SIZE_KEYS` by complex size: ``chains`` (per
+    :data:`CHAIN_BINS` bin that holds complexes: ``"2"``, ``"5+"`` ...) and ``residues`` (per
+    :data:`LENGTH_BINS` bin), each entry with its ``complexes`` count. Rows without a chain
+    count (``n_chains``) are left out."""
+    rows = [r for r in rows if "n_chains" in r]
+
+    def entry(label_key, label, sel) -> dict:
+        out: dict = {label_key: label, "complexes": len(sel)}
+        for key in COMPLEX_SIZE_KEYS:
+            vals = [r[key] for r in sel if key in r]
+            if vals:
+                out[key] = float(np.median(vals))
+        return out
+
+    by_chains = []
+    for lo, hi in CHAIN_BINS:
+        sel = [r for r in rows if r["n_chains"] >= lo and (hi is None or r["n_chains"] <= hi)]
+        if sel:
+            by_chains.append(entry("chains", f"{lo}+" if hi is None else str(lo), sel))
+    by_residues = []
+    for lo, hi in LENGTH_BINS:
+        sel = [r for r in rows if lo <= r["length"] <= hi]
+        if sel:
+            by_residues.append(entry("residues", f"{lo}-{hi}", sel))
+    return {"chains": by_chains, "residues": by_residues}
+
+
+def complex_row(rec: Reconstruction, truth: dict, layout, sequence: str | None) -> dict:
+    """The :data:`COMPLEX_METRICS` (and ``interfaces``) of a reconstruction of a complex image
+    against the true atoms (:func:`protoken.metrics.complex_scores`: DockQ needs
+    ``rec.atoms``, the reconstructed backbone); NaN scores (no interface) are left out."""
+    from protoken.metrics import complex_scores
+
+    pred = rec.atoms if rec.atoms is not None else {"CB": rec.cb}
+    scores = complex_scores(pred, truth, layout, sequence or None, dockq=rec.atoms is not None)
+    out = {k: scores[k] for k in (*COMPLEX_METRICS, "interfaces")
+           if k in scores and np.isfinite(scores[k])}  # fmt: skip
+    return out
+
+
 def _reconstruct_and_compare(task: tuple) -> dict:
     """Worker: reconstruct a decoded image and compare it with the reference; with
     ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer).
 
     ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling, structure or
-    None). A reference of None (an input PNG) is the input image's own reconstruction, made
-    here. A structure given (a per-residue decoder's own backbone) is compared as it is, the
-    decoded image unused. The result holds ``cb`` (reconstructed) and ``truth`` (the
-    reference's Cb) for the report's pictures.
+    None[, layout, sequence]). A reference of None (an input PNG) is the input image's own
+    reconstruction, made here. A structure given (a per-residue decoder's own backbone) is
+    compared as it is, the decoded image unused. With a chain layout of two chains or more
+    (``--chains complex``) the backbone is rebuilt (DockQ needs N, CA, C) and the row adds
+    ``complex`` (:func:`complex_row`; and in ``ceiling``). The result holds ``cb``
+    (reconstructed) and ``truth`` (the reference's Cb) for the report's pictures.
     """
-    decoded, reference, image, dmax, backbone, ceiling, rec = task
+    decoded, reference, image, dmax, backbone, ceiling, rec = task[:7]
+    layout, sequence = (task[7], task[8]) if len(task) > 7 else (None, None)
+    multi = layout is not None and len(layout) > 1
     exact = None
     if reference is None:
-        exact = reconstruct(image, dmax=dmax)
-        reference = exact.cb
+        exact = reconstruct(image, dmax=dmax, backbone=multi)
+        reference = exact.atoms if multi else exact.cb
     if rec is None:
-        rec = reconstruct(decoded, dmax=dmax, backbone=backbone)
+        rec = reconstruct(decoded, dmax=dmax, backbone=backbone or multi)
+    truth = _reference_atoms(reference)
     row = compare_with_reference(rec, reference)
+    if multi:
+        row["complex"] = complex_row(rec, truth, layout, sequence)
     if ceiling:
-        exact = exact if exact is not None else reconstruct(image, dmax=dmax)
-        scores = compare_with_reference(exact, reference)
+        exact = exact if exact is not None else reconstruct(image, dmax=dmax, backbone=multi)
+        scores = compare_with_reference(exact, truth["CB"])
         row["ceiling"] = {k: scores[k] for k in ("cb_rmsd", "tm_score", "lddt")}
+        if multi:
+            row["ceiling"].update(complex_row(exact, truth, layout, sequence))
     row["cb"] = rec.cb
-    row["truth"] = _reference_atoms(reference)["CB"]
+    row["truth"] = truth["CB"]
     return row
 
 
@@ -590,10 +731,23 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     ``provenance`` (training steps, preset, data), ``structure_from`` (``via``: a per-residue
     decoder's own backbone, ``"decoder"``, or the decoded image through MDS, ``"image"``; see
     :meth:`protoken.tokenizer.Tokenizer.decode_structure`) and, per-residue, ``stages``.
+
+    With ``chains="complex"`` each structure file is one image of all its protein chains
+    (:func:`protoken.structure.read_backbones`), and each complex of two chains or more adds
+    ``chains`` (its layout, ``A:120,B:98``), ``n_chains`` and the scores of
+    :func:`protoken.metrics.complex_scores` (``dockq``, ``fnat``, ``irmsd``, ``lrmsd``,
+    ``complex_tm_score``, ``chain_tm_min``, ``interfaces``), also as ``ceiling_*``; the
+    backbone of complexes is rebuilt for DockQ (when the structure does not come from the
+    decoder). The summary adds ``complexes`` (their number), ``dockq_classes`` (fractions at
+    least acceptable, medium, high) and ``by_complex_size`` (:func:`by_complex_size`). The
+    chain layout comes from the tokenizer's items (``Item.chains``).
     """
     from_decoder = via == "decoder" or (via == "auto" and tokenizer.decodes_coordinates)
     if from_decoder and not tokenizer.decodes_coordinates:
         raise ValueError("this tokenizer's decoder makes images, not coordinates (use via='image')")
+    complexes = chains == "complex"
+    if complexes:
+        _require_dockq()
     os.makedirs(out, exist_ok=True)
     skipped: list[tuple[str, str]] = []
 
@@ -633,10 +787,14 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
                     "distance_mae": distance_mae(it.image, dec, dmax),
                     "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
                 }  # fmt: skip
+                layout = _layout(it, length) if complexes else None
+                if layout is not None:
+                    row["chains"] = format_chains(layout)
+                    row["n_chains"] = len(layout)
                 pending.append((row, it, dec))
                 needs_image = ceiling or it.backbone is None
                 yield (dec, it.backbone, it.image if needs_image else None, dmax, backbone,
-                       ceiling, rec)  # fmt: skip
+                       ceiling, rec, layout, it.sequence)  # fmt: skip
 
     rows: list[dict] = []
     pictures = PicturePicks()
@@ -645,6 +803,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         row.update(cb_rmsd=res["cb_rmsd"], tm_score=res["tm_score"], lddt=res["lddt"],
                    mirrored_before_fix=res["mirrored_before_fix"],
                    mirror_image=res["mirror_image"])  # fmt: skip
+        row.update(res.get("complex", {}))
         for key, value in res.get("ceiling", {}).items():
             row[f"ceiling_{key}"] = value
         if backbone:
@@ -670,5 +829,33 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         summary["stages"] = len(used)
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)
+    if complexes:
+        summary["complexes"] = sum(r.get("n_chains", 0) > 1 for r in rows)
+        summary["by_complex_size"] = by_complex_size(rows)
     write_report(out, rows, summary, pictures.picks(), backbone)
     return summary
+
+
+def _require_dockq() -> None:
+    """Interface scores need the DockQ package: one run-level error naming the extra."""
+    try:
+        import DockQ.DockQ  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "--chains complex scores interfaces with the DockQ package: "
+            "pip install 'protoken[complex]'"
+        ) from None
+
+
+def _layout(item, length: int):
+    """The chain layout of a tokenizer item (``item.chains``, as ``Backbone.chains``), checked
+    against its image; a one-chain layout for an item without one that is no complex (a PNG)."""
+    layout = getattr(item, "chains", None)
+    if not layout:
+        if getattr(item, "backbone", None) is None:
+            return None  # an image without a layout: scored as one chain
+        raise ValueError(
+            f"{item.id}: the tokenizer's items carry no chain layout (Item.chains), which "
+            "--chains complex needs"
+        )
+    return parse_chains(format_chains(layout), length=length)

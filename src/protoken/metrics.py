@@ -16,15 +16,21 @@ at reflections, :func:`mirror_rmsd`, does so explicitly, to diagnose handedness.
 - :func:`lddt`: lDDT (Mariani et al. 2013), superposition-free.
 - :func:`distance_mae`: the Cb-distance error of a decoded image against the true image, in
   Angstrom (no 3D needed).
+- :func:`complex_scores`: a complex against its true structure: whole-complex TM-score on the
+  known residue correspondence, per-chain TM-scores, and per interface DockQ, fnat, interface
+  and ligand RMSD from the ``DockQ`` package (version 2, Mirabello & Wallner 2024).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from protoken.geometry import pairwise_distances
 
 __all__ = [
+    "complex_scores",
     "d0",
     "distance_mae",
     "kabsch",
@@ -325,3 +331,139 @@ def distance_mae(truth, decoded, dmax: float, mask=None) -> float:
     d_true = (ch_t[pairs] + 1.0) / 2.0 * dmax
     d_dec = (np.clip(ch_p[pairs], -1.0, 1.0) + 1.0) / 2.0 * dmax
     return float(np.mean(np.abs(d_dec - d_true)))
+
+
+# --------------------------------------------------------------------------- complexes
+
+#: Chain ids of the temporary files DockQ reads (one character each, as PDB columns allow).
+_DOCKQ_IDS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def complex_scores(
+    pred_atoms: dict,
+    true_atoms: dict,
+    chains,
+    sequence: str | None = None,
+    tm_atom: str = "CB",
+    dockq: bool = True,
+) -> dict:
+    """A complex against its true structure, on the known residue correspondence.
+
+    Parameters
+    ----------
+    pred_atoms, true_atoms : dict of str to array_like (L, 3)
+        Atom name -> coordinates (Angstrom), one row per residue, residues in the same order
+        (e.g. a reconstruction's ``atoms`` and the true ``N``, ``CA``, ``C`` with their virtual
+        ``CB``). The atoms both hold are used.
+    chains : sequence of (str, int)
+        The chain layout, (chain id, residues) per chain in residue order
+        (``Backbone.chains``); the counts sum to L.
+    sequence : str, optional
+        One-letter sequence (residue names of DockQ's files; default UNK).
+    tm_atom : str
+        The atom of the TM-scores (``"CB"``: the image's own atom, as ``tm_score`` elsewhere).
+    dockq : bool
+        Score the interfaces with DockQ (needs the ``DockQ`` package and N, CA, C).
+
+    Returns
+    -------
+    dict
+        ``complex_tm_score``: TM-score of all residues together, d0 of the total length, on the
+        fixed correspondence (maximised over superpositions, no re-alignment: a chain placed
+        wrongly relative to the others costs its share); ``chain_tm_scores`` (chain id ->
+        TM-score of the chain superposed on its own), ``chain_tm_min``, ``chain_tm_mean``;
+        with ``dockq`` and two chains or more: ``interfaces`` (pairs of chains in contact in
+        the truth: a residue pair within 5 A), per interface ``interface_scores``
+        (``"A/B"`` -> ``dockq``, ``fnat``, ``irmsd``, ``lrmsd``) and their means ``dockq``
+        (DockQ's GlobalDockQ), ``fnat``, ``irmsd``, ``lrmsd`` (NaN when no chains touch).
+
+    Notes
+    -----
+    DockQ (``DockQ.DockQ.run_on_all_native_interfaces`` on temporary PDB files, chain i of
+    the prediction mapped to chain i of the truth, residues matched by number) sees the atoms
+    given: with N, CA, C and CB, its contacts (fnat: residue pairs with atoms within 5 A) are
+    backbone and Cb contacts, not the all-heavy-atom contacts of published DockQ values; its
+    interface and ligand RMSDs are on N, CA, C (and O when both hold it), as DockQ's own.
+
+    Raises
+    ------
+    ValueError
+        Shapes or layout do not match, non-finite coordinates, or DockQ without N, CA, C.
+    ImportError
+        ``dockq=True`` without the DockQ package (``pip install 'protoken[complex]'``).
+    """
+    names = [k for k in pred_atoms if k in true_atoms]
+    if not names:
+        raise ValueError("the two structures share no atom name")
+    pred = {k: _as_coords(pred_atoms[k], f"pred {k}") for k in names}
+    true = {k: _as_coords(true_atoms[k], f"true {k}") for k in names}
+    length = len(true[names[0]])
+    for k in names:
+        _pair(pred[k], true[k])
+        if len(true[k]) != length:
+            raise ValueError(f"atom {k}: {len(true[k])} residues, not {length}")
+    layout = [(str(c), int(n)) for c, n in chains]
+    if sum(n for _, n in layout) != length or any(n < 1 for _, n in layout):
+        raise ValueError(f"chain layout {layout} does not cover {length} residues")
+    atom = tm_atom if tm_atom in names else ("CA" if "CA" in names else names[0])
+    out: dict = {"complex_tm_score": tm_score(pred[atom], true[atom])}
+    per_chain = {}
+    start = 0
+    for cid, n in layout:
+        per_chain[cid] = tm_score(pred[atom][start : start + n], true[atom][start : start + n])
+        start += n
+    out["chain_tm_scores"] = per_chain
+    out["chain_tm_min"] = float(min(per_chain.values()))
+    out["chain_tm_mean"] = float(np.mean(list(per_chain.values())))
+    if dockq and len(layout) >= 2:
+        out.update(_dockq(pred, true, layout, sequence))
+    return out
+
+
+def _dockq(pred: dict, true: dict, layout: list, sequence: str | None) -> dict:
+    """DockQ over every interface of the truth (see :func:`complex_scores`)."""
+    import tempfile
+
+    try:
+        from DockQ import DockQ as dq
+    except ImportError:
+        raise ImportError(
+            "interface scores need the DockQ package: pip install 'protoken[complex]'"
+        ) from None
+    from protoken.structure import structure_to_text
+
+    if not {"N", "CA", "C"} <= set(pred):
+        raise ValueError("DockQ needs N, CA and C of both structures (reconstruct the backbone)")
+    if len(layout) > len(_DOCKQ_IDS):
+        raise ValueError(f"DockQ scores complexes of at most {len(_DOCKQ_IDS)} chains")
+    order = [k for k in ("N", "CA", "C", "O", "CB") if k in pred]
+    ids = _DOCKQ_IDS[: len(layout)]
+    internal = [(ids[i], n) for i, (_, n) in enumerate(layout)]
+    real = {ids[i]: cid for i, (cid, _) in enumerate(layout)}
+    with tempfile.TemporaryDirectory(prefix="protoken-dockq-") as tmp:
+        paths = []
+        for name, atoms in (("model", pred), ("native", true)):
+            path = os.path.join(tmp, f"{name}.pdb")
+            with open(path, "w") as fh:
+                fh.write(structure_to_text({k: atoms[k] for k in order}, sequence,
+                                           chains=internal))  # fmt: skip
+            paths.append(path)
+        model, native = (dq.load_PDB(p) for p in paths)
+        try:
+            results, _ = dq.run_on_all_native_interfaces(
+                model, native, chain_map={c: c for c in ids}, no_align=True
+            )
+        finally:  # DockQ memoises on chain ids and file names: never reuse a result
+            for fn in ("run_on_chains", "align_chains", "format_alignment", "subset_atoms"):
+                cached = getattr(dq, fn, None)
+                if hasattr(cached, "cache_clear"):
+                    cached.cache_clear()
+    per = {}
+    for info in results.values():
+        key = f"{real[info['chain1']]}/{real[info['chain2']]}"
+        per[key] = {"dockq": float(info["DockQ"]), "fnat": float(info["fnat"]),
+                    "irmsd": float(info["iRMSD"]), "lrmsd": float(info["LRMSD"])}  # fmt: skip
+    out: dict = {"interfaces": len(per), "interface_scores": per}
+    for key in ("dockq", "fnat", "irmsd", "lrmsd"):
+        out[key] = float(np.mean([v[key] for v in per.values()])) if per else float("nan")
+    return out

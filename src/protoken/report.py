@@ -21,6 +21,7 @@ from protoken.metrics import superpose
 
 __all__ = [
     "EVALUATE_COLUMNS",
+    "EVALUATE_COMPLEX_COLUMNS",
     "RECONSTRUCT_COLUMNS",
     "headline",
     "summary_line",
@@ -38,6 +39,12 @@ EVALUATE_COLUMNS = (
     "tokens_per_residue", "bits_per_residue", "mirrored_before_fix",
 )  # fmt: skip
 EVALUATE_BACKBONE_COLUMNS = ("bb_rmsd", "ca_tm_score")
+#: ``protoken evaluate --chains complex``: the columns of complexes (after the others).
+EVALUATE_COMPLEX_COLUMNS = (
+    "chains", "n_chains", "interfaces", "dockq", "fnat", "irmsd", "lrmsd", "complex_tm_score",
+    "chain_tm_min", "ceiling_dockq", "ceiling_fnat", "ceiling_irmsd", "ceiling_lrmsd",
+    "ceiling_complex_tm_score", "ceiling_chain_tm_min",
+)  # fmt: skip
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -52,6 +59,8 @@ def write_reconstruct_tables(out: str, rows: list[dict], summary: dict, backbone
     """``protoken reconstruct --reference``'s ``metrics.tsv`` (the compared ``rows``) and
     ``summary.json``."""
     columns = RECONSTRUCT_COLUMNS + (RECONSTRUCT_BACKBONE_COLUMNS if backbone else ())
+    if any(r.get("n_chains", 1) > 1 for r in rows):  # complexes (FASTA headers with chains=)
+        columns += tuple(c for c in EVALUATE_COMPLEX_COLUMNS if not c.startswith("ceiling_"))
     write_tsv(os.path.join(out, "metrics.tsv"), columns, rows)
     _write_json(os.path.join(out, "summary.json"), summary)
 
@@ -91,6 +100,8 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
     Cb (L, 3): the virtual Cb of the structure, or the Cb reconstructed from an input PNG).
     """
     cols = EVALUATE_COLUMNS + (EVALUATE_BACKBONE_COLUMNS if backbone else ())
+    if "complexes" in summary:
+        cols += EVALUATE_COMPLEX_COLUMNS
     write_tsv(os.path.join(out, "metrics.tsv"), cols, rows)
     _write_json(os.path.join(out, "summary.json"), summary)
 
@@ -150,6 +161,10 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
         f"hand and was reflected. Mirror images left after that step: "
         f"{s.get('mirror_images', 0)} (superposing better onto the truth after a reflection).",
         "",
+    ]
+    if "complexes" in s:
+        md += _complex_section(s)
+    md += [
         "![Cb RMSD](hist_rmsd.png) ![TM-score](hist_tm.png)",
         "",
     ]
@@ -165,8 +180,63 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
     md += ["## Per protein", "", "| " + " | ".join(cols) + " |",
            "|" + "---|" * len(cols)]  # fmt: skip
     for i in order[::-1]:
-        md.append("| " + " | ".join(format_value(rows[i][c]) for c in cols) + " |")
+        md.append("| " + " | ".join(format_value(rows[i].get(c, "")) for c in cols) + " |")
     atomic_write(os.path.join(out, "report.md"), "\n".join(md) + "\n")
+
+
+def _complex_section(s: dict) -> list[str]:
+    """report.md's lines on complexes (``--chains complex``): interface scores with their
+    ceiling, DockQ classes, and medians by complex size."""
+    md = [
+        "## Complexes",
+        "",
+        f"Complexes of two chains or more: {s['complexes']}, each one image of all its chains. "
+        "Scores on the known residue correspondence: the complex TM-score superposes all "
+        "residues together (a chain placed wrongly relative to the others costs its share), "
+        "the chain TM-score each chain alone (the worst chain's); DockQ, fnat, interface and "
+        "ligand RMSD come from the DockQ package (v2), per pair of chains in contact in the "
+        "truth, averaged over the pairs of each complex, on the atoms an image describes "
+        "(N, CA, C rebuilt from the image, and Cb): fnat counts backbone and Cb contacts "
+        "within 5 A, not the side-chain contacts of published DockQ values. The ceiling is "
+        "the input image reconstructed without the tokenizer.",
+        "",
+        "| metric | median | mean | min | max | ceiling median |",
+        "|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "dockq": "DockQ", "fnat": "fnat", "irmsd": "interface RMSD (A)",
+        "lrmsd": "ligand RMSD (A)", "complex_tm_score": "complex TM-score (Cb)",
+        "chain_tm_min": "worst chain TM-score (Cb)",
+    }  # fmt: skip
+    for key, label in labels.items():
+        if key in s:
+            v = s[key]
+            ceil = s.get(f"ceiling_{key}", {}).get("median")
+            ceil = "" if ceil is None else f"{ceil:.4f}"
+            md.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
+                      f"| {v['max']:.4f} | {ceil} |")  # fmt: skip
+    for prefix, name in (("", "From tokens"), ("ceiling_", "Ceiling")):
+        classes = s.get(f"{prefix}dockq_classes")
+        if classes:
+            md.append("")
+            md.append(f"{name}: DockQ at least acceptable (>= 0.23) for "
+                      f"{100 * classes['acceptable']:.0f}%, medium (>= 0.49) for "
+                      f"{100 * classes['medium']:.0f}%, high (>= 0.80) for "
+                      f"{100 * classes['high']:.0f}% of the complexes.")  # fmt: skip
+    size = s.get("by_complex_size", {})
+
+    def fmt(entry, key):
+        return f"{entry[key]:.4f}" if key in entry else ""
+
+    for label_key, title in (("chains", "chains"), ("residues", "residues")):
+        md += ["", f"By complex size ({title}; medians):", "",
+               f"| {title} | complexes | DockQ | complex TM-score | ceiling DockQ | "
+               "ceiling complex TM-score |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for e in size.get(label_key, []):
+            md.append(f"| {e[label_key]} | {e['complexes']} | {fmt(e, 'dockq')} | "
+                      f"{fmt(e, 'complex_tm_score')} | {fmt(e, 'ceiling_dockq')} | "
+                      f"{fmt(e, 'ceiling_complex_tm_score')} |")  # fmt: skip
+    return md + [""]
 
 
 def _pictures(out, rows, shown) -> dict[str, tuple[str, str]]:
@@ -236,4 +306,9 @@ def headline(summary: dict, out: str) -> str:
             f"{s['bits_per_residue']['median']:.0f} bits/residue")  # fmt: skip
     if "bb_rmsd" in s:
         text += f", backbone RMSD median {s['bb_rmsd']['median']:.2f} A"
+    if "dockq" in s:
+        ceil = s.get("ceiling_dockq", {}).get("median")
+        text += (f"\n{s['complexes']} complexes: DockQ median {s['dockq']['median']:.3f}"
+                 + (f" (ceiling {ceil:.3f})" if ceil is not None else "")
+                 + f", complex TM-score median {s['complex_tm_score']['median']:.3f}")  # fmt: skip
     return text + f"\nreport: {os.path.join(out, 'report.md')}"

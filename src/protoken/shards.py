@@ -9,8 +9,9 @@
 write side by side). Each shard holds the images of one length bin, so a batch of one bin
 reads few shards. Members follow the WebDataset convention (files sharing a key before the
 first ``.`` make one sample): ``KEY.png`` is the 6D image as ``protoken convert`` writes it
-and ``KEY.json`` holds ``id``, ``sequence``, ``length``, ``bin`` and ``source``; ``KEY`` is
-the id with ``.`` written ``%2E`` (:func:`member_key`), so ids with dots stay one sample.
+and ``KEY.json`` holds ``id``, ``sequence``, ``length``, ``bin`` and ``source`` (and, for a
+``--chains complex`` image, ``chains``: its layout as in the manifest, ``A:120,B:98``); ``KEY``
+is the id with ``.`` written ``%2E`` (:func:`member_key`), so ids with dots stay one sample.
 
 The index has one row per image: the shard (relative to ``OUT/shards``), the member's name,
 the byte offset and size of its PNG data inside the tar, and the image's id, length and bin.

@@ -18,6 +18,14 @@ has N, CA and C (a modified residue no table knows: dropping it silently would m
 neighbours look adjacent). The first alternate location is used. Insertion codes are separate
 residues, in file order.
 
+Complexes (``chains="complex"``): all protein chains of the model read go into one Backbone, in
+file order, with the chain layout (``Backbone.chains``: chain id and residues of each) and the
+author numbering (``Backbone.res_ids``, number plus insertion code) beside the concatenated
+residues; chains of fewer than :data:`MIN_CHAIN_LEN` residues are dropped and recorded
+(``dropped_chains``). Refused with a reason: chains that clash (the same coordinates twice,
+superposed models), one chain id for two chains (numbering repeats within it), ids the layout
+cannot record. :func:`structure_to_text` writes a layout back (TER between chains in PDB).
+
 Hostile files are bounded: at most ``max_bytes`` (:data:`DEFAULT_MAX_BYTES`) are read or
 inflated from gzip, as a stream, and a gzip stream of binary data is refused after its first
 block; a backbone whose coordinates are degenerate (all zero, repeated, consecutive CA atoms
@@ -29,6 +37,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -49,8 +58,14 @@ __all__ = [
     "SkipStructure",
     "StructureError",
     "THREE_TO_ONE",
+    "CLASH_DISTANCE",
+    "CLASH_PAIRS",
+    "MIN_CHAIN_LEN",
     "amino_letter",
+    "chain_index",
+    "format_chains",
     "one_letter",
+    "parse_chains",
     "read_backbones",
     "structure_to_text",
     "write_structure",
@@ -114,7 +129,21 @@ def amino_letter(res_name: str) -> str | None:
 BACKBONE_ATOMS = ("N", "CA", "C")
 
 #: ``chains`` policies of :func:`read_backbones` (files with several protein chains).
-CHAIN_POLICIES = ("skip-multi", "split", "first")
+CHAIN_POLICIES = ("skip-multi", "split", "first", "complex")
+
+#: ``chains="complex"``: chains of fewer residues are dropped from the complex and recorded
+#: (``Backbone.dropped_chains``), not read as partners: 1-4 residue fragments are crystallisation
+#: debris, modified residues given their own chain id, or termini the model left apart; a peptide
+#: partner of 5 residues or more is kept.
+MIN_CHAIN_LEN = 5
+
+#: ``chains="complex"``: two residues of different chains whose CA atoms are closer than this
+#: (Angstrom) clash; real contacts keep CA atoms 3.3 A apart or more (every multi-chain file of
+#: ../shared/data/structures and of the BM5 complexes: the closest pair is 3.26 A, in 1tim).
+CLASH_DISTANCE = 2.0
+#: ``chains="complex"``: a file with at least this many clashing residue pairs of different
+#: chains is refused (chains that overlap: the same coordinates twice, superposed models).
+CLASH_PAIRS = 3
 #: ``models`` policies of :func:`read_backbones` (files with several models).
 MODEL_POLICIES = ("skip-multi", "first")
 
@@ -131,21 +160,34 @@ class SkipStructure(Exception):
 
 @dataclass
 class Backbone:
-    """The backbone of one protein chain, residues in file order.
+    """The backbone of one protein chain, or of a complex (several chains one after the other),
+    residues in file order.
 
     Attributes
     ----------
     id : str
         Output identifier: the file stem, plus ``_CHAIN`` in ``split`` mode.
     sequence : str
-        One-letter sequence, one letter per residue (``X`` for UNK).
+        One-letter sequence, one letter per residue (``X`` for UNK); a complex's chains are
+        concatenated, with no letter for the breaks (see ``chains``).
     coords : ndarray, shape (L, 3, 3), float64
         Coordinates in Angstrom of N, CA, C (axis 1, in that order) of each residue.
     chain_id : str
-        The chain's (author) identifier in the file.
+        The chain's (author) identifier in the file; of a complex, its first chain's.
     dropped : int
-        Residues of this chain dropped: amino acids lacking N, CA or C, and residues with N, CA
-        and C that are no known amino acid.
+        Residues dropped: amino acids lacking N, CA or C, residues with N, CA and C that are no
+        known amino acid, and the residues of the chains in ``dropped_chains``.
+    res_names : list of str
+        Residue names as in the file (``MSE``, ``ALA`` ...), one per residue.
+    res_ids : list of str
+        Author residue number and insertion code of each residue (``"12"``, ``"12A"``,
+        ``"-3"``); numbered ``"1"``..``"L"`` when not given.
+    chains : tuple of (str, int)
+        The chain layout: (chain id, residues) of each chain, in order; the counts sum to L.
+        ``((chain_id, L),)`` for one chain (the default).
+    dropped_chains : tuple of (str, int)
+        ``chains="complex"``: chains left out of the complex for having fewer than
+        :data:`MIN_CHAIN_LEN` residues, (chain id, residues).
     """
 
     id: str
@@ -154,9 +196,35 @@ class Backbone:
     chain_id: str = "A"
     dropped: int = 0
     res_names: list[str] = field(default_factory=list)
+    res_ids: list[str] = field(default_factory=list)
+    chains: tuple[tuple[str, int], ...] = ()
+    dropped_chains: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        length = len(self.sequence)
+        if not self.res_ids:
+            self.res_ids = [str(i) for i in range(1, length + 1)]
+        if not self.chains:
+            self.chains = ((self.chain_id, length),)
+        self.chains = tuple((str(c), int(n)) for c, n in self.chains)
+        if sum(n for _, n in self.chains) != length or len(self.res_ids) != length:
+            raise ValueError(
+                f"{self.id}: chain layout {format_chains(self.chains)} and "
+                f"{len(self.res_ids)} residue ids for a sequence of {length} residues"
+            )
 
     def __len__(self) -> int:
         return len(self.sequence)
+
+    @property
+    def chain_index(self) -> np.ndarray:
+        """(L,) int: the index of each residue's chain in :attr:`chains` (0, 0, ..., 1, ...)."""
+        return chain_index(self.chains)
+
+    @property
+    def chain_ids(self) -> list[str]:
+        """(L,) list of str: each residue's chain id."""
+        return [c for c, n in self.chains for _ in range(n)]
 
     @property
     def n(self) -> np.ndarray:
@@ -173,13 +241,24 @@ class Backbone:
 
 @dataclass
 class _Chain:
-    """Amino-acid residues of one chain: names and N/CA/C coordinates (NaN where missing), and
-    the number of residues with N, CA and C that are no known amino acid (``unknown``)."""
+    """Amino-acid residues of one chain: names, author numbers (with insertion code) and N/CA/C
+    coordinates (NaN where missing), and the number of residues with N, CA and C that are no
+    known amino acid (``unknown``)."""
 
     chain_id: str
     res_names: list[str]
     coords: np.ndarray  # (n, 3, 3)
+    res_ids: list[str]
     unknown: int = 0
+
+
+def _res_ids(numbers, icodes) -> list[str]:
+    """Author residue ids from numbers and insertion-code characters (int codes; 0 or 32 for
+    none): ``"12"``, ``"12A"``."""
+    out = list(map(str, numbers))
+    for i in np.flatnonzero((np.asarray(icodes) != 0) & (np.asarray(icodes) != 32)).tolist():
+        out[i] += chr(int(icodes[i]) & 0xFF)
+    return out
 
 
 def one_letter(res_name: str) -> str:
@@ -460,13 +539,16 @@ def _chains_from_gemmi(st) -> list[_Chain]:
         raw_names = name_s8[in_chain].tolist()
         decoded = {b: b.decode("latin-1") for b in set(raw_names)}  # a few distinct names
         names = list(map(decoded.__getitem__, raw_names))
-        ch = _make_chain(chain_s8[at].decode("latin-1"), names, coords[res], present[res])
+        heads_of = first_atom[res]
+        ids = _res_ids(resnum[heads_of].tolist(), icode[heads_of])
+        ch = _make_chain(chain_s8[at].decode("latin-1"), names, coords[res], present[res], ids)
         ch.unknown = int(np.count_nonzero(unknown_chain == code))
         out.append(ch)
     return out
 
 
-def _make_chain(cid: str, names: list[str], rows: list, present: list) -> _Chain:
+def _make_chain(cid: str, names: list[str], rows: list, present: list,
+                res_ids: list[str]) -> _Chain:  # fmt: skip
     """Chain from per-residue N/CA/C rows; missing atoms become NaN, bad values an error."""
     coords = np.asarray(rows, dtype=np.float64).reshape(-1, 3, 3)
     have = np.asarray(present, dtype=bool).reshape(-1, 3)
@@ -474,7 +556,7 @@ def _make_chain(cid: str, names: list[str], rows: list, present: list) -> _Chain
     if bad:
         raise StructureError(f"non-finite coordinates (nan/inf) in {bad} backbone atoms")
     coords[~have] = np.nan
-    return _Chain(cid, names, coords)
+    return _Chain(cid, names, coords, res_ids)
 
 
 def _parse_gemmi_pdb(text: str) -> tuple[int, list[_Chain]]:
@@ -523,7 +605,7 @@ def _chains_from_atom_array(atoms) -> list[_Chain]:
     if atoms.array_length() == 0:
         return []
     starts = struc.get_residue_starts(atoms, add_exclusive_stop=True)
-    chains: dict[str, tuple[list, list, list]] = {}
+    chains: dict[str, tuple[list, list, list, list]] = {}
     unknown: dict[str, int] = {}
     for s, e in zip(starts[:-1], starts[1:], strict=True):
         res = atoms[s:e]
@@ -539,10 +621,11 @@ def _chains_from_atom_array(atoms) -> list[_Chain]:
             if all(have):  # no known amino acid, but N, CA and C: dropped and counted
                 unknown[cid] = unknown.get(cid, 0) + 1
             continue
-        names, rows, present = chains.setdefault(cid, ([], [], []))
+        names, rows, present, ids = chains.setdefault(cid, ([], [], [], []))
         names.append(str(res.res_name[0]))
         rows.append(xyz)
         present.append(have)
+        ids.append(f"{int(res.res_id[0])}{str(res.ins_code[0]).strip()}")
     out = [_make_chain(cid, *parts) for cid, parts in chains.items()]
     for ch in out:
         ch.unknown = unknown.get(ch.chain_id, 0)
@@ -666,6 +749,7 @@ def read_backbones(
     models: str = "skip-multi",
     max_bytes: int = DEFAULT_MAX_BYTES,
     data: bytes | None = None,
+    min_chain_len: int = MIN_CHAIN_LEN,
 ) -> list[Backbone]:
     """Read the protein backbones of a structure file.
 
@@ -673,9 +757,12 @@ def read_backbones(
     ----------
     path : str or PathLike
         A PDB, mmCIF or BinaryCIF file, optionally gzipped.
-    chains : {"skip-multi", "split", "first"}
+    chains : {"skip-multi", "split", "first", "complex"}
         More than one protein chain: skip the file (the reference design's behaviour), return each
-        chain (ids ``STEM_CHAIN``), or return the first one only.
+        chain (ids ``STEM_CHAIN``), return the first one only, or return them all as one
+        complex: one Backbone (id ``STEM``) holding the chains of the model one after the other,
+        in file order (``Backbone.chains`` says where each begins). A file with one protein
+        chain gives the same Backbone under every policy.
     models : {"skip-multi", "first"}
         More than one model (NMR ensembles, END-separated models, several mmCIF data blocks):
         skip the file, or use the first model.
@@ -685,23 +772,33 @@ def read_backbones(
     data : bytes, optional
         The file's content, already in memory (a member of an archive): ``path`` is then only
         its name, which gives the format and the id, and is never opened.
+    min_chain_len : int
+        ``chains="complex"``, several protein chains: those with fewer residues are dropped
+        from the complex and recorded in ``Backbone.dropped_chains`` (and their residues in
+        ``dropped``); the complex is kept when at least one chain is left
+        (:data:`MIN_CHAIN_LEN`). A file with one protein chain gives it whatever its length.
 
     Returns
     -------
     list of Backbone
-        One per protein chain kept. A protein chain is a chain with at least one amino-acid
-        residue that has N, CA and C.
+        One per protein chain kept (one in all for ``"complex"``). A protein chain is a chain
+        with at least one amino-acid residue that has N, CA and C.
 
     Raises
     ------
     StructureError
         The file cannot be read (empty, truncated, not a structure, larger than ``max_bytes``,
-        non-finite coordinates, a degenerate backbone ...).
+        non-finite coordinates, a degenerate backbone ...); with ``chains="complex"`` also
+        chains that clash (:data:`CLASH_PAIRS` residue pairs of different chains with CA atoms
+        closer than :data:`CLASH_DISTANCE`: the same coordinates twice, superposed models), a
+        chain id used for two chains (residue numbers repeat within it: copies or models
+        concatenated under one id) and a chain id the chain layout cannot record.
     SkipStructure
-        The file is readable but yields nothing under the policy (no protein, multi-model ...).
+        The file is readable but yields nothing under the policy (no protein, multi-model,
+        multi-chain with ``"skip-multi"``, no chain of ``min_chain_len`` residues ...).
     """
     if chains not in CHAIN_POLICIES:
-        raise ValueError(f"chains must be skip-multi, split or first, not {chains!r}")
+        raise ValueError(f"chains must be one of {', '.join(CHAIN_POLICIES)}, not {chains!r}")
     if models not in MODEL_POLICIES:
         raise ValueError(f"models must be skip-multi or first, not {models!r}")
     path = os.fspath(path)
@@ -709,7 +806,7 @@ def read_backbones(
     if n_models == 0:
         raise SkipStructure("no atoms")
     if n_models > 1 and models == "skip-multi":
-        raise SkipStructure(f"multi-model: {n_models} models{note}")
+        raise SkipStructure(f"multi-model: {n_models} models{note}; use --models first")
     kept: list[tuple[_Chain, np.ndarray]] = []
     n_dropped_total = 0
     for ch in raw_chains:
@@ -727,7 +824,9 @@ def read_backbones(
     if len(kept) > 1:
         if chains == "skip-multi":
             ids = ",".join(ch.chain_id or "' '" for ch, _ in kept)
-            raise SkipStructure(f"multi-chain: {len(kept)} protein chains ({ids})")
+            raise SkipStructure(
+                f"multi-chain: {len(kept)} protein chains ({ids}); use --chains split|first|complex"
+            )
         if chains == "first":
             kept = kept[:1]
     stem = structure_id(path)
@@ -737,7 +836,8 @@ def read_backbones(
         why = _degenerate(coords)
         if why:
             raise StructureError(why if len(kept) == 1 else f"chain {ch.chain_id!r}: {why}")
-        names = [n for n, k in zip(ch.res_names, ok.tolist(), strict=True) if k]
+        keep = ok.tolist()
+        names = [n for n, k in zip(ch.res_names, keep, strict=True) if k]
         letters = {n: one_letter(n) for n in set(names)}  # a few distinct names
         # a chain id is any string in mmCIF / BinaryCIF ("../../e"): made safe by chain_output_id
         bid = chain_output_id(stem, ch.chain_id) if chains == "split" else stem
@@ -749,9 +849,135 @@ def read_backbones(
                 chain_id=ch.chain_id,
                 dropped=int((~ok).sum()) + ch.unknown,
                 res_names=names,
+                res_ids=[r for r, k in zip(ch.res_ids, keep, strict=True) if k],
             )
         )
+    if chains == "complex":
+        return [_complex(stem, out, min_chain_len)]
     return out
+
+
+def _complex(stem: str, parts: list[Backbone], min_chain_len: int) -> Backbone:
+    """One Backbone of the chains ``parts`` (each read as one chain), in order: chains shorter
+    than ``min_chain_len`` dropped and recorded, then the checks of ``chains="complex"``."""
+    if len(parts) == 1:  # one chain: what chains="first" gives, whatever its length
+        _check_chain(parts[0])
+        return parts[0]
+    short = [bb for bb in parts if len(bb) < min_chain_len]
+    parts = [bb for bb in parts if len(bb) >= min_chain_len]
+    dropped_chains = tuple((bb.chain_id, len(bb)) for bb in short)
+    if not parts:
+        raise SkipStructure(
+            f"no protein chain of {min_chain_len} residues or more "
+            f"({format_chains(dropped_chains)} dropped)"
+        )
+    seen: set[str] = set()
+    for bb in parts:
+        _check_chain(bb)
+        if bb.chain_id in seen:  # two runs of one id (not merged by the reader)
+            raise StructureError(f"chain id {bb.chain_id!r} used for two chains")
+        seen.add(bb.chain_id)
+    _check_clashes(parts)
+    return Backbone(
+        id=stem,
+        sequence="".join(bb.sequence for bb in parts),
+        coords=np.concatenate([bb.coords for bb in parts]),
+        chain_id=parts[0].chain_id,
+        dropped=sum(bb.dropped for bb in (*parts, *short)) + sum(len(bb) for bb in short),
+        res_names=[n for bb in parts for n in bb.res_names],
+        res_ids=[r for bb in parts for r in bb.res_ids],
+        chains=tuple((bb.chain_id, len(bb)) for bb in parts),
+        dropped_chains=dropped_chains,
+    )
+
+
+def _check_chain(bb: Backbone) -> None:
+    """A chain of a complex: an id the chain layout can record, and no residue id twice (the
+    same chain id used for two chains: copies or models concatenated under one id)."""
+    if not _CHAIN_ID_RE.fullmatch(bb.chain_id):
+        raise StructureError(
+            f"chain id {bb.chain_id[:20]!r} cannot be recorded in a chain layout "
+            "(at most 4 characters, no ',', ':', '=' or white space)"
+        )
+    if len(set(bb.res_ids)) != len(bb.res_ids):
+        first: dict[str, int] = {}
+        for i, r in enumerate(bb.res_ids):
+            if r in first:
+                raise StructureError(
+                    f"chain {bb.chain_id!r} holds residue {r} twice (residues {first[r] + 1} "
+                    f"and {i + 1} of the chain): two chains under one id (copies or models "
+                    "concatenated without MODEL records?)"
+                )
+            first[r] = i
+
+
+def _check_clashes(parts: list[Backbone]) -> None:
+    """Refuse chains that overlap: :data:`CLASH_PAIRS` or more residue pairs of different chains
+    with CA atoms closer than :data:`CLASH_DISTANCE` (a k-d tree, scipy's cKDTree)."""
+    if len(parts) < 2:
+        return
+    from scipy.spatial import cKDTree
+
+    ca = np.concatenate([bb.ca for bb in parts])
+    which = np.repeat(np.arange(len(parts)), [len(bb) for bb in parts])
+    pairs = cKDTree(ca).query_pairs(CLASH_DISTANCE, output_type="ndarray")
+    pairs = pairs[which[pairs[:, 0]] != which[pairs[:, 1]]]
+    if len(pairs) >= CLASH_PAIRS:
+        a, b = which[pairs[0]]
+        d = float(np.linalg.norm(ca[pairs[0, 0]] - ca[pairs[0, 1]]))
+        raise StructureError(
+            f"chains clash: {len(pairs)} residue pairs of different chains have CA atoms closer "
+            f"than {CLASH_DISTANCE:g} A (e.g. chains {parts[a].chain_id!r} and "
+            f"{parts[b].chain_id!r}, {d:.2f} A): overlapping copies or superposed models, "
+            "not one complex"
+        )
+
+
+#: Chain ids that a chain layout (``A:120,B:98``) records: up to 4 characters (mmCIF allows
+#: more; the PDB's own ids have 1-4), none of ``,`` ``:`` ``=`` or white space; the blank id too.
+_CHAIN_ID_RE = re.compile(r"[^,:=\s]{0,4}")
+
+
+def chain_index(chains) -> np.ndarray:
+    """(L,) int array: the index of each residue's chain in a layout ``((id, n), ...)``."""
+    counts = [int(n) for _, n in chains]
+    return np.repeat(np.arange(len(counts)), counts)
+
+
+def format_chains(chains) -> str:
+    """A chain layout as text: ``(("A", 120), ("B", 98))`` -> ``"A:120,B:98"``."""
+    return ",".join(f"{c}:{int(n)}" for c, n in chains)
+
+
+def parse_chains(text: str, length: int | None = None) -> tuple[tuple[str, int], ...]:
+    """A chain layout from text (:func:`format_chains`), checked: ``"A:120,B:98"`` ->
+    ``(("A", 120), ("B", 98))``.
+
+    Raises
+    ------
+    ValueError
+        Not a layout (an item without ``:``, a count that is no positive integer, a bad chain
+        id, a repeated chain id), or its counts do not sum to ``length`` (when given).
+    """
+    text = str(text).strip()
+    if len(text) > 100_000:
+        raise ValueError(f"chain layout of {len(text)} characters: too long")
+    out = []
+    for item in text.split(","):
+        cid, sep, count = item.rpartition(":")
+        if not sep or not count.isdigit() or len(count) > 7 or int(count) < 1:
+            raise ValueError(f"bad chain layout {text[:60]!r}: expected ID:RESIDUES,...")
+        if not _CHAIN_ID_RE.fullmatch(cid):
+            raise ValueError(f"bad chain layout {text[:60]!r}: chain id {cid[:20]!r}")
+        out.append((cid, int(count)))
+    if len({c for c, _ in out}) != len(out):
+        raise ValueError(f"bad chain layout {text[:60]!r}: a chain id repeats")
+    total = sum(n for _, n in out)
+    if length is not None and total != length:
+        raise ValueError(
+            f"chain layout {text[:60]!r} sums to {total} residues, not the length {length}"
+        )
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- writing
@@ -763,8 +989,11 @@ def structure_to_text(
     fmt: str = "pdb",
     chain_id: str = "A",
     name: str = "protoken",
+    chains=None,
+    res_ids=None,
 ) -> str:
-    """Build a one-chain structure file from per-residue atom coordinates (written with gemmi).
+    """Build a structure file from per-residue atom coordinates (written with gemmi): one chain,
+    or several (``chains``), with their own residue numbering (``res_ids``).
 
     Parameters
     ----------
@@ -776,9 +1005,16 @@ def structure_to_text(
         One-letter sequence of length L; residues are named from it (``X`` -> ``UNK``).
         Without it (or with ``""``) every residue is ``UNK``.
     fmt : {"pdb", "cif"}
-        Output format.
+        Output format. PDB separates the chains with TER records.
     chain_id : str
-        Chain identifier; residues are numbered 1..L.
+        Chain identifier of a one-chain structure (``chains`` not given).
+    chains : sequence of (str, int), optional
+        The chain layout, (chain id, residues) per chain in residue order (as
+        ``Backbone.chains``); the counts must sum to L and the ids differ. PDB files take chain
+        ids of at most 2 characters (use mmCIF beyond).
+    res_ids : sequence of str, optional
+        Residue number and insertion code of each residue (``"12"``, ``"12A"``, ``"-3"``, as
+        ``Backbone.res_ids``); default 1..n within each chain.
 
     Returns
     -------
@@ -797,29 +1033,40 @@ def structure_to_text(
         raise ValueError(f"sequence has {len(sequence)} residues, coordinates {length}")
     if fmt not in ("pdb", "cif"):
         raise ValueError(f"fmt must be 'pdb' or 'cif', not {fmt!r}")
+    layout = ((chain_id, length),) if chains is None else tuple((str(c), int(n)) for c, n in chains)
+    if sum(n for _, n in layout) != length or any(n < 1 for _, n in layout):
+        raise ValueError(f"chain layout {format_chains(layout)} does not cover {length} residues")
+    if len({c for c, _ in layout}) != len(layout):
+        raise ValueError(f"chain layout {format_chains(layout)}: a chain id repeats")
+    if fmt == "pdb" and any(len(c) > 2 for c, _ in layout):
+        raise ValueError("PDB files hold chain ids of at most 2 characters: write mmCIF (.cif)")
+    seqids = _seqids(res_ids, layout, length)
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in atoms.items()}
     elements = {k: gemmi.Element(k[0]) for k in arrays}
     st = gemmi.Structure()
     st.name = name
     model = gemmi.Model(1)
-    chain = gemmi.Chain(chain_id)
     serial = 0
-    for i in range(length):
-        res = gemmi.Residue()
-        res.name = ONE_TO_THREE.get(sequence[i], "UNK") if sequence else "UNK"
-        res.seqid = gemmi.SeqId(i + 1, " ")
-        res.entity_type = gemmi.EntityType.Polymer
-        for atom_name, xyz in arrays.items():
-            serial += 1
-            atom = gemmi.Atom()
-            atom.name = atom_name
-            atom.element = elements[atom_name]
-            atom.pos = gemmi.Position(*xyz[i])
-            atom.occ = 1.0
-            atom.serial = serial
-            res.add_atom(atom)
-        chain.add_residue(res)
-    model.add_chain(chain)
+    i = 0
+    for cid, count in layout:
+        chain = gemmi.Chain(cid)
+        for _ in range(count):
+            res = gemmi.Residue()
+            res.name = ONE_TO_THREE.get(sequence[i], "UNK") if sequence else "UNK"
+            res.seqid = gemmi.SeqId(*seqids[i])
+            res.entity_type = gemmi.EntityType.Polymer
+            for atom_name, xyz in arrays.items():
+                serial += 1
+                atom = gemmi.Atom()
+                atom.name = atom_name
+                atom.element = elements[atom_name]
+                atom.pos = gemmi.Position(*xyz[i])
+                atom.occ = 1.0
+                atom.serial = serial
+                res.add_atom(atom)
+            chain.add_residue(res)
+            i += 1
+        model.add_chain(chain)
     st.add_model(model)
     st.setup_entities()
     if fmt == "cif":
@@ -827,9 +1074,30 @@ def structure_to_text(
     return st.make_pdb_string()
 
 
+_RES_ID_RE = re.compile(r"(-?[0-9]{1,6})([A-Za-z]?)")
+
+
+def _seqids(res_ids, layout, length: int) -> list[tuple[int, str]]:
+    """(number, insertion code) of each residue, from ``res_ids`` or 1..n per chain."""
+    if res_ids is None:
+        return [(k + 1, " ") for _, n in layout for k in range(n)]
+    res_ids = list(res_ids)
+    if len(res_ids) != length:
+        raise ValueError(f"{len(res_ids)} residue ids for {length} residues")
+    out = []
+    for r in res_ids:
+        m = _RES_ID_RE.fullmatch(str(r).strip())
+        if m is None:
+            raise ValueError(f"bad residue id {str(r)[:20]!r}: expected a number and an "
+                             "optional insertion letter (12, 12A, -3)")  # fmt: skip
+        out.append((int(m.group(1)), m.group(2) or " "))
+    return out
+
+
 def write_structure(path: str | os.PathLike, atoms: dict[str, np.ndarray], **kwargs) -> None:
     """Write :func:`structure_to_text` to ``path`` (format from the extension, ``.cif`` or PDB),
-    atomically: a temporary file in the same folder, then a rename."""
+    atomically: a temporary file in the same folder, then a rename. Keyword arguments as
+    :func:`structure_to_text` (``sequence``, ``chains``, ``res_ids`` ...)."""
     path = os.fspath(path)
     fmt = "cif" if path.lower().endswith((".cif", ".mmcif")) else "pdb"
     atomic_write(path, structure_to_text(atoms, fmt=fmt, **kwargs))

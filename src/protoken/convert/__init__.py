@@ -3,7 +3,8 @@
 Layout of the output folder ``OUT`` (the reference design's)::
 
     OUT/bin_40_64/ID.png, OUT/bin_65_128/ID.png, ..., OUT/bin_961_1024/ID.png
-    OUT/fasta/ID.fasta            (or --fasta-dir)
+    OUT/fasta/ID.fasta            (or --fasta-dir; ``>ID length=L chains=A:120,B:98`` with
+                                  --chains complex: one image per complex, chains in file order)
     OUT/manifest.tsv              (OUT/manifest.shard-I-of-N.tsv with --shard I/N)
     OUT/convert.json              the settings that change outputs
 

@@ -24,9 +24,15 @@ from protoken.convert.manifest import Row
 from protoken.convert.options import ConvertOptions
 from protoken.geometry import sixd
 from protoken.inputs import UnsafePath, safe_output_path, structure_id
-from protoken.structure import SkipStructure, StructureError, read_backbones
+from protoken.structure import (
+    MIN_CHAIN_LEN,
+    SkipStructure,
+    StructureError,
+    format_chains,
+    read_backbones,
+)
 
-__all__ = ["FileJob", "convert_file", "item_id", "item_source"]
+__all__ = ["FileJob", "convert_file", "fasta_record", "item_id", "item_source"]
 
 
 def _safe_stem(path: str) -> str:
@@ -98,13 +104,24 @@ def convert_file(
         return [Row(source=source, id=sid, status="failed", reason=reason)]
     t_parse = time.perf_counter() - t0
     rows = []
+    complexes = opts.chains == "complex"
     for bb in backbones:
         length = len(bb)
         row = Row(source=source, id=bb.id, length=length, dropped=bb.dropped, sequence=bb.sequence)
+        if complexes:  # the layout, wherever the image goes
+            row.chains = format_chains(bb.chains)
+            if bb.dropped_chains:
+                row.reason = (f"dropped chains {format_chains(bb.dropped_chains)} "
+                              f"(fewer than {MIN_CHAIN_LEN} residues)")  # fmt: skip
+        whole = f"complex of {len(bb.chains)} chains, " if len(bb.chains) > 1 else ""
         if length < opts.min_len:
-            row.status, row.reason = "skipped", f"too short: {length} residues < {opts.min_len}"
+            row.status = "skipped"
+            row.reason = f"too short: {whole}{length} residues < {opts.min_len}"
         elif length > opts.max_len:
-            row.status, row.reason = "skipped", f"too long: {length} residues > {opts.max_len}"
+            row.status = "skipped"
+            row.reason = f"too long: {whole}{length} residues > {opts.max_len}"
+            if whole:
+                row.reason += " (the whole complex: not split; --chains split for its chains)"
         else:
             row.bin = bin_name(length)
             shards = opts.format == "shards"
@@ -125,7 +142,7 @@ def convert_file(
                 continue
             t2 = time.perf_counter()
             png = encode_pixels(pixels)
-            fasta = f">{bb.id}\n{bb.sequence}\n"
+            fasta = fasta_record(bb.id, bb.sequence, row.chains)
             if shards:  # the main process appends it to a shard
                 row.png, row.status = png, "ok"
                 row.times = (0.0, t2 - t1, time.perf_counter() - t2)
@@ -146,6 +163,15 @@ def convert_file(
         first = rows[0]
         first.times = (t_parse, *first.times[1:])
     return rows
+
+
+def fasta_record(image_id: str, sequence: str, chains: str = "") -> str:
+    """The FASTA file of an image: ``>ID`` and its sequence; a ``--chains complex`` image's
+    header adds its length and layout (``>ID length=218 chains=A:120,B:98``), the sequence
+    staying contiguous (chain breaks are in the header, never fake residues)."""
+    if chains:
+        return f">{image_id} length={len(sequence)} chains={chains}\n{sequence}\n"
+    return f">{image_id}\n{sequence}\n"
 
 
 def _verify(row: Row, pixels: np.ndarray, fasta: str, max_len: int) -> bool:

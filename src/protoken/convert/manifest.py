@@ -2,9 +2,12 @@
 
 ``OUT/manifest.tsv`` (``OUT/manifest.shard-I-of-N.tsv`` with ``--shard I/N``) has the columns
 :data:`MANIFEST_COLUMNS`; ``status`` is ``ok``, ``skipped`` or ``failed`` with a one-line
-``reason``. It is appended one flushed line per row (:class:`ManifestWriter`), so a killed run
-leaves at most a torn last line, which readers skip and the next writer cuts off. Resume keys
-on it (:func:`done_sources`); training indexes its ``ok`` rows (:func:`ok_rows`, read by
+``reason``; ``chains`` is the chain layout of a ``--chains complex`` image (``A:120,B:98``,
+:func:`protoken.structure.format_chains`), empty otherwise (manifests written before that
+column existed are read as they are, and appended in their own columns). It is appended one
+flushed line per row (:class:`ManifestWriter`), so a killed run leaves at most a torn last
+line, which readers skip and the next writer cuts off. Resume keys on it
+(:func:`done_sources`); training indexes its ``ok`` rows (:func:`ok_rows`, read by
 :class:`protoken.data.ImageIndex`). This module is the one reader and writer of the format.
 """
 
@@ -35,7 +38,9 @@ __all__ = [
     "read_manifest",
 ]
 
-MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence")
+MANIFEST_COLUMNS = (
+    "source", "id", "status", "reason", "length", "dropped", "bin", "sequence", "chains",
+)  # fmt: skip
 
 _MANIFEST_RE = re.compile(r"manifest(\.shard-\d+-of-\d+)?\.tsv")
 
@@ -58,6 +63,7 @@ class Row:
     dropped: int | str = ""
     bin: str = ""
     sequence: str = ""
+    chains: str = ""  # --chains complex: the layout, A:120,B:98
     # not written to the manifest:
     png_tmp: str = field(default="", repr=False)
     fasta_tmp: str = field(default="", repr=False)
@@ -65,8 +71,8 @@ class Row:
     verified: bool = field(default=False, repr=False)
     times: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0), repr=False)
 
-    def manifest_values(self) -> list[str]:
-        return [clean(str(getattr(self, c))) for c in MANIFEST_COLUMNS]
+    def manifest_values(self, columns=MANIFEST_COLUMNS) -> list[str]:
+        return [clean(str(getattr(self, c, ""))) for c in columns]
 
 
 # --------------------------------------------------------------------------- files
@@ -208,20 +214,27 @@ def drop_failed_rows(paths: list[str]) -> int:
 
 
 class ManifestWriter:
-    """Append-only TSV manifest, one line flushed per row; repairs a torn last line."""
+    """Append-only TSV manifest, one line flushed per row; repairs a torn last line. An
+    existing manifest is appended in its own columns (one written before ``chains`` existed
+    stays without it)."""
 
     def __init__(self, path: str):
         self.path = path
         new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.columns: tuple[str, ...] = MANIFEST_COLUMNS
         if not new:
             drop_partial_last_line(self.path)
+            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+                header = tuple(fh.readline().rstrip("\n").split("\t"))
+            if set(header) <= set(MANIFEST_COLUMNS) and "source" in header:
+                self.columns = header
         self.fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         if new:
             self.fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
             self.fh.flush()
 
     def write(self, row: Row) -> None:
-        self.fh.write("\t".join(row.manifest_values()) + "\n")
+        self.fh.write("\t".join(row.manifest_values(self.columns)) + "\n")
         self.fh.flush()
 
     def close(self) -> None:

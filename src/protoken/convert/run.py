@@ -36,6 +36,7 @@ from protoken.convert.pool import Pool, available_cores
 from protoken.convert.settings import record_settings
 from protoken.fileio import atomic_write, publish, read_fasta
 from protoken.shards import ShardWriter, index_files, read_index
+from protoken.structure import format_chains, parse_chains
 
 __all__ = ["Conversion", "Summary", "convert"]
 
@@ -306,6 +307,8 @@ class Conversion:
                     held[1] += 1
                     meta = {"id": row.id, "sequence": row.sequence, "length": row.length,
                             "bin": row.bin, "source": clean(row.source)}  # fmt: skip
+                    if row.chains:  # --chains complex: the layout, as in the manifest
+                        meta["chains"] = row.chains
                     self.shards.add(row.id, row.bin, row.png, meta, held)
                     row.png = b""
             elif row.status == "ok":
@@ -408,11 +411,17 @@ def _unlink_quiet(path: str) -> None:
 
 
 def _fill_from_fasta(row: Row, fasta: str) -> None:
-    """Fill length, bin and sequence of a row from existing outputs (resume bookkeeping)."""
+    """Fill length, bin, sequence (and a complex's chain layout, from the header's
+    ``chains=``) of a row from existing outputs (resume bookkeeping)."""
     try:
         seq = next(iter(read_fasta(fasta).values()), "")
+        with open(fasta, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline(4096)
     except (OSError, ValueError):
         return
     if seq:
         row.sequence, row.length = seq, len(seq)
         row.bin = bin_name(len(seq))
+        fields = dict(w.split("=", 1) for w in header.split()[1:] if "=" in w)
+        with contextlib.suppress(ValueError):  # a layout that does not fit is not recorded
+            row.chains = format_chains(parse_chains(fields.get("chains", ""), len(seq)))
