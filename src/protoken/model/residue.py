@@ -86,9 +86,9 @@ class ResidueConfig:
     n_layer_encoder, n_layer_decoder : int
         Transformer blocks of the encoder and of the decoder (the decoder's last
         ``n_pair_blocks`` of them are biased by the pair representation).
-    encoder : {"knn", "row"}
-        Residue features from the ``knn`` nearest residues (this design) or pooled over the
-        whole row (the first design).
+    encoder : {"knn", "row", "both"}
+        Residue features from the ``knn`` nearest residues, pooled over the whole row (the first
+        design), or both summed (local geometry and the residue's view of the whole chain).
     knn : int
         Neighbours per residue of the ``knn`` encoder.
     pair_dim : int
@@ -143,8 +143,8 @@ class ResidueConfig:
         object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
-        if self.encoder not in ("knn", "row"):
-            raise ValueError(f"encoder must be 'knn' or 'row', got {self.encoder!r}")
+        if self.encoder not in ("knn", "row", "both"):
+            raise ValueError(f"encoder must be 'knn', 'row' or 'both', got {self.encoder!r}")
         if self.position not in ("relpos", "rope"):
             raise ValueError(f"position must be 'relpos' or 'rope', got {self.position!r}")
         if self.d_model % self.n_head:
@@ -446,7 +446,9 @@ class NeighbourEncoder(nn.Module):
 
 
 class RowEncoder(nn.Module):
-    """The first design's encoder: pair features of every pair of row i, masked mean and max."""
+    """Pair features of every pair of row i, masked mean and max: the first design's encoder
+    (relative positions clipped at ``max_relpos``, one chain), and the global half of
+    ``encoder="both"`` (relative-position buckets that know chains)."""
 
     def __init__(self, c: ResidueConfig) -> None:
         super().__init__()
@@ -456,7 +458,9 @@ class RowEncoder(nn.Module):
             nn.Linear(c.n_rbf + 11, c.pair_dim), nn.GELU(), nn.Linear(c.pair_dim, c.pair_dim)
         )
         self.max_relpos = c.max_relpos
-        self.relpos = nn.Embedding(2 * c.max_relpos + 1, c.pair_dim)
+        self.buckets = c.position == "relpos"
+        n_rel = N_BUCKETS if self.buckets else 2 * c.max_relpos + 1
+        self.relpos = nn.Embedding(n_rel, c.pair_dim)
         self.out = nn.Sequential(nn.LayerNorm(2 * c.pair_dim), nn.Linear(2 * c.pair_dim, c.d_model))
 
     def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
@@ -464,9 +468,13 @@ class RowEncoder(nn.Module):
         th_t, ph_t = theta.transpose(-1, -2), phi.transpose(-1, -2)
         feats = _pair_features(d, omega, theta, phi, th_t, ph_t, self.centres, self.dmax)
         L = x.shape[-1]
-        pos = torch.arange(L, device=x.device)
-        rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
-        h = self.pair(feats) + self.relpos(rel + self.max_relpos)  # (B, L, L, P)
+        if self.buckets:
+            rel = buckets
+        else:
+            pos = torch.arange(L, device=x.device)
+            rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
+            rel = rel + self.max_relpos
+        h = self.pair(feats) + self.relpos(rel)  # (B, L, L, P)
         pm = mask & ~torch.eye(L, dtype=torch.bool, device=x.device)
         w = pm[..., None].to(h.dtype)
         mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
@@ -633,7 +641,8 @@ class ResidueVQVAE(nn.Module):
     def __init__(self, config: ResidueConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.pair_encoder = NeighbourEncoder(c) if c.encoder == "knn" else RowEncoder(c)
+        self.pair_encoder = NeighbourEncoder(c) if c.encoder != "row" else RowEncoder(c)
+        self.row_encoder = RowEncoder(c) if c.encoder == "both" else None
         self.encoder = SequenceStack(c, c.n_layer_encoder)
         self.pre_quant = nn.Linear(c.d_model, len(c.fsq_levels))
         self.quantizer = StageFSQ(c.fsq_levels, c.n_stages, single=c.encoder == "row")
@@ -672,6 +681,8 @@ class ResidueVQVAE(nn.Module):
     def _encode(self, x: Tensor, mask: Tensor, buckets: Tensor) -> tuple[Tensor, Tensor]:
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         h = self.pair_encoder(x * mask[:, None], mask, buckets)
+        if self.row_encoder is not None:
+            h = h + self.row_encoder(x * mask[:, None], mask, buckets)
         h = self.encoder(h, rmask, buckets)
         q, idx = self.quantizer(self.pre_quant(h).float())
         return q, idx.masked_fill(~rmask[..., None], -1)
