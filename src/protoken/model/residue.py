@@ -106,6 +106,9 @@ class ResidueConfig:
         FSQ levels of each stage; the codes per stage are their product.
     n_stages : int
         Residual FSQ stages (tokens per residue at the full rate).
+    first_stage_weight : float
+        Share of the proteins that training decodes from the first stage alone (the others
+        from 2..K stages, uniformly).
     pair_dim_decoder : int
         Width of the decoder's pair representation; 0 for none.
     n_pair_blocks : int
@@ -133,6 +136,7 @@ class ResidueConfig:
     max_relpos: int = 32
     fsq_levels: tuple[int, ...] = (8, 8, 8, 8)
     n_stages: int = 4
+    first_stage_weight: float = 0.5
     pair_dim_decoder: int = 0
     n_pair_blocks: int = 0
     pair_loss_weight: float = 0.0
@@ -487,16 +491,24 @@ class RowEncoder(nn.Module):
 
 
 class StageFSQ(nn.Module):
-    """Residual FSQ of ``len(levels)``-dim vectors in ``n_stages`` stages, by
-    vector-quantize-pytorch (:class:`~vector_quantize_pytorch.ResidualFSQ`, or
-    :class:`~vector_quantize_pytorch.FSQ` for the first design's single stage). Training drops
-    the stages after a random one (per batch), so decoding from the first k stages works."""
+    """Residual FSQ of ``len(levels)``-dim vectors in ``n_stages`` stages, with
+    vector-quantize-pytorch's quantisers (the stages of
+    :class:`~vector_quantize_pytorch.ResidualFSQ`, or one
+    :class:`~vector_quantize_pytorch.FSQ` for the first design's single stage).
 
-    def __init__(self, levels: tuple[int, ...], n_stages: int, single: bool) -> None:
+    Training keeps the first k stages of each protein and drops the rest, k drawn per protein:
+    1 with probability ``first_stage_weight`` (the 12-bit rate, the one language models use,
+    gets that share of the training), else uniformly from 2..K; so decoding from the first k
+    stages works at every k. (The library's own quantize dropout draws one k per batch,
+    uniformly: measured slower to train the first stage.)"""
+
+    def __init__(self, levels: tuple[int, ...], n_stages: int, single: bool,
+                 first_stage_weight: float = 0.5) -> None:  # fmt: skip
         super().__init__()
         from vector_quantize_pytorch import FSQ, ResidualFSQ
 
         self.n_stages, self.size, self.single = n_stages, math.prod(levels), single
+        self.first_stage_weight = first_stage_weight
         if single:
             self.fsq = FSQ(levels=list(levels))
         else:
@@ -504,14 +516,40 @@ class StageFSQ(nn.Module):
                 levels=list(levels), num_quantizers=n_stages, quantize_dropout=n_stages > 1
             )
 
+    def _kept(self, batch: int, device) -> Tensor:
+        """``(B,)`` stages kept per protein in training."""
+        if self.n_stages == 1:
+            return torch.ones(batch, dtype=torch.long, device=device)
+        first = torch.rand(batch, device=device) < self.first_stage_weight
+        rest = torch.randint(2, self.n_stages + 1, (batch,), device=device)
+        return torch.where(first, torch.ones_like(rest), rest)
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, L, D)`` -> quantised ``(B, L, D)``, codes ``(B, L, K)`` int64 (-1: a stage
         dropped in training)."""
         if self.single:
             q, idx = self.fsq(z)
             return q, idx.long()[..., None]
-        q, idx = self.rfsq(z)
-        return q, idx.long()
+        rfsq = self.rfsq
+        with torch.autocast(z.device.type, enabled=False):
+            x = z.float()
+            clamp = rfsq.soft_clamp_input_value
+            if clamp is not None:  # as ResidualFSQ bounds its input
+                x = (x / clamp).tanh() * clamp
+            residual, parts, codes = x, [], []
+            for layer, scale in zip(rfsq.layers, rfsq.scales, strict=True):
+                q_k, idx_k = layer(residual / scale)
+                q_k = q_k * scale
+                residual = residual - q_k.detach()
+                parts.append(q_k)
+                codes.append(idx_k.long())
+            codes = torch.stack(codes, -1)
+            if not self.training:
+                return sum(parts), codes
+            kept = self._kept(z.shape[0], z.device)
+            keep = torch.arange(self.n_stages, device=z.device) < kept[:, None]  # (B, K)
+            q = sum(p * keep[:, None, k, None] for k, p in enumerate(parts))
+            return q, codes.masked_fill(~keep[:, None, :], -1)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes ``(B, L, k)``, ``1 <= k <= n_stages`` (-1: no code) -> summed code vectors."""
@@ -645,7 +683,8 @@ class ResidueVQVAE(nn.Module):
         self.row_encoder = RowEncoder(c) if c.encoder == "both" else None
         self.encoder = SequenceStack(c, c.n_layer_encoder)
         self.pre_quant = nn.Linear(c.d_model, len(c.fsq_levels))
-        self.quantizer = StageFSQ(c.fsq_levels, c.n_stages, single=c.encoder == "row")
+        single = c.encoder == "row" and c.position == "rope"  # the first design
+        self.quantizer = StageFSQ(c.fsq_levels, c.n_stages, single, c.first_stage_weight)
         self.post_quant = nn.Linear(len(c.fsq_levels), c.d_model)
         self.decoder = SequenceStack(c, c.n_layer_decoder - c.n_pair_blocks)
         if c.pair_dim_decoder:
