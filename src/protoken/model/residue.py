@@ -127,7 +127,7 @@ class ResidueConfig:
     mlp_ratio: int = 4
     n_layer_encoder: int = 2
     n_layer_decoder: int = 6
-    encoder: str = "knn"
+    encoder: str = "both"
     knn: int = 16
     pair_dim: int = 32
     n_rbf: int = 16
