@@ -71,6 +71,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="evaluate's 3D workers")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--long", type=int, default=0, metavar="N",
+                    help="also encode N copies of the longest single chain of ../shared of at "
+                         "most 1024 residues, 8 per batch: the peak memory at the largest "
+                         "length (target ~1 GB)")  # fmt: skip
     ap.add_argument("--src", default=SRC, help="the protoken sources to measure (default: this "
                     "checkout's; e.g. an older version's, unpacked with git archive)")  # fmt: skip
     args = ap.parse_args()
@@ -89,6 +93,33 @@ def main() -> None:
         flush=True,
     )
     results: dict[str, dict[int, tuple[float, float]]] = {"encode": {}, "evaluate": {}}
+    if args.long:
+        longest = max(small_structures(400, 1024), key=os.path.getsize)
+        folder = os.path.join(work, "long")
+        if not os.path.isdir(folder):
+            run(["convert", longest, "--out", folder, "--no-progress", "--max-len", "1024"])
+        png = next(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if f.endswith(".png"))  # fmt: skip
+        copies = os.path.join(work, f"long{args.long}")
+        os.makedirs(copies, exist_ok=True)
+        for i in range(args.long):
+            link = os.path.join(copies, f"l{i:05d}.png")
+            if not os.path.exists(link):
+                os.symlink(png, link)
+        out = os.path.join(work, "long.npz")
+        if os.path.exists(out):
+            os.unlink(out)
+        peak, seconds = run(["encode", copies, "-c", args.checkpoint, "-o", out,
+                             "--no-progress", "--batch-size", "8"])  # fmt: skip
+        from protoken.codec import check_png_header
+
+        with open(png, "rb") as fh:
+            side = check_png_header(fh.read(64))[0]
+        print(
+            f"encode {args.long} proteins of {os.path.basename(png)[:-4]} ({side} residues), "
+            f"8 per batch: peak RSS {peak:.0f} MB, {seconds:.1f} s",
+            flush=True,
+        )
     for n in sorted(set(args.sizes) | set(eval_sizes)):
         folder = os.path.join(work, f"in{n}")
         if not os.path.isdir(folder):

@@ -467,10 +467,13 @@ class RowEncoder(nn.Module):
         self.relpos = nn.Embedding(n_rel, c.pair_dim)
         self.out = nn.Sequential(nn.LayerNorm(2 * c.pair_dim), nn.Linear(2 * c.pair_dim, c.d_model))
 
+    #: Rows of the image whose pair features are held at once without gradients (encoding):
+    #: memory O(chunk x L) instead of O(L^2) per protein, the same result.
+    chunk = 128
+
     def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
         d, omega, theta, phi = unpack_image(x.float(), self.dmax)
         th_t, ph_t = theta.transpose(-1, -2), phi.transpose(-1, -2)
-        feats = _pair_features(d, omega, theta, phi, th_t, ph_t, self.centres, self.dmax)
         L = x.shape[-1]
         if self.buckets:
             rel = buckets
@@ -478,13 +481,21 @@ class RowEncoder(nn.Module):
             pos = torch.arange(L, device=x.device)
             rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
             rel = rel + self.max_relpos
-        h = self.pair(feats) + self.relpos(rel)  # (B, L, L, P)
         pm = mask & ~torch.eye(L, dtype=torch.bool, device=x.device)
-        w = pm[..., None].to(h.dtype)
-        mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
-        mx = h.masked_fill(~pm[..., None], -1e4).amax(2)
-        mx = torch.where(pm.any(2)[..., None], mx, torch.zeros_like(mx))
-        return self.out(torch.cat([mean, mx], -1))
+        step = L if torch.is_grad_enabled() else self.chunk
+        pooled = []
+        for i in range(0, L, step):
+            rows = slice(i, i + step)
+            angles = (t[:, rows] for t in (omega, theta, phi, th_t, ph_t))
+            feats = _pair_features(d[:, rows], *angles, self.centres, self.dmax)
+            h = self.pair(feats) + self.relpos(rel[:, rows])  # (B, rows, L, P)
+            m = pm[:, rows]
+            w = m[..., None].to(h.dtype)
+            mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
+            mx = h.masked_fill(~m[..., None], -1e4).amax(2)
+            mx = torch.where(m.any(2)[..., None], mx, torch.zeros_like(mx))
+            pooled.append(torch.cat([mean, mx], -1))
+        return self.out(torch.cat(pooled, 1))
 
 
 # --------------------------------------------------------------------------- quantiser
