@@ -40,6 +40,17 @@ def small_structures(lo: int = 40, hi: int = 80) -> list[str]:
     return [os.path.join(folder, r["file"]) for r in rows]
 
 
+def longest_structure(limit: int = 1024) -> str:
+    """The structure of ../shared whose first chain is the longest of at most ``limit``."""
+    folder = os.path.join(SHARED, "data", "structures")
+    with open(os.path.join(folder, "MANIFEST.tsv"), newline="") as fh:
+        rows = [r for r in csv.DictReader(fh, delimiter="\t")
+                if (r["n_protein_residues_first_chain"] or "0").isdigit()
+                and int(r["n_protein_residues_first_chain"]) <= limit]  # fmt: skip
+    best = max(rows, key=lambda r: int(r["n_protein_residues_first_chain"]))
+    return os.path.join(folder, best["file"])
+
+
 SRC = os.path.join(ROOT, "src")
 
 
@@ -94,10 +105,10 @@ def main() -> None:
     )
     results: dict[str, dict[int, tuple[float, float]]] = {"encode": {}, "evaluate": {}}
     if args.long:
-        longest = max(small_structures(400, 1024), key=os.path.getsize)
         folder = os.path.join(work, "long")
         if not os.path.isdir(folder):
-            run(["convert", longest, "--out", folder, "--no-progress", "--max-len", "1024"])
+            run(["convert", longest_structure(), "--out", folder, "--no-progress", "--max-len",
+                 "1024", "--chains", "first", "--models", "first"])  # fmt: skip
         png = next(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
                    if f.endswith(".png"))  # fmt: skip
         copies = os.path.join(work, f"long{args.long}")

@@ -480,7 +480,7 @@ class RowEncoder(nn.Module):
         else:
             pos = torch.arange(L, device=x.device)
             rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
-            rel = rel + self.max_relpos
+            rel = (rel + self.max_relpos)[None]  # (1, L, L) as the buckets
         pm = mask & ~torch.eye(L, dtype=torch.bool, device=x.device)
         step = L if torch.is_grad_enabled() else self.chunk
         pooled = []
