@@ -84,9 +84,19 @@ def test_shard_option_parses_and_rejects(capsys):
         assert "I/N" in capsys.readouterr().err
 
 
-def test_every_command_has_help():
+def test_help_lists_every_command_and_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and all(f"  {name} " in out for name in COMMANDS)
     for name in COMMANDS:
-        assert build_parser(name).format_help().startswith(f"usage: protoken {name}")
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert info.value.code == 0 and out.startswith(f"usage: protoken {name}")
+        for action in build_parser(name)._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and action.option_strings[0] in out, (name, action.dest)
 
 
 def test_missing_inputs_are_a_clear_error(tmp_path, capsys):
@@ -231,7 +241,7 @@ def test_encode_formats_for_language_models(structures_dir, tmp_path, capsys):
     assert main(["encode", *src, "-c", ckpt, "-o", str(npz), "--no-progress"]) == 0
     assert main(["decode", str(npz), "-c", ckpt, "-o", str(tmp_path / "d"), "--no-progress"]) == 0
     assert (tmp_path / "d" / "kortemme__1CTF_A.pdb").stat().st_size > 0
-    # grid tokens have no per-residue order: refused before any work; layouts must match
+    # hierarchical tokens have no per-residue order: refused before any work; families must match
     grid = str(DATA / "old-checkpoint.pt")
     capsys.readouterr()
     assert main(["encode", *src, "-c", grid, "--format", "fasta", "-o", str(tmp_path / "g.fa"),

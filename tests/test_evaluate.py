@@ -30,6 +30,8 @@ NAMES = ["foldseek__d1asha_.pdb", "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pd
 class IdentityTokenizer(Tokenizer):
     """A 'perfect tokenizer': decoding returns the input image exactly."""
 
+    family = "hierarchical"
+
     def __init__(self, bit_depth: int = 16):
         self.codec = CodecSettings(bit_depth=bit_depth)
         self.checkpoint = "identity"

@@ -53,8 +53,8 @@ def test_token_files_round_trip_and_read_with_plain_numpy(tok, structures_dir, t
             np.testing.assert_array_equal(ga, gb)
     # the documented layout, without protoken
     z = np.load(path)
-    assert str(z["format"]) == "protoken-tokens/2" and z["level0_codes"].dtype == np.uint16
-    assert meta["layout"] == "grid" and tokens[0].layout == "grid"
+    assert str(z["format"]) == "protoken-tokens/3" and z["level0_codes"].dtype == np.uint16
+    assert meta["family"] == "hierarchical" and tokens[0].family == "hierarchical"
     i = 2
     n = int(z["lengths"][i])
     k = math.ceil(n / meta["level_scales_coarse_first"][0])
@@ -69,12 +69,12 @@ def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structure
     path = str(tmp_path / "r.npz")
     save_tokens(path, tokens, rtok.meta())
     back, meta = load_tokens(path)
-    assert meta["layout"] == "residue" and meta["codebook_size"] == 4096
+    assert meta["family"] == "residue" and meta["codebook_size"] == 4096
     for a, b in zip(tokens, back, strict=True):
         assert (a.id, a.length, a.sequence) == (b.id, b.length, b.sequence)
         np.testing.assert_array_equal(a.codes, b.codes)
     z = np.load(path)  # the documented layout, with plain numpy
-    assert str(z["format"]) == "protoken-tokens/2" and z["codes"].dtype == np.uint16
+    assert str(z["format"]) == "protoken-tokens/3" and z["codes"].dtype == np.uint16
     off = z["offsets"]
     np.testing.assert_array_equal(z["codes"][off[1] : off[2]], tokens[1].codes)
     # FASTA: one record per protein, one integer per residue, aligned with the sequence
@@ -139,7 +139,7 @@ def test_bad_token_files_are_refused_in_one_line_naming_the_file(rtok, structure
 
 
 def _synthetic(n: int, length: int = 200, start: int = 0):
-    """n residue-layout Tokens under new ids (one codes array shared: only the writer's own
+    """n residue-family Tokens under new ids (one codes array shared: only the writer's own
     memory is measured)."""
     codes = np.arange(length, dtype=np.int64) % 4096
     seq = "ACDEFGHIKLMNPQRSTVWY" * (length // 20)
@@ -173,7 +173,7 @@ def test_token_writers_memory_does_not_grow_with_the_number_of_proteins(rtok, tm
         tokens, meta = load_tokens(path)
         assert [t.id for t in tokens[::4999]] == ["p000000", "p004999", "p009998"]
         assert all(np.array_equal(t.codes, np.arange(200) % 4096) for t in tokens[::997])
-        assert meta["layout"] == "residue" and len(tokens) == 10000
+        assert meta["family"] == "residue" and len(tokens) == 10000
     elif fmt == "fasta":
         with open(path) as fh:
             assert sum(1 for line in fh if line.startswith(">")) == 10000
@@ -220,7 +220,7 @@ import sys, time
 import numpy as np
 from protoken.token_files import Tokens, open_token_writer
 path, fmt = sys.argv[1], sys.argv[2]
-meta = {"codebook_size": 4096, "layout": "residue"}
+meta = {"codebook_size": 4096, "family": "residue"}
 with open_token_writer(path, meta, fmt) as out:
     for i in range(100000):
         out.add(Tokens(f"p{i}", 50, "A" * 50, [np.zeros(50, dtype=np.int64)]))

@@ -153,7 +153,7 @@ def test_token_files_of_format_2_load_and_the_bundled_tokenizers_give_the_same_t
     assert image.shape == (3, old[0].length, old[0].length) and np.isfinite(image).all()
 
 
-# --------------------------------------------------------------------------- per-residue layout
+# --------------------------------------------------------------------------- per-residue family
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def rtok(residue_checkpoint) -> Tokenizer:
 
 
 def test_residue_tokens_one_per_residue_decode_like_the_forward_pass(rtok, structures_dir):
-    assert rtok.layout == "residue" and rtok.bits_per_token == 12
+    assert rtok.family == "residue" and rtok.bits_per_token == 12
     items = [rtok.prepare(structures_dir / n)[0] for n in NAMES]
     levels, decoded = rtok.roundtrip([it.image for it in items])
     x, mask, lengths = rtok._batch([it.image for it in items])
@@ -183,10 +183,10 @@ def test_residue_tokens_one_per_residue_decode_like_the_forward_pass(rtok, struc
         np.testing.assert_allclose(np.tril(decoded[i][0]), np.tril(want[0]), atol=1e-4)
         np.testing.assert_allclose(decoded[i], want, atol=2e-2)
     t = rtok.encode(structures_dir / "foldseek__d1asha_.pdb")
-    assert t.layout == "residue" and t.codes.shape == (147,) and t.n_tokens == 147
+    assert t.family == "residue" and t.codes.shape == (147,) and t.n_tokens == 147
     assert len(t.sequence) == 147
     rec = rtok.decode_structure(t)
     assert rec.cb.shape == (147, 3) and np.isfinite(rec.cb).all()
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ValueError, match="hierarchical family"):
         tok_grid = Tokenizer.load(str(DATA / "old-checkpoint.pt"), device="cpu")
         tok_grid.decode(t)

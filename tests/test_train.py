@@ -465,12 +465,12 @@ def test_pixel_weighting_divides_by_the_mean_pixels_of_a_step(mixed_data):
     from protoken.codec import read_image
     from protoken.data import BatchPlan, ImageIndex
     from protoken.model import build_model
-    from protoken.train import reference_weight
+    from protoken.train import mean_step_weight
 
     index = ImageIndex.build(mixed_data)
     plan = BatchPlan(index, index.split_rows("train", 0.1), 4, True, seed=0)
     pixels = sum(read_image(index.path(i)).shape[-1] ** 2 for i in plan.rows)
     data = SimpleNamespace(train=SimpleNamespace(plan=plan))
     cfg = config(mixed_data, Path("unused"), grad_accum=2)
-    got = reference_weight(build_model("tiny", MICRO), data, cfg, SimpleNamespace(world_size=3))
+    got = mean_step_weight(build_model("tiny", MICRO), data, cfg, SimpleNamespace(world_size=3))
     assert got == pytest.approx(3 * pixels / plan.batches_per_epoch * 3 * 2)

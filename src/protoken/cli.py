@@ -22,6 +22,10 @@ Exit codes, one policy for every command (:func:`main`):
 
 Every error is one line on stderr, ``protoken COMMAND: ...``, never a traceback (set
 ``PROTOKEN_DEBUG=1`` to see one for an unexpected error).
+
+One module of ~880 lines on purpose: every command's options in one place, so that the option
+groups are declared once and every command's help, checks and exit codes read alike; what a
+command does is in the library.
 """
 
 from __future__ import annotations
@@ -90,21 +94,17 @@ def _byte_size(text: str) -> int:
     return value
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def max_workers() -> int:
     """The most ``--workers`` accepted: 4 per available core (conversion is CPU-bound; more
     processes only cost memory and switching), at least 8."""
+    from protoken.convert.pool import available_cores
+
     return max(8, 4 * available_cores())
 
 
 def _workers_type(text: str) -> int:
+    from protoken.convert.pool import available_cores
+
     value = _positive_int(text)
     if value > max_workers():
         raise argparse.ArgumentTypeError(
@@ -506,7 +506,7 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=["npz", "fasta", "parquet"],
         default="npz",
-        help="npz: the token file protoken decode reads (both layouts); fasta: one record per "
+        help="npz: the token file protoken decode reads (both families); fasta: one record per "
         "protein, its tokens as space-separated integers, one per residue; parquet: columns "
         "id, sequence, tokens, length (pyarrow). fasta and parquet need per-residue tokens",
     )
@@ -527,7 +527,7 @@ def _encode(args: argparse.Namespace) -> int:
     _check_inputs(args.inputs)
     _out_file(args.out)
     tok = Tokenizer.load(args.checkpoint, batch_size=args.batch_size)
-    if args.format != "npz" and tok.layout != "residue":
+    if args.format != "npz" and tok.family != "residue":
         raise UsageError(
             f"--format {args.format} writes one token per residue; {args.checkpoint} makes "
             "grids of tokens (use a per-residue tokenizer such as 'residue', or --format npz)"
@@ -591,7 +591,8 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="structure files or folders (PNG images also accepted)")  # fmt: skip
+                        help="structure files, PNG images, archives (tar, Foldcomp), "
+                        "or folders of either")  # fmt: skip
     _checkpoint(parser)
     parser.add_argument("--out", "-o", required=True, help="report folder")
     parser.add_argument(
@@ -606,8 +607,8 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from protoken.archives import find_inputs
     from protoken.evaluate import evaluate
-    from protoken.inputs import find_inputs
     from protoken.report import headline
     from protoken.tokenizer import Tokenizer
 
@@ -640,11 +641,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (checkpoints, metrics, samples)")
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig values")
     parser.add_argument("--preset", help="model preset (tiny, small, reference, ...)")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--max-steps", type=int, help="optimiser steps of the whole run")
+    parser.add_argument("--batch-size", type=int, help="images per batch and process")
+    parser.add_argument("--lr", type=float, help="peak learning rate (after the warm-up)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers per process")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute precision (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",

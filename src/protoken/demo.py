@@ -69,7 +69,7 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
     report = os.path.join(out, "report")
     log(
         f"[2/2] encoding the {len(held_out)} held-out proteins with the pretrained tokenizer "
-        f"{checkpoint!r} ({tok.layout} layout), decoding them to 3D, report in {report}"
+        f"{checkpoint!r} ({tok.family} family), decoding them to 3D, report in {report}"
     )
     result = evaluate(tok, held_out, report, workers=workers, progress=False, log=log)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")

@@ -5,17 +5,20 @@ Three formats (``protoken encode --format``):
 
 ``npz`` (:class:`NpzTokenWriter`, read by :func:`load_tokens`, and by plain ``numpy.load``)::
 
-    format           "protoken-tokens/2"  (version 1, before the per-residue family, is read)
-    meta             JSON: layout ("grid" or "residue"), checkpoint id, model config, codec
-                     settings, codebook size, level scales, provenance
+    format           "protoken-tokens/3"  (versions 1 and 2 are read: see below)
+    meta             JSON: family ("hierarchical" or "residue"), checkpoint id, model config,
+                     codec settings, codebook size, level scales, provenance
     ids, sequences   (N,) str;   lengths (N,) int32
-    grid layout:     level{l}_codes   all proteins' level-l grids, flattened row-major and
+    hierarchical:    level{l}_codes   all proteins' level-l grids, flattened row-major and
                                       concatenated (uint16 when the codebook has <= 65536 codes)
                      level{l}_offsets (N + 1,) int64: protein i's grid is
                                       codes[offsets[i]:offsets[i + 1]], reshaped to
                                       (ceil(L_i / s_l), ceil(L_i / s_l))
-    residue layout:  codes, offsets   one code per residue: protein i's are
+    residue:         codes, offsets   one code per residue: protein i's are
                                       codes[offsets[i]:offsets[i + 1]], L_i of them
+
+Version 2 named the family in ``meta["layout"]`` (``"grid"`` for hierarchical), version 1
+(before the per-residue family) did not name it; the arrays are the same in all three.
 
 ``fasta`` (:class:`FastaTokenWriter`, per-residue tokens only): ``>ID length=L`` then the codes
 as space-separated integers on one line, the i-th belonging to the i-th residue.
@@ -58,8 +61,12 @@ __all__ = [
     "save_tokens_parquet",
 ]
 
-TOKEN_FORMAT = "protoken-tokens/2"
-_FORMATS = ("protoken-tokens/1", TOKEN_FORMAT)
+TOKEN_FORMAT = "protoken-tokens/3"
+#: Older formats, still read: version 1 held the hierarchical family only; version 2 named the
+#: family in ``meta["layout"]`` ("grid" for hierarchical).
+_V1, _V2 = "protoken-tokens/1", "protoken-tokens/2"
+_V2_LAYOUTS = {"grid": "hierarchical", "residue": "residue"}
+FAMILIES = ("hierarchical", "residue")
 
 
 @dataclass
@@ -74,8 +81,8 @@ class Tokens:
     sequence : str
         One-letter sequence ("" when encoded from an image without one).
     levels : list of ndarray
-        Residue layout: one ``(L,)`` int array, code i belonging to residue i. Grid layout:
-        coarsest level first, level l an int array (ceil(L / s_l), ceil(L / s_l)).
+        Residue family: one ``(L,)`` int array, code i belonging to residue i. Hierarchical
+        family: coarsest level first, level l an int array (ceil(L / s_l), ceil(L / s_l)).
     """
 
     id: str
@@ -84,15 +91,16 @@ class Tokens:
     levels: list[np.ndarray]
 
     @property
-    def layout(self) -> str:
-        """``"residue"`` (one code per residue) or ``"grid"``."""
-        return "residue" if len(self.levels) == 1 and np.ndim(self.levels[0]) == 1 else "grid"
+    def family(self) -> str:
+        """``"residue"`` (one code per residue) or ``"hierarchical"`` (grids of codes)."""
+        one_per_residue = len(self.levels) == 1 and np.ndim(self.levels[0]) == 1
+        return "residue" if one_per_residue else "hierarchical"
 
     @property
     def codes(self) -> np.ndarray:
-        """The ``(L,)`` codes of the residue layout."""
-        if self.layout != "residue":
-            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
+        """The ``(L,)`` codes of the residue family."""
+        if self.family != "residue":
+            raise ValueError(f"{self.id}: hierarchical tokens have no per-residue codes")
         return self.levels[0]
 
     @property
@@ -117,7 +125,7 @@ def save_tokens(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
 
 
 def load_tokens(path: str) -> tuple[list[Tokens], dict]:
-    """Read a token file (version 1 or 2): ``(tokens, meta)``.
+    """Read a token file (version 1, 2 or 3): ``(tokens, meta)``, the meta with ``family``.
 
     Raises
     ------
@@ -145,7 +153,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         if key not in arrays:
             raise bad(f"missing {key!r}")
     fmt = str(arrays["format"])
-    if fmt not in _FORMATS:
+    if fmt not in (TOKEN_FORMAT, _V2, _V1):
         raise bad(f"not a protoken token file (format {fmt[:40]!r})")
     try:
         meta = json.loads(str(arrays["meta"]))
@@ -153,8 +161,15 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         raise bad("meta is not JSON") from None
     if not isinstance(meta, dict):
         raise bad("meta is not a JSON object")
-    layout = meta.get("layout", "grid") if fmt == TOKEN_FORMAT else "grid"
-    meta["layout"] = layout
+    if fmt == TOKEN_FORMAT:
+        family = meta.get("family")
+    elif fmt == _V2:
+        family = _V2_LAYOUTS.get(meta.pop("layout", "grid"))
+    else:
+        family = "hierarchical"
+    if family not in FAMILIES:
+        raise bad(f"unknown family {str(family)[:40]!r}")
+    meta["family"] = family
     ids, seqs, lengths = arrays["ids"], arrays["sequences"], arrays["lengths"]
     if ids.dtype.kind != "U" or seqs.dtype.kind != "U" or lengths.dtype.kind not in "iu":
         raise bad("ids and sequences must be strings, lengths integers")
@@ -171,16 +186,14 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
     size = meta.get("codebook_size")
     if not isinstance(size, int) or size < 1:
         raise bad("meta has no valid codebook_size")
-    if layout == "residue":
+    if family == "residue":
         scales, names = [1], [("codes", "offsets")]
-    elif layout == "grid":
+    else:
         scales = meta.get("level_scales_coarse_first")
         if not isinstance(scales, list) or not scales or not all(
                 isinstance(v, int) and v >= 1 for v in scales):  # fmt: skip
             raise bad("meta has no valid level_scales_coarse_first")
         names = [(f"level{lv}_codes", f"level{lv}_offsets") for lv in range(len(scales))]
-    else:
-        raise bad(f"unknown layout {layout!r}")
     per_level = []
     for (ck, ok), s in zip(names, scales, strict=True):
         if ck not in arrays or ok not in arrays:
@@ -190,7 +203,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
             raise bad(f"{ck} must be a 1-D integer array")
         if offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
             raise bad(f"{ok} must be (N + 1,) integers")
-        if layout == "residue":
+        if family == "residue":
             sizes = lengths.astype(np.int64)
         else:
             sizes = np.ceil(lengths / s).astype(np.int64) ** 2
@@ -205,7 +218,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         levels = []
         for (codes, off), s in zip(per_level, scales, strict=True):
             c = codes[off[i] : off[i + 1]].astype(np.int64)
-            if layout == "grid":
+            if family == "hierarchical":
                 k = math.ceil(length / s)
                 c = c.reshape(k, k)
             levels.append(c)
@@ -216,7 +229,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
 def _residue_only_error(what: str) -> ValueError:
     return ValueError(
         f"{what} needs per-residue tokens (a residue-family tokenizer such as 'residue'); "
-        "grid tokens have no order aligned with the sequence"
+        "hierarchical tokens have no order aligned with the sequence"
     )
 
 
@@ -264,7 +277,7 @@ class TokenWriter:
         self.path = os.fspath(path)
         self.meta = dict(meta or {})
         self.count = 0
-        self.layout: str | None = None
+        self.family: str | None = None
         self.tmp = temp_name(self.path, self.suffix)
         self._done = False
         if os.path.lexists(self.path):
@@ -274,11 +287,11 @@ class TokenWriter:
         """Append one protein's tokens."""
         if self._done:
             raise ValueError(f"{self.path}: writer already closed")
-        if self.layout is None:
-            self.layout = tokens.layout
+        if self.family is None:
+            self.family = tokens.family
             self._start()
-        elif tokens.layout != self.layout:
-            raise ValueError(f"{self.path}: tokens of both layouts in one file")
+        elif tokens.family != self.family:
+            raise ValueError(f"{self.path}: tokens of both families in one file")
         self._add(tokens)
         self.count += 1
 
@@ -359,7 +372,7 @@ class NpzTokenWriter(TokenWriter):
     _BLOCK = 1 << 16  # records per block when the spools are copied into the archive
 
     def _start(self) -> None:
-        self.meta = {**self.meta, "layout": self.layout}
+        self.meta = {**self.meta, "family": self.family}
         self.dtype = np.dtype(_code_dtype(self.meta))
         folder = os.path.dirname(os.path.abspath(self.path))
         self.ids, self.seqs, self.lengths = _Spool(folder), _Spool(folder), _Spool(folder)
@@ -394,11 +407,11 @@ class NpzTokenWriter(TokenWriter):
             self._strings(zf, "ids", self.ids, self.max_id)
             self._strings(zf, "sequences", self.seqs, self.max_seq)
             self._copy(zf, "lengths", self.lengths, np.dtype(np.int32), n)
-            names = (["codes"] if self.layout == "residue"
+            names = (["codes"] if self.family == "residue"
                      else [f"level{lv}" for lv in range(self.n_levels)])  # fmt: skip
             for lv, (name, spool) in enumerate(zip(names, self.levels, strict=True)):
-                key = name if self.layout == "residue" else f"{name}_codes"
-                off = "offsets" if self.layout == "residue" else f"{name}_offsets"
+                key = name if self.family == "residue" else f"{name}_codes"
+                off = "offsets" if self.family == "residue" else f"{name}_offsets"
                 self._copy(zf, key, spool, self.dtype, spool.items)
                 self._offsets(zf, off, lv)
         self._cleanup()
@@ -446,7 +459,7 @@ class NpzTokenWriter(TokenWriter):
                 left -= k
 
     def _offsets(self, zf, name: str, lv: int) -> None:
-        scale = 1 if self.layout == "residue" else self.meta["level_scales_coarse_first"][lv]
+        scale = 1 if self.family == "residue" else self.meta["level_scales_coarse_first"][lv]
         self.lengths.fh.seek(0)
         with self._open(zf, name, np.dtype(np.int64), (self.count + 1,)) as fh:
             fh.write(np.zeros(1, np.int64).tobytes())
@@ -456,7 +469,7 @@ class NpzTokenWriter(TokenWriter):
                 if not data:
                     break
                 lengths = np.frombuffer(data, dtype=np.int32).astype(np.int64)
-                sizes = lengths if self.layout == "residue" else (-(-lengths // scale)) ** 2
+                sizes = lengths if self.family == "residue" else (-(-lengths // scale)) ** 2
                 ends = total + np.cumsum(sizes)
                 fh.write(ends.astype(np.int64).tobytes())
                 total = int(ends[-1])
@@ -466,7 +479,7 @@ class FastaTokenWriter(TokenWriter):
     """Per-residue tokens as FASTA (:func:`save_tokens_fasta`), appended record by record."""
 
     def _start(self) -> None:
-        if self.layout != "residue":
+        if self.family != "residue":
             raise _residue_only_error("--format fasta")
         self.fh = open(self.tmp, "w")
 
@@ -503,11 +516,11 @@ class ParquetTokenWriter(TokenWriter):
 
     def _start(self) -> None:
         pa = self.pa
-        if self.layout != "residue":
+        if self.family != "residue":
             raise _residue_only_error("--format parquet")
         self.np_type = _code_dtype(self.meta)
         self.code_type = pa.uint16() if self.np_type == np.uint16 else pa.int32()
-        meta = json.dumps({**self.meta, "layout": "residue"})
+        meta = json.dumps({**self.meta, "family": "residue"})
         schema = pa.schema([("id", pa.string()), ("sequence", pa.string()),
                             ("tokens", pa.list_(self.code_type)), ("length", pa.int32())],
                            metadata={"protoken": meta})  # fmt: skip

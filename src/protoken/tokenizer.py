@@ -97,11 +97,11 @@ class Tokenizer:
         self.provenance: dict = {}
 
     @property
-    def layout(self) -> str:
-        """``"residue"`` for the per-residue family, ``"grid"`` for the hierarchical one."""
-        from protoken.model import ResidueConfig
+    def family(self) -> str:
+        """The model's family: ``"residue"`` (one code per residue) or ``"hierarchical"``."""
+        from protoken.model import family_of
 
-        return "residue" if isinstance(self.config, ResidueConfig) else "grid"
+        return family_of(self.config)
 
     @property
     def bits_per_token(self) -> float:
@@ -143,10 +143,10 @@ class Tokenizer:
 
     @classmethod
     def _of(cls, ckpt: dict, checkpoint: str, provenance: dict, device, batch_size) -> Tokenizer:
-        from protoken.checkpoint import build_model
+        from protoken.checkpoint import model_from_checkpoint
 
-        tok = cls(build_model(ckpt), CodecSettings.from_dict(ckpt["codec"]), checkpoint, device,
-                  batch_size)  # fmt: skip
+        model, codec = model_from_checkpoint(ckpt), CodecSettings.from_dict(ckpt["codec"])
+        tok = cls(model, codec, checkpoint, device, batch_size)
         tok.provenance = provenance
         return tok
 
@@ -232,14 +232,14 @@ class Tokenizer:
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Images (3, L_i, L_i) -> per image its codes: ``[codes (L,)]`` in the residue layout,
-        per level (coarsest first) the valid code grid in the grid layout."""
+        """Images (3, L_i, L_i) -> per image its codes: ``[codes (L,)]`` in the residue family,
+        per level (coarsest first) the valid code grid in the hierarchical family."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             x, mask, lengths = self._batch(chunk)
             grids = self.model.encode(x, mask)
-            if self.layout == "residue":
+            if self.family == "residue":
                 out.extend([grids[i, :n].cpu().numpy().astype(np.int64)]
                            for i, n in enumerate(lengths))  # fmt: skip
                 continue
@@ -256,7 +256,7 @@ class Tokenizer:
         """Per protein codes (``[codes (L,)]`` or grids coarsest first, as
         :meth:`encode_images` gives) -> images (3, L, L) in [-1, 1]."""
         out: list[np.ndarray] = []
-        if self.layout == "residue":
+        if self.family == "residue":
             for start in range(0, len(levels), self.batch_size):
                 chunk = levels[start : start + self.batch_size]
                 ns = [int(n) for n in lengths[start : start + self.batch_size]]
@@ -297,7 +297,7 @@ class Tokenizer:
         return levels, decoded
 
     def _scales_coarse_first(self) -> list[int]:
-        if self.layout == "residue":
+        if self.family == "residue":
             return [1]
         return list(reversed(self.config.level_scales))
 
@@ -357,9 +357,9 @@ class Tokenizer:
 
     def decode(self, tokens: Tokens) -> np.ndarray:
         """:class:`Tokens` -> image (3, L, L) in [-1, 1]."""
-        if tokens.layout != self.layout:
-            raise ValueError(f"{tokens.id}: {tokens.layout} tokens, but this tokenizer's "
-                             f"layout is {self.layout}")  # fmt: skip
+        if tokens.family != self.family:
+            raise ValueError(f"{tokens.id}: {tokens.family} tokens, but this tokenizer is of the "
+                             f"{self.family} family")  # fmt: skip
         return self.decode_levels([tokens.levels], [tokens.length])[0]
 
     def decode_structure(self, tokens: Tokens, backbone: bool = False):
@@ -373,7 +373,7 @@ class Tokenizer:
         from protoken.model import config_to_dict
 
         return {
-            "layout": self.layout,
+            "family": self.family,
             "checkpoint": self.checkpoint,
             "model_config": config_to_dict(self.config),
             "codec": self.codec.to_dict(),
@@ -389,13 +389,13 @@ class Tokenizer:
         Raises
         ------
         ValueError
-            One line naming the file: not a valid token file, tokens of the other layout, or
+            One line naming the file: not a valid token file, tokens of the other family, or
             another codebook size.
         """
         tokens, meta = load_tokens(path)
-        if meta["layout"] != self.layout:
-            raise ValueError(f"{path} holds {meta['layout']} tokens; this tokenizer decodes "
-                             f"{self.layout} tokens")  # fmt: skip
+        if meta["family"] != self.family:
+            raise ValueError(f"{path} holds {meta['family']} tokens; this tokenizer decodes "
+                             f"{self.family} tokens")  # fmt: skip
         if meta.get("codebook_size") != self.config.codebook_size:
             raise ValueError(f"{path} has codebook size {meta.get('codebook_size')}, this "
                              f"tokenizer {self.config.codebook_size}")  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protoken.codec import NORMALIZE_ALIASES
 from protoken.model import preset_config
 
 __all__ = ["RESUMABLE", "TrainConfig", "read_mapping", "resumed_config"]
@@ -58,7 +59,7 @@ class TrainConfig(BaseModel):
     # data converted with --format shards: read the shards G at a time (BatchPlan shard_window)
     shard_window: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=0)
-    normalize: Literal["none", "reference"] = "none"  # "seed", the former name, is read
+    normalize: Literal["none", "reference"] = "none"  # older names: codec.NORMALIZE_ALIASES
     dmax: float | None = None
     bit_depth: int | None = None
     # optimisation
@@ -88,8 +89,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _drop_obsolete(cls, values: Any) -> Any:
         if isinstance(values, dict):
-            if values.get("normalize") == "seed":  # the former name of "reference"
-                values = {**values, "normalize": "reference"}
+            if values.get("normalize") in NORMALIZE_ALIASES:
+                values = {**values, "normalize": NORMALIZE_ALIASES[values["normalize"]]}
             for key in set(values) & set(_OBSOLETE):
                 print(f"protoken train: ignoring {key} ({_OBSOLETE[key]})", file=sys.stderr)
                 values = {k: v for k, v in values.items() if k != key}
