@@ -440,7 +440,7 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recorded_dmax(images, dmax: float | None) -> None:
     """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images (one
     convert.json read per folder; the images are streamed, only their folders kept)."""
-    from protoken.convert.settings import agreed, settings_beside
+    from protoken.convert_settings import agreed, settings_beside
 
     if dmax is None:
         return

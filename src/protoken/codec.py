@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from protoken.convert.settings import agreed, settings_beside
+from protoken.convert_settings import agreed, settings_beside
 from protoken.fileio import atomic_write
 from protoken.geometry import DMAX, SixD
 
@@ -375,7 +375,7 @@ def read_converted_image(
     """Read an image with the settings ``protoken convert`` recorded beside it.
 
     The ``convert.json`` of the image's folder or the one above
-    (:func:`protoken.convert.settings.settings_beside`) says which dmax and bit depth the image
+    (:func:`protoken.convert_settings.settings_beside`) says which dmax and bit depth the image
     was made with. Returns (image (3, L, L) in [-1, 1], dmax): the recorded dmax, else
     ``dmax``, else the default 80 A.
 

@@ -126,7 +126,7 @@ def agree(values: list[float], d: Dist, op=dist.ReduceOp.SUM) -> list[float]:
 
 def codec_settings(cfg: TrainConfig) -> CodecSettings:
     """dmax and bit depth recorded by ``protoken convert`` (a config value must agree)."""
-    from protoken.convert.settings import agreed, read_settings
+    from protoken.convert_settings import agreed, read_settings
 
     recorded = read_settings(cfg.data) or {}
     dmax = agreed(recorded, "dmax", cfg.dmax, f"the data {cfg.data}")

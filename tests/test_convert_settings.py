@@ -9,7 +9,7 @@ import pytest
 
 from protoken.cli import main
 from protoken.convert import ConvertOptions, convert, read_settings
-from protoken.convert.settings import SETTINGS_FILE, agreed, record_settings, settings_beside
+from protoken.convert_settings import SETTINGS_FILE, agreed, record_settings, settings_beside
 
 
 def test_agreed_takes_the_recorded_value_and_refuses_a_contradiction():
