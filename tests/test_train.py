@@ -122,6 +122,7 @@ def wait_for_steps(run: Path, n: int, proc: subprocess.Popen) -> None:
 TRAIN = [sys.executable, "-m", "protoken", "train"]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores; still run by the README's test command
 def test_training_lowers_the_loss(mixed_data, tmp_path):
     cfg = config(
         mixed_data,
@@ -180,6 +181,7 @@ def test_training_lowers_the_loss(mixed_data, tmp_path):
     )
 
 
+@pytest.mark.slow  # over 30 s on 2 cores; still run by the README's test command
 def test_signal_to_the_process_group_stops_saves_and_resume_is_exact(data_root, tmp_path):
     """SIGTERM to the whole process group of a run with DataLoader workers (how SLURM and
     Kubernetes pre-empt): the workers ignore it, the run stops at a step boundary, writes
@@ -258,6 +260,7 @@ def test_torchrun_two_processes_on_mixed_lengths_with_workers(data_root, tmp_pat
     assert len(sizes) >= 2, sizes
 
 
+@pytest.mark.slow  # over 30 s on 2 cores; still run by the README's test command
 def test_srun_launch_and_sigusr1_exit_75_on_every_task(mixed_data, tmp_path):
     """Two tasks started as srun does (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no
     torchrun) get SLURM's --signal=USR1@60 as a signal to their process group: each exits
