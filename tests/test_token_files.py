@@ -85,7 +85,8 @@ def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structure
         assert head.split()[0] == f">{t.id}"
         values = [int(v) for v in body.split()]
         assert len(values) == len(t.sequence) == t.length and values == t.codes.tolist()
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # a dependency: Parquet works out of the box
+
     save_tokens_parquet(str(tmp_path / "r.parquet"), tokens, rtok.meta())
     table = pq.read_table(str(tmp_path / "r.parquet"))
     assert table.column_names == ["id", "sequence", "tokens", "length"]
@@ -113,8 +114,9 @@ def test_bad_token_files_are_refused_in_one_line_naming_the_file(rtok, structure
     good = str(tmp_path / "good.npz")
     save_tokens(good, tokens, rtok.meta())
     with np.load(good) as z:
-        codes, ids, offsets = z["codes"], z["ids"], z["offsets"]
+        codes, ids, offsets, seqs = z["codes"], z["ids"], z["offsets"], z["sequences"]
     bad = {
+        "short sequence": dict(sequences=np.array([seqs[0], seqs[1][:-3]])),
         "out of range": dict(codes=np.where(np.arange(len(codes)) == 3, 60000, codes)),
         "negative": dict(codes=np.where(np.arange(len(codes)) == 3, -5, codes).astype(np.int32)),
         "duplicate ids": dict(ids=np.array([ids[0], ids[0]])),
@@ -133,6 +135,31 @@ def test_bad_token_files_are_refused_in_one_line_naming_the_file(rtok, structure
     (tmp_path / "random.npz").write_bytes(os.urandom(300))
     with pytest.raises(ValueError, match="not a token file"):
         load_tokens(str(tmp_path / "random.npz"))
+    # FASTA and Parquet are checked alike
+    save_tokens_fasta(str(tmp_path / "good.fasta"), tokens)
+    text = (tmp_path / "good.fasta").read_text()
+    first = text.splitlines()[1]
+    for what, changed in {
+        "length": text.replace(first, first + " 7", 1),
+        "not numbers": text.replace(first, first.replace(" ", " x", 1), 1),
+        "negative": text.replace(first, "-1 " + first.split(" ", 1)[1], 1),
+        "unsafe id": text.replace(f">{tokens[0].id}", ">../escaped", 1),
+        "no header": "1 2 3\n" + text,
+    }.items():
+        path = tmp_path / f"{what.replace(' ', '_')}.fasta"
+        path.write_text(changed)
+        with pytest.raises(ValueError) as info:
+            load_tokens(str(path))
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value), what
+    back, meta = load_tokens(str(tmp_path / "good.fasta"))
+    assert meta == {"family": "residue", "codebook_size": None} and len(back) == 2
+    assert all(np.array_equal(a.codes, b.codes) for a, b in zip(tokens, back, strict=True))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "tokens": [[1, 2]]}), str(tmp_path / "cols.parquet"))
+    with pytest.raises(ValueError, match="not a token table"):
+        load_tokens(str(tmp_path / "cols.parquet"))
 
 
 # --------------------------------------------------------------------------- streamed writers
@@ -154,7 +181,7 @@ def test_token_writers_memory_does_not_grow_with_the_number_of_proteins(rtok, tm
     from helpers import peak_python_memory
 
     if fmt == "parquet":
-        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow.parquet as pq  # a dependency: Parquet works out of the box
 
     def write(n: int) -> str:
         path = str(tmp_path / f"t{n}.{fmt}")
@@ -186,8 +213,6 @@ def test_token_writers_memory_does_not_grow_with_the_number_of_proteins(rtok, tm
 
 @pytest.mark.parametrize("fmt", ["npz", "fasta", "parquet"])
 def test_a_failed_write_leaves_nothing_and_an_existing_file_is_kept(rtok, tmp_path, fmt):
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
     path = tmp_path / f"t.{fmt}"
     with pytest.raises(RuntimeError, match="stop"):
         with WRITERS[fmt](path, rtok.meta()) as out:
@@ -239,8 +264,6 @@ def test_a_killed_write_leaves_no_complete_looking_file(tmp_path, fmt):
     import subprocess
     import sys
 
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
     path = tmp_path / f"t.{fmt}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), fmt],

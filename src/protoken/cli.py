@@ -239,12 +239,13 @@ def _structure_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["pdb", "cif"], default="pdb", help="output format")
 
 
-def _checkpoint(parser: argparse.ArgumentParser) -> None:
+def _checkpoint(parser: argparse.ArgumentParser, default: str | None = "default") -> None:
+    what = "'default'" if default else "the bundled tokenizer the token file names"
     parser.add_argument(
         "--checkpoint",
         "-c",
-        default="default",
-        help="a bundled tokenizer's name (default: 'default'; see protoken pretrained) or "
+        default=default,
+        help=f"a bundled tokenizer's name (default: {what}; see protoken pretrained) or "
         "best.pt / last.pt of a protoken train run",
     )
 
@@ -499,9 +500,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="structure files, PNG images, or folders of either")  # fmt: skip
+                        help="structure files, PNG images, archives (tar, Foldcomp), folders of "
+                        "either, or folders written by convert --format shards")  # fmt: skip
     _checkpoint(parser)
-    parser.add_argument("--out", "-o", required=True, help="token file to write")
+    parser.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        help="token file to write; - (or /dev/stdout) writes --format fasta to standard "
+        "output, the summary then going to standard error",
+    )
     parser.add_argument(
         "--format",
         choices=["npz", "fasta", "parquet"],
@@ -521,11 +529,16 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _encode(args: argparse.Namespace) -> int:
     from protoken.archives import find_inputs
+    from protoken.token_files import STDOUT
     from protoken.tokenizer import Tokenizer, encode_to_file
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
-    _out_file(args.out)
+    to_stdout = args.out in STDOUT
+    if to_stdout and args.format != "fasta":
+        raise UsageError(f"--out {args.out}: only --format fasta is written to standard output")
+    if not to_stdout:
+        _out_file(args.out)
     tok = Tokenizer.load(args.checkpoint, batch_size=args.batch_size)
     if args.format != "npz" and tok.family != "residue":
         raise UsageError(
@@ -536,44 +549,61 @@ def _encode(args: argparse.Namespace) -> int:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise UsageError(
-                "--format parquet needs pyarrow: pip install 'protoken[parquet]'"
-            ) from None
+            raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
     try:
         done = encode_to_file(tok, find_inputs(args.inputs, args.shard, args.follow_links),
                               args.out, args.format, args.chains, args.models, args.min_len,
                               args.max_len, progress=not args.no_progress)  # fmt: skip
     except FileNotFoundError as exc:
         return _fail("encode", exc)
+    except ValueError as exc:  # inputs that cannot be read at all (a malformed shard index)
+        return _fail("encode", f"error: {exc}")
     if not done.written:
         return _fail("encode", "nothing encoded", EXIT_NOTHING)
     bits = done.tokens_per_residue * tok.bits_per_token
-    print(f"encoded {done.written} proteins ({len(done.skipped)} inputs skipped) into "
-          f"{args.out}; {done.tokens_per_residue:.2f} tokens ({bits:.1f} bits) per residue "
-          "on average")  # fmt: skip
+    where = "standard output" if to_stdout else args.out
+    print(f"encoded {_count(done.written, 'protein')} ({_count(len(done.skipped), 'input')} "
+          f"skipped) into {where}; {done.tokens_per_residue:.2f} tokens ({bits:.1f} bits) per "
+          "residue on average", file=sys.stderr if to_stdout else sys.stdout)  # fmt: skip
     return EXIT_OK
 
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tokens", metavar="FILE", help="token file written by protoken encode")
-    _checkpoint(parser)
+    parser.add_argument(
+        "tokens", metavar="FILE", help="token file written by protoken encode (npz, FASTA, Parquet)"
+    )
+    _checkpoint(parser, default=None)
     parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
     _structure_output(parser)
     _progress(parser)
 
 
 def _decode(args: argparse.Namespace) -> int:
+    from protoken import pretrained
     from protoken.inputs import UnsafePath
+    from protoken.token_files import load_tokens
     from protoken.tokenizer import Tokenizer, decode_to_files
 
     _out_folder(args.out)
-    tok = Tokenizer.load(args.checkpoint)
+    tok = Tokenizer.load(args.checkpoint) if args.checkpoint else None
     try:
-        tokens, meta = tok.read_tokens(args.tokens)  # every field checked; errors name the file
+        tokens, meta = load_tokens(args.tokens)  # every field checked; errors name the file
     except ValueError as exc:
         raise UsageError(f"token file {exc}") from None
     except Exception as exc:  # noqa: BLE001 - anything else a malformed file causes: one line
         raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
+    if tok is None:  # the bundled tokenizer the file names
+        checkpoint = pretrained.name_of(meta.get("checkpoint", ""))
+        if checkpoint is None:
+            raise UsageError(
+                f"token file {args.tokens} does not name a bundled tokenizer: give the one "
+                "that made it with --checkpoint (e.g. -c residue)"
+            )
+        tok = Tokenizer.load(checkpoint)
+    try:
+        tok.check_tokens(tokens, meta, args.tokens)
+    except ValueError as exc:
+        raise UsageError(f"token file {exc}") from None
     if meta.get("checkpoint") and meta["checkpoint"] != tok.checkpoint:
         print(f"protoken decode: warning: tokens were made by checkpoint {meta['checkpoint']}, "
               f"decoding with {tok.checkpoint}", file=sys.stderr)  # fmt: skip
@@ -582,8 +612,13 @@ def _decode(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)  # fmt: skip
     except UnsafePath as exc:
         raise UsageError(f"token file {args.tokens}: {exc}") from None
-    print(f"decoded {len(tokens)} proteins into {args.out} (ID.png, ID.{args.format})")
+    print(f"decoded {_count(len(tokens), 'protein')} into {args.out} (ID.png, ID.{args.format})")
     return EXIT_OK
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 protein``, ``2 proteins``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -778,8 +813,9 @@ def _pretrained(args: argparse.Namespace) -> int:
         meta = pretrained.info(name)
         mc, res = meta["model_config"], meta.get("results", {})
         tm = res.get("tm_score_median")
+        test = f" on its test set of {res.get('proteins', '?')} proteins: {res.get('test_set')}"
         print(f"{name:<10} {mc.get('family', 'hierarchical')} family. {meta.get('summary', '')}"
-              + (f" Held-out median TM-score {tm:.3f}." if tm is not None else ""))  # fmt: skip
+              + (f" Median TM-score {tm:.3f}{test}." if tm is not None else ""))  # fmt: skip
     print("model card: protoken pretrained NAME; use: protoken encode FILES -c NAME --out t.npz")
     return EXIT_OK
 

@@ -713,7 +713,8 @@ def read_backbones(
     if n_models == 0:
         raise SkipStructure("no atoms")
     if n_models > 1 and models == "skip-multi":
-        raise SkipStructure(f"multi-model: {n_models} models{note}")
+        raise SkipStructure(f"multi-model: {n_models} models{note}; --models first (models="
+                            "'first') reads the first")  # fmt: skip
     kept: list[tuple[_Chain, np.ndarray]] = []
     n_dropped_total = 0
     for ch in raw_chains:
@@ -731,7 +732,9 @@ def read_backbones(
     if len(kept) > 1:
         if chains == "skip-multi":
             ids = ",".join(ch.chain_id or "' '" for ch, _ in kept)
-            raise SkipStructure(f"multi-chain: {len(kept)} protein chains ({ids})")
+            raise SkipStructure(f"multi-chain: {len(kept)} protein chains ({ids}); --chains "
+                                "split (an image per chain) or first (chains='split' or "
+                                "'first') reads them")  # fmt: skip
         if chains == "first":
             kept = kept[:1]
     stem = structure_id(path)

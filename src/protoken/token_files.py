@@ -125,19 +125,61 @@ def save_tokens(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
 
 
 def load_tokens(path: str) -> tuple[list[Tokens], dict]:
-    """Read a token file (version 1, 2 or 3): ``(tokens, meta)``, the meta with ``family``.
+    """Read a token file of any of the three formats (from its first bytes): ``(tokens,
+    meta)``, the meta with ``family`` and ``codebook_size`` (None for FASTA, which records no
+    tokenizer). Every ``.npz`` version (1, 2, 3) is read.
 
     Raises
     ------
     ValueError
         One line naming the file and what is wrong: not a token file, a missing key, bad
         metadata, arrays of the wrong type or shape, offsets that do not match the lengths,
-        codes outside the codebook, duplicate or unsafe ids.
+        codes outside the codebook, a sequence whose length is not the protein's, duplicate or
+        unsafe ids. Nothing is returned of a file with any such fault.
     """
 
     def bad(why: str) -> ValueError:
         return ValueError(f"{path}: {why}")
 
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise bad(f"unreadable ({exc.strerror or type(exc).__name__})") from None
+    if head.startswith(b"PAR1"):
+        tokens, meta = _read_parquet(path, bad)
+    elif head.startswith(b">"):
+        tokens, meta = _read_fasta(path, bad)
+    else:
+        tokens, meta = _read_npz(path, bad)
+    _check_proteins(tokens, meta.get("codebook_size"), bad)
+    return tokens, meta
+
+
+def _check_proteins(tokens: list[Tokens], size: int | None, bad) -> None:
+    """What every format must hold: unique safe ids (they become file names), lengths within
+    the images protoken reads, a sequence of the protein's length (or none), and codes of the
+    protein's length within the codebook (of size ``size``, when known)."""
+    ids = [t.id for t in tokens]
+    if len(set(ids)) != len(ids):
+        raise bad("several proteins share an id (each would overwrite the other)")
+    unsafe = [i for i in ids if not is_safe_id(i)]
+    if unsafe:
+        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
+    for t in tokens:
+        if not 1 <= t.length <= MAX_IMAGE_SIDE:
+            raise bad(f"{t.id}: length {t.length} outside 1..{MAX_IMAGE_SIDE}")
+        if t.sequence and len(t.sequence) != t.length:
+            raise bad(f"{t.id}: a sequence of {len(t.sequence)} residues for {t.length} "
+                      "residues of codes")  # fmt: skip
+        for codes in t.levels:
+            if codes.size and (int(codes.min()) < 0 or (size and int(codes.max()) >= size)):
+                top = f"0..{size - 1}" if size else "0.."
+                raise bad(f"{t.id}: codes outside the codebook {top}")
+
+
+def _read_npz(path: str, bad) -> tuple[list[Tokens], dict]:
+    """The ``.npz`` format (module docstring), every field checked."""
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -178,11 +220,6 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         raise bad("ids, sequences and lengths must be (N,) arrays of one N")
     if n and (lengths.min() < 1 or lengths.max() > MAX_IMAGE_SIDE):
         raise bad(f"lengths must lie in 1..{MAX_IMAGE_SIDE}")
-    if len(set(ids.tolist())) != n:
-        raise bad("several proteins share an id (each would overwrite the other)")
-    unsafe = [i for i in ids.tolist() if not is_safe_id(i)]
-    if unsafe:
-        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
     size = meta.get("codebook_size")
     if not isinstance(size, int) or size < 1:
         raise bad("meta has no valid codebook_size")
@@ -223,6 +260,78 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
                 c = c.reshape(k, k)
             levels.append(c)
         out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels))
+    return out, meta
+
+
+#: The longest line read from a FASTA token file: a header, or the codes of the longest
+#: protein (MAX_IMAGE_SIDE codes of at most 10 digits and a space).
+_MAX_LINE = 11 * MAX_IMAGE_SIDE + 1024
+
+
+def _read_fasta(path: str, bad) -> tuple[list[Tokens], dict]:
+    """Per-residue tokens as :class:`FastaTokenWriter` writes them: ``>ID length=L`` then the
+    L codes on one line. No sequence and no tokenizer is recorded (``codebook_size`` None)."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        number = 0
+        while True:
+            head, body = fh.readline(_MAX_LINE), fh.readline(_MAX_LINE)
+            number += 2
+            if not head:
+                break
+            if not head.startswith(">") or not head.split():
+                raise bad(f"line {number - 1}: not a '>ID length=L' header")
+            if len(head) >= _MAX_LINE or len(body) >= _MAX_LINE:
+                raise bad(f"line {number - 1}: a record longer than {_MAX_LINE} characters")
+            words = head[1:].split()
+            try:
+                codes = np.array([int(v) for v in body.split()], dtype=np.int64)
+            except (ValueError, OverflowError):
+                raise bad(f"line {number}: codes must be whole numbers") from None
+            stated = [w.removeprefix("length=") for w in words[1:] if w.startswith("length=")]
+            if stated and stated[0] != str(len(codes)):
+                raise bad(f"line {number}: {len(codes)} codes for length={stated[0]}")
+            out.append(Tokens(words[0] if words else "", len(codes), "", [codes]))
+    if not out:
+        raise bad("no token record")
+    return out, {"family": "residue", "codebook_size": None}
+
+
+def _read_parquet(path: str, bad) -> tuple[list[Tokens], dict]:
+    """Per-residue tokens as :class:`ParquetTokenWriter` writes them (pyarrow)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise bad("reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors of a damaged file: one line
+        raise bad(f"unreadable Parquet ({' '.join(str(exc).split())[:120]})") from None
+    if table.column_names[:4] != ["id", "sequence", "tokens", "length"]:
+        raise bad(f"not a token table (columns {table.column_names[:6]})")
+    raw = (table.schema.metadata or {}).get(b"protoken", b"{}")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise bad("the protoken metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("family", "residue") != "residue":
+        raise bad("the protoken metadata is not that of per-residue tokens")
+    meta["family"] = "residue"
+    size = meta.get("codebook_size")
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise bad("meta has no valid codebook_size")
+    out = []
+    try:
+        for row in table.to_pylist():
+            codes = np.asarray(row["tokens"], dtype=np.int64)
+            if codes.shape != (row["length"],):
+                raise bad(f"{row['id']}: {codes.size} codes for length {row['length']}")
+            out.append(Tokens(str(row["id"]), int(row["length"]), str(row["sequence"] or ""),
+                              [codes]))  # fmt: skip
+    except (TypeError, ValueError, OverflowError) as exc:
+        if str(exc).startswith(path):
+            raise
+        raise bad(f"a row of the wrong types ({type(exc).__name__})") from None
     return out, meta
 
 
@@ -484,8 +593,7 @@ class FastaTokenWriter(TokenWriter):
         self.fh = open(self.tmp, "w")
 
     def _add(self, t: Tokens) -> None:
-        self.fh.write(f">{t.id} length={t.length}\n")
-        self.fh.write(" ".join(map(str, np.asarray(t.codes).tolist())) + "\n")
+        self.fh.write(_fasta_record(t))
 
     def _finish(self) -> None:
         self.fh.close()
@@ -508,7 +616,7 @@ class ParquetTokenWriter(TokenWriter):
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError("parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+            raise ValueError("parquet needs pyarrow: pip install pyarrow") from None
         super().__init__(path, meta)
         self.pa, self.pq, self.row_group = pa, pq, row_group
         self.rows: list[Tokens] = []
@@ -567,9 +675,45 @@ class ParquetTokenWriter(TokenWriter):
 WRITERS = {"npz": NpzTokenWriter, "fasta": FastaTokenWriter, "parquet": ParquetTokenWriter}
 
 
+def _fasta_record(t: Tokens) -> str:
+    return f">{t.id} length={t.length}\n" + " ".join(map(str, np.asarray(t.codes).tolist())) + "\n"
+
+
+class StdoutFastaWriter:
+    """FASTA tokens written straight to standard output, record by record (a pipe: no
+    temporary file, nothing to publish); the interface of :class:`TokenWriter`."""
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.path, self.count, self.family = "-", 0, None
+
+    def add(self, tokens: Tokens) -> None:
+        if tokens.family != "residue":
+            raise _residue_only_error("--format fasta")
+        self.stream.write(_fasta_record(tokens))
+        self.count += 1
+
+    def close(self) -> None:
+        self.stream.flush()
+
+    abort = close
+
+
+#: Names that mean standard output (``--out -``).
+STDOUT = ("-", "/dev/stdout")
+
+
 def open_token_writer(path: str | os.PathLike, meta: dict | None = None,
                       format: str = "npz") -> TokenWriter:  # fmt: skip
-    """A :class:`TokenWriter` of ``format`` (``"npz"``, ``"fasta"`` or ``"parquet"``)."""
+    """A :class:`TokenWriter` of ``format`` (``"npz"``, ``"fasta"`` or ``"parquet"``); for
+    ``path`` ``-`` or ``/dev/stdout`` (FASTA only) a :class:`StdoutFastaWriter`."""
     if format not in WRITERS:
         raise ValueError(f"unknown token format {format!r} (one of {', '.join(WRITERS)})")
+    if os.fspath(path) in STDOUT:
+        if format != "fasta":
+            raise ValueError(f"--format {format} cannot be written to standard output "
+                             "(--format fasta can)")  # fmt: skip
+        return StdoutFastaWriter()
     return WRITERS[format](path, meta)

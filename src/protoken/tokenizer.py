@@ -42,7 +42,7 @@ from protoken.fileio import file_sha256
 from protoken.geometry import sixd
 from protoken.inputs import image_id
 from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
-from protoken.token_files import Tokens, load_tokens, open_token_writer
+from protoken.token_files import STDOUT, Tokens, load_tokens, open_token_writer
 
 __all__ = ["INPUT_ERRORS", "EncodeSummary", "Item", "Tokenizer", "Tokens", "decode_to_files",
            "encode_to_file"]  # fmt: skip
@@ -124,6 +124,12 @@ class Tokenizer:
         if pretrained.is_name(name_or_path):
             return cls.from_pretrained(os.fspath(name_or_path), device, batch_size)
         path = os.fspath(name_or_path)
+        if not os.path.lexists(path):
+            near = pretrained.closest(path)
+            raise checkpoint.CheckpointError(
+                f"no checkpoint at {path}, and no bundled tokenizer of that name (bundled: "
+                f"{', '.join(pretrained.names())}" + (f"; did you mean {near!r}?)" if near else ")")
+            )
         ckpt = checkpoint.load(path)
         return cls._of(ckpt, checkpoint_id(path), checkpoint.provenance(ckpt), device, batch_size)
 
@@ -152,14 +158,17 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ inputs
 
-    def prepare(self, source, sequence: str = "", chains: str = "first", models: str = "first",
-                min_len: int = 1, max_len: int | None = None) -> list[Item]:  # fmt: skip
+    def prepare(self, source, sequence: str = "", chains: str = "skip-multi",
+                models: str = "skip-multi", min_len: int = 1,
+                max_len: int | None = None) -> list[Item]:  # fmt: skip
         """Turn an input into model-ready items.
 
-        ``source`` may be a structure file (every protein chain under ``chains``/``models``
-        policies, as ``protoken convert``), a member of a tar archive or Foldcomp database
-        (:class:`protoken.archives.Member`), a PNG written by ``protoken convert`` or an image
-        of its tar shards (:class:`protoken.shards.ShardImage`), an image
+        ``source`` may be a structure file (its protein chains under the ``chains`` and
+        ``models`` policies, with the defaults of ``protoken convert`` and ``encode``: a file of
+        several chains or models is skipped, naming the options that read it), a member of a
+        tar archive or Foldcomp database (:class:`protoken.archives.Member`), a PNG written by
+        ``protoken convert`` or an image of its tar shards
+        (:class:`protoken.shards.ShardImage`), an image
         array (3, L, L) in [-1, 1], or a :class:`protoken.structure.Backbone`. Structures are
         turned into images with the checkpoint's dmax and passed through its bit depth, so the
         model sees exactly what it was trained on. Chains outside ``min_len``..``max_len`` are
@@ -303,10 +312,14 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ public API
 
-    def encode(self, source, sequence: str = "") -> Tokens:
+    def encode(self, source, sequence: str = "", chains: str = "skip-multi",
+               models: str = "skip-multi") -> Tokens:  # fmt: skip
         """One protein (structure file, PNG, image array or Backbone) -> :class:`Tokens`.
-        For a file with several chains use :meth:`encode_many`."""
-        items = self.prepare(source, sequence)
+
+        A file of several chains is skipped as by ``protoken encode`` (SkipStructure, naming
+        the options): ``chains="first"`` takes the first; for every chain
+        (``chains="split"``) use :meth:`encode_many`."""
+        items = self.prepare(source, sequence, chains, models)
         if len(items) != 1:
             raise ValueError(f"{source}: {len(items)} chains; use encode_many")
         return self.tokens_of(items)[0]
@@ -384,22 +397,39 @@ class Tokenizer:
         }
 
     def read_tokens(self, path: str) -> tuple[list[Tokens], dict]:
-        """A token file this tokenizer can decode: ``(tokens, meta)`` (:func:`load_tokens`).
+        """A token file this tokenizer can decode: ``(tokens, meta)`` (:func:`load_tokens`,
+        then :meth:`check_tokens`).
 
         Raises
         ------
         ValueError
-            One line naming the file: not a valid token file, tokens of the other family, or
-            another codebook size.
+            One line naming the file: not a valid token file, or not tokens of this tokenizer.
         """
         tokens, meta = load_tokens(path)
+        self.check_tokens(tokens, meta, path)
+        return tokens, meta
+
+    def check_tokens(self, tokens: Sequence[Tokens], meta: dict, path: str = "tokens") -> None:
+        """Refuse tokens of the other family, of another codebook size, or (when the file does
+        not record its codebook: FASTA) with codes outside this tokenizer's codebook.
+
+        Raises
+        ------
+        ValueError
+            One line naming ``path``.
+        """
+        size = self.config.codebook_size
         if meta["family"] != self.family:
             raise ValueError(f"{path} holds {meta['family']} tokens; this tokenizer decodes "
                              f"{self.family} tokens")  # fmt: skip
-        if meta.get("codebook_size") != self.config.codebook_size:
-            raise ValueError(f"{path} has codebook size {meta.get('codebook_size')}, this "
-                             f"tokenizer {self.config.codebook_size}")  # fmt: skip
-        return tokens, meta
+        if meta.get("codebook_size") is None:
+            top = max((int(c.max()) for t in tokens for c in t.levels if c.size), default=0)
+            if top >= size:
+                raise ValueError(f"{path} has code {top}, outside this tokenizer's codebook "
+                                 f"0..{size - 1}")  # fmt: skip
+        elif meta["codebook_size"] != size:
+            raise ValueError(f"{path} has codebook size {meta['codebook_size']}, this "
+                             f"tokenizer {size}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- many proteins
@@ -425,8 +455,9 @@ def encode_to_file(tok: Tokenizer, sources: Iterable, out: str, format: str = "n
     writer (:func:`protoken.token_files.open_token_writer`, a temporary file given the name
     ``out`` when complete). What grows with the number of proteins is only the set of ids
     written (a repeated id is skipped: the file holds each id once) and the skipped inputs,
-    which are written to ``out.skipped.tsv`` and each told to ``log`` (default: stderr). With
-    nothing to write, no token file is made (``written`` is 0).
+    which are each told to ``log`` (default: stderr) and, when anything was written to a
+    file, recorded in ``out.skipped.tsv``. With nothing to write, no file is made (``written``
+    is 0). ``out`` ``-`` (or ``/dev/stdout``) writes FASTA to standard output.
 
     Raises
     ------
@@ -469,8 +500,8 @@ def encode_to_file(tok: Tokenizer, sources: Iterable, out: str, format: str = "n
         raise
     finally:
         bar.close()
-        if summary.skipped:
-            write_tsv(out + ".skipped.tsv", ("source", "reason"), summary.skipped)
+    if summary.skipped and summary.written and out not in STDOUT:
+        write_tsv(out + ".skipped.tsv", ("source", "reason"), summary.skipped)
     summary.tokens_per_residue = tokens_per_residue / max(summary.written, 1)
     return summary
 

@@ -161,7 +161,8 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
 
     if not cfg.data or not os.path.isdir(cfg.data):
         raise FileNotFoundError(f"data folder not found: {cfg.data!r} (run protoken convert)")
-    index = ImageIndex.build(cfg.data, cfg.only_bins or None, cfg.skip_bins or None)
+    cache = os.path.join(cfg.out, ".protoken-index")  # never in the data folder: it may be shared
+    index = ImageIndex.build(cfg.data, cfg.only_bins or None, cfg.skip_bins or None, cache)
     exclude = read_id_list(cfg.exclude_ids_file) if cfg.exclude_ids_file else []
     rows = {
         split: index.split_rows(split, cfg.valid_frac, cfg.split_key_regex, exclude)

@@ -21,9 +21,11 @@ __all__ = ["RESUMABLE", "TrainConfig", "read_mapping", "resumed_config"]
 
 #: Config fields ``--resume`` lets change; any other difference from RUN/config.json is refused.
 RESUMABLE = frozenset(
-    "data max_steps eval_interval eval_batches eval_structures log_interval ckpt_interval "
+    "data out max_steps eval_interval eval_batches eval_structures log_interval ckpt_interval "
     "num_workers wandb wandb_project wandb_run_name".split()
 )
+# ``out`` is where --resume found RUN/last.pt: the run folder written another way (a trailing
+# slash, an absolute path) or moved since, never another run.
 #: Keys of old configs that no longer mean anything (ignored with a warning).
 _OBSOLETE = {"shuffle_buffer": "the sample order is a seeded permutation per epoch"}
 
@@ -129,13 +131,27 @@ def _explain(exc: ValidationError) -> str:
 
 
 def read_mapping(path: str) -> dict[str, Any]:
-    with open(path) as fh:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    """The config keys of a JSON or YAML file (by its extension).
 
-            d = yaml.safe_load(fh) or {}
-        else:
-            d = json.load(fh)
+    Raises
+    ------
+    ValueError
+        One line naming the file: unreadable, not JSON / YAML, or not a mapping.
+    """
+    try:
+        with open(path) as fh:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                d = yaml.safe_load(fh) or {}
+            else:
+                d = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:  # json.JSONDecodeError
+        raise ValueError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
+    except Exception as exc:  # noqa: BLE001 - yaml's parser errors
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
     return d
