@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 item = tok.prepare(path, chains="first", models="first")[0]
                 row = {
                     "checkpoint": name,
-                    "layout": tok.layout,
+                    "family": tok.family,
                     "target_length": t,
                     "length": int(item.image.shape[-1]),
                     "protein": sid,

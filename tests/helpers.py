@@ -163,3 +163,36 @@ def random_residue_checkpoint(path) -> str:
                              "model_config": config_to_dict(cfg),
                              "codec": CodecSettings().to_dict()})  # fmt: skip
     return str(path)
+
+
+class SquareJob:
+    """A :class:`protoken.convert.pool.Job` for the pool's tests: ``n -> n * n``; the item
+    ``"segv"`` dies by a real SIGSEGV, ``"exit"`` exits at once, ``"hang"`` sleeps inside C code
+    with the catchable signals blocked, ``"raise"`` raises."""
+
+    preload = ("numpy",)
+
+    def run(self, item):
+        import ctypes
+        import os
+        import signal
+
+        if item == "segv":
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGSEGV})
+            signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if item == "exit":
+            os._exit(3)
+        if item == "hang":
+            blocked = {signal.SIGALRM, signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            ctypes.CDLL(None).sleep(3600)
+        if item == "raise":
+            raise OSError("disk full")
+        return ("ok", item, item * item)
+
+    def failed(self, item, reason):
+        return ("failed", item, reason)
+
+    def discard(self, result):
+        pass

@@ -151,7 +151,7 @@ def test_format_1_checkpoints_load_for_inference_and_resume_says_what_to_do(tmp_
         torch.load(path, weights_only=True)
     ckpt = checkpoint.load(path)
     assert ckpt["format"] == 1 and ckpt["rng"][0]["numpy"][0] == "MT19937"
-    model = checkpoint.build_model(ckpt)
+    model = checkpoint.model_from_checkpoint(ckpt)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, payload["model"][k])
     with pytest.raises(checkpoint.CheckpointError, match="format 1.*start a new run.*encode"):

@@ -84,9 +84,19 @@ def test_shard_option_parses_and_rejects(capsys):
         assert "I/N" in capsys.readouterr().err
 
 
-def test_every_command_has_help():
+def test_help_lists_every_command_and_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and all(f"  {name} " in out for name in COMMANDS)
     for name in COMMANDS:
-        assert build_parser(name).format_help().startswith(f"usage: protoken {name}")
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert info.value.code == 0 and out.startswith(f"usage: protoken {name}")
+        for action in build_parser(name)._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and action.option_strings[0] in out, (name, action.dest)
 
 
 def test_missing_inputs_are_a_clear_error(tmp_path, capsys):
@@ -191,7 +201,7 @@ def test_encode_and_decode(structures_dir, tmp_path, capsys):
     out = tmp_path / "t.npz"
     assert main(["encode", *src, "-c", checkpoint, "-o", str(out), "--no-progress"]) == 0
     text = capsys.readouterr()
-    assert "encoded 2 proteins (1 inputs skipped)" in text.out
+    assert "encoded 2 proteins (1 input skipped)" in text.out
     assert "multi-chain" in text.err
     dec = tmp_path / "dec"
     assert main(["decode", str(out), "-c", checkpoint, "-o", str(dec), "--no-progress"]) == 0
@@ -244,7 +254,7 @@ def test_encode_formats_for_language_models(structures_dir, tmp_path, capsys):
     assert (tmp_path / "f" / "kortemme__1CTF_A.png").read_bytes() == (
         tmp_path / "d" / "kortemme__1CTF_A.png"
     ).read_bytes()
-    # grid tokens have no per-residue order: refused before any work; layouts must match
+    # hierarchical tokens have no per-residue order: refused before any work; families must match
     grid = str(DATA / "old-checkpoint.pt")
     capsys.readouterr()
     assert main(["encode", *src, "-c", grid, "--format", "fasta", "-o", str(tmp_path / "g.fa"),
@@ -359,5 +369,96 @@ def test_encode_never_overwrites_and_skips_a_repeated_id(small, micro_checkpoint
     assert main(["encode", str(small[0]), str(small[0]), "-c", micro_checkpoint, "-o", str(out),
                  "--no-progress"]) == 0  # fmt: skip
     text = capsys.readouterr()
-    assert "encoded 1 proteins (1 inputs skipped)" in text.out and "duplicate id" in text.err
+    assert "encoded 1 protein (1 input skipped)" in text.out and "duplicate id" in text.err
     assert [t.id for t in load_tokens(str(out))[0]] == [small[0].stem]
+
+
+# --------------------------------------------------------------------------- what a new user met
+
+
+def test_a_misspelt_checkpoint_names_the_bundled_tokenizers_and_the_closest(
+    structures_dir, tmp_path, capsys
+):
+    src = str(structures_dir / "foldseek__d1asha_.pdb")
+    assert main(["encode", src, "-c", "residu", "-o", str(tmp_path / "t.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at residu" in err and "bundled: default, residue" in err
+    assert "did you mean 'residue'?" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_multi_chain_file_names_the_options_in_the_cli_and_the_api(structures_dir, tmp_path,
+                                                                     capsys):  # fmt: skip
+    """The CLI skipped multi-chain files with no hint of --chains; Tokenizer.encode silently
+    returned chain A of them. One policy: skipped, naming the options, in both."""
+    from protoken.structure import SkipStructure
+    from protoken.tokenizer import Tokenizer
+
+    multi = structures_dir / "foldseek__1tim.pdb.gz"  # two chains
+    tok = Tokenizer.load(str(DATA / "old-checkpoint.pt"))
+    with pytest.raises(SkipStructure, match=r"multi-chain: 2 protein chains .*--chains split"):
+        tok.encode(multi)
+    first = tok.encode(multi, chains="first")
+    assert first.length == len(read_backbones(multi, chains="first")[0])
+    out = tmp_path / "t.npz"
+    code = main(["encode", str(multi), str(structures_dir / "foldseek__d1asha_.pdb"), "-c",
+                 str(DATA / "old-checkpoint.pt"), "-o", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0 and "--chains split" in capsys.readouterr().err
+    assert "--chains split" in (tmp_path / "t.npz.skipped.tsv").read_text()
+
+
+def test_fasta_tokens_go_to_standard_output_and_the_summary_to_standard_error(
+    small, residue_micro, tmp_path, capsys
+):
+    """--out - wrote a file named '-'; --out /dev/stdout was refused."""
+    for out in ("-", "/dev/stdout"):
+        code = main(["encode", *map(str, small), "-c", residue_micro, "--format", "fasta",
+                     "--out", out, "--no-progress"])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0 and not (Path.cwd() / "-").exists()
+        records = captured.out.splitlines()
+        assert [r.split()[0] for r in records[::2]] == [f">{Path(p).stem}" for p in small]
+        assert all(len(r.split()) == int(h.split("length=")[1])
+                   for h, r in zip(records[::2], records[1::2], strict=True))  # fmt: skip
+        assert "encoded 3 proteins (0 inputs skipped) into standard output" in captured.err
+    code = main(["encode", *map(str, small), "-c", residue_micro, "--out", "-"])
+    assert code == 2 and "only --format fasta" in capsys.readouterr().err
+
+
+def test_decode_reads_npz_fasta_and_parquet_alike(small, residue_micro, tmp_path, capsys):
+    """decode read only .npz ('not a token file (ValueError)' for our FASTA and Parquet)."""
+    images = {}
+    for fmt in ("npz", "fasta", "parquet"):
+        tokens = tmp_path / f"t.{fmt}"
+        argv = ["encode", *map(str, small), "-c", residue_micro, "--format", fmt, "-o",
+                str(tokens), "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        out = tmp_path / f"dec-{fmt}"
+        argv = ["decode", str(tokens), "-c", residue_micro, "-o", str(out), "--no-progress"]
+        assert main(argv) == 0, capsys.readouterr().err
+        images[fmt] = {p.name: read_image(p) for p in sorted(out.glob("*.png"))}
+    assert len(images["npz"]) == 3 and capsys.readouterr().out.count("decoded 3 proteins") == 3
+    for fmt in ("fasta", "parquet"):
+        assert images[fmt].keys() == images["npz"].keys()
+        for name, image in images[fmt].items():
+            np.testing.assert_array_equal(image, images["npz"][name])
+    # FASTA names no tokenizer: --checkpoint is needed, and said so
+    code = main(["decode", str(tmp_path / "t.fasta"), "-o", str(tmp_path / "x")])
+    assert code == 2 and "give the one that made it with --checkpoint" in capsys.readouterr().err
+
+
+def test_decode_finds_the_bundled_tokenizer_the_file_names(structures_dir, tmp_path, capsys):
+    tokens = tmp_path / "t.parquet"
+    src = str(structures_dir / "kortemme__1CTF_A.pdb")
+    assert main(["encode", src, "-c", "residue", "--format", "parquet", "-o", str(tokens),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert "decoded 1 protein into" in capsys.readouterr().out
+    assert (tmp_path / "d" / "kortemme__1CTF_A.pdb").stat().st_size > 0
+
+
+def test_nothing_encoded_leaves_no_file_at_all(bad_inputs_dir, tmp_path, capsys):
+    out = tmp_path / "t.npz"
+    code = main(["encode", str(bad_inputs_dir / "empty.pdb"), "-c",
+                 str(DATA / "old-checkpoint.pt"), "-o", str(out), "--no-progress"])  # fmt: skip
+    assert code == 1 and "nothing encoded" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no token file, no .skipped.tsv

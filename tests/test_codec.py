@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from protoken.codec import (
-    SEED_MEAN,
-    SEED_STD,
+    REFERENCE_MEAN,
+    REFERENCE_STD,
     CodecSettings,
     decode_png,
     dequantize,
@@ -188,10 +188,10 @@ def test_standardize_matches_the_seed_and_inverts(image):
     x = dequantize(pixels, dtype=np.float64)
     z = standardize(x)
     # the seed: ToTensor (v / 255) then Normalize(mean, std); ours uses bin centres (v + 0.5)
-    seed = (pixels.transpose(2, 0, 1) / 255.0 - np.reshape(SEED_MEAN, (3, 1, 1))) / np.reshape(
-        SEED_STD, (3, 1, 1)
+    seed = (pixels.transpose(2, 0, 1) / 255.0 - np.reshape(REFERENCE_MEAN, (3, 1, 1))) / np.reshape(
+        REFERENCE_STD, (3, 1, 1)
     )
-    shifted = seed + 0.5 / 255 / np.reshape(SEED_STD, (3, 1, 1))
+    shifted = seed + 0.5 / 255 / np.reshape(REFERENCE_STD, (3, 1, 1))
     below_top = pixels.transpose(2, 0, 1) < 255  # 255 decodes to 1.0 (clipped), not 1 + 1/255
     np.testing.assert_allclose(z[below_top], shifted[below_top], atol=1e-9)
     np.testing.assert_allclose(unstandardize(z), x, atol=1e-12)
@@ -213,7 +213,7 @@ def test_decode_png_rejects_garbage():
 def test_codec_settings_validate_and_round_trip():
     s = CodecSettings(dmax=40.0, bit_depth=16, normalize="reference")
     assert CodecSettings.from_dict(s.to_dict()) == s
-    assert s.mean_std == (SEED_MEAN, SEED_STD)
+    assert s.mean_std == (REFERENCE_MEAN, REFERENCE_STD)
     # "seed", the former name, is read as "reference" (old checkpoints)
     assert CodecSettings.from_dict({**s.to_dict(), "normalize": "seed"}) == s
     with pytest.raises(ValueError):

@@ -31,6 +31,7 @@ class IdentityTokenizer(Tokenizer):
     """A 'perfect tokenizer': decoding returns the input image exactly."""
 
     decodes_coordinates = False  # its decoder makes images
+    family = "hierarchical"
 
     def __init__(self, bit_depth: int = 16):
         self.codec = CodecSettings(bit_depth=bit_depth)

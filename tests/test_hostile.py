@@ -389,7 +389,7 @@ def test_encode_and_reconstruct_refuse_oversized_images(tmp_path, capsys, struct
     write_png(imgs / "good.png", image_of(bb), 16)
     code, out, err = run_cli(["encode", str(imgs), "-c", CHECKPOINT, "-o", str(tmp_path / "t.npz"),
                               "--max-len", "1024", "--no-progress"], capsys)  # fmt: skip
-    assert code == 0 and "encoded 1 proteins (2 inputs skipped)" in out
+    assert code == 0 and "encoded 1 protein (2 inputs skipped)" in out
     with open(tmp_path / "t.npz.skipped.tsv", newline="") as fh:
         skipped = {Path(r["source"]).name: r["reason"] for r in csv.DictReader(fh, delimiter="\t")}
     assert skipped["big.png"].startswith("too large: 3000 x 3000 pixels, more than --max-len")
@@ -879,3 +879,135 @@ def test_busy_is_an_error_of_the_library_too(tmp_path, structures_dir):
                     shard=(1, 3), progress=False)  # fmt: skip
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------- rough edges (24)
+
+
+def test_decode_refuses_a_sequence_shorter_than_its_codes_and_writes_nothing(
+    tmp_path, structures_dir, capsys
+):
+    """decode of a file whose third sequence was cut wrote the first PNGs, then failed."""
+    from protoken.token_files import load_tokens, save_tokens
+    from protoken.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(CHECKPOINT)
+    names = [D1ASHA, "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb", "biotite__1aki.pdb"]
+    good = tmp_path / "good.npz"
+    save_tokens(str(good), tok.encode_many([structures_dir / n for n in names]), tok.meta())
+    with np.load(good) as z:
+        arrays = {k: z[k] for k in z.files}
+    seqs = arrays["sequences"].tolist()
+    seqs[2] = seqs[2][:-5]
+    arrays["sequences"] = np.array(seqs)
+    cut = tmp_path / "cut.npz"
+    np.savez(cut, **arrays)
+    with pytest.raises(ValueError, match=r"cathtools__1avyA00: a sequence of 63 residues for 68"):
+        load_tokens(str(cut))
+    out = tmp_path / "dec"
+    code, _, err = run_cli(["decode", str(cut), "-c", CHECKPOINT, "-o", str(out),
+                            "--no-progress"], capsys)  # fmt: skip
+    assert code == 2 and str(cut) in one_line(err) and "a sequence of 63" in err
+    assert not list(out.iterdir())  # nothing decoded, not even the first proteins
+
+
+@pytest.fixture()
+def shard_folder(tmp_path, structures_dir) -> Path:
+    """Three structures converted to tar shards, with their index."""
+    out = tmp_path / "shards"
+    names = [D1ASHA, "kortemme__1CTF_A.pdb", "cathtools__1avyA00.pdb"]
+    convert([str(structures_dir / n) for n in names],
+            ConvertOptions(out=str(out), format="shards"), workers=1, progress=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("damage", ["header", "unsafe id", "parent path"])
+def test_a_hostile_shard_index_is_one_line_naming_it(shard_folder, tmp_path, capsys, damage):
+    """A shard index with a bad header, an unsafe id or a ../ shard path was reported through
+    the unexpected-error path ('error: ValueError ... PROTOKEN_DEBUG=1')."""
+    (index,) = (shard_folder / "shards").glob("index.*.tsv")
+    lines = index.read_text().splitlines()
+    cols = lines[2].split("\t")
+    if damage == "header":
+        lines[0] = "shard\tmember\tsomething\telse"
+    elif damage == "unsafe id":
+        cols[4] = "../escaped"
+    else:
+        cols[0] = "../../elsewhere.tar"
+    lines[2] = "\t".join(cols)
+    index.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(["encode", str(shard_folder), "-c", CHECKPOINT, "-o",
+                            str(tmp_path / "t.npz"), "--no-progress"], capsys)  # fmt: skip
+    line = one_line(err)
+    assert code == 2 and str(index) in line and "PROTOKEN_DEBUG" not in line, line
+    assert not (tmp_path / "t.npz").exists()
+
+
+def test_a_repeated_shard_index_row_trains_and_encodes_once(shard_folder, tmp_path, capsys,
+                                                            caplog):  # fmt: skip
+    """A duplicate index row trained the image twice."""
+    from protoken.data import ImageIndex
+
+    (index,) = (shard_folder / "shards").glob("index.*.tsv")
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join([*lines, lines[1]]) + "\n")  # the first image listed twice
+    with caplog.at_level(logging.WARNING, logger="protoken.data"):
+        built = ImageIndex.build(shard_folder, cache_dir=tmp_path / "cache")
+    assert len(built) == 3 and len({built.id(i) for i in range(3)}) == 3
+    assert any("listed twice" in r.getMessage() for r in caplog.records)
+    code, out, err = run_cli(["encode", str(shard_folder), "-c", CHECKPOINT, "-o",
+                              str(tmp_path / "t.npz"), "--no-progress"], capsys)  # fmt: skip
+    assert code == 0 and "encoded 3 proteins (1 input skipped)" in out and "duplicate id" in err
+
+
+def test_sharded_encode_of_a_folder_of_a_png_and_a_structure_is_the_unsharded_run(
+    tmp_path, structures_dir
+):
+    """Shard 0 took the PNG and shard 1 the structure file: the union of the shards was not
+    what an unsharded run reads (the PNG only: a folder holding PNGs is read as images)."""
+    from protoken.archives import find_inputs
+    from protoken.inputs import image_id, in_shard, structure_id
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    bb = read_backbones(structures_dir / D1ASHA)[0]
+    png = next(f"p{k}.png" for k in range(100) if in_shard(image_id(f"p{k}.png"), (0, 2)))
+    pdb = next(f"s{k}.pdb" for k in range(100) if in_shard(structure_id(f"s{k}.pdb"), (1, 2)))
+    write_png(folder / png, image_of(bb), 8)
+    shutil.copy(structures_dir / D1ASHA, folder / pdb)
+    whole = sorted(map(str, find_inputs([str(folder)])))
+    assert whole == [str(folder / png)]
+    union = sorted(str(x) for i in range(2) for x in find_inputs([str(folder)], (i, 2)))
+    assert union == whole
+
+
+def test_resume_names_a_config_that_is_not_json_and_takes_a_moved_run(tmp_path, converted8,
+                                                                       capsys):  # fmt: skip
+    """--resume with a damaged config.json gave a message without the file's name; a run
+    folder given with a trailing slash, or moved, could not be resumed ('cannot change out').
+    Training wrote its index cache into the data folder (read-only data must work)."""
+    from helpers import MICRO
+    from protoken.checkpoint import load
+
+    data = tmp_path / "data"
+    shutil.copytree(converted8, data)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--set",
+            f"model={json.dumps(MICRO)}", "--set", 'only_bins=["bin_40_64"]',
+            "--batch-size", "4", "--num-workers", "0",
+            "--max-steps", "2", "--set", "eval_interval=100", "--set", "eval_structures=0",
+            "--set", "eval_batches=1", "--set", "valid_frac=0.3"]  # fmt: skip
+    assert main(args) == 0
+    assert not (data / ".protoken-index").exists() and (run / ".protoken-index").is_dir()
+    config = run / "config.json"
+    saved = config.read_text()
+    config.write_text(saved[: len(saved) // 2])
+    code, _, err = run_cli(["train", "--out", str(run), "--resume"], capsys)
+    assert code == 2 and f"{config}: not valid JSON" in one_line(err)
+    config.write_text(saved)
+    assert main(["train", "--out", f"{run}/", "--resume", "--max-steps", "3"]) == 0
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    assert main(["train", "--out", str(moved), "--resume", "--max-steps", "4"]) == 0
+    assert load(str(moved / "last.pt"))["step"] == 4

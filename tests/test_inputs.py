@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from protoken.archives import find_inputs
 from protoken.inputs import (
     find_images,
-    find_inputs,
     find_structures,
     image_id,
     in_shard,

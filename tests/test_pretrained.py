@@ -64,7 +64,7 @@ def test_encode_decode_round_trips_held_out_structures(name):
     for path in picked:
         t = next(iter(tok.encode_many([path], "first", "first")))
         if name == "residue":
-            assert t.layout == "residue" and t.codes.shape == (t.length,)
+            assert t.family == "residue" and t.codes.shape == (t.length,)
         rec = tok.decode_structure(t)
         bb = read_backbones(path, "first", "first")[0]
         tms.append(compare_with_reference(rec, bb.coords)["tm_score"])

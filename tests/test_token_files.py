@@ -16,8 +16,6 @@ from protoken.token_files import (
     Tokens,
     chains_text,
     load_tokens,
-    load_tokens_fasta,
-    read_token_file,
     save_tokens,
     save_tokens_fasta,
     save_tokens_parquet,
@@ -56,8 +54,8 @@ def test_token_files_round_trip_and_read_with_plain_numpy(tok, structures_dir, t
             np.testing.assert_array_equal(ga, gb)
     # the documented layout, without protoken
     z = np.load(path)
-    assert str(z["format"]) == "protoken-tokens/2" and z["level0_codes"].dtype == np.uint16
-    assert meta["layout"] == "grid" and tokens[0].layout == "grid"
+    assert str(z["format"]) == "protoken-tokens/3" and z["level0_codes"].dtype == np.uint16
+    assert meta["family"] == "hierarchical" and tokens[0].family == "hierarchical"
     i = 2
     n = int(z["lengths"][i])
     k = math.ceil(n / meta["level_scales_coarse_first"][0])
@@ -79,12 +77,12 @@ def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structure
     path = str(tmp_path / "r.npz")
     save_tokens(path, tokens, rtok.meta())
     back, meta = load_tokens(path)
-    assert meta["layout"] == "residue" and meta["codebook_size"] == 4096 and meta["stages"] == K
+    assert meta["family"] == "residue" and meta["codebook_size"] == 4096 and meta["stages"] == K
     for a, b in zip(tokens, back, strict=True):
         assert (a.id, a.length, a.sequence, a.chains) == (b.id, b.length, b.sequence, b.chains)
         np.testing.assert_array_equal(a.stages, b.stages)
     z = np.load(path)  # the documented layout, with plain numpy
-    assert str(z["format"]) == "protoken-tokens/2" and z["codes"].dtype == np.uint16
+    assert str(z["format"]) == "protoken-tokens/3" and z["codes"].dtype == np.uint16
     off = z["offsets"]
     np.testing.assert_array_equal(z["codes"][off[1] : off[2]], tokens[1].codes)
     np.testing.assert_array_equal(z[f"codes_stage{K}"][off[1] : off[2]], tokens[1].stages[:, -1])
@@ -102,7 +100,7 @@ def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structure
             values = [int(v) for v in line.split()]
             assert len(values) == len(t.sequence) == t.length and values == t.stages[:, k].tolist()
     assert lines[-K - 1].split()[2] == f"chains=H:100,L:{tokens[0].length - 100}"
-    back = load_tokens_fasta(str(tmp_path / "r.fasta"))
+    back, _ = load_tokens(str(tmp_path / "r.fasta"))
     for a, b in zip(tokens, back, strict=True):
         assert (a.id, a.length, a.chains, b.sequence) == (b.id, b.length, b.chains, "")
         np.testing.assert_array_equal(a.stages, b.stages)
@@ -111,13 +109,13 @@ def test_residue_token_files_round_trip_as_npz_fasta_and_parquet(rtok, structure
     table = pq.read_table(str(tmp_path / "r.parquet"))
     stage_columns = ["tokens"] + [f"tokens_{k}" for k in range(2, K + 1)]
     assert table.column_names == ["id", "sequence", *stage_columns, "length", "chain_ids",
-                                  "chain_lengths"]  # fmt: skip
+                                  "chain_lengths", "res_ids"]  # fmt: skip
     for t, row in zip(tokens, table.to_pylist(), strict=True):
         assert row["id"] == t.id and row["sequence"] == t.sequence and row["length"] == t.length
         for k, col in enumerate(stage_columns):
             assert row[col] == t.stages[:, k].tolist() and len(row[col]) == len(row["sequence"])
         assert list(zip(row["chain_ids"], row["chain_lengths"], strict=True)) == list(t.chains)
-    back, meta = read_token_file(str(tmp_path / "r.parquet"))
+    back, meta = load_tokens(str(tmp_path / "r.parquet"))
     assert meta["stages"] == K and [b.chains for b in back] == [t.chains for t in tokens]
     for a, b in zip(tokens, back, strict=True):
         np.testing.assert_array_equal(a.stages, b.stages)
@@ -135,7 +133,7 @@ def test_the_first_k_stages_are_tokens_of_their_own(rtok, structures_dir, tmp_pa
     save_tokens_fasta(str(tmp_path / "one.fasta"), [one])
     head = (tmp_path / "one.fasta").read_text().splitlines()[0]
     assert "stages=" not in head  # one stage: the format of a single code per residue
-    assert load_tokens_fasta(str(tmp_path / "one.fasta"))[0].n_stages == 1
+    assert load_tokens(str(tmp_path / "one.fasta"))[0][0].n_stages == 1
     with pytest.raises(ValueError, match="stages"):
         t.first_stages(t.n_stages + 1)
 
@@ -146,14 +144,14 @@ def test_chain_layouts_that_do_not_add_up_are_refused(tmp_path):
         Tokens("x", 50, "", codes, (("A", 20), ("B", 20)))
     (tmp_path / "bad.fasta").write_text(">x length=50 chains=A:20,B:20\n" + "1 " * 50 + "\n")
     with pytest.raises(ValueError) as info:
-        read_token_file(str(tmp_path / "bad.fasta"))
+        load_tokens(str(tmp_path / "bad.fasta"))
     assert str(info.value).startswith(str(tmp_path / "bad.fasta")) and "\n" not in str(info.value)
     (tmp_path / "short.fasta").write_text(">x length=50 stages=2\n" + "1 " * 50 + "\n1 2\n")
     with pytest.raises(ValueError, match="expected 50 codes"):
-        read_token_file(str(tmp_path / "short.fasta"))
+        load_tokens(str(tmp_path / "short.fasta"))
     (tmp_path / "junk.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a token file"):
-        read_token_file(str(tmp_path / "junk.txt"))
+        load_tokens(str(tmp_path / "junk.txt"))
 
 
 def _rewrite(path, out, **changes):
@@ -173,8 +171,9 @@ def test_bad_token_files_are_refused_in_one_line_naming_the_file(rtok, structure
     good = str(tmp_path / "good.npz")
     save_tokens(good, tokens, rtok.meta())
     with np.load(good) as z:
-        codes, ids, offsets = z["codes"], z["ids"], z["offsets"]
+        codes, ids, offsets, seqs = z["codes"], z["ids"], z["offsets"], z["sequences"]
     bad = {
+        "short sequence": dict(sequences=np.array([seqs[0], seqs[1][:-3]])),
         "out of range": dict(codes=np.where(np.arange(len(codes)) == 3, 60000, codes)),
         "negative": dict(codes=np.where(np.arange(len(codes)) == 3, -5, codes).astype(np.int32)),
         "duplicate ids": dict(ids=np.array([ids[0], ids[0]])),
@@ -193,13 +192,38 @@ def test_bad_token_files_are_refused_in_one_line_naming_the_file(rtok, structure
     (tmp_path / "random.npz").write_bytes(os.urandom(300))
     with pytest.raises(ValueError, match="not a token file"):
         load_tokens(str(tmp_path / "random.npz"))
+    # FASTA and Parquet are checked alike
+    save_tokens_fasta(str(tmp_path / "good.fasta"), tokens)
+    text = (tmp_path / "good.fasta").read_text()
+    first = text.splitlines()[1]
+    for what, changed in {
+        "length": text.replace(first, first + " 7", 1),
+        "not numbers": text.replace(first, first.replace(" ", " x", 1), 1),
+        "negative": text.replace(first, "-1 " + first.split(" ", 1)[1], 1),
+        "unsafe id": text.replace(f">{tokens[0].id}", ">../escaped", 1),
+        "no header": "1 2 3\n" + text,
+    }.items():
+        path = tmp_path / f"{what.replace(' ', '_')}.fasta"
+        path.write_text(changed)
+        with pytest.raises(ValueError) as info:
+            load_tokens(str(path))
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value), what
+    back, meta = load_tokens(str(tmp_path / "good.fasta"))
+    assert meta == {"family": "residue", "codebook_size": None} and len(back) == 2
+    assert all(np.array_equal(a.codes, b.codes) for a, b in zip(tokens, back, strict=True))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "tokens": [[1, 2]]}), str(tmp_path / "cols.parquet"))
+    with pytest.raises(ValueError, match="not a token table"):
+        load_tokens(str(tmp_path / "cols.parquet"))
 
 
 # --------------------------------------------------------------------------- streamed writers
 
 
 def _synthetic(n: int, length: int = 200, start: int = 0):
-    """n residue-layout Tokens under new ids (one codes array shared: only the writer's own
+    """n residue-family Tokens under new ids (one codes array shared: only the writer's own
     memory is measured)."""
     codes = np.arange(length, dtype=np.int64) % 4096
     seq = "ACDEFGHIKLMNPQRSTVWY" * (length // 20)
@@ -214,7 +238,7 @@ def test_token_writers_memory_does_not_grow_with_the_number_of_proteins(rtok, tm
     from helpers import peak_python_memory
 
     if fmt == "parquet":
-        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow.parquet as pq  # a dependency: Parquet works out of the box
 
     def write(n: int) -> str:
         path = str(tmp_path / f"t{n}.{fmt}")
@@ -233,7 +257,7 @@ def test_token_writers_memory_does_not_grow_with_the_number_of_proteins(rtok, tm
         tokens, meta = load_tokens(path)
         assert [t.id for t in tokens[::4999]] == ["p000000", "p004999", "p009998"]
         assert all(np.array_equal(t.codes, np.arange(200) % 4096) for t in tokens[::997])
-        assert meta["layout"] == "residue" and len(tokens) == 10000
+        assert meta["family"] == "residue" and len(tokens) == 10000
     elif fmt == "fasta":
         with open(path) as fh:
             assert sum(1 for line in fh if line.startswith(">")) == 10000
@@ -246,8 +270,6 @@ def test_token_writers_memory_does_not_grow_with_the_number_of_proteins(rtok, tm
 
 @pytest.mark.parametrize("fmt", ["npz", "fasta", "parquet"])
 def test_a_failed_write_leaves_nothing_and_an_existing_file_is_kept(rtok, tmp_path, fmt):
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
     path = tmp_path / f"t.{fmt}"
     with pytest.raises(RuntimeError, match="stop"):
         with WRITERS[fmt](path, rtok.meta()) as out:
@@ -280,7 +302,7 @@ import sys, time
 import numpy as np
 from protoken.token_files import Tokens, open_token_writer
 path, fmt = sys.argv[1], sys.argv[2]
-meta = {"codebook_size": 4096, "layout": "residue"}
+meta = {"codebook_size": 4096, "family": "residue"}
 with open_token_writer(path, meta, fmt) as out:
     for i in range(100000):
         out.add(Tokens(f"p{i}", 50, "A" * 50, [np.zeros(50, dtype=np.int64)]))
@@ -299,8 +321,6 @@ def test_a_killed_write_leaves_no_complete_looking_file(tmp_path, fmt):
     import subprocess
     import sys
 
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
     path = tmp_path / f"t.{fmt}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), fmt],
@@ -330,7 +350,7 @@ def test_numbering_survives_npz_and_parquet_and_is_dropped_when_unknown(rtok, st
         assert z["res_numbers"][:3].tolist() == [-3, -2, 0] and chr(z["res_icodes"][2]) == "A"
     pytest.importorskip("pyarrow")
     save_tokens_parquet(str(tmp_path / "n.parquet"), [numbered], rtok.meta())
-    assert read_token_file(str(tmp_path / "n.parquet"))[0][0].res_ids == numbered.res_ids
+    assert load_tokens(str(tmp_path / "n.parquet"))[0][0].res_ids == numbered.res_ids
     odd = Tokens("odd", t.length, t.sequence, t.levels, t.chains, ("1 2",) * t.length)
     save_tokens(str(tmp_path / "m.npz"), [numbered, odd], rtok.meta())
     assert all(b.res_ids == () for b in load_tokens(str(tmp_path / "m.npz"))[0])

@@ -147,8 +147,8 @@ def test_token_files_of_format_2_load_and_the_bundled_tokenizers_give_the_same_t
     assert [(t.id, t.length, t.sequence) for t in new] == [(t.id, t.length, t.sequence)
                                                           for t in old]  # fmt: skip
     for a, b in zip(old, new, strict=True):
-        assert len(a.levels) == len(b.levels) and a.layout == b.layout
-        if a.layout == "residue":  # format 2 holds (L,) codes: one stage
+        assert len(a.levels) == len(b.levels) and a.family == b.family
+        if a.family == "residue":  # format 2 holds (L,) codes: one stage
             np.testing.assert_array_equal(a.stages, b.stages)
             continue
         for ga, gb in zip(a.levels, b.levels, strict=True):
@@ -157,7 +157,7 @@ def test_token_files_of_format_2_load_and_the_bundled_tokenizers_give_the_same_t
     assert image.shape == (3, old[0].length, old[0].length) and np.isfinite(image).all()
 
 
-# --------------------------------------------------------------------------- per-residue layout
+# --------------------------------------------------------------------------- per-residue family
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def rtok(residue_checkpoint) -> Tokenizer:
 def test_residue_tokens_decode_like_the_forward_pass_from_any_number_of_stages(
     rtok, structures_dir
 ):
-    assert rtok.layout == "residue" and rtok.bits_per_token == 12
+    assert rtok.family == "residue" and rtok.bits_per_token == 12
     K = rtok.model.n_stages
     items = [rtok.prepare(structures_dir / n)[0] for n in NAMES]
     levels, decoded = rtok.roundtrip([it.image for it in items])
@@ -195,7 +195,7 @@ def test_residue_tokens_decode_like_the_forward_pass_from_any_number_of_stages(
         np.testing.assert_allclose(np.tril(decoded[i][0]), np.tril(want[0]), atol=1e-4)
         np.testing.assert_allclose(decoded[i], want, atol=2e-2)
     t = rtok.encode(structures_dir / "foldseek__d1asha_.pdb")
-    assert t.layout == "residue" and t.codes.shape == (147,) and t.n_tokens == 147 * K
+    assert t.family == "residue" and t.codes.shape == (147,) and t.n_tokens == 147 * K
     assert len(t.sequence) == 147 and t.chains == (("A", 147),)
     # decode from the first k stages = decode of the tokens truncated to k stages
     for k in range(1, K + 1):
@@ -214,7 +214,7 @@ def test_residue_tokens_decode_like_the_forward_pass_from_any_number_of_stages(
     assert list(rec.atoms) == ["N", "CA", "C", "O", "CB"]
     via_image = rtok.decode_structure(t, via="image")
     assert via_image.cb.shape == (147, 3)
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ValueError, match="family"):
         tok_grid = Tokenizer.load(str(DATA / "old-checkpoint.pt"), device="cpu")
         tok_grid.decode(t)
 

@@ -122,6 +122,7 @@ def wait_for_steps(run: Path, n: int, proc: subprocess.Popen) -> None:
 TRAIN = [sys.executable, "-m", "protoken", "train"]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores; still run by the README's test command
 def test_training_lowers_the_loss(mixed_data, tmp_path):
     cfg = config(
         mixed_data,
@@ -180,6 +181,7 @@ def test_training_lowers_the_loss(mixed_data, tmp_path):
     )
 
 
+@pytest.mark.slow  # over 30 s on 2 cores; still run by the README's test command
 def test_signal_to_the_process_group_stops_saves_and_resume_is_exact(data_root, tmp_path):
     """SIGTERM to the whole process group of a run with DataLoader workers (how SLURM and
     Kubernetes pre-empt): the workers ignore it, the run stops at a step boundary, writes
@@ -258,6 +260,7 @@ def test_torchrun_two_processes_on_mixed_lengths_with_workers(data_root, tmp_pat
     assert len(sizes) >= 2, sizes
 
 
+@pytest.mark.slow  # over 30 s on 2 cores; still run by the README's test command
 def test_srun_launch_and_sigusr1_exit_75_on_every_task(mixed_data, tmp_path):
     """Two tasks started as srun does (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no
     torchrun) get SLURM's --signal=USR1@60 as a signal to their process group: each exits
@@ -465,14 +468,14 @@ def test_pixel_weighting_divides_by_the_mean_pixels_of_a_step(mixed_data):
     from protoken.codec import read_image
     from protoken.data import BatchPlan, ImageIndex
     from protoken.model import build_model
-    from protoken.train import reference_weight
+    from protoken.train import mean_step_weight
 
     index = ImageIndex.build(mixed_data)
     plan = BatchPlan(index, index.split_rows("train", 0.1), 4, True, seed=0)
     pixels = sum(read_image(index.path(i)).shape[-1] ** 2 for i in plan.rows)
     data = SimpleNamespace(train=SimpleNamespace(plan=plan))
     cfg = config(mixed_data, Path("unused"), grad_accum=2)
-    got = reference_weight(build_model("tiny", MICRO), data, cfg, SimpleNamespace(world_size=3))
+    got = mean_step_weight(build_model("tiny", MICRO), data, cfg, SimpleNamespace(world_size=3))
     assert got == pytest.approx(3 * pixels / plan.batches_per_epoch * 3 * 2)
 
 

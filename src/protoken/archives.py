@@ -42,10 +42,12 @@ import numpy as np
 from protoken.inputs import (
     STRUCTURE_SUFFIXES,
     Shard,
+    find_images,
     find_structures,
     in_shard,
     is_structure_name,
     structure_id,
+    walk_files,
 )
 
 __all__ = [
@@ -172,30 +174,29 @@ def find_sources(
 
 
 def find_inputs(inputs, shard: Shard | None = None, follow_links: bool = False) -> Iterator:
-    """Stream what ``protoken encode`` reads: as :func:`protoken.inputs.find_inputs` (a folder
-    holding PNGs is read as images, other inputs as structures), plus the images of folders
-    written by ``convert --format shards`` (:class:`protoken.shards.ShardImage`) and the
-    members of tar archives and Foldcomp databases (:class:`Member`), read in place."""
-    from protoken.inputs import find_inputs as find_files
+    """Stream what ``protoken encode`` and ``protoken evaluate`` read, structures or images:
+    a folder written by ``convert --format shards`` gives its images
+    (:class:`protoken.shards.ShardImage`), a folder holding any PNG its PNGs
+    (:func:`protoken.inputs.find_images`), and any other input what :func:`find_sources`
+    finds (structure files, and the members of tar archives and Foldcomp databases
+    (:class:`Member`), read in place). Whether a folder is read as images does not depend on
+    ``shard``, so the shards of a run partition what an unsharded run reads.
+
+    Raises
+    ------
+    FileNotFoundError
+        An input does not exist (raised when the stream reaches it).
+    """
     from protoken.shards import index_files, iter_shard_images
 
     for item in inputs:
         item = os.fspath(item)
         if os.path.isdir(item) and index_files(item):
             yield from iter_shard_images(item, shard)
-        elif os.path.isdir(item):
-            pngs = False
-            for found in find_files([item], shard, follow_links):
-                if found.lower().endswith(".png"):
-                    pngs = True
-                    yield found
-                else:
-                    break
-            if not pngs:
-                yield from find_sources([item], shard, follow_links)
+        elif os.path.isdir(item) and next(walk_files(item, (".png",), follow_links), None):
+            yield from find_images([item], shard, follow_links)
         else:
-            members = iter_archive(item, shard)
-            yield from find_files([item], shard, follow_links) if members is None else members
+            yield from find_sources([item], shard, follow_links)
 
 
 # --------------------------------------------------------------------------- tar

@@ -26,7 +26,7 @@ still reads it with ``weights_only=True``, allowing just numpy's array and dtype
 a replay of the old stream) and says so.
 
 Inference never imports training code: the tokenizer uses :func:`load` and
-:func:`build_model`. torch is imported only when needed, so the CLI can catch
+:func:`model_from_checkpoint`. torch is imported only when needed, so the CLI can catch
 :class:`CheckpointError` without loading it.
 """
 
@@ -47,9 +47,9 @@ from protoken.fileio import atomic_path
 __all__ = [
     "FORMAT",
     "CheckpointError",
-    "build_model",
     "describe",
     "load",
+    "model_from_checkpoint",
     "provenance",
     "rng_state",
     "save",
@@ -247,11 +247,11 @@ def validate(ckpt: Any, path: str = "checkpoint", training: bool = False) -> Non
             )
 
 
-def build_model(ckpt: dict[str, Any]) -> Any:
+def model_from_checkpoint(ckpt: dict[str, Any]) -> Any:
     """The model of a checkpoint, with its weights, in eval mode."""
-    from protoken.model import build_model as build
+    from protoken.model import build_model
 
-    model = build(ckpt["model_config"])
+    model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

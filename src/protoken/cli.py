@@ -22,6 +22,10 @@ Exit codes, one policy for every command (:func:`main`):
 
 Every error is one line on stderr, ``protoken COMMAND: ...``, never a traceback (set
 ``PROTOKEN_DEBUG=1`` to see one for an unexpected error).
+
+One module of ~900 lines on purpose: every command's options in one place, so that the option
+groups are declared once and every command's help, checks and exit codes read alike; what a
+command does is in the library.
 """
 
 from __future__ import annotations
@@ -90,21 +94,17 @@ def _byte_size(text: str) -> int:
     return value
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a SLURM allocation)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def max_workers() -> int:
     """The most ``--workers`` accepted: 4 per available core (conversion is CPU-bound; more
     processes only cost memory and switching), at least 8."""
+    from protoken.convert.pool import available_cores
+
     return max(8, 4 * available_cores())
 
 
 def _workers_type(text: str) -> int:
+    from protoken.convert.pool import available_cores
+
     value = _positive_int(text)
     if value > max_workers():
         raise argparse.ArgumentTypeError(
@@ -241,12 +241,13 @@ def _structure_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["pdb", "cif"], default="pdb", help="output format")
 
 
-def _checkpoint(parser: argparse.ArgumentParser) -> None:
+def _checkpoint(parser: argparse.ArgumentParser, default: str | None = "default") -> None:
+    what = "'default'" if default else "the bundled tokenizer the token file names"
     parser.add_argument(
         "--checkpoint",
         "-c",
-        default="default",
-        help="a bundled tokenizer's name (default: 'default'; see protoken pretrained) or "
+        default=default,
+        help=f"a bundled tokenizer's name (default: {what}; see protoken pretrained) or "
         "best.pt / last.pt of a protoken train run",
     )
 
@@ -458,7 +459,7 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_recorded_dmax(images, dmax: float | None) -> None:
     """Refuse a ``--dmax`` that contradicts the convert.json beside any of the images (one
     convert.json read per folder; the images are streamed, only their folders kept)."""
-    from protoken.convert.settings import agreed, settings_beside
+    from protoken.convert_settings import agreed, settings_beside
 
     if dmax is None:
         return
@@ -517,14 +518,21 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="structure files, PNG images, or folders of either")  # fmt: skip
+                        help="structure files, PNG images, archives (tar, Foldcomp), folders of "
+                        "either, or folders written by convert --format shards")  # fmt: skip
     _checkpoint(parser)
-    parser.add_argument("--out", "-o", required=True, help="token file to write")
+    parser.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        help="token file to write; - (or /dev/stdout) writes --format fasta to standard "
+        "output, the summary then going to standard error",
+    )
     parser.add_argument(
         "--format",
         choices=["npz", "fasta", "parquet"],
         default="npz",
-        help="npz: the token file protoken decode reads (both layouts); fasta: one record per "
+        help="npz: the token file protoken decode reads (both families); fasta: one record per "
         "protein, its tokens as space-separated integers, one per residue; parquet: columns "
         "id, sequence, tokens, length (pyarrow). fasta and parquet need per-residue tokens",
     )
@@ -540,14 +548,19 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _encode(args: argparse.Namespace) -> int:
     from protoken.archives import find_inputs
+    from protoken.token_files import STDOUT
     from protoken.tokenizer import Tokenizer, encode_to_file
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
-    _out_file(args.out)
+    to_stdout = args.out in STDOUT
+    if to_stdout and args.format != "fasta":
+        raise UsageError(f"--out {args.out}: only --format fasta is written to standard output")
+    if not to_stdout:
+        _out_file(args.out)
     tok = Tokenizer.load(args.checkpoint, batch_size=args.batch_size)
     _set_stages(tok, args)
-    if args.format != "npz" and tok.layout != "residue":
+    if args.format != "npz" and tok.family != "residue":
         raise UsageError(
             f"--format {args.format} writes one token per residue; {args.checkpoint} makes "
             "grids of tokens (use a per-residue tokenizer such as 'residue', or --format npz)"
@@ -556,21 +569,22 @@ def _encode(args: argparse.Namespace) -> int:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise UsageError(
-                "--format parquet needs pyarrow: pip install 'protoken[parquet]'"
-            ) from None
+            raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
     try:
         done = encode_to_file(tok, find_inputs(args.inputs, args.shard, args.follow_links),
                               args.out, args.format, args.chains, args.models, args.min_len,
                               args.max_len, progress=not args.no_progress)  # fmt: skip
     except FileNotFoundError as exc:
         return _fail("encode", exc)
+    except ValueError as exc:  # inputs that cannot be read at all (a malformed shard index)
+        return _fail("encode", f"error: {exc}")
     if not done.written:
         return _fail("encode", "nothing encoded", EXIT_NOTHING)
     bits = done.tokens_per_residue * tok.bits_per_token
-    print(f"encoded {done.written} proteins ({len(done.skipped)} inputs skipped) into "
-          f"{args.out}; {done.tokens_per_residue:.2f} tokens ({bits:.1f} bits) per residue "
-          "on average")  # fmt: skip
+    where = "standard output" if to_stdout else args.out
+    print(f"encoded {_count(done.written, 'protein')} ({_count(len(done.skipped), 'input')} "
+          f"skipped) into {where}; {done.tokens_per_residue:.2f} tokens ({bits:.1f} bits) per "
+          "residue on average", file=sys.stderr if to_stdout else sys.stdout)  # fmt: skip
     return EXIT_OK
 
 
@@ -578,7 +592,7 @@ def _decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "tokens", metavar="FILE", help="token file written by protoken encode (npz, FASTA, Parquet)"
     )
-    _checkpoint(parser)
+    _checkpoint(parser, default=None)
     parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
     _structure_output(parser)
     _stages(parser, "decode from")
@@ -586,18 +600,32 @@ def _decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    from protoken import pretrained
     from protoken.inputs import UnsafePath
+    from protoken.token_files import load_tokens
     from protoken.tokenizer import Tokenizer, decode_to_files
 
     _out_folder(args.out)
-    tok = Tokenizer.load(args.checkpoint)
-    _set_stages(tok, args)
+    tok = Tokenizer.load(args.checkpoint) if args.checkpoint else None
     try:
-        tokens, meta = tok.read_tokens(args.tokens)  # every field checked; errors name the file
+        tokens, meta = load_tokens(args.tokens)  # every field checked; errors name the file
     except ValueError as exc:
         raise UsageError(f"token file {exc}") from None
     except Exception as exc:  # noqa: BLE001 - anything else a malformed file causes: one line
         raise UsageError(f"cannot read token file {args.tokens}: {exc}") from None
+    if tok is None:  # the bundled tokenizer the file names
+        checkpoint = pretrained.name_of(meta.get("checkpoint", ""))
+        if checkpoint is None:
+            raise UsageError(
+                f"token file {args.tokens} does not name a bundled tokenizer: give the one "
+                "that made it with --checkpoint (e.g. -c residue)"
+            )
+        tok = Tokenizer.load(checkpoint)
+    _set_stages(tok, args)
+    try:
+        tok.check_tokens(tokens, meta, args.tokens)
+    except ValueError as exc:
+        raise UsageError(f"token file {exc}") from None
     if meta.get("checkpoint") and meta["checkpoint"] != tok.checkpoint:
         print(f"protoken decode: warning: tokens were made by checkpoint {meta['checkpoint']}, "
               f"decoding with {tok.checkpoint}", file=sys.stderr)  # fmt: skip
@@ -606,8 +634,13 @@ def _decode(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)  # fmt: skip
     except UnsafePath as exc:
         raise UsageError(f"token file {args.tokens}: {exc}") from None
-    print(f"decoded {len(tokens)} proteins into {args.out} (ID.png, ID.{args.format})")
+    print(f"decoded {_count(len(tokens), 'protein')} into {args.out} (ID.png, ID.{args.format})")
     return EXIT_OK
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 protein``, ``2 proteins``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -615,7 +648,8 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="structure files or folders (PNG images also accepted)")  # fmt: skip
+                        help="structure files, PNG images, archives (tar, Foldcomp), "
+                        "or folders of either")  # fmt: skip
     _checkpoint(parser)
     parser.add_argument("--out", "-o", required=True, help="report folder")
     parser.add_argument(
@@ -631,8 +665,8 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from protoken.archives import find_inputs
     from protoken.evaluate import evaluate
-    from protoken.inputs import find_inputs
     from protoken.report import headline
     from protoken.tokenizer import Tokenizer
 
@@ -673,11 +707,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "(fine-tuning; a new optimiser). Its family and weight shapes must match the model's; "
         "weights the model has and it lacks start from their initialisation",
     )
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--max-steps", type=int, help="optimiser steps of the whole run")
+    parser.add_argument("--batch-size", type=int, help="images per batch and process")
+    parser.add_argument("--lr", type=float, help="peak learning rate (after the warm-up)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers per process")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute precision (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -806,14 +844,15 @@ def _pretrained(args: argparse.Namespace) -> int:
             continue
         meta = pretrained.info(name)
         mc, res = meta["model_config"], meta.get("results", {})
+        test = f"{res.get('proteins', '?')} proteins of {res.get('test_set', 'its test set')}"
         print(f"{name:<10} {mc.get('family', 'hierarchical')} family. {meta.get('summary', '')}")
         for r in res.get("by_stage") or ([res] if res else []):
             rate = (f"{r['stages']} stage{'s' if r['stages'] > 1 else ''}, " if "stages" in r
                     else "")  # fmt: skip
             by = ", ".join(f"{b['lengths']}: {b['tm_score']:.2f}" for b in r.get("by_length", []))
             bits = r["bits_per_residue_median"]
-            print(f"{'':<11}held-out median TM-score {r['tm_score_median']:.3f} ({rate}"
-                  f"{bits:g} bits per residue; by length {by})")  # fmt: skip
+            print(f"{'':<11}median TM-score {r['tm_score_median']:.3f} ({rate}{bits:g} bits per "
+                  f"residue; by length {by}) on {test}")  # fmt: skip
     print("model card: protoken pretrained NAME; use: protoken encode FILES -c NAME --out t.npz")
     return EXIT_OK
 

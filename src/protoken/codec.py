@@ -34,14 +34,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from protoken.convert.settings import agreed, settings_beside
+from protoken.convert_settings import agreed, settings_beside
 from protoken.fileio import atomic_write
 from protoken.geometry import DMAX, SixD
 
 __all__ = [
-    "SEED_MEAN",
-    "SEED_STD",
     "MAX_IMAGE_SIDE",
+    "NORMALIZE_ALIASES",
+    "REFERENCE_MEAN",
+    "REFERENCE_STD",
     "CodecSettings",
     "check_image",
     "check_png_header",
@@ -67,8 +68,8 @@ __all__ = [
 #: loader's constants): ``normalize="reference"``.
 REFERENCE_MEAN = (0.4081, 0.5336, 0.4414)
 REFERENCE_STD = (0.2538, 0.2752, 0.2157)
-SEED_MEAN, SEED_STD = REFERENCE_MEAN, REFERENCE_STD  # the former names
-#: Normalisation names of older versions -> current ones ("seed" now means only an RNG seed).
+#: Normalisation names of older versions -> current ones ("seed" now means only an RNG seed):
+#: the one place the old name is read (checkpoints, run configs, the data options).
 NORMALIZE_ALIASES = {"seed": "reference"}
 
 
@@ -374,7 +375,7 @@ def read_converted_image(
     """Read an image with the settings ``protoken convert`` recorded beside it.
 
     The ``convert.json`` of the image's folder or the one above
-    (:func:`protoken.convert.settings.settings_beside`) says which dmax and bit depth the image
+    (:func:`protoken.convert_settings.settings_beside`) says which dmax and bit depth the image
     was made with. Returns (image (3, L, L) in [-1, 1], dmax): the recorded dmax, else
     ``dmax``, else the default 80 A.
 
@@ -441,14 +442,14 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bit_depth: int = 8) ->
     atomic_write(path, encode_png(image, bit_depth))
 
 
-def standardize(image, mean=SEED_MEAN, std=SEED_STD):
+def standardize(image, mean=REFERENCE_MEAN, std=REFERENCE_STD):
     """Per-channel standardisation of an image in [-1, 1] (numpy or torch, channels first
     at axis -3): ((x + 1) / 2 - mean) / std, as the reference design's ToTensor + Normalize."""
     m, s = _channel_constants(image, mean, std)
     return ((image + 1.0) / 2.0 - m) / s
 
 
-def unstandardize(image, mean=SEED_MEAN, std=SEED_STD):
+def unstandardize(image, mean=REFERENCE_MEAN, std=REFERENCE_STD):
     """Inverse of :func:`standardize`: back to [-1, 1]."""
     m, s = _channel_constants(image, mean, std)
     return (image * s + m) * 2.0 - 1.0

@@ -66,16 +66,34 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
     _convert_bundled(out, "[1/2]", workers, log)
     tok = Tokenizer.load(checkpoint)
     held_out = heldout_structures()
+    n_bundled = sum(1 for _ in os.scandir(bundled_structures()) if _.name.endswith(".gz"))
     report = os.path.join(out, "report")
     log(
-        f"[2/2] encoding the {len(held_out)} held-out proteins with the pretrained tokenizer "
-        f"{checkpoint!r} ({tok.layout} layout), decoding them to 3D, report in {report}"
+        f"[2/2] encoding with the pretrained tokenizer {checkpoint!r} ({tok.family} family) "
+        f"the {len(held_out)} bundled proteins held out from its training (the other "
+        f"{n_bundled - len(held_out)} share a sequence 8-mer with its training set; "
+        f"resources/structures/HELDOUT.txt), decoding them to 3D, report in {report}"
     )
     result = evaluate(tok, held_out, report, workers=workers, progress=False, log=log)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     log(headline(result, report))
+    log(_test_sets(checkpoint, len(held_out)))
     log(NEXT_STEPS.format(checkpoint=checkpoint))
     return result
+
+
+def _test_sets(checkpoint: str, n: int) -> str:
+    """Which proteins the demo's figures are of, beside those of the tokenizer's model card."""
+    from protoken import pretrained
+
+    text = f"(the figures above are of the {n} held-out bundled proteins"
+    if pretrained.is_name(checkpoint):
+        res = pretrained.info(checkpoint).get("results", {})
+        if "tm_score_median" in res:
+            text += (f"; the model card's median TM-score {res['tm_score_median']:.3f} is of "
+                     f"its test set of {res.get('proteins', '?')} proteins: "
+                     f"{res.get('test_set', 'see protoken pretrained')}")  # fmt: skip
+    return text + ")"
 
 
 def demo_train(out: str, max_steps: int = 600, workers: int | None = None, log=print) -> dict:

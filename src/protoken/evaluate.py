@@ -11,7 +11,9 @@
 - :func:`summarize`: the statistics of metric rows that both commands write to
   ``summary.json``.
 
-What the commands write (tables, report, pictures) is in :mod:`protoken.report`.
+What the commands write (tables, report, pictures) is in :mod:`protoken.report`. The two
+pipelines share the comparison, the lookups and the streamed worker pool, hence one module of
+~660 lines.
 """
 
 from __future__ import annotations
@@ -324,7 +326,9 @@ def _imap(fn: Callable, tasks: Iterable, workers: int | None, progress: bool = F
     """
     from tqdm import tqdm
 
-    workers = workers or os.cpu_count() or 1
+    from protoken.convert.pool import available_cores
+
+    workers = workers or available_cores()
     tasks = iter(tasks)
     head = list(itertools.islice(tasks, 2))
     bar = tqdm(desc=desc, unit="protein", disable=not progress, file=sys.stderr)
@@ -727,7 +731,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``; with
     ``ceiling`` also ``ceiling_*``, the same metrics of the input image reconstructed without
     the tokenizer (what the image -> 3D path alone reaches: the ceiling of any tokenizer).
-    The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``layout`` and
+    The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``family`` and
     ``provenance`` (training steps, preset, data), ``structure_from`` (``via``: a per-residue
     decoder's own backbone, ``"decoder"``, or the decoded image through MDS, ``"image"``; see
     :meth:`protoken.tokenizer.Tokenizer.decode_structure`) and, per-residue, ``stages``.
@@ -823,9 +827,9 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     summary["codebook_usage_per_level_coarsest_first"] = [
         round(float(seen.mean()), 4) for seen in used]  # fmt: skip
     summary["checkpoint"] = getattr(tokenizer, "checkpoint", "")
-    summary["layout"] = getattr(tokenizer, "layout", "grid")
+    summary["family"] = getattr(tokenizer, "family", "hierarchical")
     summary["structure_from"] = "decoder" if from_decoder else "image"
-    if summary["layout"] == "residue":
+    if summary["family"] == "residue":
         summary["stages"] = len(used)
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)

@@ -4,9 +4,10 @@ One place decides which files a command reads and what each is called:
 
 - :func:`walk_files`: the files under a folder, streamed with ``os.scandir`` (constant memory,
   even for one flat folder of millions of files);
-- :func:`find_structures` (``protoken convert``), :func:`find_images` (``protoken
-  reconstruct``) and :func:`find_inputs` (``encode`` / ``evaluate``: PNGs or structures) turn
-  the paths given on the command line into a stream of files;
+- :func:`find_structures` (``protoken convert``) and :func:`find_images` (``protoken
+  reconstruct``) turn the paths given on the command line into a stream of files (what
+  ``encode`` and ``evaluate`` read, structures or images, is
+  :func:`protoken.archives.find_inputs`);
 - :func:`structure_id` and :func:`image_id`: the id of a file (the stem every output is named
   after), always a *safe id* (:func:`safe_id`);
 - :func:`safe_id`, :func:`is_safe_id`, :func:`check_under` and :func:`safe_output_path`: names
@@ -52,7 +53,6 @@ __all__ = [
     "chain_output_id",
     "check_under",
     "find_images",
-    "find_inputs",
     "find_structures",
     "image_id",
     "in_shard",
@@ -406,20 +406,3 @@ def find_images(
         for path in walk_files(item, (".png",), follow_links=follow_links):
             if in_shard(image_id(path), shard):
                 yield path
-
-
-def find_inputs(
-    inputs: Iterable[str], shard: Shard | None = None, follow_links: bool = False
-) -> Iterator[str]:
-    """Stream structure files or PNG images: a folder holding any PNG is read as images, any
-    other input as structures (:func:`find_structures`); sharded alike."""
-    for item in inputs:
-        item = os.fspath(item)
-        pngs = False
-        if os.path.isdir(item):
-            for path in walk_files(item, (".png",), follow_links=follow_links):
-                pngs = True
-                if in_shard(image_id(path), shard):
-                    yield path
-        if not pngs:
-            yield from find_structures([item], shard, follow_links)

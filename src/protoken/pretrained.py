@@ -26,7 +26,8 @@ from typing import Any
 
 from protoken.fileio import file_sha256
 
-__all__ = ["aliases", "card", "export", "info", "is_name", "load", "names", "resolve"]
+__all__ = ["aliases", "card", "closest", "export", "info", "is_name", "load", "name_of", "names",
+           "resolve"]  # fmt: skip
 
 _DIR = "resources/pretrained"
 
@@ -77,6 +78,26 @@ def is_name(text: str | os.PathLike) -> bool:
     except KeyError:
         return False
     return True
+
+
+def closest(text: str) -> str | None:
+    """The bundled name closest to a misspelt one (``residu`` -> ``residue``), or None."""
+    import difflib
+
+    found = difflib.get_close_matches(os.path.basename(os.fspath(text)), names(), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def name_of(checkpoint_id: str) -> str | None:
+    """The bundled tokenizer a checkpoint id recorded in token files names
+    (``residue-0123456789ab`` -> ``residue``), or None for another checkpoint."""
+    name, _, digest = str(checkpoint_id).rpartition("-")
+    if not name or len(digest) != 12:
+        return None
+    try:
+        return resolve(name)
+    except KeyError:
+        return None
 
 
 def info(name: str) -> dict[str, Any]:

@@ -115,8 +115,8 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
     md = [
         "# protoken evaluation",
         "",
-        f"Tokenizer `{s.get('checkpoint', '')}` ({s.get('layout', 'grid')} layout; trained: "
-        f"{trained}), {s['proteins']} proteins ({s['skipped_inputs']} inputs skipped). "
+        f"Tokenizer `{s.get('checkpoint', '')}` ({s.get('family', 'hierarchical')} family; "
+        f"trained: {trained}), {s['proteins']} proteins ({s['skipped_inputs']} inputs skipped). "
         "Structures are reconstructed from the decoded images (classical MDS, handedness from "
         "the image's own chiral channels, distance refinement"
         + (", full backbone" if backbone else "")

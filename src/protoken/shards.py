@@ -40,7 +40,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from protoken.convert.settings import read_settings
+from protoken.convert_settings import read_settings
 from protoken.fileio import drop_partial_last_line
 from protoken.inputs import Shard, check_under, in_shard, is_safe_id
 

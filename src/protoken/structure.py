@@ -30,6 +30,10 @@ Hostile files are bounded: at most ``max_bytes`` (:data:`DEFAULT_MAX_BYTES`) are
 inflated from gzip, as a stream, and a gzip stream of binary data is refused after its first
 block; a backbone whose coordinates are degenerate (all zero, repeated, consecutive CA atoms
 closer than 0.5 A for most of the chain) is refused with a reason.
+
+One module of ~830 lines on purpose: the two parser backends feed one reading policy (which
+residues are kept, chain and model policies, the bounds), and the writer is its inverse;
+split by backend, each part would only make sense beside the others.
 """
 
 from __future__ import annotations
@@ -806,7 +810,8 @@ def read_backbones(
     if n_models == 0:
         raise SkipStructure("no atoms")
     if n_models > 1 and models == "skip-multi":
-        raise SkipStructure(f"multi-model: {n_models} models{note}; use --models first")
+        raise SkipStructure(f"multi-model: {n_models} models{note}; --models first (models="
+                            "'first') reads the first")  # fmt: skip
     kept: list[tuple[_Chain, np.ndarray]] = []
     n_dropped_total = 0
     for ch in raw_chains:
@@ -825,7 +830,9 @@ def read_backbones(
         if chains == "skip-multi":
             ids = ",".join(ch.chain_id or "' '" for ch, _ in kept)
             raise SkipStructure(
-                f"multi-chain: {len(kept)} protein chains ({ids}); use --chains split|first|complex"
+                f"multi-chain: {len(kept)} protein chains ({ids}); --chains split (an image "
+                "per chain), first or complex (all in one image) (chains='split', 'first' or "
+                "'complex') reads them"
             )
         if chains == "first":
             kept = kept[:1]

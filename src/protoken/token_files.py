@@ -5,16 +5,16 @@ Three formats (``protoken encode --format``):
 
 ``npz`` (:class:`NpzTokenWriter`, read by :func:`load_tokens`, and by plain ``numpy.load``)::
 
-    format           "protoken-tokens/2"  (version 1, before the per-residue family, is read)
-    meta             JSON: layout ("grid" or "residue"), checkpoint id, model config, codec
-                     settings, codebook size, level scales, provenance
+    format           "protoken-tokens/3"  (versions 1 and 2 are read: see below)
+    meta             JSON: family ("hierarchical" or "residue"), checkpoint id, model config,
+                     codec settings, codebook size, level scales, stages, provenance
     ids, sequences   (N,) str;   lengths (N,) int32
-    grid layout:     level{l}_codes   all proteins' level-l grids, flattened row-major and
+    hierarchical:    level{l}_codes   all proteins' level-l grids, flattened row-major and
                                       concatenated (uint16 when the codebook has <= 65536 codes)
                      level{l}_offsets (N + 1,) int64: protein i's grid is
                                       codes[offsets[i]:offsets[i + 1]], reshaped to
                                       (ceil(L_i / s_l), ceil(L_i / s_l))
-    residue layout:  codes, offsets   one code per residue (the first stage): protein i's are
+    residue:         codes, offsets   one code per residue (the first stage): protein i's are
                                       codes[offsets[i]:offsets[i + 1]], L_i of them
                      codes_stage{k}   stage k = 2 .. K of residual tokens (meta "stages": K),
                                       with the same offsets
@@ -26,8 +26,10 @@ Three formats (``protoken encode --format``):
                                       author number and insertion code (0: none), present
                                       when every protein recorded its numbering
 
-Stages, chains and numbering were added without changing the format's version: a reader of version 2
-ignores the members it does not know and reads the first stage of every protein.
+Version 2 named the family in ``meta["layout"]`` (``"grid"`` for hierarchical), version 1
+(before the per-residue family) did not name it; the arrays are the same in all three. Stages,
+chains and numbering are members of their own: a reader of version 2 that ignores members it
+does not know reads the first stage of every protein.
 
 ``fasta`` (:class:`FastaTokenWriter`, per-residue tokens only): ``>ID length=L`` (plus
 `` chains=A:120,B:98`` for a complex and `` stages=K`` for K > 1 stages), then the codes of
@@ -40,8 +42,11 @@ residue.
 for a single chain of unknown id), ``res_ids`` (the author numbering, empty when unknown); the
 meta as the schema's ``protoken`` metadata (JSON).
 
-All three are read back by :func:`read_token_file` (FASTA has no meta: the tokenizer comes
-from the caller).
+:func:`load_tokens` reads all three (from a file's first bytes) and checks every field (FASTA
+records no tokenizer: the decoding one checks the codes).
+
+One module of ~900 lines on purpose: each format's reader and writer side by side, so that
+they cannot drift apart.
 
 Every writer streams protein by protein under a temporary name and gives the file its name
 only when complete (:func:`protoken.fileio.publish`: never over an existing file);
@@ -72,19 +77,22 @@ __all__ = [
     "TokenWriter",
     "Tokens",
     "chains_text",
+    "STDOUT",
+    "StdoutFastaWriter",
     "load_tokens",
-    "load_tokens_fasta",
-    "load_tokens_parquet",
     "open_token_writer",
     "parse_chains",
-    "read_token_file",
     "save_tokens",
     "save_tokens_fasta",
     "save_tokens_parquet",
 ]
 
-TOKEN_FORMAT = "protoken-tokens/2"
-_FORMATS = ("protoken-tokens/1", TOKEN_FORMAT)
+TOKEN_FORMAT = "protoken-tokens/3"
+#: Older formats, still read: version 1 held the hierarchical family only; version 2 named the
+#: family in ``meta["layout"]`` ("grid" for hierarchical).
+_V1, _V2 = "protoken-tokens/1", "protoken-tokens/2"
+_V2_LAYOUTS = {"grid": "hierarchical", "residue": "residue"}
+FAMILIES = ("hierarchical", "residue")
 
 
 @dataclass
@@ -99,9 +107,9 @@ class Tokens:
     sequence : str
         One-letter sequence ("" when encoded from an image without one), chains concatenated.
     levels : list of ndarray
-        Residue layout: one ``(L, K)`` int array, the K stages of residue i in row i (an
-        ``(L,)`` array is one stage). Grid layout: coarsest level first, level l an int array
-        (ceil(L / s_l), ceil(L / s_l)).
+        Residue family: one ``(L, K)`` int array, the K stages of residue i in row i (an
+        ``(L,)`` array is one stage). Hierarchical family: coarsest level first, level l an int
+        array (ceil(L / s_l), ceil(L / s_l)).
     chains : tuple of (str, int)
         The chain layout of a complex, ``(chain id, residues)`` in order; empty for a single
         chain whose id is not recorded.
@@ -128,17 +136,17 @@ class Tokens:
                              "residues")  # fmt: skip
 
     @property
-    def layout(self) -> str:
-        """``"residue"`` (codes per residue) or ``"grid"``."""
+    def family(self) -> str:
+        """``"residue"`` (codes per residue) or ``"hierarchical"`` (grids of codes)."""
         first = np.asarray(self.levels[0]) if len(self.levels) == 1 else None
         per_residue = first is not None and first.ndim in (1, 2) and first.shape[0] == self.length
-        return "residue" if per_residue and (first.ndim == 1 or self.length > 1) else "grid"
+        return "residue" if per_residue and (first.ndim == 1 or self.length > 1) else "hierarchical"
 
     @property
     def stages(self) -> np.ndarray:
-        """The ``(L, K)`` codes of the residue layout, stage k of residue i at ``[i, k]``."""
-        if self.layout != "residue":
-            raise ValueError(f"{self.id}: grid tokens have no per-residue codes")
+        """The ``(L, K)`` codes of the residue family, stage k of residue i at ``[i, k]``."""
+        if self.family != "residue":
+            raise ValueError(f"{self.id}: hierarchical tokens have no per-residue codes")
         codes = np.asarray(self.levels[0])
         return codes[:, None] if codes.ndim == 1 else codes
 
@@ -149,7 +157,7 @@ class Tokens:
 
     @property
     def n_stages(self) -> int:
-        return self.stages.shape[1] if self.layout == "residue" else 0
+        return self.stages.shape[1] if self.family == "residue" else 0
 
     def first_stages(self, k: int) -> Tokens:
         """These tokens with only the first ``k`` stages (the rate knob)."""
@@ -233,19 +241,68 @@ def save_tokens(path: str, tokens: Iterable[Tokens], meta: dict) -> None:
 
 
 def load_tokens(path: str) -> tuple[list[Tokens], dict]:
-    """Read a token file (version 1 or 2): ``(tokens, meta)``.
+    """Read a token file of any of the three formats (from its first bytes): ``(tokens,
+    meta)``, the meta with ``family`` and ``codebook_size`` (None for FASTA, which records no
+    tokenizer). Every ``.npz`` version (1, 2, 3) is read.
 
     Raises
     ------
     ValueError
         One line naming the file and what is wrong: not a token file, a missing key, bad
         metadata, arrays of the wrong type or shape, offsets that do not match the lengths,
-        codes outside the codebook, duplicate or unsafe ids.
+        chain lengths that do not sum to a length, codes outside the codebook, a sequence
+        whose length is not the protein's, duplicate or unsafe ids. Nothing is returned of a
+        file with any such fault.
     """
 
     def bad(why: str) -> ValueError:
         return ValueError(f"{path}: {why}")
 
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise bad(f"unreadable ({exc.strerror or type(exc).__name__})") from None
+    try:
+        if head.startswith(b"PAR1"):
+            tokens, meta = _read_parquet(path, bad)
+        elif head.startswith(b">"):
+            tokens, meta = _read_fasta(path, bad)
+        else:
+            tokens, meta = _read_npz(path, bad)
+    except ValueError as exc:  # e.g. a chain layout that does not add up: name the file
+        if str(exc).startswith(path):
+            raise
+        raise bad(str(exc)) from None
+    _check_proteins(tokens, meta.get("codebook_size"), bad)
+    return tokens, meta
+
+
+def _check_proteins(tokens: list[Tokens], size: int | None, bad) -> None:
+    """What every format must hold: unique safe ids (they become file names), lengths within
+    the images protoken reads, a sequence of the protein's length (or none), and codes within
+    the codebook (of size ``size``, when known)."""
+    ids = [t.id for t in tokens]
+    if len(set(ids)) != len(ids):
+        raise bad("several proteins share an id (each would overwrite the other)")
+    unsafe = [i for i in ids if not is_safe_id(i)]
+    if unsafe:
+        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
+    for t in tokens:
+        if not 1 <= t.length <= MAX_IMAGE_SIDE:
+            raise bad(f"{t.id}: length {t.length} outside 1..{MAX_IMAGE_SIDE}")
+        if t.sequence and len(t.sequence) != t.length:
+            raise bad(f"{t.id}: a sequence of {len(t.sequence)} residues for {t.length} "
+                      "residues of codes")  # fmt: skip
+        for codes in t.levels:
+            codes = np.asarray(codes)
+            if codes.size and (int(codes.min()) < 0 or (size and int(codes.max()) >= size)):
+                top = f"0..{size - 1}" if size else "0.."
+                raise bad(f"{t.id}: codes outside the codebook {top}")
+
+
+def _read_npz(path: str, bad) -> tuple[list[Tokens], dict]:
+    """The ``.npz`` format (module docstring), every field checked."""
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -261,7 +318,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         if key not in arrays:
             raise bad(f"missing {key!r}")
     fmt = str(arrays["format"])
-    if fmt not in _FORMATS:
+    if fmt not in (TOKEN_FORMAT, _V2, _V1):
         raise bad(f"not a protoken token file (format {fmt[:40]!r})")
     try:
         meta = json.loads(str(arrays["meta"]))
@@ -269,8 +326,15 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         raise bad("meta is not JSON") from None
     if not isinstance(meta, dict):
         raise bad("meta is not a JSON object")
-    layout = meta.get("layout", "grid") if fmt == TOKEN_FORMAT else "grid"
-    meta["layout"] = layout
+    if fmt == TOKEN_FORMAT:
+        family = meta.get("family")
+    elif fmt == _V2:
+        family = _V2_LAYOUTS.get(meta.pop("layout", "grid"))
+    else:
+        family = "hierarchical"
+    if family not in FAMILIES:
+        raise bad(f"unknown family {str(family)[:40]!r}")
+    meta["family"] = family
     ids, seqs, lengths = arrays["ids"], arrays["sequences"], arrays["lengths"]
     if ids.dtype.kind != "U" or seqs.dtype.kind != "U" or lengths.dtype.kind not in "iu":
         raise bad("ids and sequences must be strings, lengths integers")
@@ -279,25 +343,18 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         raise bad("ids, sequences and lengths must be (N,) arrays of one N")
     if n and (lengths.min() < 1 or lengths.max() > MAX_IMAGE_SIDE):
         raise bad(f"lengths must lie in 1..{MAX_IMAGE_SIDE}")
-    if len(set(ids.tolist())) != n:
-        raise bad("several proteins share an id (each would overwrite the other)")
-    unsafe = [i for i in ids.tolist() if not is_safe_id(i)]
-    if unsafe:
-        raise bad(f"unsafe id {unsafe[0][:40]!r} (ids become file names)")
     size = meta.get("codebook_size")
     if not isinstance(size, int) or size < 1:
         raise bad("meta has no valid codebook_size")
-    if layout == "residue":
+    if family == "residue":
         scales, names = [1], [("codes", "offsets")]
-    elif layout == "grid":
+    else:
         scales = meta.get("level_scales_coarse_first")
         if not isinstance(scales, list) or not scales or not all(
                 isinstance(v, int) and v >= 1 for v in scales):  # fmt: skip
             raise bad("meta has no valid level_scales_coarse_first")
         names = [(f"level{lv}_codes", f"level{lv}_offsets") for lv in range(len(scales))]
-    else:
-        raise bad(f"unknown layout {layout!r}")
-    stages = meta.get("stages", 1) if layout == "residue" else 1
+    stages = meta.get("stages", 1) if family == "residue" else 1
     if not isinstance(stages, int) or stages < 1:
         raise bad("meta has no valid number of stages")
     per_level = []
@@ -309,7 +366,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
             raise bad(f"{ck} must be a 1-D integer array")
         if offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
             raise bad(f"{ok} must be (N + 1,) integers")
-        if layout == "residue":
+        if family == "residue":
             sizes = lengths.astype(np.int64)
         else:
             sizes = np.ceil(lengths / s).astype(np.int64) ** 2
@@ -319,7 +376,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= size):
             raise bad(f"codes outside the codebook 0..{size - 1} in {ck}")
         per_level.append((codes, expect))
-    later = []  # stages 2..K of the residue layout, each with the first stage's offsets
+    later = []  # stages 2..K of the residue family, each with the first stage's offsets
     for k in range(2, stages + 1):
         codes = arrays.get(f"codes_stage{k}")
         if codes is None or codes.shape != per_level[0][0].shape or codes.dtype.kind not in "iu":
@@ -341,7 +398,7 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
         levels = []
         for (codes, off), s in zip(per_level, scales, strict=True):
             c = codes[off[i] : off[i + 1]].astype(np.int64)
-            if layout == "grid":
+            if family == "hierarchical":
                 k = math.ceil(length / s)
                 c = c.reshape(k, k)
             elif later:
@@ -355,118 +412,104 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
     return out, meta
 
 
-def read_token_file(path: str) -> tuple[list[Tokens], dict]:
-    """Any token file ``protoken encode`` writes: ``.npz`` (:func:`load_tokens`), ``.parquet``
-    (:func:`load_tokens_parquet`) or FASTA (:func:`load_tokens_fasta`, whose meta is empty),
-    chosen by the file's first bytes. Raises ValueError naming the file for anything else."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if head.startswith(b"PK"):
-        return load_tokens(path)
-    if head == b"PAR1":
-        return load_tokens_parquet(path)
-    if head.startswith(b">"):
-        return load_tokens_fasta(path), {}
-    raise ValueError(f"{path}: not a token file (neither .npz, Parquet nor FASTA)")
+#: The longest line read from a FASTA token file: a header, or the codes of the longest
+#: protein (MAX_IMAGE_SIDE codes of at most 10 digits and a space).
+_MAX_LINE = 11 * MAX_IMAGE_SIDE + 1024
 
 
-_FASTA_LINE = 16 * MAX_IMAGE_SIDE  # bytes: a line of codes of the longest protein
-
-
-def load_tokens_fasta(path: str) -> list[Tokens]:
-    """Read a FASTA token file (the module docstring): every record's stages and chains, the
-    sequence empty (FASTA token files do not hold it). ValueError with the line for a bad
-    header, a line of codes of the wrong length or not integers, an unsafe or repeated id."""
+def _read_fasta(path: str, bad) -> tuple[list[Tokens], dict]:
+    """Per-residue tokens as :class:`FastaTokenWriter` writes them: ``>ID length=L`` (with
+    ``chains=`` and ``stages=K``), then K lines of L codes. No sequence and no tokenizer is
+    recorded (``codebook_size`` None); every line is read bounded (:data:`_MAX_LINE`)."""
     out: list[Tokens] = []
-    seen: set[str] = set()
-    with open(path, "rb") as fh:
-        lines = iter(enumerate(fh, 1))
-        for no, raw in lines:
-            if len(raw) > _FASTA_LINE:
-                raise ValueError(f"{path}:{no}: line longer than {_FASTA_LINE} bytes")
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
+    number = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+
+        def line() -> str:
+            nonlocal number
+            text = fh.readline(_MAX_LINE)
+            number += 1
+            if len(text) >= _MAX_LINE:
+                raise bad(f"line {number}: longer than {_MAX_LINE} characters")
+            return text
+
+        while head := line():
+            if not head.strip():
                 continue
-            if not line.startswith(">"):
-                raise ValueError(f"{path}:{no}: expected a '>ID length=L' header")
-            words = line[1:].split()
+            if not head.startswith(">") or not head[1:].split():
+                raise bad(f"line {number}: not a '>ID length=L' header")
+            words = head[1:].split()
             fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
-            tid = words[0] if words else ""
-            if not is_safe_id(tid) or tid in seen:
-                raise ValueError(f"{path}:{no}: unsafe or repeated id {tid[:40]!r}")
             try:
-                length, stages = int(fields["length"]), int(fields.get("stages", 1))
+                stages = int(fields.get("stages", 1))
                 chains = parse_chains(fields.get("chains", ""))
-            except (KeyError, ValueError):
-                raise ValueError(f"{path}:{no}: bad header {line[:80]!r}") from None
-            if not 1 <= length <= MAX_IMAGE_SIDE or not 1 <= stages <= 64:
-                raise ValueError(f"{path}:{no}: length or stages out of range")
+            except ValueError:
+                raise bad(f"line {number}: bad header {head.strip()[:80]!r}") from None
+            if not 1 <= stages <= 64:
+                raise bad(f"line {number}: stages={stages} out of range")
             rows = []
             for _ in range(stages):
-                no, raw = next(lines, (no + 1, b""))
-                if len(raw) > _FASTA_LINE:
-                    raise ValueError(f"{path}:{no}: line longer than {_FASTA_LINE} bytes")
+                body = line()
                 try:
-                    codes = np.array(raw.split(), dtype=np.int64)
-                except ValueError:
-                    raise ValueError(f"{path}:{no}: codes must be integers") from None
-                if codes.shape != (length,) or (length and codes.min() < 0):
-                    raise ValueError(f"{path}:{no}: expected {length} codes >= 0, "
-                                     f"got {codes.size}")  # fmt: skip
-                rows.append(codes)
-            seen.add(tid)
-            try:
-                out.append(Tokens(tid, length, "", [np.stack(rows, 1)], chains))
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from None
+                    rows.append(np.array([int(v) for v in body.split()], dtype=np.int64))
+                except (ValueError, OverflowError):
+                    raise bad(f"line {number}: codes must be whole numbers") from None
+            length = len(rows[0])
+            stated = fields.get("length")
+            if stated is not None and stated != str(length):
+                raise bad(f"line {number}: {length} codes for length={stated}")
+            if any(len(r) != length for r in rows) or not length:
+                raise bad(f"line {number}: expected {length} codes in each of {stages} stages")
+            out.append(Tokens(words[0], length, "", [np.stack(rows, 1)], chains))
     if not out:
-        raise ValueError(f"{path}: no FASTA records")
-    return out
+        raise bad("no token record")
+    return out, {"family": "residue", "codebook_size": None}
 
 
-def load_tokens_parquet(path: str) -> tuple[list[Tokens], dict]:
-    """Read a Parquet token file (the module docstring): ``(tokens, meta)``."""
+def _read_parquet(path: str, bad) -> tuple[list[Tokens], dict]:
+    """Per-residue tokens as :class:`ParquetTokenWriter` writes them (pyarrow)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("reading Parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+        raise bad("reading Parquet needs pyarrow: pip install pyarrow") from None
     try:
         table = pq.read_table(path)
-        meta = json.loads((table.schema.metadata or {}).get(b"protoken", b"{}"))
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds on a bad file
-        raise ValueError(
-            f"{path}: not a readable Parquet token file ({type(exc).__name__})"
-        ) from None
-    cols = set(table.column_names)
-    if not {"id", "sequence", "tokens", "length"} <= cols or not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a protoken Parquet token file")
-    stage_cols = ["tokens"] + sorted((c for c in cols if c.startswith("tokens_")),
-                                     key=lambda c: int(c.split("_")[1]))  # fmt: skip
-    data = table.to_pydict()
-    out, seen = [], set()
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors of a damaged file: one line
+        raise bad(f"unreadable Parquet ({' '.join(str(exc).split())[:120]})") from None
+    if not {"id", "sequence", "tokens", "length"} <= set(table.column_names):
+        raise bad(f"not a token table (columns {table.column_names[:6]})")
+    raw = (table.schema.metadata or {}).get(b"protoken", b"{}")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise bad("the protoken metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("family", "residue") != "residue":
+        raise bad("the protoken metadata is not that of per-residue tokens")
+    meta["family"] = "residue"
+    meta.pop("layout", None)
     size = meta.get("codebook_size")
-    for i, tid in enumerate(data["id"]):
-        length = data["length"][i]
-        if not is_safe_id(tid) or tid in seen or not 1 <= length <= MAX_IMAGE_SIDE:
-            raise ValueError(f"{path}: row {i}: unsafe or repeated id, or length out of range")
-        codes = [np.asarray(data[c][i], dtype=np.int64) for c in stage_cols]
-        if any(c.shape != (length,) for c in codes) or any(
-            len(c) and (c.min() < 0 or (isinstance(size, int) and c.max() >= size)) for c in codes
-        ):
-            raise ValueError(f"{path}: row {i} ({tid}): codes do not match its length or codebook")
-        res_ids = data["res_ids"][i] if "res_ids" in data else None
-        cids = data["chain_ids"][i] if "chain_ids" in data else None
-        sizes = data["chain_lengths"][i] if "chain_lengths" in data else None
-        chains = tuple(zip(cids or [], sizes or [], strict=True))
-        seen.add(tid)
-        try:
-            out.append(Tokens(tid, length, data["sequence"][i] or "", [np.stack(codes, 1)], chains,
-                              res_ids or ()))  # fmt: skip
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise bad("meta has no valid codebook_size")
+    cols = set(table.column_names)
+    stage_cols = ["tokens"] + sorted((c for c in cols if c.startswith("tokens_")
+                                      and c[7:].isdigit()), key=lambda c: int(c[7:]))  # fmt: skip
+    out = []
+    try:
+        for row in table.to_pylist():
+            length = int(row["length"])
+            codes = [np.asarray(row[c], dtype=np.int64) for c in stage_cols]
+            if any(c.shape != (length,) for c in codes):
+                raise bad(f"{row['id']}: codes of a stage are not {length} long")
+            chains = tuple(zip(row.get("chain_ids") or [], row.get("chain_lengths") or [],
+                               strict=True))  # fmt: skip
+            out.append(Tokens(str(row["id"]), length, str(row["sequence"] or ""),
+                              [np.stack(codes, 1)], chains, row.get("res_ids") or ()))  # fmt: skip
+    except (TypeError, ValueError, OverflowError) as exc:
+        if str(exc).startswith(path):
+            raise
+        raise bad(
+            f"a row of the wrong types or layout ({' '.join(str(exc).split())[:80]})"
+        ) from None
     return out, meta
 
 
@@ -495,7 +538,7 @@ def _chain_arrays(arrays: dict, lengths: np.ndarray, bad) -> list[tuple]:
 def _residue_only_error(what: str) -> ValueError:
     return ValueError(
         f"{what} needs per-residue tokens (a residue-family tokenizer such as 'residue'); "
-        "grid tokens have no order aligned with the sequence"
+        "hierarchical tokens have no order aligned with the sequence"
     )
 
 
@@ -543,7 +586,7 @@ class TokenWriter:
         self.path = os.fspath(path)
         self.meta = dict(meta or {})
         self.count = 0
-        self.layout: str | None = None
+        self.family: str | None = None
         self.tmp = temp_name(self.path, self.suffix)
         self._done = False
         if os.path.lexists(self.path):
@@ -553,11 +596,11 @@ class TokenWriter:
         """Append one protein's tokens."""
         if self._done:
             raise ValueError(f"{self.path}: writer already closed")
-        if self.layout is None:
-            self.layout = tokens.layout
+        if self.family is None:
+            self.family = tokens.family
             self._start()
-        elif tokens.layout != self.layout:
-            raise ValueError(f"{self.path}: tokens of both layouts in one file")
+        elif tokens.family != self.family:
+            raise ValueError(f"{self.path}: tokens of both families in one file")
         self._add(tokens)
         self.count += 1
 
@@ -638,7 +681,7 @@ class NpzTokenWriter(TokenWriter):
     _BLOCK = 1 << 16  # records per block when the spools are copied into the archive
 
     def _start(self) -> None:
-        self.meta = {**self.meta, "layout": self.layout}
+        self.meta = {**self.meta, "family": self.family}
         self.dtype = np.dtype(_code_dtype(self.meta))
         folder = os.path.dirname(os.path.abspath(self.path))
         self.ids, self.seqs, self.lengths = _Spool(folder), _Spool(folder), _Spool(folder)
@@ -648,8 +691,8 @@ class NpzTokenWriter(TokenWriter):
 
     def _add(self, t: Tokens) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
-        # the residue layout's stages are spooled as columns, grids level by level
-        parts = ([t.stages[:, k] for k in range(t.n_stages)] if self.layout == "residue"
+        # the residue family's stages are spooled as columns, grids level by level
+        parts = ([t.stages[:, k] for k in range(t.n_stages)] if self.family == "residue"
                  else list(t.levels))  # fmt: skip
         if not self.levels:
             self.n_levels = len(parts)
@@ -659,10 +702,10 @@ class NpzTokenWriter(TokenWriter):
             self.res_numbers, self.res_icodes = _Spool(folder), _Spool(folder)
             self.numbered = True
             self.max_chain = 1
-            if self.layout == "residue":
+            if self.family == "residue":
                 self.meta["stages"] = self.n_levels
         if len(parts) != self.n_levels:
-            what = "stages" if self.layout == "residue" else "levels"
+            what = "stages" if self.family == "residue" else "levels"
             raise ValueError(f"{t.id}: {len(parts)} {what}, the file has {self.n_levels}")
         for spool, text in ((self.ids, t.id), (self.seqs, t.sequence)):
             data = text.encode("utf-8", "surrogatepass")
@@ -698,14 +741,14 @@ class NpzTokenWriter(TokenWriter):
             self._strings(zf, "ids", self.ids, self.max_id, n)
             self._strings(zf, "sequences", self.seqs, self.max_seq, n)
             self._copy(zf, "lengths", self.lengths, np.dtype(np.int32), n)
-            if self.layout == "residue":  # stage 1 as format 2 had it, then the others
+            if self.family == "residue":  # stage 1 as format 2 had it, then the others
                 names = ["codes"] + [f"codes_stage{k}" for k in range(2, self.n_levels + 1)]
             else:
                 names = [f"level{lv}_codes" for lv in range(self.n_levels)]
             for lv, (key, spool) in enumerate(zip(names, self.levels, strict=True)):
                 self._copy(zf, key, spool, self.dtype, spool.items)
-                if self.layout != "residue" or lv == 0:
-                    off = "offsets" if self.layout == "residue" else f"level{lv}_offsets"
+                if self.family != "residue" or lv == 0:
+                    off = "offsets" if self.family == "residue" else f"level{lv}_offsets"
                     self._offsets(zf, off, lv)
             if self.chain_ids.items:
                 c = self.chain_ids.items
@@ -767,7 +810,7 @@ class NpzTokenWriter(TokenWriter):
                 left -= k
 
     def _offsets(self, zf, name: str, lv: int) -> None:
-        scale = 1 if self.layout == "residue" else self.meta["level_scales_coarse_first"][lv]
+        scale = 1 if self.family == "residue" else self.meta["level_scales_coarse_first"][lv]
         self.lengths.fh.seek(0)
         with self._open(zf, name, np.dtype(np.int64), (self.count + 1,)) as fh:
             fh.write(np.zeros(1, np.int64).tobytes())
@@ -777,7 +820,7 @@ class NpzTokenWriter(TokenWriter):
                 if not data:
                     break
                 lengths = np.frombuffer(data, dtype=np.int32).astype(np.int64)
-                sizes = lengths if self.layout == "residue" else (-(-lengths // scale)) ** 2
+                sizes = lengths if self.family == "residue" else (-(-lengths // scale)) ** 2
                 ends = total + np.cumsum(sizes)
                 fh.write(ends.astype(np.int64).tobytes())
                 total = int(ends[-1])
@@ -797,14 +840,12 @@ class FastaTokenWriter(TokenWriter):
     """Per-residue tokens as FASTA (:func:`save_tokens_fasta`), appended record by record."""
 
     def _start(self) -> None:
-        if self.layout != "residue":
+        if self.family != "residue":
             raise _residue_only_error("--format fasta")
         self.fh = open(self.tmp, "w")
 
     def _add(self, t: Tokens) -> None:
-        self.fh.write(fasta_header(t) + "\n")
-        for k in range(t.n_stages):
-            self.fh.write(" ".join(map(str, t.stages[:, k].tolist())) + "\n")
+        self.fh.write(_fasta_record(t))
 
     def _finish(self) -> None:
         self.fh.close()
@@ -827,14 +868,14 @@ class ParquetTokenWriter(TokenWriter):
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError("parquet needs pyarrow: pip install 'protoken[parquet]'") from None
+            raise ValueError("parquet needs pyarrow: pip install pyarrow") from None
         super().__init__(path, meta)
         self.pa, self.pq, self.row_group = pa, pq, row_group
         self.rows: list[Tokens] = []
         self.writer = None
 
     def _start(self) -> None:
-        if self.layout != "residue":
+        if self.family != "residue":
             raise _residue_only_error("--format parquet")
         self.np_type = _code_dtype(self.meta)
         self.code_type = self.pa.uint16() if self.np_type == np.uint16 else self.pa.int32()
@@ -843,7 +884,7 @@ class ParquetTokenWriter(TokenWriter):
     def _open(self, n_stages: int) -> None:
         pa = self.pa
         self.n_stages = n_stages
-        meta = json.dumps({**self.meta, "layout": "residue", "stages": n_stages})
+        meta = json.dumps({**self.meta, "family": "residue", "stages": n_stages})
         fields = [("id", pa.string()), ("sequence", pa.string()),
                   ("tokens", pa.list_(self.code_type))]  # fmt: skip
         fields += [(f"tokens_{k}", pa.list_(self.code_type)) for k in range(2, n_stages + 1)]
@@ -905,9 +946,49 @@ class ParquetTokenWriter(TokenWriter):
 WRITERS = {"npz": NpzTokenWriter, "fasta": FastaTokenWriter, "parquet": ParquetTokenWriter}
 
 
+def _fasta_record(t: Tokens) -> str:
+    return (
+        fasta_header(t)
+        + "\n"
+        + "".join(" ".join(map(str, t.stages[:, k].tolist())) + "\n" for k in range(t.n_stages))
+    )
+
+
+class StdoutFastaWriter:
+    """FASTA tokens written straight to standard output, record by record (a pipe: no
+    temporary file, nothing to publish); the interface of :class:`TokenWriter`."""
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.path, self.count, self.family = "-", 0, None
+
+    def add(self, tokens: Tokens) -> None:
+        if tokens.family != "residue":
+            raise _residue_only_error("--format fasta")
+        self.stream.write(_fasta_record(tokens))
+        self.count += 1
+
+    def close(self) -> None:
+        self.stream.flush()
+
+    abort = close
+
+
+#: Names that mean standard output (``--out -``).
+STDOUT = ("-", "/dev/stdout")
+
+
 def open_token_writer(path: str | os.PathLike, meta: dict | None = None,
                       format: str = "npz") -> TokenWriter:  # fmt: skip
-    """A :class:`TokenWriter` of ``format`` (``"npz"``, ``"fasta"`` or ``"parquet"``)."""
+    """A :class:`TokenWriter` of ``format`` (``"npz"``, ``"fasta"`` or ``"parquet"``); for
+    ``path`` ``-`` or ``/dev/stdout`` (FASTA only) a :class:`StdoutFastaWriter`."""
     if format not in WRITERS:
         raise ValueError(f"unknown token format {format!r} (one of {', '.join(WRITERS)})")
+    if os.fspath(path) in STDOUT:
+        if format != "fasta":
+            raise ValueError(f"--format {format} cannot be written to standard output "
+                             "(--format fasta can)")  # fmt: skip
+        return StdoutFastaWriter()
     return WRITERS[format](path, meta)

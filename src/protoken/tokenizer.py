@@ -48,7 +48,7 @@ from protoken.structure import (
     read_backbones,
     structure_to_text,
 )
-from protoken.token_files import Tokens, open_token_writer, read_token_file
+from protoken.token_files import STDOUT, Tokens, load_tokens, open_token_writer
 
 __all__ = ["INPUT_ERRORS", "EncodeSummary", "Item", "Tokenizer", "Tokens", "decode_to_files",
            "encode_to_file"]  # fmt: skip
@@ -107,11 +107,11 @@ class Tokenizer:
         self._stages: int | None = None
 
     @property
-    def layout(self) -> str:
-        """``"residue"`` for the per-residue family, ``"grid"`` for the hierarchical one."""
-        from protoken.model import ResidueConfig
+    def family(self) -> str:
+        """The model's family: ``"residue"`` (codes per residue) or ``"hierarchical"``."""
+        from protoken.model import family_of
 
-        return "residue" if isinstance(self.config, ResidueConfig) else "grid"
+        return family_of(self.config)
 
     @property
     def stages(self) -> int | None:
@@ -152,6 +152,12 @@ class Tokenizer:
         if pretrained.is_name(name_or_path):
             return cls.from_pretrained(os.fspath(name_or_path), device, batch_size)
         path = os.fspath(name_or_path)
+        if not os.path.lexists(path):
+            near = pretrained.closest(path)
+            raise checkpoint.CheckpointError(
+                f"no checkpoint at {path}, and no bundled tokenizer of that name (bundled: "
+                f"{', '.join(pretrained.names())}" + (f"; did you mean {near!r}?)" if near else ")")
+            )
         ckpt = checkpoint.load(path)
         return cls._of(ckpt, checkpoint_id(path), checkpoint.provenance(ckpt), device, batch_size)
 
@@ -171,21 +177,24 @@ class Tokenizer:
 
     @classmethod
     def _of(cls, ckpt: dict, checkpoint: str, provenance: dict, device, batch_size) -> Tokenizer:
-        from protoken.checkpoint import build_model
+        from protoken.checkpoint import model_from_checkpoint
 
-        tok = cls(build_model(ckpt), CodecSettings.from_dict(ckpt["codec"]), checkpoint, device,
-                  batch_size)  # fmt: skip
+        model, codec = model_from_checkpoint(ckpt), CodecSettings.from_dict(ckpt["codec"])
+        tok = cls(model, codec, checkpoint, device, batch_size)
         tok.provenance = provenance
         return tok
 
     # ------------------------------------------------------------------ inputs
 
-    def prepare(self, source, sequence: str = "", chains: str = "first", models: str = "first",
-                min_len: int = 1, max_len: int | None = None) -> list[Item]:  # fmt: skip
+    def prepare(self, source, sequence: str = "", chains: str = "skip-multi",
+                models: str = "skip-multi", min_len: int = 1,
+                max_len: int | None = None) -> list[Item]:  # fmt: skip
         """Turn an input into model-ready items.
 
-        ``source`` may be a structure file (every protein chain under ``chains``/``models``
-        policies, as ``protoken convert``), a member of a tar archive or Foldcomp database
+        ``source`` may be a structure file (its protein chains under the ``chains`` and
+        ``models`` policies, with the defaults of ``protoken convert`` and ``encode``: a file of
+        several chains or models is skipped, naming the options that read it; ``"complex"``
+        reads all chains as one item), a member of a tar archive or Foldcomp database
         (:class:`protoken.archives.Member`), a PNG written by ``protoken convert`` or an image
         of its tar shards (:class:`protoken.shards.ShardImage`), an image
         array (3, L, L) in [-1, 1], or a :class:`protoken.structure.Backbone`. Structures are
@@ -319,16 +328,20 @@ class Tokenizer:
         return levels, decoded
 
     def _scales_coarse_first(self) -> list[int]:
-        if self.layout == "residue":
+        if self.family == "residue":
             return [1]
         return list(reversed(self.config.level_scales))
 
     # ------------------------------------------------------------------ public API
 
-    def encode(self, source, sequence: str = "") -> Tokens:
+    def encode(self, source, sequence: str = "", chains: str = "skip-multi",
+               models: str = "skip-multi") -> Tokens:  # fmt: skip
         """One protein (structure file, PNG, image array or Backbone) -> :class:`Tokens`.
-        For a file with several chains use :meth:`encode_many`."""
-        items = self.prepare(source, sequence)
+
+        A file of several chains is skipped as by ``protoken encode`` (SkipStructure, naming
+        the options): ``chains="first"`` takes the first, ``chains="complex"`` all of them as
+        one complex; for every chain apart (``chains="split"``) use :meth:`encode_many`."""
+        items = self.prepare(source, sequence, chains, models)
         if len(items) != 1:
             raise ValueError(f"{source}: {len(items)} chains; use encode_many")
         return self.tokens_of(items)[0]
@@ -377,20 +390,20 @@ class Tokenizer:
         return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv, it.chains, it.res_ids)
                 for it, lv in zip(items, levels, strict=True)]  # fmt: skip
 
-    def _check_layout(self, tokens: Tokens) -> None:
-        if tokens.layout != self.layout:
-            raise ValueError(f"{tokens.id}: {tokens.layout} tokens, but this tokenizer's "
-                             f"layout is {self.layout}")  # fmt: skip
+    def _check_family(self, tokens: Tokens) -> None:
+        if tokens.family != self.family:
+            raise ValueError(f"{tokens.id}: {tokens.family} tokens, but this tokenizer is of the "
+                             f"{self.family} family")  # fmt: skip
 
     def decode(self, tokens: Tokens) -> np.ndarray:
         """:class:`Tokens` -> image (3, L, L) in [-1, 1] (per-residue tokens: from their first
         :attr:`stages` stages)."""
-        self._check_layout(tokens)
+        self._check_family(tokens)
         tokens = self._staged(tokens)
         return self.decode_levels([tokens.levels], [tokens.length], [tokens.chains])[0]
 
     def _staged(self, tokens: Tokens) -> Tokens:
-        if self.stages is None or self.layout != "residue" or tokens.n_stages <= self.stages:
+        if self.stages is None or self.family != "residue" or tokens.n_stages <= self.stages:
             return tokens
         return tokens.first_stages(self.stages)
 
@@ -432,7 +445,7 @@ class Tokenizer:
         for start in range(0, len(tokens), self.batch_size):
             chunk = [self._staged(t) for t in tokens[start : start + self.batch_size]]
             for t in chunk:
-                self._check_layout(t)
+                self._check_family(t)
             ns = [t.length for t in chunk]
             codes = self._to_device(self.model.batch_codes([t.levels for t in chunk], ns))
             chains = self._chain_tensor([t.chains for t in chunk], ns, max(ns))
@@ -457,43 +470,53 @@ class Tokenizer:
         from protoken.model import config_to_dict
 
         return {
-            "layout": self.layout,
+            "family": self.family,
             "checkpoint": self.checkpoint,
             "model_config": config_to_dict(self.config),
             "codec": self.codec.to_dict(),
             "level_scales_coarse_first": self._scales_coarse_first(),
-            **({"stages": self.stages or self.model.n_stages} if self.layout == "residue" else {}),
+            **({"stages": self.stages or self.model.n_stages} if self.family == "residue" else {}),
             "codebook_size": self.config.codebook_size,
             "bits_per_token": self.bits_per_token,
             "provenance": self.provenance,
         }
 
     def read_tokens(self, path: str) -> tuple[list[Tokens], dict]:
-        """A token file this tokenizer can decode, in any format ``protoken encode`` writes
-        (:func:`protoken.token_files.read_token_file`): ``(tokens, meta)``.
+        """A token file this tokenizer can decode, in any format ``protoken encode`` writes:
+        ``(tokens, meta)`` (:func:`protoken.token_files.load_tokens`, then
+        :meth:`check_tokens`).
 
         Raises
         ------
         ValueError
-            One line naming the file: not a valid token file, tokens of the other layout,
-            another codebook size, more stages than the model has, or codes outside its
-            codebook (a FASTA file carries no meta: its codes are checked against the model).
+            One line naming the file: not a valid token file, or not tokens of this tokenizer.
         """
-        tokens, meta = read_token_file(path)
-        layout = meta.get("layout", tokens[0].layout)
-        if layout != self.layout:
-            raise ValueError(f"{path} holds {layout} tokens; this tokenizer decodes "
-                             f"{self.layout} tokens")  # fmt: skip
-        size = meta.get("codebook_size", self.config.codebook_size)
-        if size != self.config.codebook_size:
-            raise ValueError(f"{path} has codebook size {size}, this tokenizer "
-                             f"{self.config.codebook_size}")  # fmt: skip
+        tokens, meta = load_tokens(path)
+        self.check_tokens(tokens, meta, path)
+        return tokens, meta
+
+    def check_tokens(self, tokens: Sequence[Tokens], meta: dict, path: str = "tokens") -> None:
+        """Refuse tokens of the other family, of another codebook size, or whose codes this
+        model cannot decode (more stages than it has, codes outside its codebook when the file
+        does not record one: FASTA).
+
+        Raises
+        ------
+        ValueError
+            One line naming ``path``.
+        """
+        size = self.config.codebook_size
+        if meta["family"] != self.family:
+            raise ValueError(f"{path} holds {meta['family']} tokens; this tokenizer decodes "
+                             f"{self.family} tokens")  # fmt: skip
+        if meta.get("codebook_size") not in (None, size):
+            raise ValueError(f"{path} has codebook size {meta['codebook_size']}, this "
+                             f"tokenizer {size}")  # fmt: skip
         for t in tokens:
             try:
                 self.model.batch_codes([t.levels], [t.length])
             except ValueError as exc:
                 raise ValueError(f"{path}: {t.id}: {exc}") from None
-        return tokens, meta
 
 
 # --------------------------------------------------------------------------- many proteins
@@ -519,8 +542,9 @@ def encode_to_file(tok: Tokenizer, sources: Iterable, out: str, format: str = "n
     writer (:func:`protoken.token_files.open_token_writer`, a temporary file given the name
     ``out`` when complete). What grows with the number of proteins is only the set of ids
     written (a repeated id is skipped: the file holds each id once) and the skipped inputs,
-    which are written to ``out.skipped.tsv`` and each told to ``log`` (default: stderr). With
-    nothing to write, no token file is made (``written`` is 0).
+    which are each told to ``log`` (default: stderr) and, when anything was written to a
+    file, recorded in ``out.skipped.tsv``. With nothing to write, no file is made (``written``
+    is 0). ``out`` ``-`` (or ``/dev/stdout``) writes FASTA to standard output.
 
     Raises
     ------
@@ -563,8 +587,8 @@ def encode_to_file(tok: Tokenizer, sources: Iterable, out: str, format: str = "n
         raise
     finally:
         bar.close()
-        if summary.skipped:
-            write_tsv(out + ".skipped.tsv", ("source", "reason"), summary.skipped)
+    if summary.skipped and summary.written and out not in STDOUT:
+        write_tsv(out + ".skipped.tsv", ("source", "reason"), summary.skipped)
     summary.tokens_per_residue = tokens_per_residue / max(summary.written, 1)
     return summary
 

@@ -6,8 +6,9 @@
 
 Like nanoGPT's train.py the loop (:func:`train`) reads top to bottom: config, distributed
 set-up, data, model and optimiser, then steps (learning-rate schedule, gradient accumulation,
-mixed precision, clipping), logging, evaluation and checkpoints. The pieces it calls are
-above it, in that order.
+mixed precision, clipping), logging, validation and checkpoints. The pieces it calls are
+above it, by section: distributed, data, optimisation, checkpoints, validation, logging. It is
+one file of ~700 lines on purpose: the whole of a training run can be read in one place.
 
 Loss weighting (``loss_weighting``), on the summed masked errors (``loss_sum`` of the model
 output contract) of each micro-batch:
@@ -26,7 +27,7 @@ TM-score than the per-step weighting in every length bin (README, "Measured here
 the default.
 
 What a run leaves in RUN: ``config.json`` (the config, its model config and codec),
-``metrics.jsonl`` (one JSON object per logged step and per evaluation), ``last.pt`` (every
+``metrics.jsonl`` (one JSON object per logged step and per validation), ``last.pt`` (every
 ``ckpt_interval`` steps, at the end, on pre-emption) and ``best.pt`` (lowest validation
 loss), checkpoints of :mod:`protoken.checkpoint`; ``samples/step_NNNNNN.png``.
 
@@ -44,6 +45,7 @@ Exit codes of ``protoken train``: 0 done, 2 bad config / data / checkpoint, 75 p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -125,7 +127,7 @@ def agree(values: list[float], d: Dist, op=dist.ReduceOp.SUM) -> list[float]:
 
 def codec_settings(cfg: TrainConfig) -> CodecSettings:
     """dmax and bit depth recorded by ``protoken convert`` (a config value must agree)."""
-    from protoken.convert.settings import agreed, read_settings
+    from protoken.convert_settings import agreed, read_settings
 
     recorded = read_settings(cfg.data) or {}
     dmax = agreed(recorded, "dmax", cfg.dmax, f"the data {cfg.data}")
@@ -138,7 +140,7 @@ def codec_settings(cfg: TrainConfig) -> CodecSettings:
 
 @dataclass
 class Data:
-    """The training stream and the evaluation batches of one rank."""
+    """The training stream and the validation batches of one rank."""
 
     train: Any  # protoken.data.IndexedBatches
     train_loader: Any
@@ -153,14 +155,15 @@ class Data:
 
 def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: int) -> Data:
     """Index the dataset once (from its manifest, no directory walk), split it, and make the
-    training stream (starting at ``epoch``, ``position``) and the fixed evaluation batches."""
+    training stream (starting at ``epoch``, ``position``) and the fixed validation batches."""
     from torch.utils.data import DataLoader
 
     from protoken.data import BatchPlan, ImageIndex, IndexedBatches, ignore_signals, read_id_list
 
     if not cfg.data or not os.path.isdir(cfg.data):
         raise FileNotFoundError(f"data folder not found: {cfg.data!r} (run protoken convert)")
-    index = ImageIndex.build(cfg.data, cfg.only_bins or None, cfg.skip_bins or None)
+    cache = os.path.join(cfg.out, ".protoken-index")  # never in the data folder: it may be shared
+    index = ImageIndex.build(cfg.data, cfg.only_bins or None, cfg.skip_bins or None, cache)
     exclude = read_id_list(cfg.exclude_ids_file) if cfg.exclude_ids_file else []
     rows = {
         split: index.split_rows(split, cfg.valid_frac, cfg.split_key_regex, exclude)
@@ -238,7 +241,7 @@ def micro_loss(out, step_weight: float, cfg: TrainConfig, d: Dist) -> torch.Tens
     """What one micro-batch adds to the step's loss, so that the gradient summed over
     micro-batches (and averaged over ranks by DDP) is that of
     ``sum(loss_sum) / step_weight + mean(aux_loss)`` over the whole step (``step_weight``:
-    the step's global weight, or the constant of :func:`reference_weight`)."""
+    the step's global weight, or the constant of :func:`mean_step_weight`)."""
     if cfg.loss_weighting == "batch":  # the per-batch pixel mean, averaged
         recon = out.loss_sum / out.weight.clamp(min=1) / cfg.grad_accum
     else:
@@ -246,7 +249,7 @@ def micro_loss(out, step_weight: float, cfg: TrainConfig, d: Dist) -> torch.Tens
     return recon + out.aux_loss / cfg.grad_accum
 
 
-def reference_weight(model, data: Data, cfg: TrainConfig, d: Dist) -> float | None:
+def mean_step_weight(model, data: Data, cfg: TrainConfig, d: Dist) -> float | None:
     """The mean loss weight of a step: what ``loss_sum`` sums over in the average step (all
     ranks and micro-batches), from the lengths in the index, using the model's own
     ``loss_weight`` (additive over proteins) for each distinct length. None when the index
@@ -309,11 +312,35 @@ def save_checkpoint(path: str, state: dict, model, optimizer, d: Dist) -> None:
         dist.barrier()
 
 
-# --------------------------------------------------------------------------- evaluation
+def training_state(cfg: TrainConfig, model_cfg: dict, codec: CodecSettings, data: Data, d: Dist,
+                   lineage: dict | None, step: int, best_val: float, consumed: int,
+                   scaler) -> dict:  # fmt: skip
+    """Everything of a checkpoint but the model, optimiser and RNG states: where the run
+    stands (``consumed``: batches of finished steps, per rank), what it was made with, and
+    (fine-tuned runs) where its starting weights came from."""
+    epoch, position = data.train.position_after(consumed)
+    return {
+        "step": step,
+        "best_val": best_val,
+        "config": cfg.to_dict(),
+        "model_config": model_cfg,
+        "codec": codec.to_dict(),
+        "scaler": scaler.state_dict(),
+        "data": {
+            "epoch": epoch,
+            "position": position,
+            "world_size": d.world_size,
+            "batches_per_epoch": data.batches_per_epoch,
+        },
+        **({"lineage": lineage} if lineage else {}),
+    }
+
+
+# --------------------------------------------------------------------------- validation
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp) -> tuple:
+def validate(model, loader, cfg: TrainConfig, codec: CodecSettings, d: Dist, amp) -> tuple:
     """Validation loss (weighted as in training), Cb-distance MAE per protein, and the MDS Cb
     RMSD / TM-score of a few proteins, over the same ``eval_batches`` batches on every rank.
 
@@ -425,6 +452,96 @@ class StepStats:
         return out
 
 
+class RunLog:
+    """What the loop writes besides checkpoints (rank 0): RUN/config.json, the console,
+    RUN/metrics.jsonl, sample pictures, Weights & Biases."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg, codec: CodecSettings, data: Data):
+        self.cfg, self.d, self.codec, self.data = cfg, d, codec, data
+        self.model_cfg = config_to_dict(model_cfg)
+        self.path = os.path.join(cfg.out, "metrics.jsonl")
+        self.wandb = _init_wandb(cfg, self.model_cfg) if cfg.wandb and d.master else None
+        if d.master:
+            os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+            info = {**cfg.to_dict(), "model_config": self.model_cfg, "codec": codec.to_dict()}
+            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+                json.dump(info, fh, indent=1)
+
+    def say(self, text: str) -> None:
+        if self.d.master:
+            print(text, flush=True)
+
+    def announce(self, model, dtype, step: int, epoch: int, position: int,
+                 lineage: dict | None = None) -> None:  # fmt: skip
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        new = (lineage or {}).get("new_weights") or []
+        self.say(
+            f"protoken train: {n_params:,} parameters, preset {self.cfg.preset}, "
+            f"{self.d.world_size} process(es) on {self.d.device}, dtype {dtype}, "
+            f"{self.data.n_train} training / {self.data.n_val} validation images, "
+            f"{self.data.batches_per_epoch} batches per epoch, from step {step} "
+            f"(epoch {epoch}, batch {position})"
+            + (f"; weights from {lineage['init']}" if lineage else "")
+            + (f" (new: {', '.join(new[:4])})" if new else "")
+        )
+
+    def log_step(self, rec: dict) -> None:
+        self.log(
+            rec,
+            f"step {rec['step']:6d} | loss {rec['loss']:.4f} | recon "
+            f"{rec['recon']:.4f} | lr {rec['lr']:.2e} | grad "
+            f"{rec['grad_norm']:.2f} | {rec['images_per_s']:.1f} img/s",
+        )
+
+    def log_eval(self, step: int, val: dict, samples: list) -> None:
+        image = None
+        if self.d.master and samples:
+            from protoken.plots import save_samples
+
+            image = os.path.join(self.cfg.out, "samples", f"step_{step:06d}.png")
+            save_samples(image, samples)
+        text = "eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items())
+        self.log({"step": step, **val}, text, image)
+
+    def log(self, record: dict, text: str, image: str | None = None) -> None:
+        """A line of RUN/metrics.jsonl, the console and W&B (rank 0)."""
+        if not self.d.master:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(text, flush=True)
+        if self.wandb is not None:
+            payload = {}
+            for key, value in record.items():
+                if isinstance(value, list):
+                    payload.update({f"{key}/level{i}": v for i, v in enumerate(value)})
+                elif key != "step":
+                    payload[key] = value
+            if image is not None:
+                import wandb
+
+                payload["samples"] = wandb.Image(image)
+            self.wandb.log(payload, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(cfg: TrainConfig, model_cfg: dict):
+    """A W&B run (optional extra; honours WANDB_MODE, e.g. offline)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(
+            "--wandb needs the wandb package: pip install 'protoken[wandb]'"
+        ) from None
+    config = {**cfg.to_dict(), "model_config": model_cfg}
+    return wandb.init(
+        project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.out, config=config
+    )
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -518,9 +635,11 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
             "data order cannot be continued; start a new run"
         )
     batches, consumed = iter(data.train_loader), 0  # consumed: batches of finished steps
-    loss_norm = reference_weight(model, data, cfg, d) if cfg.loss_weighting == "pixel" else None
-    run = Run(cfg, d, model_cfg, codec, data, lineage)
-    run.announce(model, dtype, step, epoch, position)
+    loss_norm = mean_step_weight(model, data, cfg, d) if cfg.loss_weighting == "pixel" else None
+    log = RunLog(cfg, d, model_cfg, codec, data)
+    log.announce(model, dtype, step, epoch, position, lineage)
+    state = functools.partial(training_state, cfg, config_to_dict(model_cfg), codec, data, d,
+                              lineage)  # fmt: skip
 
     # -- the loop
     last: dict = {}
@@ -564,147 +683,31 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist, stop: StopSignal) -> dict:
                 "grad_norm": round(float(grad_norm), 4),
                 "images_per_s": round(window_images * d.world_size / seconds, 2),
             }
-            run.log_step(last)
+            log.log_step(last)
             window_images, window_start = 0, time.perf_counter()
 
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val, samples = evaluate(model, data.val_loader, cfg, codec, d, amp)
-            run.log_eval(step, val, samples)
+            val, samples = validate(model, data.val_loader, cfg, codec, d, amp)
+            log.log_eval(step, val, samples)
             last.update(val)
             if val["val_loss"] < best_val:
                 best_val = val["val_loss"]
                 save_checkpoint(
-                    best_path, run.state(step, best_val, consumed, scaler), model, optimizer, d
+                    best_path, state(step, best_val, consumed, scaler), model, optimizer, d
                 )
 
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(
-                last_path, run.state(step, best_val, consumed, scaler), model, optimizer, d
-            )
+            save_checkpoint(last_path, state(step, best_val, consumed, scaler), model, optimizer, d)
 
     if step < cfg.max_steps:  # stopped by a signal
-        save_checkpoint(last_path, run.state(step, best_val, consumed, scaler), model, optimizer, d)
-        run.say(
+        save_checkpoint(last_path, state(step, best_val, consumed, scaler), model, optimizer, d)
+        log.say(
             f"protoken train: stopped by signal at step {step}; {last_path} saved; "
             "continue with --resume"
         )
         last["preempted"] = True
-    run.finish()
+    log.finish()
     return last
-
-
-class Run:
-    """What the loop writes besides checkpoints (rank 0): RUN/config.json, the console,
-    RUN/metrics.jsonl, sample pictures, Weights & Biases; and the checkpoint's run state."""
-
-    def __init__(self, cfg: TrainConfig, d: Dist, model_cfg, codec: CodecSettings, data: Data,
-                 lineage: dict | None = None):  # fmt: skip
-        self.cfg, self.d, self.codec, self.data = cfg, d, codec, data
-        self.lineage = lineage
-        self.model_cfg = config_to_dict(model_cfg)
-        self.path = os.path.join(cfg.out, "metrics.jsonl")
-        self.wandb = _init_wandb(cfg, self.model_cfg) if cfg.wandb and d.master else None
-        if d.master:
-            os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
-            info = {**cfg.to_dict(), "model_config": self.model_cfg, "codec": codec.to_dict()}
-            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-                json.dump(info, fh, indent=1)
-
-    def say(self, text: str) -> None:
-        if self.d.master:
-            print(text, flush=True)
-
-    def announce(self, model, dtype, step: int, epoch: int, position: int) -> None:
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.say(
-            f"protoken train: {n_params:,} parameters, preset {self.cfg.preset}, "
-            f"{self.d.world_size} process(es) on {self.d.device}, dtype {dtype}, "
-            f"{self.data.n_train} training / {self.data.n_val} validation images, "
-            f"{self.data.batches_per_epoch} batches per epoch, from step {step} "
-            f"(epoch {epoch}, batch {position})"
-            + (f"; weights from {self.lineage['init']}" if self.lineage else "")
-            + (
-                f" (new: {', '.join(self.lineage['new_weights'][:4])})"
-                if self.lineage and self.lineage["new_weights"]
-                else ""
-            )  # fmt: skip
-        )
-
-    def log_step(self, rec: dict) -> None:
-        self.log(
-            rec,
-            f"step {rec['step']:6d} | loss {rec['loss']:.4f} | recon "
-            f"{rec['recon']:.4f} | lr {rec['lr']:.2e} | grad "
-            f"{rec['grad_norm']:.2f} | {rec['images_per_s']:.1f} img/s",
-        )
-
-    def log_eval(self, step: int, val: dict, samples: list) -> None:
-        image = None
-        if self.d.master and samples:
-            from protoken.plots import save_samples
-
-            image = os.path.join(self.cfg.out, "samples", f"step_{step:06d}.png")
-            save_samples(image, samples)
-        text = "eval " + " | ".join(f"{k} {v:.4f}" for k, v in val.items())
-        self.log({"step": step, **val}, text, image)
-
-    def state(self, step: int, best_val: float, consumed: int, scaler) -> dict:
-        """Everything of a checkpoint but the model, optimiser and RNG states."""
-        epoch, position = self.data.train.position_after(consumed)
-        data = {
-            "epoch": epoch,
-            "position": position,
-            "world_size": self.d.world_size,
-            "batches_per_epoch": self.data.batches_per_epoch,
-        }
-        return {
-            "step": step,
-            "best_val": best_val,
-            "config": self.cfg.to_dict(),
-            "model_config": self.model_cfg,
-            "codec": self.codec.to_dict(),
-            "scaler": scaler.state_dict(),
-            "data": data,
-            **({"lineage": self.lineage} if self.lineage else {}),
-        }
-
-    def log(self, record: dict, text: str, image: str | None = None) -> None:
-        """A line of RUN/metrics.jsonl, the console and W&B (rank 0)."""
-        if not self.d.master:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(text, flush=True)
-        if self.wandb is not None:
-            payload = {}
-            for key, value in record.items():
-                if isinstance(value, list):
-                    payload.update({f"{key}/level{i}": v for i, v in enumerate(value)})
-                elif key != "step":
-                    payload[key] = value
-            if image is not None:
-                import wandb
-
-                payload["samples"] = wandb.Image(image)
-            self.wandb.log(payload, step=record["step"])
-
-    def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _init_wandb(cfg: TrainConfig, model_cfg: dict):
-    """A W&B run (optional extra; honours WANDB_MODE, e.g. offline)."""
-    try:
-        import wandb
-    except ImportError:
-        raise RuntimeError(
-            "--wandb needs the wandb package: pip install 'protoken[wandb]'"
-        ) from None
-    config = {**cfg.to_dict(), "model_config": model_cfg}
-    return wandb.init(
-        project=cfg.wandb_project, name=cfg.wandb_run_name or None, dir=cfg.out, config=config
-    )
 
 
 def _no_buffer_sync() -> dict:

@@ -14,15 +14,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protoken.codec import NORMALIZE_ALIASES
 from protoken.model import preset_config
 
 __all__ = ["RESUMABLE", "TrainConfig", "read_mapping", "resumed_config"]
 
 #: Config fields ``--resume`` lets change; any other difference from RUN/config.json is refused.
 RESUMABLE = frozenset(
-    "data max_steps eval_interval eval_batches eval_structures log_interval ckpt_interval "
+    "data out max_steps eval_interval eval_batches eval_structures log_interval ckpt_interval "
     "num_workers wandb wandb_project wandb_run_name".split()
 )
+# ``out`` is where --resume found RUN/last.pt: the run folder written another way (a trailing
+# slash, an absolute path) or moved since, never another run.
 #: Keys of old configs that no longer mean anything (ignored with a warning).
 _OBSOLETE = {"shuffle_buffer": "the sample order is a seeded permutation per epoch"}
 
@@ -58,7 +61,7 @@ class TrainConfig(BaseModel):
     # data converted with --format shards: read the shards G at a time (BatchPlan shard_window)
     shard_window: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=0)
-    normalize: Literal["none", "reference"] = "none"  # "seed", the former name, is read
+    normalize: Literal["none", "reference"] = "none"  # older names: codec.NORMALIZE_ALIASES
     dmax: float | None = None
     bit_depth: int | None = None
     # optimisation
@@ -90,8 +93,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _drop_obsolete(cls, values: Any) -> Any:
         if isinstance(values, dict):
-            if values.get("normalize") == "seed":  # the former name of "reference"
-                values = {**values, "normalize": "reference"}
+            if values.get("normalize") in NORMALIZE_ALIASES:
+                values = {**values, "normalize": NORMALIZE_ALIASES[values["normalize"]]}
             for key in set(values) & set(_OBSOLETE):
                 print(f"protoken train: ignoring {key} ({_OBSOLETE[key]})", file=sys.stderr)
                 values = {k: v for k, v in values.items() if k != key}
@@ -130,13 +133,27 @@ def _explain(exc: ValidationError) -> str:
 
 
 def read_mapping(path: str) -> dict[str, Any]:
-    with open(path) as fh:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    """The config keys of a JSON or YAML file (by its extension).
 
-            d = yaml.safe_load(fh) or {}
-        else:
-            d = json.load(fh)
+    Raises
+    ------
+    ValueError
+        One line naming the file: unreadable, not JSON / YAML, or not a mapping.
+    """
+    try:
+        with open(path) as fh:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                d = yaml.safe_load(fh) or {}
+            else:
+                d = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:  # json.JSONDecodeError
+        raise ValueError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
+    except Exception as exc:  # noqa: BLE001 - yaml's parser errors
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
     return d

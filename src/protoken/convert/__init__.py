@@ -57,17 +57,19 @@ The package, top to bottom (a module imports only those below it):
 - :mod:`~protoken.convert.lock`: one writer per OUT and shard, cleanup after a killed run;
 - :mod:`~protoken.convert.manifest`: the manifest's one reader and writer (training reads it);
 - :mod:`~protoken.convert.options`: :class:`ConvertOptions`;
-- :mod:`~protoken.convert.settings`: ``convert.json``, read by whoever reads the images;
 - :mod:`~protoken.convert.bins`: the length bins.
 
-The names below are imported from their modules when first used, so that a module that needs
-one small part (the codec reading ``convert.json``, the data index reading the manifest)
-does not load the whole conversion machinery.
+``convert.json`` is read and written by :mod:`protoken.convert_settings`, outside this
+package: whoever reads the images reads it too (the codec, the shards, training).
 """
 
-from __future__ import annotations
-
-import importlib
+from protoken.convert.bins import bin_name
+from protoken.convert.file import convert_file
+from protoken.convert.lock import ConvertBusy
+from protoken.convert.manifest import MANIFEST_COLUMNS, Row, manifest_path, read_manifest
+from protoken.convert.options import ConvertOptions
+from protoken.convert.run import Conversion, Summary, convert
+from protoken.convert_settings import SETTINGS_FILE, read_settings
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -84,31 +86,3 @@ __all__ = [
     "read_manifest",
     "read_settings",
 ]
-
-#: name -> the module of the package that defines it
-_HOMES = {
-    "MANIFEST_COLUMNS": "manifest",
-    "Row": "manifest",
-    "manifest_path": "manifest",
-    "read_manifest": "manifest",
-    "SETTINGS_FILE": "settings",
-    "read_settings": "settings",
-    "ConvertBusy": "lock",
-    "ConvertOptions": "options",
-    "Conversion": "run",
-    "Summary": "run",
-    "convert": "run",
-    "convert_file": "file",
-    "bin_name": "bins",
-}
-
-
-def __getattr__(name: str):
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'protoken.convert' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"protoken.convert.{home}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))

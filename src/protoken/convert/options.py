@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from protoken.convert.settings import OUTPUT_SETTINGS
+from protoken.convert_settings import OUTPUT_SETTINGS
 from protoken.geometry import DMAX
 from protoken.shards import DEFAULT_SHARD_BYTES
 from protoken.structure import DEFAULT_MAX_BYTES
@@ -41,6 +41,6 @@ class ConvertOptions:
         return self.fasta_dir or os.path.join(self.out, "fasta")
 
     def settings(self) -> dict:
-        """The values of :data:`~protoken.convert.settings.OUTPUT_SETTINGS` (what
+        """The values of :data:`~protoken.convert_settings.OUTPUT_SETTINGS` (what
         ``convert.json`` records)."""
         return {key: getattr(self, key) for key in OUTPUT_SETTINGS}

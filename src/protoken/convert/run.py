@@ -33,7 +33,7 @@ from protoken.convert.manifest import (
 )
 from protoken.convert.options import FORMATS, ConvertOptions
 from protoken.convert.pool import Pool, available_cores
-from protoken.convert.settings import record_settings
+from protoken.convert_settings import record_settings
 from protoken.fileio import atomic_write, publish, read_fasta
 from protoken.shards import ShardWriter, index_files, read_index
 from protoken.structure import format_chains, parse_chains

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,8 @@ from protoken.inputs import walk_files
 from protoken.shards import SHARDS_DIR, index_files, member_key, read_index
 
 __all__ = ["ImageIndex", "in_valid_split", "read_id_list"]
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- split and bins
@@ -174,8 +177,13 @@ class ImageIndex:
         root: str | os.PathLike,
         only_bins: Iterable[str] | None = None,
         skip_bins: Iterable[str] | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> ImageIndex:
         """Index ``root`` (see the class docstring), keeping only the selected bins.
+
+        The index is cached in ``cache_dir`` (default ``ROOT/.protoken-index``; training
+        keeps it in its run folder, so read-only data works). An image listed twice (a
+        repeated row of a manifest or shard index) is indexed once, and logged.
 
         Raises
         ------
@@ -193,9 +201,11 @@ class ImageIndex:
             bin_range(name)  # raises on a malformed name
         shard_indexes = index_files(root)
         manifests = manifest_files(root)
+        if cache_dir is None:
+            cache_dir = os.path.join(root, ".protoken-index")
         # shards: the chain layouts of complexes come from the manifests beside them
-        cache = _IndexCache(root, shard_indexes + manifests if shard_indexes else manifests,
-                            only, skip)  # fmt: skip
+        sources = shard_indexes + manifests if shard_indexes else manifests
+        cache = _IndexCache(_abs(cache_dir), sources, only, skip)
         cached = cache.load()
         if cached is not None:
             return cls(root=root, **cached)
@@ -235,7 +245,14 @@ class ImageIndex:
         bins = sorted(bin_names, key=bin_range)
         remap = np.array([bins.index(n) for n in bin_names], dtype=np.int16)
         bin_arr = remap[np.asarray(bin_of, dtype=np.int64)]
-        order = np.lexsort((np.array(ids, dtype=object), bin_arr))
+        order = np.lexsort((np.array(ids, dtype=object), bin_arr))  # stable: file order first
+        same_bin = bin_arr[order[1:]] == bin_arr[order[:-1]]
+        repeated = [k + 1 for k in np.flatnonzero(same_bin).tolist()
+                    if ids[order[k + 1]] == ids[order[k]]]  # fmt: skip
+        if repeated:
+            logger.warning("%s: %d images listed twice in its %s, indexed once", root,
+                           len(repeated), source)  # fmt: skip
+            order = np.delete(order, repeated)
         ids = [ids[i] for i in order.tolist()]
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids], out=offsets[1:])
@@ -335,28 +352,26 @@ class ImageIndex:
 
 
 class _IndexCache:
-    """The arrays of an :class:`ImageIndex`, saved beside the files it was built from
-    (``ROOT/.protoken-index/KEY/*.npy``) and memory-mapped when they are unchanged: the time
+    """The arrays of an :class:`ImageIndex`, saved in a cache folder (``FOLDER/KEY/*.npy``;
+    ``ROOT/.protoken-index`` by default) and memory-mapped when they are unchanged: the time
     to the first batch then no longer grows with the number of images (no parsing, no md5 per
     image; the pages are read as they are used, and shared by forked workers).
 
     KEY hashes the source files' paths, sizes and modification times and the bin selection,
     so a manifest or index that grew makes a new cache (and the older caches are removed). A
-    folder that cannot be written (read-only data) simply has no cache.
+    folder that cannot be written simply has no cache.
     """
 
     ARRAYS = ("bin_of", "lengths", "names", "offsets", "split_hash", "shard_of", "data_offset",
               "data_size", "chain_rows", "chain_offsets", "chain_sizes")  # fmt: skip
 
-    def __init__(self, root: str, sources: list[str], only, skip):
+    def __init__(self, folder: str, sources: list[str], only, skip):
         sig = []
         for path in sources:
             st = os.stat(path)
             sig.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
         blob = json.dumps([sig, sorted(only) if only is not None else None, sorted(skip or ())])
-        self.folder = os.path.join(
-            root, ".protoken-index", hashlib.sha256(blob.encode()).hexdigest()[:16]
-        )
+        self.folder = os.path.join(folder, hashlib.sha256(blob.encode()).hexdigest()[:16])
         self.enabled = bool(sources)
 
     def load(self) -> dict | None:
