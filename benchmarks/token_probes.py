@@ -537,9 +537,26 @@ def majority_baseline(chains: list[Chain]) -> dict[str, float]:
 # ============================================================================ sensitivity
 
 
-def sensitivity(view: View, enc_u, enc_b, pairs) -> dict[str, float]:
-    """Spearman of per-residue token disagreement with 1 - lDDT_i (pooled over all matched
-    residues), and of per-protein token identity with the pair's TM-score."""
+def clean_matches(iu: np.ndarray, ib: np.ndarray, w: int = 3) -> np.ndarray:
+    """Which matched residues have their +-``w`` neighbours matched too, consecutively in
+    both chains (a residue next to a missing loop of either file gets other tokens for a
+    reason that is no conformational change: such residues are left out)."""
+    n = len(iu)
+    ok = np.ones(n, dtype=bool)
+    for o in range(-w, w + 1):
+        k = np.arange(n) + o
+        inside = (k >= 0) & (k < n)
+        kk = np.clip(k, 0, n - 1)
+        ok &= inside & (iu[kk] - iu == o) & (ib[kk] - ib == o)
+    return ok
+
+
+def sensitivity(view: View, enc_u, enc_b, pairs, static: float = 0.05) -> dict[str, float]:
+    """Spearman of per-residue token disagreement with 1 - lDDT_i (pooled over the matched
+    residues of every pair, :func:`clean_matches`), and of per-protein token identity with the
+    pair's TM-score (superposed on the matched residues). Also the fraction of residues whose
+    token changed, over all and over the residues whose local structure did not change
+    (1 - lDDT_i < ``static``)."""
     from scipy.stats import spearmanr
 
     from protoken.metrics import lddt, tm_score
@@ -550,16 +567,25 @@ def sensitivity(view: View, enc_u, enc_b, pairs) -> dict[str, float]:
         tb = enc_b[pid][ib][:, view.columns]
         d = (tu != tb).mean(axis=1)
         local = 1 - lddt(b.ca[ib], u.ca[iu], per_residue=True)
-        ok = np.isfinite(local)
+        ok = np.isfinite(local) & clean_matches(iu, ib)
+        if not ok.any():
+            continue
         dis.append(d[ok])
         change.append(local[ok])
-        ident.append(1 - d.mean())
+        ident.append(1 - d[ok].mean())
         tms.append(tm_score(b.ca[ib], u.ca[iu]))
     dis_all, ch_all = np.concatenate(dis), np.concatenate(change)
-    out = {"changed": float(dis_all.mean()), "identity_median": float(np.median(ident))}
+    still = ch_all < static
+    out = {
+        "changed": float(dis_all.mean()),
+        "changed_static": float(dis_all[still].mean()) if still.any() else float("nan"),
+        "static_fraction": float(still.mean()),
+        "residues": int(len(dis_all)),
+        "identity_median": float(np.median(ident)),
+        "tm_median": float(np.median(tms)),
+    }
     out["residue_rho"] = float(spearmanr(dis_all, ch_all)[0]) if dis_all.std() > 0 else float("nan")
     out["protein_rho"] = float(spearmanr(ident, tms)[0]) if np.std(ident) > 0 else float("nan")
-    out["tm_median"] = float(np.median(tms))
     return out
 
 
@@ -942,11 +968,13 @@ def render(res: dict, meta: dict) -> str:
         f"by PDB id. Majority class: SS3 {_f(meta['majority']['ss3'])}, SS8 "
         f"{_f(meta['majority']['ss8'])}.",
         f"- **Sensitivity**: {n['pairs']} BM5 bound/unbound pairs of one chain "
-        f"({n['pair_residues']} matched residues; the bundled tokenizers were trained on BM5). "
+        f"({n['pair_residues']} residues compared; the bundled tokenizers were trained on BM5). "
         "Residue rho: Spearman of token disagreement with 1 - lDDT_i (the local change); "
         "protein rho: Spearman of token identity with the pair's TM-score (median TM "
         f"{_f(meta['pair_tm_median'])}: mostly small changes). Changed: fraction of residues "
-        "whose token differs.",
+        "whose token differs, over all matched residues and over the static ones (1 - lDDT_i < "
+        "0.05). Residues within 3 of a missing residue of either file or of a chain end are left "
+        "out. Amino acids differ only where the two files' sequences do.",
         f"- **Search**: all {n['search_pairs']} pairs of {n['search']} held-out chains "
         "(`configs/heldout.tsv`, never trained on), Smith-Waterman scores (biotite, gap open "
         f"{GAP_OPEN}, extend {GAP_EXTEND}) against TM-align: rho over all pairs, and top hit "
@@ -960,8 +988,8 @@ def render(res: dict, meta: dict) -> str:
         "a dimension only: 2-D centroids are more alike by cosine than 4-D or 64-D vectors).",
         "",
         "| tokenizer | SS3 | SS8 | CN rho | SS3 +-w | SS8 +-w | CN rho +-w | sens. residue rho "
-        "| sens. protein rho | changed | search rho | top hit TM>0.5 | used / size | perplexity "
-        "| cos mean / max | proteins (probe / pairs / search) |",
+        "| sens. protein rho | changed (all / static) | search rho | top hit TM>0.5 | used / size "
+        "| perplexity | cos mean / max | proteins (probe / pairs / search) |",
         "|" + "---|" * 16,
     ]
     counts = f"{n['probe']} / {n['pairs']} / {n['search']}"
@@ -979,7 +1007,8 @@ def render(res: dict, meta: dict) -> str:
         lines.append(
             f"| {row['label']} | {_f(p0['ss3'])} | {_f(p0['ss8'])} | {_f(p0['cn'])} "
             f"| {_f(pw['ss3'])} | {_f(pw['ss8'])} | {_f(pw['cn'])} | {_f(se['residue_rho'])} "
-            f"| {_f(se['protein_rho'])} | {_f(se['changed'], 2)} | {srho} | {hit} | {used} "
+            f"| {_f(se['protein_rho'])} | {_f(se['changed'], 2)} / "
+            f"{_f(se.get('changed_static'), 2)} | {srho} | {hit} | {used} "
             f"| {ppl} | {cos} | {counts} |"
         )
         if "derived" in sr:
@@ -992,42 +1021,66 @@ def render(res: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def summarise(res: dict) -> list[str]:
-    """Plain sentences comparing our rows with 3Di and amino acids, measure by measure."""
+#: What a measure suggests when 3Di or the amino acids beat every one of our rows.
+SUGGESTS = {
+    "ss": "a linear read-out of our codes holds less secondary structure than {who}: the "
+    "reconstruction loss does not ask a code to name its residue's local state, and with "
+    "thousands of codes each is seen rarely by the probe; a language model on our tokens has "
+    "to recover the local state from context",
+    "cn": "our codes say less about burial (how many residues pack around a residue) than {who}",
+    "sens": "{who} changes where the local structure changes more faithfully than ours; ours "
+    "also change at residues whose structure did not (the static-change column), so a "
+    "token difference is weak evidence of a structural one",
+    "search": "aligned token sequences rank folds less well with our codes than with {who}: "
+    "codes of corresponding residues in similar folds are less conserved than 3Di letters, "
+    "and our matrix is derived from code-vector distances rather than trained on structural "
+    "alignments; for search, 3Di (with its matrix) remains the better alphabet",
+}
+
+
+def summarise(res: dict, majority: dict) -> list[str]:
+    """Sentences comparing our best row with 3Di and the amino acids, measure by measure, and
+    what it suggests where they beat every one of our rows."""
     rows = {r["label"]: r for r in res["rows"]}
-    ours = [r for r in res["rows"] if r["source"] not in ("aa", "3Di")]
-    base = {k: rows[k] for k in ("aa", "3Di") if k in rows}
-    out = []
+    ours = [r["label"] for r in res["rows"] if r["source"] not in ("aa", "3Di")]
     measures = [
-        ("SS3 accuracy (token alone)", lambda r: r["probe_w0"]["ss3"]),
-        ("SS8 accuracy (window)", lambda r: r["probe_w"]["ss8"]),
-        ("contact-number rho (window)", lambda r: r["probe_w"]["cn"]),
-        ("per-residue sensitivity rho", lambda r: r["sensitivity"]["residue_rho"]),
-        ("search rho", lambda r: (r.get("search") or {}).get("rho")),
-        ("search top hit", lambda r: (r.get("search") or {}).get("top_hit")),
+        ("SS3 accuracy, token alone", "ss", lambda r: r["probe_w0"]["ss3"]),
+        ("SS8 accuracy, token alone", "ss", lambda r: r["probe_w0"]["ss8"]),
+        ("SS8 accuracy, window", "ss", lambda r: r["probe_w"]["ss8"]),
+        ("contact-number rho, window", "cn", lambda r: r["probe_w"]["cn"]),
+        ("per-residue sensitivity rho", "sens", lambda r: r["sensitivity"]["residue_rho"]),
+        ("search rho", "search", lambda r: (r.get("search") or {}).get("rho")),
+        ("search top hit", "search", lambda r: (r.get("search") or {}).get("top_hit")),
     ]
-    for name, get in measures:
-        vals = {r["label"]: get(r) for r in res["rows"]}
-        vals = {k: v for k, v in vals.items() if v is not None and np.isfinite(v)}
-        if not vals:
+    out = []
+    for name, key, get in measures:
+        vals = {k: get(r) for k, r in rows.items()}
+        vals = {k: float(v) for k, v in vals.items() if v is not None and np.isfinite(v)}
+        mine = [k for k in ours if k in vals]
+        if not mine:
             continue
-        best = max(vals, key=vals.get)
-        beaten = [
-            f"{b} ({_f(vals[b])})"
-            for b in base
-            if b in vals
-            and all(
-                vals[b] > vals.get(o["label"], -np.inf) for o in ours if o["label"] in vals
-            )  # fmt: skip
-        ]
-        ours_best = max((o["label"] for o in ours if o["label"] in vals), key=vals.get,
-                        default=None)  # fmt: skip
-        text = f"- {name}: best {best} ({_f(vals[best])})"
-        if ours_best:
-            text += f"; ours at best {ours_best} ({_f(vals[ours_best])})"
-        if beaten:
-            text += f"; **beaten by {', '.join(beaten)}**"
+        best = max(mine, key=vals.get)
+        parts = [f"{k} {_f(vals[k])}" for k in ("3Di", "aa") if k in vals]
+        text = f"- {name}: ours at best {best} {_f(vals[best])}; " + ", ".join(parts)
+        if name.startswith("SS3") and "ss3" in majority:
+            text += f" (majority class {_f(majority['ss3'])})"
+        beaters = [k for k in ("3Di", "aa") if k in vals and vals[k] > vals[best]]
+        if beaters:
+            who = " and ".join("the amino-acid sequence" if k == "aa" else k for k in beaters)
+            text += f". **{who} beat{'s' if len(beaters) == 1 else ''} every one of our rows**: "
+            text += SUGGESTS[key].format(who=who)
+        else:
+            text += ". Ours lead here"
         out.append(text + ".")
+    static = {k: r["sensitivity"].get("changed_static") for k, r in rows.items()}
+    static = {k: v for k, v in static.items() if v is not None and np.isfinite(v)}
+    if static:
+        out.append(
+            "- Token stability: fraction of residues whose token changed between the bound and "
+            "unbound structure although their local structure did not (1 - lDDT_i < 0.05): "
+            + ", ".join(f"{k} {_f(v, 2)}" for k, v in static.items())
+            + "."
+        )
     return out
 
 
@@ -1083,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
             "probe_test": len(test),
             "probe_test_residues": int(sum(len(c.dssp) for c in test)),
             "pairs": len(run.pairs),
-            "pair_residues": int(sum(len(p[3]) for p in run.pairs)),
+            "pair_residues": res["rows"][0]["sensitivity"]["residues"],
             "search": len(run.search),
             "search_pairs": len(run.search) * (len(run.search) - 1) // 2,
             "answerable": int((off.max(axis=1) > TM_HIT).sum()),
@@ -1099,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
             "search": [c.id for c in run.search],
         },
     }
-    meta["summary"] = summarise(res)
+    meta["summary"] = summarise(res, meta["majority"])
     res.pop("tm", None)
     text = render(res, meta)
     for path, content in ((args.out, text),

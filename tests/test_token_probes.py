@@ -12,7 +12,9 @@ import pytest
 
 from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("token_probes", REPO / "benchmarks" / "token_probes.py")
+spec = importlib.util.spec_from_file_location(
+    "token_probes", REPO / "benchmarks" / "token_probes.py"
+)
 tp = importlib.util.module_from_spec(spec)
 sys.modules["token_probes"] = tp
 spec.loader.exec_module(tp)
@@ -44,8 +46,8 @@ def test_a_probe_that_sees_the_label_scores_100_percent(w):
     x = [tp.window_features(y[:, None], [3], w) for y in labels]
     tr = [i for i, s in enumerate(split) if s == "train"]
     te = [i for i, s in enumerate(split) if s == "test"]
-    pred = tp.train_probe(np.concatenate([x[i] for i in tr]), np.concatenate([labels[i] for i in tr]),
-                          np.concatenate([x[i] for i in te]), tp.n_features([3], w), 3)  # fmt: skip
+    x_tr, y_tr = np.concatenate([x[i] for i in tr]), np.concatenate([labels[i] for i in tr])
+    pred = tp.train_probe(x_tr, y_tr, np.concatenate([x[i] for i in te]), tp.n_features([3], w), 3)
     assert np.mean(pred == np.concatenate([labels[i] for i in te])) > 0.99
 
 
@@ -202,7 +204,9 @@ def test_efficiency_and_cosine_known_answers():
     e = tp.efficiency(np.array([0, 1, 2, 3] * 5), 8)
     assert e["utilisation"] == 0.5 and e["perplexity"] == pytest.approx(4.0)
     c = tp.cosine_stats(np.array([[1.0, 0], [0, 1.0], [1.0, 1.0]]))
-    assert c["max"] == pytest.approx(np.sqrt(0.5)) and c["mean"] == pytest.approx(np.sqrt(0.5) * 2 / 3)
+    assert c["max"] == pytest.approx(np.sqrt(0.5)) and c["mean"] == pytest.approx(
+        np.sqrt(0.5) * 2 / 3
+    )
 
 
 def test_code_vectors_of_a_residual_fsq_per_stage():
@@ -252,3 +256,10 @@ def test_a_tiny_run_writes_the_table_and_json(shared, tmp_path):
     assert {r["label"] for r in res["rows"]} == {"aa", "3Di", "residue"}
     assert res["meta"]["counts"]["search"] == 5
     assert set(res["meta"]["splits"]["probe_test"]).isdisjoint(res["meta"]["splits"]["probe_train"])
+
+
+def test_clean_matches_leave_out_residues_next_to_a_missing_one():
+    iu = np.arange(20)
+    ib = np.r_[np.arange(10), np.arange(11, 21)]  # one residue of the second file unmatched
+    ok = tp.clean_matches(iu, ib, 3)
+    assert np.flatnonzero(ok).tolist() == [3, 4, 5, 6, 13, 14, 15, 16]
