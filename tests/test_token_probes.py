@@ -263,3 +263,30 @@ def test_clean_matches_leave_out_residues_next_to_a_missing_one():
     ib = np.r_[np.arange(10), np.arange(11, 21)]  # one residue of the second file unmatched
     ok = tp.clean_matches(iu, ib, 3)
     assert np.flatnonzero(ok).tolist() == [3, 4, 5, 6, 13, 14, 15, 16]
+
+
+def _results(checkpoint="abc"):
+    eff = {"used": 10, "size": 20, "utilisation": 0.5, "perplexity": 8.0}
+    probe = {"ss3": 0.7, "ss8": 0.5, "cn": 0.4}
+    sens = {"residue_rho": 0.3, "protein_rho": 0.5, "changed": 0.4, "changed_static": 0.2}
+    rows = [{"label": k, "source": k, "columns": [0], "probe_w0": probe, "probe_w": probe,
+             "sensitivity": sens, "search": {"rho": 0.4, "top_hit": 0.5}}
+            for k in ("aa", "3Di", "residue")]  # fmt: skip
+    counts = {"probe_train": 2, "probe_test": 1, "pairs": 3, "search": 4}
+    sources = {k: {"efficiency": [eff], "checkpoint": checkpoint if k == "residue" else ""}
+               for k in ("aa", "3Di", "residue")}  # fmt: skip
+    return {"rows": rows, "sources": sources, "meta": {"counts": counts, "summary": ["- x."]}}
+
+
+def test_the_card_section_quotes_only_the_same_checkpoint(tmp_path):
+    assert tp.card_section("residue", "other", _results("abc")) == ""
+    section = tp.card_section("residue", "abc", _results("abc"))
+    assert "| residue | 0.700 |" in section and "| 3Di |" in section
+    card = tmp_path / "residue.md"
+    card.write_text("# residue\n\nfigures\n\n## Limitations\n\n- some\n")
+    assert tp.update_card(str(card), section)
+    text = card.read_text()
+    assert text.index("What the tokens know") < text.index("## Limitations")
+    assert not tp.update_card(str(card), section)  # the same section again: unchanged
+    assert tp.update_card(str(card), section.replace("0.700", "0.800"))
+    assert card.read_text().count("What the tokens know") == 1
