@@ -676,45 +676,75 @@ def align_scores_biotite(seqs: Sequence[np.ndarray], matrix: np.ndarray,
     return out
 
 
-def sw_score(scores: np.ndarray, gap_open: float = GAP_OPEN, gap_extend: float = GAP_EXTEND,
-             ) -> float:  # fmt: skip
-    """Best local alignment score (Smith-Waterman, Gotoh affine gaps: a gap of n costs
-    ``gap_open + (n - 1) * gap_extend``) given the position-pair scores (L1, L2).
+def sw_batch(row_scores: Callable[[int], np.ndarray], n_rows: int, n_targets: int,
+             width: int, gap_open: float = GAP_OPEN, gap_extend: float = GAP_EXTEND,
+             ) -> np.ndarray:  # fmt: skip
+    """Best local alignment scores (Smith-Waterman, Gotoh affine gaps: a gap of n costs
+    ``gap_open + (n - 1) * gap_extend``) of one query against many targets at once.
 
-    Row by row, vectorised along the row: the vertical gap state from the previous row, the
-    horizontal one by a running maximum (opening a gap from a cell that itself ends in a
-    horizontal gap never beats extending it, as gap_open >= gap_extend), as biotite scores
-    :func:`align_scores_biotite` (tested equal). For position-specific scores (joint stages).
+    Row by row of the query, vectorised over targets and target positions: the vertical gap
+    state from the previous row, the horizontal one by a running maximum (opening a gap from
+    a cell that itself ends in a horizontal gap never beats extending it, as gap_open >=
+    gap_extend), scoring as biotite's ``align_optimal`` (tested equal). For position-specific
+    scores (joint stages), where no alphabet-sized matrix exists.
+
+    Parameters
+    ----------
+    row_scores : callable
+        ``row_scores(r)`` -> (n_targets, width) scores of query position r against every
+        target position; positions past a target's end must score very low (e.g. -1e9):
+        cells right of a target's end never feed back into it, so they never raise its score.
+    n_rows : int
+        Query length.
+
+    Returns
+    -------
+    ndarray, shape (n_targets,)
     """
-    s = np.asarray(scores, dtype=np.float64)
-    n1, n2 = s.shape
-    h_prev = np.zeros(n2 + 1)
-    f = np.full(n2 + 1, -np.inf)
-    best = 0.0
-    k = np.arange(n2 + 1) * gap_extend
-    for i in range(n1):
+    h_prev = np.zeros((n_targets, width + 1))
+    f = np.full((n_targets, width + 1), -np.inf)
+    best = np.zeros(n_targets)
+    k = np.arange(width + 1) * gap_extend
+    e = np.full((n_targets, width + 1), -np.inf)
+    for r in range(n_rows):
         f = np.maximum(h_prev - gap_open, f - gap_extend)
-        h = np.zeros(n2 + 1)
-        h[1:] = np.maximum(np.maximum(h_prev[:-1] + s[i], f[1:]), 0)
+        h = np.zeros((n_targets, width + 1))
+        h[:, 1:] = np.maximum(np.maximum(h_prev[:, :-1] + row_scores(r), f[:, 1:]), 0)
         # e[j] = max_{m < j} h[m] - gap_open - (j - m - 1) * gap_extend
-        run = np.maximum.accumulate(h + k)
-        e = np.full(n2 + 1, -np.inf)
-        e[1:] = run[:-1] - k[1:] - gap_open + gap_extend
+        run = np.maximum.accumulate(h + k, axis=1)
+        e[:, 1:] = run[:, :-1] - k[1:] - gap_open + gap_extend
         h = np.maximum(h, e)
-        best = max(best, float(h.max()))
+        best = np.maximum(best, h.max(axis=1))
         h_prev = h
     return best
 
 
+def sw_score(scores: np.ndarray) -> float:
+    """:func:`sw_batch` of one (L1, L2) matrix of position-pair scores."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float(sw_batch(lambda r: s[r][None], s.shape[0], 1, s.shape[1])[0])
+
+
 def align_scores_dense(vecs: Sequence[np.ndarray], edges, scores) -> np.ndarray:
-    """All-pairs :func:`sw_score` with position-pair scores s(|v_i - w_j|) of per-residue
-    vectors (the summed code vectors of stages 1..k)."""
+    """All-pairs local alignment scores (:func:`sw_batch`, each chain against all later ones)
+    with position-pair scores s(|v_i - w_j|) of per-residue vectors (the summed code vectors
+    of stages 1..k)."""
     n = len(vecs)
     out = np.zeros((n, n))
     for i in range(n):
-        for j in range(i, n):
-            d = np.linalg.norm(vecs[i][:, None] - vecs[j][None], axis=-1)
-            out[i, j] = out[j, i] = sw_score(score_of_distance(d, edges, scores))
+        targets = vecs[i:]
+        width = max(len(t) for t in targets)
+        tv = np.zeros((len(targets), width, vecs[i].shape[1]))
+        pad = np.ones((len(targets), width), dtype=bool)
+        for t, v in enumerate(targets):
+            tv[t, : len(v)] = v
+            pad[t, : len(v)] = False
+
+        def row(r, q=vecs[i], tv=tv, pad=pad):
+            s = score_of_distance(np.linalg.norm(tv - q[r], axis=-1), edges, scores)
+            return np.where(pad, -1e9, s)
+
+        out[i, i:] = out[i:, i] = sw_batch(row, len(vecs[i]), len(targets), width)
     return out
 
 

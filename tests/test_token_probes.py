@@ -290,3 +290,17 @@ def test_the_card_section_quotes_only_the_same_checkpoint(tmp_path):
     assert not tp.update_card(str(card), section)  # the same section again: unchanged
     assert tp.update_card(str(card), section.replace("0.700", "0.800"))
     assert card.read_text().count("What the tokens know") == 1
+
+
+def test_dense_all_pairs_scorer_equals_biotite_with_the_same_matrix():
+    """Joint-stage search scores position pairs from vectors: with one-hot vectors and a
+    log-odds table, the batched scorer must give biotite's scores under the equivalent matrix
+    (targets of different lengths padded together)."""
+    rng = np.random.default_rng(5)
+    vectors = np.eye(6)  # distance 0 (same code) or sqrt(2)
+    edges, scores = np.array([np.inf]), np.array([5.0, -3.0])
+    seqs = [rng.integers(0, 6, n) for n in (30, 12, 45, 20)]
+    seqs[2][5:25] = seqs[0][3:23]
+    dense = tp.align_scores_dense([vectors[s] for s in seqs], edges, scores)
+    ref = tp.align_scores_biotite(seqs, tp.substitution_matrix(vectors, edges, scores))
+    assert np.array_equal(dense, ref)
