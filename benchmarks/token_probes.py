@@ -302,10 +302,11 @@ def tokenizer_source(spec: str, probe_backbone) -> Source:
     vectors = code_vectors(tok.model, kind)
     if kind == "residue":
         k = 1 if codes.ndim == 1 else codes.shape[1]
-        sizes = [size] * k
         if vectors is not None and len(vectors) != k:
             vectors = None
         vectors = vectors or [None] * k
+        # a stage's alphabet: its code vectors when known (the config may give the total)
+        sizes = [len(v) if v is not None else size for v in vectors]
 
         def encode(bbs):
             out = []
