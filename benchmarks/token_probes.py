@@ -263,7 +263,9 @@ def aa_source() -> Source:
             np.array([[lut.get(c, len(AA))] for c in bb.sequence], np.int64) for bb in bbs
         ], None
 
-    return Source("aa", "sequence", [len(AA) + 1], [None], encode, "amino acids (X = 20)", AA)
+    return Source(
+        "aa", "sequence", [len(AA) + 1], [None], encode, "amino acids (X = 20)", letters=AA
+    )
 
 
 def mini3di_source() -> Source:
@@ -280,7 +282,9 @@ def mini3di_source() -> Source:
         return out, None
 
     centroids = np.asarray(mini3di.Encoder._CENTROIDS, dtype=np.float64)
-    return Source("3Di", "residue", [20], [centroids], encode, "Foldseek 3Di (mini3di)", letters)
+    return Source(
+        "3Di", "residue", [20], [centroids], encode, "Foldseek 3Di (mini3di)", letters=letters
+    )
 
 
 def tokenizer_source(spec: str, probe_backbone) -> Source:

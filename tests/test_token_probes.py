@@ -304,3 +304,59 @@ def test_dense_all_pairs_scorer_equals_biotite_with_the_same_matrix():
     dense = tp.align_scores_dense([vectors[s] for s in seqs], edges, scores)
     ref = tp.align_scores_biotite(seqs, tp.substitution_matrix(vectors, edges, scores))
     assert np.array_equal(dense, ref)
+
+
+class _TwoStageTokenizer:
+    """A stand-in for a residual-FSQ per-residue tokenizer (codes (L, 2)): stage 1 the binned
+    CA(i-1)-CA(i+1) distance, stage 2 the binned CA(i-2)-CA(i+2) distance, 8 codes each."""
+
+    checkpoint = "twostage"
+
+    def __init__(self):
+        from torch import nn
+        from vector_quantize_pytorch import ResidualFSQ
+
+        self.model = nn.Module()
+        self.model.quantizer = ResidualFSQ(dim=1, levels=[8], num_quantizers=2)
+        self.config = type("C", (), {"codebook_size": 8})()
+
+    @staticmethod
+    def _codes(bb):
+        ca = bb.ca
+        cols = []
+        for k, (lo, hi) in ((1, (4.5, 7.5)), (2, (5.0, 13.0))):
+            d = np.full(len(ca), (lo + hi) / 2)
+            d[k:-k] = np.linalg.norm(ca[2 * k :] - ca[: -2 * k], axis=1)
+            cols.append(np.clip(((d - lo) / (hi - lo) * 8).astype(int), 0, 7))
+        return np.stack(cols, axis=1)
+
+    def encode(self, bb):
+        return type("T", (), {"codes": self._codes(bb)})()
+
+    def encode_many(self, bbs):
+        return [self.encode(bb) for bb in bbs]
+
+
+@pytest.mark.slow
+def test_a_two_stage_tokenizer_gets_a_row_per_stage_and_joint_rows(shared, tmp_path, monkeypatch):
+    from protoken.tokenizer import Tokenizer
+
+    monkeypatch.setattr(
+        Tokenizer, "from_checkpoint", staticmethod(lambda spec: _TwoStageTokenizer())
+    )
+    js = tmp_path / "t.json"
+    data = shared / "data"
+    rc = tp.main(["--tokenizer", "twostage", "--probe-chains", "9", "--pairs", "3", "--search",
+                  "5", "--max-len", "150", "--promod3", str(data / "promod3"), "--train",
+                  str(data / "train"), "--structures", str(data / "structures"), "--cache",
+                  str(tmp_path / "cache"), "--out", str(tmp_path / "t.md"),
+                  "--json", str(js)])  # fmt: skip
+    assert rc == 0
+    rows = {r["label"]: r for r in json.loads(js.read_text())["rows"]}
+    assert {"twostage stage 1", "twostage stage 2", "twostage stages 1-2"} <= set(rows)
+    joint = rows["twostage stages 1-2"]
+    assert joint["columns"] == [0, 1]
+    assert joint["search"]["matrix"].startswith("derived from summed code vectors")
+    assert np.isfinite(joint["search"]["rho"])
+    # the binned CA(i-1)-CA(i+1) distance knows helices from strands
+    assert rows["twostage stage 1"]["probe_w0"]["ss3"] > 0.6
