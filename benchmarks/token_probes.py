@@ -3,9 +3,14 @@ tokenizers, Foldseek's 3Di alphabet and the amino-acid sequence, on the same pro
 
     python benchmarks/token_probes.py [--tokenizer residue --tokenizer default] [--quick]
                                       [--out docs/token_probes.md] [--json docs/token_probes.json]
+                                      [--cards]
 
-``--tokenizer`` takes a bundled name or a checkpoint path and may be repeated. Run on CPU in a
-few minutes (``--quick``: a CI-sized run in well under one). What is compared:
+``--tokenizer`` takes a bundled name or a checkpoint path and may be repeated. CPU only: about
+15 CPU-minutes for the full run with the two bundled tokenizers, of which TM-align of the
+search set is a third (cached after the first run); ``--quick`` (24 chains, 6 pairs, 12
+search chains) takes about one CPU-minute. ``--cards`` also puts each bundled tokenizer's rows
+into its model card (between ``<!-- token-probes -->`` markers; only when the results are of
+the card's checkpoint). What is compared:
 
 - ``aa``: the amino-acid sequence (the floor: no structure at all);
 - ``3Di``: Foldseek's 20-letter alphabet by ``mini3di`` (a numpy port of Foldseek's encoder;
