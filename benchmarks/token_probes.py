@@ -996,7 +996,8 @@ def render(res: dict, meta: dict) -> str:
         meta["command"],
         "```",
         "",
-        f"({meta['date']}, {meta['machine']}; {meta['seconds'] / 60:.1f} min in all.) "
+        f"({meta['date']}, {meta['machine']}; {meta['seconds'] / 60:.1f} min in all, "
+        f"{meta.get('cpu_seconds', 0) / 60:.1f} CPU-min in this process.) "
         "StructTokenBench-style measures (Yuan et al. 2025) beside reconstruction, for our "
         "tokenizers, Foldseek's 3Di alphabet (`mini3di`) and the amino-acid sequence, on the "
         "same proteins:",
@@ -1249,6 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"CPU, {os.cpu_count()} cores (shared)",
         "seconds": seconds,
+        "cpu_seconds": time.process_time(),
         "window": args.window,
         "probe": "linear (L-BFGS logistic / ridge, l2 1)",
         "counts": {
