@@ -1204,6 +1204,12 @@ def write_cards(tokenizers: Sequence[str], results: dict) -> None:
             print(f"updated {path}")
 
 
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", action="append", help="bundled name or checkpoint path "
@@ -1222,7 +1228,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=os.path.join(ROOT, "docs", "token_probes.json"))
     p.add_argument("--cards", action="store_true", help="also put the results into the model "
                    "cards of the bundled tokenizers that were run")  # fmt: skip
+    p.add_argument("--from-json", metavar="JSON", help="only redraw --out (and the cards with "
+                   "--cards) from the results of an earlier run")  # fmt: skip
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            results = json.load(fh)
+        results["meta"]["summary"] = summarise(results, results["meta"]["majority"])
+        _write(args.out, render(results, results["meta"]))
+        if args.cards:
+            write_cards(list(results["sources"]), results)
+        return 0
     if args.quick:
         args.probe_chains, args.pairs, args.search = 24, 6, 12
         args.max_len = min(args.max_len, 200)
@@ -1278,11 +1294,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["summary"] = summarise(res, meta["majority"])
     res.pop("tm", None)
     text = render(res, meta)
-    for path, content in ((args.out, text),
-                          (args.json, json.dumps({"meta": meta, **res}, indent=1))):  # fmt: skip
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as fh:
-            fh.write(content + "\n")
+    _write(args.out, text)
+    _write(args.json, json.dumps({"meta": meta, **res}, indent=1))
     print(text)
     print(f"wrote {args.out} and {args.json} in {seconds:.0f} s")
     if args.cards:

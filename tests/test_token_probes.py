@@ -256,6 +256,9 @@ def test_a_tiny_run_writes_the_table_and_json(shared, tmp_path):
     assert {r["label"] for r in res["rows"]} == {"aa", "3Di", "residue"}
     assert res["meta"]["counts"]["search"] == 5
     assert set(res["meta"]["splits"]["probe_test"]).isdisjoint(res["meta"]["splits"]["probe_train"])
+    again = tmp_path / "again.md"
+    assert tp.main(["--from-json", str(js), "--out", str(again)]) == 0
+    assert again.read_text() == table
 
 
 def test_clean_matches_leave_out_residues_next_to_a_missing_one():
