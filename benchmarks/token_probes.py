@@ -15,8 +15,8 @@ the card's checkpoint). What is compared:
 - ``aa``: the amino-acid sequence (the floor: no structure at all);
 - ``3Di``: Foldseek's 20-letter alphabet by ``mini3di`` (a numpy port of Foldseek's encoder;
   Cb placed from N, CA, C as Foldseek does for glycines);
-- each ``--tokenizer``: a per-residue tokenizer gives ``Tokens.codes`` of shape ``(L,)`` or
-  ``(L, K)`` for K residual stages; each stage is a row of its own and, for K > 1, stages 1..k
+- each ``--tokenizer``: a per-residue tokenizer gives ``Tokens.stages`` of shape ``(L, K)``
+  for K residual stages; each stage is a row of its own and, for K > 1, stages 1..k
   jointly (probes: one-hot of each stage side by side; search: the summed stage vectors). A
   grid tokenizer (``default``) has no per-residue tokens: its probe and sensitivity rows use,
   for residue i, the code of the diagonal cell (i // s, i // s) of every level (a proxy), and
@@ -303,7 +303,7 @@ def tokenizer_source(spec: str, probe_backbone) -> Source:
     name = os.path.basename(spec) if os.path.exists(spec) else spec
     first = tok.encode(probe_backbone)
     try:
-        codes = np.asarray(first.codes)
+        codes = np.asarray(first.stages)  # (L, K): every residual stage
         kind = "residue"
     except ValueError:
         kind = "grid"
@@ -320,8 +320,7 @@ def tokenizer_source(spec: str, probe_backbone) -> Source:
         def encode(bbs):
             out = []
             for t in _encode_all(tok, bbs):
-                c = np.asarray(t.codes, dtype=np.int64)
-                out.append(c[:, None] if c.ndim == 1 else c)
+                out.append(np.asarray(t.stages, dtype=np.int64))
             return out, None
 
         note = f"{k} stage(s) of {size} codes"
