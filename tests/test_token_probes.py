@@ -334,7 +334,8 @@ class _TwoStageTokenizer:
         return np.stack(cols, axis=1)
 
     def encode(self, bb):
-        return type("T", (), {"codes": self._codes(bb)})()
+        codes = self._codes(bb)  # (L, 2): like Tokens, stage 1 alone is `codes`
+        return type("T", (), {"stages": codes, "codes": codes[:, 0]})()
 
     def encode_many(self, bbs):
         return [self.encode(bb) for bb in bbs]

@@ -520,5 +520,9 @@ def test_init_starts_from_a_tokenizers_weights_and_refuses_what_does_not_match(
             init_from(model, source, CodecSettings(dmax=40.0) if what == "codec" else codec)
         text = str(info.value)
         assert text.startswith(f"--init {source}") and message in text and "\n" not in text, what
-    bundled = init_from(build_model("residue-small"), "residue", codec)
+    from protoken import pretrained
+    from protoken.model import config_from_dict
+
+    shipped = config_from_dict(pretrained.load("residue")["model_config"])
+    bundled = init_from(build_model(shipped), "residue", codec)
     assert bundled["init"].startswith("bundled:residue")

@@ -845,9 +845,10 @@ def _require_dockq() -> None:
     try:
         import DockQ.DockQ  # noqa: F401
     except ImportError:
+        from protoken.metrics import DOCKQ_INSTALL
+
         raise ImportError(
-            "--chains complex scores interfaces with the DockQ package: "
-            "pip install 'protoken[complex]'"
+            f"--chains complex scores interfaces with the DockQ package: {DOCKQ_INSTALL}"
         ) from None
 
 

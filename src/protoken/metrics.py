@@ -335,6 +335,9 @@ def distance_mae(truth, decoded, dmax: float, mask=None) -> float:
 
 # --------------------------------------------------------------------------- complexes
 
+#: How to install DockQ beside numpy 2 (its release pins numpy<2 but runs on 2).
+DOCKQ_INSTALL = "pip install 'protoken[complex]' && pip install --no-deps 'dockq>=2.1.3'"
+
 #: Chain ids of the temporary files DockQ reads (one character each, as PDB columns allow).
 _DOCKQ_IDS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -427,9 +430,7 @@ def _dockq(pred: dict, true: dict, layout: list, sequence: str | None) -> dict:
     try:
         from DockQ import DockQ as dq
     except ImportError:
-        raise ImportError(
-            "interface scores need the DockQ package: pip install 'protoken[complex]'"
-        ) from None
+        raise ImportError(f"interface scores need the DockQ package: {DOCKQ_INSTALL}") from None
     from protoken.structure import structure_to_text
 
     if not {"N", "CA", "C"} <= set(pred):
