@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME_OR_PATH",
                    help="a tokenizer to evaluate on the complexes (repeatable)")  # fmt: skip
     p.add_argument("--stages", type=int, default=None,
-                   help="per-residue tokenizers: decode from the first K stages")  # fmt: skip
+                   help="per-residue tokenizers: the first K stages")  # fmt: skip
+    p.add_argument("--no-ceiling", action="store_true", help="the tokenizer rows only")
     p.add_argument("--tsv", default=None, help="write one row per complex here")
     p.add_argument("--limit", type=int, default=None, help="the first N complexes only")
     args = p.parse_args(argv)
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     tasks = [(n, bb, args.dmax, args.bit_depth) for n, bb in complexes]
+    if args.no_ceiling:
+        tasks = []
     with ProcessPoolExecutor(args.workers, initializer=_single_thread) as pool:
         rows = list(pool.map(_ceiling, tasks))
     log(
@@ -301,14 +304,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ceiling_complex_tm_score']:.4f}, clipped pairs {r['ceiling_clipped_pairs']}"
         )
 
-    table = [
-        (
-            "ceiling",
-            f"image ({args.bit_depth}-bit) -> 3D, no tokenizer",
-            _median(rows, "ceiling_dockq"),
-            _median(rows, "ceiling_complex_tm_score"),
-        )
-    ]
+    table = []
+    if rows:
+        table.append(("ceiling", f"ceiling: image ({args.bit_depth}-bit) -> 3D, no tokenizer",
+                      _median(rows, "ceiling_dockq"),
+                      _median(rows, "ceiling_complex_tm_score")))  # fmt: skip
     by_name = {r["id"]: r for r in rows}
     if args.checkpoint:
         table += _tokenizer_rows(args, complexes, bm5, by_name, log)
@@ -320,12 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS.get(key, ("", None, None))[0]
         print(f"| {what} | {target} | {dq:.3f} | {tm:.4f} |")
     print()
-    print(f"Ceiling by complex size ({len(rows)} complexes; fnat median "
-          f"{_median(rows, 'ceiling_fnat'):.3f}, interface RMSD median "
-          f"{_median(rows, 'ceiling_irmsd'):.3f} A, worst-chain TM median "
-          f"{_median(rows, 'ceiling_chain_tm_min'):.4f}):")  # fmt: skip
-    print()
-    print("\n".join(_size_table(rows, "ceiling_")))
+    if rows:
+        print(f"Ceiling by complex size ({len(rows)} complexes; fnat median "
+              f"{_median(rows, 'ceiling_fnat'):.3f}, interface RMSD median "
+              f"{_median(rows, 'ceiling_irmsd'):.3f} A, worst-chain TM median "
+              f"{_median(rows, 'ceiling_chain_tm_min'):.4f}):")  # fmt: skip
+        print()
+        print("\n".join(_size_table(rows, "ceiling_")))
     if args.tsv:
         from protoken.fileio import write_tsv
 
@@ -363,7 +364,8 @@ def _tokenizer_rows(args, complexes, bm5, by_name, log) -> list:
                 files.append(path)
         for spec in args.checkpoint:
             tok = Tokenizer.load(spec)
-            if args.stages is not None:
+            residue = tok.layout == "residue"
+            if args.stages is not None and residue:
                 tok.stages = args.stages
             out = os.path.join(tmp, "eval-" + str(len(rows)))
             t0 = time.perf_counter()
@@ -372,7 +374,7 @@ def _tokenizer_rows(args, complexes, bm5, by_name, log) -> list:
                                max_len=MAX_LEN, ceiling=False, log=lambda m: None)  # fmt: skip
             name = os.path.basename(spec).removesuffix(".pt")
             key = name if name in TARGETS else spec
-            stages = f", {args.stages} stages" if args.stages else ""
+            stages = f", {args.stages} stage(s)" if args.stages and residue else ""
             dq = summary.get("dockq", {}).get("median", float("nan"))
             tm = summary.get("complex_tm_score", {}).get("median", float("nan"))
             log(f"{spec}{stages}: {summary['proteins']} complexes in "
