@@ -40,6 +40,17 @@ def small_structures(lo: int = 40, hi: int = 80) -> list[str]:
     return [os.path.join(folder, r["file"]) for r in rows]
 
 
+def longest_structure(limit: int = 1024) -> str:
+    """The structure of ../shared whose first chain is the longest of at most ``limit``."""
+    folder = os.path.join(SHARED, "data", "structures")
+    with open(os.path.join(folder, "MANIFEST.tsv"), newline="") as fh:
+        rows = [r for r in csv.DictReader(fh, delimiter="\t")
+                if (r["n_protein_residues_first_chain"] or "0").isdigit()
+                and int(r["n_protein_residues_first_chain"]) <= limit]  # fmt: skip
+    best = max(rows, key=lambda r: int(r["n_protein_residues_first_chain"]))
+    return os.path.join(folder, best["file"])
+
+
 SRC = os.path.join(ROOT, "src")
 
 
@@ -71,6 +82,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="evaluate's 3D workers")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--long", type=int, default=0, metavar="N",
+                    help="also encode N copies of the longest single chain of ../shared of at "
+                         "most 1024 residues, 8 per batch: the peak memory at the largest "
+                         "length (target ~1 GB)")  # fmt: skip
     ap.add_argument("--src", default=SRC, help="the protoken sources to measure (default: this "
                     "checkout's; e.g. an older version's, unpacked with git archive)")  # fmt: skip
     args = ap.parse_args()
@@ -89,6 +104,33 @@ def main() -> None:
         flush=True,
     )
     results: dict[str, dict[int, tuple[float, float]]] = {"encode": {}, "evaluate": {}}
+    if args.long:
+        folder = os.path.join(work, "long")
+        if not os.path.isdir(folder):
+            run(["convert", longest_structure(), "--out", folder, "--no-progress", "--max-len",
+                 "1024", "--chains", "first", "--models", "first"])  # fmt: skip
+        png = next(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if f.endswith(".png"))  # fmt: skip
+        copies = os.path.join(work, f"long{args.long}")
+        os.makedirs(copies, exist_ok=True)
+        for i in range(args.long):
+            link = os.path.join(copies, f"l{i:05d}.png")
+            if not os.path.exists(link):
+                os.symlink(png, link)
+        out = os.path.join(work, "long.npz")
+        if os.path.exists(out):
+            os.unlink(out)
+        peak, seconds = run(["encode", copies, "-c", args.checkpoint, "-o", out,
+                             "--no-progress", "--batch-size", "8"])  # fmt: skip
+        from protoken.codec import check_png_header
+
+        with open(png, "rb") as fh:
+            side = check_png_header(fh.read(64))[0]
+        print(
+            f"encode {args.long} proteins of {os.path.basename(png)[:-4]} ({side} residues), "
+            f"8 per batch: peak RSS {peak:.0f} MB, {seconds:.1f} s",
+            flush=True,
+        )
     for n in sorted(set(args.sizes) | set(eval_sizes)):
         folder = os.path.join(work, f"in{n}")
         if not os.path.isdir(folder):

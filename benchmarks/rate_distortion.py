@@ -65,9 +65,11 @@ CONFIGS = {
     "residue-4096-30min": ("residue-small", {**V1_FIELDS}, {"crop": 128, "max_steps": 4000}),
     # issue 21's designs, on the ProMod3 chains (--data data/promod3): the first per-residue
     # design, then the neighbourhood encoder with residual FSQ (4 stages, random stage
-    # dropout), without and with the decoder's pair representation and binned-6D heads
+    # dropout), alone or with the first design's whole-row pooling, without and with the
+    # decoder's pair representation and binned-6D heads
     "v1-promod3": ("residue-small", {**V1_FIELDS}),
     "knn-rfsq": ("residue-small", {}),
+    "knn-row-rfsq": ("residue-small", {"encoder": "both"}),
     "knn-rfsq-pair": (
         "residue-small",
         {"pair_dim_decoder": 32, "n_pair_blocks": 2, "pair_loss_weight": 0.25},

@@ -265,12 +265,13 @@ def micro_checkpoint(tmp_path_factory) -> str:
     from helpers import MICRO
     from protoken import checkpoint as ckpt_io
     from protoken.codec import CodecSettings
-    from protoken.model import HierarchicalVQVAE, HierarchicalConfig, config_to_dict
+    from protoken.model import HierarchicalConfig, HierarchicalVQVAE, config_to_dict
 
     torch.manual_seed(0)
     cfg = HierarchicalConfig.preset("tiny", **MICRO)
     path = str(tmp_path_factory.mktemp("micro") / "best.pt")
-    ckpt_io.save(path, {"model": HierarchicalVQVAE(cfg).state_dict(), "model_config": config_to_dict(cfg),
+    ckpt_io.save(path, {"model": HierarchicalVQVAE(cfg).state_dict(),
+                        "model_config": config_to_dict(cfg),
                         "codec": CodecSettings().to_dict()})  # fmt: skip
     return path
 

@@ -313,3 +313,26 @@ def test_a_killed_write_leaves_no_complete_looking_file(tmp_path, fmt):
     assert all(name.startswith(f"t.{fmt}.tmp{proc.pid}") for name in left), left
     if fmt == "npz":  # the spools were anonymous; the archive was not even begun
         assert left == []
+
+
+def test_numbering_survives_npz_and_parquet_and_is_dropped_when_unknown(rtok, structures_dir,
+                                                                          tmp_path):  # fmt: skip
+    """Author numbering (insertion codes and negative numbers included) round-trips; a file
+    where one protein has none (or an unparseable one) records none, and the others decode
+    numbered 1..n."""
+    t = rtok.encode(structures_dir / NAMES[1])
+    ids = ["-3", "-2", "0A", "0B"] + [str(i) for i in range(1, t.length - 3)]
+    numbered = Tokens(t.id, t.length, t.sequence, t.levels, t.chains, tuple(ids))
+    save_tokens(str(tmp_path / "n.npz"), [numbered], rtok.meta())
+    back = load_tokens(str(tmp_path / "n.npz"))[0][0]
+    assert back.res_ids == numbered.res_ids
+    with np.load(tmp_path / "n.npz") as z:
+        assert z["res_numbers"][:3].tolist() == [-3, -2, 0] and chr(z["res_icodes"][2]) == "A"
+    pytest.importorskip("pyarrow")
+    save_tokens_parquet(str(tmp_path / "n.parquet"), [numbered], rtok.meta())
+    assert read_token_file(str(tmp_path / "n.parquet"))[0][0].res_ids == numbered.res_ids
+    odd = Tokens("odd", t.length, t.sequence, t.levels, t.chains, ("1 2",) * t.length)
+    save_tokens(str(tmp_path / "m.npz"), [numbered, odd], rtok.meta())
+    assert all(b.res_ids == () for b in load_tokens(str(tmp_path / "m.npz"))[0])
+    with pytest.raises(ValueError, match="residue ids"):
+        Tokens("x", t.length, "", t.levels, (), ("1",))

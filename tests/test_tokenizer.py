@@ -217,3 +217,28 @@ def test_residue_tokens_decode_like_the_forward_pass_from_any_number_of_stages(
     with pytest.raises(ValueError, match="layout"):
         tok_grid = Tokenizer.load(str(DATA / "old-checkpoint.pt"), device="cpu")
         tok_grid.decode(t)
+
+
+def test_a_complex_decodes_to_one_file_with_its_chains_and_numbering(rtok, structures_dir,
+                                                                     tmp_path):  # fmt: skip
+    """4hhb (four chains) encoded as a complex: its tokens carry the chain layout and the
+    author numbering, and decode writes one PDB with those chains (TER between them) and that
+    numbering."""
+    import gemmi
+
+    from protoken.tokenizer import decode_to_files
+
+    path = structures_dir / "graphein__4hhb.cif.gz"
+    t = next(iter(rtok.encode_many([path], chains="complex", models="first")))
+    assert [c for c, _ in t.chains] == ["A", "B", "C", "D"] and t.length == 574
+    st = gemmi.read_structure(str(path))
+    want = [(ch.name, f"{r.seqid.num}{r.seqid.icode.strip()}") for ch in st[0] for r in ch
+            if gemmi.find_tabulated_residue(r.name) and r.find_atom("CA", "*")]  # fmt: skip
+    assert [r for _, r in want] == list(t.res_ids)
+    (tmp_path / "d").mkdir()
+    decode_to_files(rtok, [t], str(tmp_path / "d"), "pdb")
+    text = (tmp_path / "d" / f"{t.id}.pdb").read_text()
+    assert text.count("TER") == 4
+    out = gemmi.read_pdb_string(text)
+    got = [(ch.name, f"{r.seqid.num}{r.seqid.icode.strip()}") for ch in out[0] for r in ch]
+    assert got == want

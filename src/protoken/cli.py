@@ -806,9 +806,14 @@ def _pretrained(args: argparse.Namespace) -> int:
             continue
         meta = pretrained.info(name)
         mc, res = meta["model_config"], meta.get("results", {})
-        tm = res.get("tm_score_median")
-        print(f"{name:<10} {mc.get('family', 'hierarchical')} family. {meta.get('summary', '')}"
-              + (f" Held-out median TM-score {tm:.3f}." if tm is not None else ""))  # fmt: skip
+        print(f"{name:<10} {mc.get('family', 'hierarchical')} family. {meta.get('summary', '')}")
+        for r in res.get("by_stage") or ([res] if res else []):
+            rate = (f"{r['stages']} stage{'s' if r['stages'] > 1 else ''}, " if "stages" in r
+                    else "")  # fmt: skip
+            by = ", ".join(f"{b['lengths']}: {b['tm_score']:.2f}" for b in r.get("by_length", []))
+            bits = r["bits_per_residue_median"]
+            print(f"{'':<11}held-out median TM-score {r['tm_score_median']:.3f} ({rate}"
+                  f"{bits:g} bits per residue; by length {by})")  # fmt: skip
     print("model card: protoken pretrained NAME; use: protoken encode FILES -c NAME --out t.npz")
     return EXIT_OK
 

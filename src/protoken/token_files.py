@@ -22,7 +22,11 @@ Three formats (``protoken encode --format``):
                      chain_offsets    (N + 1,): protein i's chains are [chain_offsets[i],
                                       chain_offsets[i + 1]) (none: one chain, id unknown)
 
-Stages and chains were added without changing the format's version: a reader of version 2
+    numbering:       res_numbers, res_icodes   (sum of L,) int32 and uint8: every residue's
+                                      author number and insertion code (0: none), present
+                                      when every protein recorded its numbering
+
+Stages, chains and numbering were added without changing the format's version: a reader of version 2
 ignores the members it does not know and reads the first stage of every protein.
 
 ``fasta`` (:class:`FastaTokenWriter`, per-residue tokens only): ``>ID length=L`` (plus
@@ -33,7 +37,8 @@ residue.
 ``parquet`` (:class:`ParquetTokenWriter`, per-residue tokens only, pyarrow): columns ``id``,
 ``sequence``, ``tokens`` (list of uint16 or int32: the first stage), ``tokens_2`` ..
 ``tokens_K`` (the later stages), ``length``, ``chain_ids`` and ``chain_lengths`` (lists; empty
-for a single chain of unknown id); the meta as the schema's ``protoken`` metadata (JSON).
+for a single chain of unknown id), ``res_ids`` (the author numbering, empty when unknown); the
+meta as the schema's ``protoken`` metadata (JSON).
 
 All three are read back by :func:`read_token_file` (FASTA has no meta: the tokenizer comes
 from the caller).
@@ -48,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -99,6 +105,9 @@ class Tokens:
     chains : tuple of (str, int)
         The chain layout of a complex, ``(chain id, residues)`` in order; empty for a single
         chain whose id is not recorded.
+    res_ids : tuple of str
+        The residues' author numbering (number and insertion code, ``"12"``, ``"12A"``), so
+        decoded structures are numbered as the input was; empty: 1..n within each chain.
     """
 
     id: str
@@ -106,12 +115,17 @@ class Tokens:
     sequence: str
     levels: list[np.ndarray]
     chains: tuple[tuple[str, int], ...] = ()
+    res_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.chains = tuple((str(c), int(n)) for c, n in self.chains)
+        self.res_ids = tuple(str(r) for r in self.res_ids)
         if self.chains and sum(n for _, n in self.chains) != self.length:
             raise ValueError(f"{self.id}: chain lengths {self.chain_lengths} do not sum to the "
                              f"length {self.length}")  # fmt: skip
+        if self.res_ids and len(self.res_ids) != self.length:
+            raise ValueError(f"{self.id}: {len(self.res_ids)} residue ids for {self.length} "
+                             "residues")  # fmt: skip
 
     @property
     def layout(self) -> str:
@@ -141,7 +155,8 @@ class Tokens:
         """These tokens with only the first ``k`` stages (the rate knob)."""
         if not 1 <= k <= self.n_stages:
             raise ValueError(f"{self.id}: {k} stages asked, the tokens have {self.n_stages}")
-        return Tokens(self.id, self.length, self.sequence, [self.stages[:, :k]], self.chains)
+        return Tokens(self.id, self.length, self.sequence, [self.stages[:, :k]], self.chains,
+                      self.res_ids)  # fmt: skip
 
     @property
     def chain_ids(self) -> list[str]:
@@ -161,6 +176,28 @@ class Tokens:
     @property
     def n_tokens(self) -> int:
         return int(sum(np.size(g) for g in self.levels))
+
+
+_RES_ID = re.compile(r"^(-?\d{1,9})([A-Za-z]?)$")
+
+
+def split_res_ids(res_ids) -> tuple[np.ndarray, np.ndarray] | None:
+    """Author residue ids (``"12"``, ``"12A"``) as numbers (int32) and insertion codes
+    (uint8, 0 for none); None when one is no such id."""
+    numbers, codes = [], []
+    for r in res_ids:
+        m = _RES_ID.match(r)
+        if m is None:
+            return None
+        numbers.append(int(m.group(1)))
+        codes.append(ord(m.group(2)) if m.group(2) else 0)
+    return np.asarray(numbers, dtype=np.int32), np.asarray(codes, dtype=np.uint8)
+
+
+def join_res_ids(numbers: np.ndarray, codes: np.ndarray) -> tuple[str, ...]:
+    """Inverse of :func:`split_res_ids`."""
+    return tuple(f"{n}{chr(c) if c else ''}" for n, c in zip(numbers.tolist(), codes.tolist(),
+                                                              strict=True))  # fmt: skip
 
 
 def chains_text(chains) -> str:
@@ -291,6 +328,14 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
             raise bad(f"codes outside the codebook 0..{size - 1} in codes_stage{k}")
         later.append(codes)
     chains = _chain_arrays(arrays, lengths, bad)
+    numbering = None
+    if "res_numbers" in arrays:
+        nums, icodes = arrays["res_numbers"], arrays.get("res_icodes")
+        total = int(lengths.astype(np.int64).sum())
+        if (nums.shape != (total,) or nums.dtype.kind not in "iu" or icodes is None
+                or icodes.shape != (total,) or icodes.dtype.kind != "u"):  # fmt: skip
+            raise bad("res_numbers and res_icodes must hold one entry per residue")
+        numbering = (nums, icodes, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
     out = []
     for i, length in enumerate(lengths.tolist()):
         levels = []
@@ -302,7 +347,11 @@ def load_tokens(path: str) -> tuple[list[Tokens], dict]:
             elif later:
                 c = np.stack([c] + [x[off[i] : off[i + 1]].astype(np.int64) for x in later], 1)
             levels.append(c)
-        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels, chains[i]))
+        res_ids = ()
+        if numbering is not None:
+            nums, icodes, off = numbering
+            res_ids = join_res_ids(nums[off[i] : off[i + 1]], icodes[off[i] : off[i + 1]])
+        out.append(Tokens(str(ids[i]), int(length), str(seqs[i]), levels, chains[i], res_ids))
     return out, meta
 
 
@@ -408,12 +457,14 @@ def load_tokens_parquet(path: str) -> tuple[list[Tokens], dict]:
             len(c) and (c.min() < 0 or (isinstance(size, int) and c.max() >= size)) for c in codes
         ):
             raise ValueError(f"{path}: row {i} ({tid}): codes do not match its length or codebook")
+        res_ids = data["res_ids"][i] if "res_ids" in data else None
         cids = data["chain_ids"][i] if "chain_ids" in data else None
         sizes = data["chain_lengths"][i] if "chain_lengths" in data else None
         chains = tuple(zip(cids or [], sizes or [], strict=True))
         seen.add(tid)
         try:
-            out.append(Tokens(tid, length, data["sequence"][i] or "", [np.stack(codes, 1)], chains))
+            out.append(Tokens(tid, length, data["sequence"][i] or "", [np.stack(codes, 1)], chains,
+                              res_ids or ()))  # fmt: skip
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
     return out, meta
@@ -605,6 +656,8 @@ class NpzTokenWriter(TokenWriter):
             self.levels = [_Spool(folder) for _ in range(self.n_levels)]
             self.chain_ids, self.chain_sizes = _Spool(folder), _Spool(folder)
             self.chain_counts = _Spool(folder)
+            self.res_numbers, self.res_icodes = _Spool(folder), _Spool(folder)
+            self.numbered = True
             self.max_chain = 1
             if self.layout == "residue":
                 self.meta["stages"] = self.n_levels
@@ -627,6 +680,13 @@ class NpzTokenWriter(TokenWriter):
             self.chain_sizes.fh.write(np.int32(n).tobytes())
             self.max_chain = max(self.max_chain, len(cid))
         self.chain_ids.items += len(t.chains)
+        numbering = split_res_ids(t.res_ids) if t.res_ids and self.numbered else None
+        if numbering is None:
+            self.numbered = False  # one protein without (parseable) numbering: none written
+        else:
+            self.res_numbers.fh.write(numbering[0].tobytes())
+            self.res_icodes.fh.write(numbering[1].tobytes())
+            self.res_numbers.items += len(numbering[0])
 
     def _finish(self) -> None:
         import zipfile
@@ -655,13 +715,18 @@ class NpzTokenWriter(TokenWriter):
                 counts = np.frombuffer(self.chain_counts.fh.read(), dtype=np.int32)
                 offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
                 self._member(zf, "chain_offsets", offsets)
+            if self.numbered:
+                r = self.res_numbers.items
+                self._copy(zf, "res_numbers", self.res_numbers, np.dtype(np.int32), r)
+                self._copy(zf, "res_icodes", self.res_icodes, np.dtype(np.uint8), r)
         self._cleanup()
 
     def _cleanup(self) -> None:
         for spool in (getattr(self, "ids", None), getattr(self, "seqs", None),
                       getattr(self, "lengths", None), *getattr(self, "levels", []),
                       getattr(self, "chain_ids", None), getattr(self, "chain_sizes", None),
-                      getattr(self, "chain_counts", None)):  # fmt: skip
+                      getattr(self, "chain_counts", None), getattr(self, "res_numbers", None),
+                      getattr(self, "res_icodes", None)):  # fmt: skip
             if spool is not None:
                 spool.close()
 
@@ -783,7 +848,8 @@ class ParquetTokenWriter(TokenWriter):
                   ("tokens", pa.list_(self.code_type))]  # fmt: skip
         fields += [(f"tokens_{k}", pa.list_(self.code_type)) for k in range(2, n_stages + 1)]
         fields += [("length", pa.int32()), ("chain_ids", pa.list_(pa.string())),
-                   ("chain_lengths", pa.list_(pa.int32()))]  # fmt: skip
+                   ("chain_lengths", pa.list_(pa.int32())),
+                   ("res_ids", pa.list_(pa.string()))]  # fmt: skip
         self.writer = self.pq.ParquetWriter(
             self.tmp, pa.schema(fields, metadata={"protoken": meta})
         )
@@ -793,7 +859,8 @@ class ParquetTokenWriter(TokenWriter):
             self._open(t.n_stages)
         if t.n_stages != self.n_stages:
             raise ValueError(f"{t.id}: {t.n_stages} stages, the file has {self.n_stages}")
-        self.rows.append((t.id, t.sequence, t.stages.astype(self.np_type), t.length, t.chains))
+        self.rows.append((t.id, t.sequence, t.stages.astype(self.np_type), t.length, t.chains,
+                          list(t.res_ids)))  # fmt: skip
         if len(self.rows) >= self.row_group:
             self._flush()
 
@@ -801,7 +868,7 @@ class ParquetTokenWriter(TokenWriter):
         if not self.rows:
             return
         pa = self.pa
-        ids, seqs, codes, lengths, chains = zip(*self.rows, strict=True)
+        ids, seqs, codes, lengths, chains, res_ids = zip(*self.rows, strict=True)
         offsets = pa.array(np.concatenate([[0], np.cumsum([len(c) for c in codes])]), pa.int32())
         columns = {"id": pa.array(ids, pa.string()), "sequence": pa.array(seqs, pa.string())}
         for k in range(self.n_stages):
@@ -814,6 +881,7 @@ class ParquetTokenWriter(TokenWriter):
                                         pa.list_(pa.string()))  # fmt: skip
         columns["chain_lengths"] = pa.array([[n for _, n in ch] for ch in chains],
                                             pa.list_(pa.int32()))  # fmt: skip
+        columns["res_ids"] = pa.array(res_ids, pa.list_(pa.string()))
         self.writer.write_table(pa.table(columns, schema=self.writer.schema),
                                 row_group_size=len(ids))  # fmt: skip
         self.rows = []

@@ -41,7 +41,13 @@ from protoken.codec import (
 from protoken.fileio import file_sha256
 from protoken.geometry import sixd
 from protoken.inputs import image_id
-from protoken.structure import Backbone, SkipStructure, StructureError, read_backbones
+from protoken.structure import (
+    Backbone,
+    SkipStructure,
+    StructureError,
+    read_backbones,
+    structure_to_text,
+)
 from protoken.token_files import Tokens, open_token_writer, read_token_file
 
 __all__ = ["INPUT_ERRORS", "EncodeSummary", "Item", "Tokenizer", "Tokens", "decode_to_files",
@@ -63,6 +69,7 @@ class Item:
     sequence: str = ""
     backbone: np.ndarray | None = None
     chains: tuple[tuple[str, int], ...] = ()
+    res_ids: tuple[str, ...] = ()
 
 
 def checkpoint_id(path: str) -> str:
@@ -221,8 +228,7 @@ class Tokenizer:
     def _from_backbone(self, bb) -> Item:
         image = features_to_image(sixd(bb.n, bb.ca, bb.c, dmax=self.codec.dmax), self.codec.dmax)
         image = dequantize(quantize(image, self.codec.bit_depth))
-        chains = getattr(bb, "chains", None) or ((bb.chain_id, len(bb)),)
-        return Item(bb.id, image, bb.sequence, bb.coords, tuple(chains))
+        return Item(bb.id, image, bb.sequence, bb.coords, tuple(bb.chains), tuple(bb.res_ids))
 
     # ------------------------------------------------------------------ model
 
@@ -368,7 +374,7 @@ class Tokenizer:
     def tokens_of(self, items: Sequence[Item]) -> list[Tokens]:
         """Tokens of prepared items (batched by :meth:`encode_images`)."""
         levels = self.encode_images([it.image for it in items], [it.chains for it in items])
-        return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv, it.chains)
+        return [Tokens(it.id, int(it.image.shape[-1]), it.sequence, lv, it.chains, it.res_ids)
                 for it, lv in zip(items, levels, strict=True)]  # fmt: skip
 
     def _check_layout(self, tokens: Tokens) -> None:
@@ -591,4 +597,6 @@ def decode_to_files(tok: Tokenizer, tokens: Sequence[Tokens], out: str, fmt: str
             rec = tok.decode_structure(t, via="decoder")
         else:
             rec = reconstruct(image, dmax=tok.codec.dmax, backbone=backbone)
-        atomic_write(structure, rec.to_text(t.sequence or None, fmt=fmt))
+        text = structure_to_text(rec.output_atoms, t.sequence or None, fmt=fmt,
+                                 chains=t.chains or None, res_ids=t.res_ids or None)  # fmt: skip
+        atomic_write(structure, text)

@@ -764,7 +764,8 @@ def init_from(model, source: str, codec: CodecSettings) -> dict:
         raise ValueError(f"--init {source} does not match the model ({what}); use the same "
                          "preset and model settings")  # fmt: skip
     model.load_state_dict(state, strict=False)
-    return {"init": ident, "init_provenance": checkpoint.provenance(src),
+    parent = src["provenance"] if "provenance" in src else checkpoint.provenance(src)
+    return {"init": ident, "init_provenance": parent,
             "new_weights": sorted(set(own) - set(state))}  # fmt: skip
 
 

@@ -86,9 +86,9 @@ class ResidueConfig:
     n_layer_encoder, n_layer_decoder : int
         Transformer blocks of the encoder and of the decoder (the decoder's last
         ``n_pair_blocks`` of them are biased by the pair representation).
-    encoder : {"knn", "row"}
-        Residue features from the ``knn`` nearest residues (this design) or pooled over the
-        whole row (the first design).
+    encoder : {"knn", "row", "both"}
+        Residue features from the ``knn`` nearest residues, pooled over the whole row (the first
+        design), or both summed (local geometry and the residue's view of the whole chain).
     knn : int
         Neighbours per residue of the ``knn`` encoder.
     pair_dim : int
@@ -106,6 +106,9 @@ class ResidueConfig:
         FSQ levels of each stage; the codes per stage are their product.
     n_stages : int
         Residual FSQ stages (tokens per residue at the full rate).
+    first_stage_weight : float
+        Share of the proteins that training decodes from the first stage alone (the others
+        from 2..K stages, uniformly).
     pair_dim_decoder : int
         Width of the decoder's pair representation; 0 for none.
     n_pair_blocks : int
@@ -124,7 +127,7 @@ class ResidueConfig:
     mlp_ratio: int = 4
     n_layer_encoder: int = 2
     n_layer_decoder: int = 6
-    encoder: str = "knn"
+    encoder: str = "both"
     knn: int = 16
     pair_dim: int = 32
     n_rbf: int = 16
@@ -133,6 +136,7 @@ class ResidueConfig:
     max_relpos: int = 32
     fsq_levels: tuple[int, ...] = (8, 8, 8, 8)
     n_stages: int = 4
+    first_stage_weight: float = 0.5
     pair_dim_decoder: int = 0
     n_pair_blocks: int = 0
     pair_loss_weight: float = 0.0
@@ -143,8 +147,8 @@ class ResidueConfig:
         object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
         if isinstance(self.loss, dict):
             object.__setattr__(self, "loss", LossConfig(**self.loss))
-        if self.encoder not in ("knn", "row"):
-            raise ValueError(f"encoder must be 'knn' or 'row', got {self.encoder!r}")
+        if self.encoder not in ("knn", "row", "both"):
+            raise ValueError(f"encoder must be 'knn', 'row' or 'both', got {self.encoder!r}")
         if self.position not in ("relpos", "rope"):
             raise ValueError(f"position must be 'relpos' or 'rope', got {self.position!r}")
         if self.d_model % self.n_head:
@@ -446,7 +450,9 @@ class NeighbourEncoder(nn.Module):
 
 
 class RowEncoder(nn.Module):
-    """The first design's encoder: pair features of every pair of row i, masked mean and max."""
+    """Pair features of every pair of row i, masked mean and max: the first design's encoder
+    (relative positions clipped at ``max_relpos``, one chain), and the global half of
+    ``encoder="both"`` (relative-position buckets that know chains)."""
 
     def __init__(self, c: ResidueConfig) -> None:
         super().__init__()
@@ -456,39 +462,64 @@ class RowEncoder(nn.Module):
             nn.Linear(c.n_rbf + 11, c.pair_dim), nn.GELU(), nn.Linear(c.pair_dim, c.pair_dim)
         )
         self.max_relpos = c.max_relpos
-        self.relpos = nn.Embedding(2 * c.max_relpos + 1, c.pair_dim)
+        self.buckets = c.position == "relpos"
+        n_rel = N_BUCKETS if self.buckets else 2 * c.max_relpos + 1
+        self.relpos = nn.Embedding(n_rel, c.pair_dim)
         self.out = nn.Sequential(nn.LayerNorm(2 * c.pair_dim), nn.Linear(2 * c.pair_dim, c.d_model))
+
+    #: Rows of the image whose pair features are held at once without gradients (encoding):
+    #: memory O(chunk x L) instead of O(L^2) per protein, the same result.
+    chunk = 128
 
     def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
         d, omega, theta, phi = unpack_image(x.float(), self.dmax)
         th_t, ph_t = theta.transpose(-1, -2), phi.transpose(-1, -2)
-        feats = _pair_features(d, omega, theta, phi, th_t, ph_t, self.centres, self.dmax)
         L = x.shape[-1]
-        pos = torch.arange(L, device=x.device)
-        rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
-        h = self.pair(feats) + self.relpos(rel + self.max_relpos)  # (B, L, L, P)
+        if self.buckets:
+            rel = buckets
+        else:
+            pos = torch.arange(L, device=x.device)
+            rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relpos, self.max_relpos)
+            rel = (rel + self.max_relpos)[None]  # (1, L, L) as the buckets
         pm = mask & ~torch.eye(L, dtype=torch.bool, device=x.device)
-        w = pm[..., None].to(h.dtype)
-        mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
-        mx = h.masked_fill(~pm[..., None], -1e4).amax(2)
-        mx = torch.where(pm.any(2)[..., None], mx, torch.zeros_like(mx))
-        return self.out(torch.cat([mean, mx], -1))
+        step = L if torch.is_grad_enabled() else self.chunk
+        pooled = []
+        for i in range(0, L, step):
+            rows = slice(i, i + step)
+            angles = (t[:, rows] for t in (omega, theta, phi, th_t, ph_t))
+            feats = _pair_features(d[:, rows], *angles, self.centres, self.dmax)
+            h = self.pair(feats) + self.relpos(rel[:, rows])  # (B, rows, L, P)
+            m = pm[:, rows]
+            w = m[..., None].to(h.dtype)
+            mean = (h * w).sum(2) / w.sum(2).clamp(min=1)
+            mx = h.masked_fill(~m[..., None], -1e4).amax(2)
+            mx = torch.where(m.any(2)[..., None], mx, torch.zeros_like(mx))
+            pooled.append(torch.cat([mean, mx], -1))
+        return self.out(torch.cat(pooled, 1))
 
 
 # --------------------------------------------------------------------------- quantiser
 
 
 class StageFSQ(nn.Module):
-    """Residual FSQ of ``len(levels)``-dim vectors in ``n_stages`` stages, by
-    vector-quantize-pytorch (:class:`~vector_quantize_pytorch.ResidualFSQ`, or
-    :class:`~vector_quantize_pytorch.FSQ` for the first design's single stage). Training drops
-    the stages after a random one (per batch), so decoding from the first k stages works."""
+    """Residual FSQ of ``len(levels)``-dim vectors in ``n_stages`` stages, with
+    vector-quantize-pytorch's quantisers (the stages of
+    :class:`~vector_quantize_pytorch.ResidualFSQ`, or one
+    :class:`~vector_quantize_pytorch.FSQ` for the first design's single stage).
 
-    def __init__(self, levels: tuple[int, ...], n_stages: int, single: bool) -> None:
+    Training keeps the first k stages of each protein and drops the rest, k drawn per protein:
+    1 with probability ``first_stage_weight`` (the 12-bit rate, the one language models use,
+    gets that share of the training), else uniformly from 2..K; so decoding from the first k
+    stages works at every k. (The library's own quantize dropout draws one k per batch,
+    uniformly: measured slower to train the first stage.)"""
+
+    def __init__(self, levels: tuple[int, ...], n_stages: int, single: bool,
+                 first_stage_weight: float = 0.5) -> None:  # fmt: skip
         super().__init__()
         from vector_quantize_pytorch import FSQ, ResidualFSQ
 
         self.n_stages, self.size, self.single = n_stages, math.prod(levels), single
+        self.first_stage_weight = first_stage_weight
         if single:
             self.fsq = FSQ(levels=list(levels))
         else:
@@ -496,14 +527,40 @@ class StageFSQ(nn.Module):
                 levels=list(levels), num_quantizers=n_stages, quantize_dropout=n_stages > 1
             )
 
+    def _kept(self, batch: int, device) -> Tensor:
+        """``(B,)`` stages kept per protein in training."""
+        if self.n_stages == 1:
+            return torch.ones(batch, dtype=torch.long, device=device)
+        first = torch.rand(batch, device=device) < self.first_stage_weight
+        rest = torch.randint(2, self.n_stages + 1, (batch,), device=device)
+        return torch.where(first, torch.ones_like(rest), rest)
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, L, D)`` -> quantised ``(B, L, D)``, codes ``(B, L, K)`` int64 (-1: a stage
         dropped in training)."""
         if self.single:
             q, idx = self.fsq(z)
             return q, idx.long()[..., None]
-        q, idx = self.rfsq(z)
-        return q, idx.long()
+        rfsq = self.rfsq
+        with torch.autocast(z.device.type, enabled=False):
+            x = z.float()
+            clamp = rfsq.soft_clamp_input_value
+            if clamp is not None:  # as ResidualFSQ bounds its input
+                x = (x / clamp).tanh() * clamp
+            residual, parts, codes = x, [], []
+            for layer, scale in zip(rfsq.layers, rfsq.scales, strict=True):
+                q_k, idx_k = layer(residual / scale)
+                q_k = q_k * scale
+                residual = residual - q_k.detach()
+                parts.append(q_k)
+                codes.append(idx_k.long())
+            codes = torch.stack(codes, -1)
+            if not self.training:
+                return sum(parts), codes
+            kept = self._kept(z.shape[0], z.device)
+            keep = torch.arange(self.n_stages, device=z.device) < kept[:, None]  # (B, K)
+            q = sum(p * keep[:, None, k, None] for k, p in enumerate(parts))
+            return q, codes.masked_fill(~keep[:, None, :], -1)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes ``(B, L, k)``, ``1 <= k <= n_stages`` (-1: no code) -> summed code vectors."""
@@ -633,10 +690,12 @@ class ResidueVQVAE(nn.Module):
     def __init__(self, config: ResidueConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.pair_encoder = NeighbourEncoder(c) if c.encoder == "knn" else RowEncoder(c)
+        self.pair_encoder = NeighbourEncoder(c) if c.encoder != "row" else RowEncoder(c)
+        self.row_encoder = RowEncoder(c) if c.encoder == "both" else None
         self.encoder = SequenceStack(c, c.n_layer_encoder)
         self.pre_quant = nn.Linear(c.d_model, len(c.fsq_levels))
-        self.quantizer = StageFSQ(c.fsq_levels, c.n_stages, single=c.encoder == "row")
+        single = c.encoder == "row" and c.position == "rope"  # the first design
+        self.quantizer = StageFSQ(c.fsq_levels, c.n_stages, single, c.first_stage_weight)
         self.post_quant = nn.Linear(len(c.fsq_levels), c.d_model)
         self.decoder = SequenceStack(c, c.n_layer_decoder - c.n_pair_blocks)
         if c.pair_dim_decoder:
@@ -672,6 +731,8 @@ class ResidueVQVAE(nn.Module):
     def _encode(self, x: Tensor, mask: Tensor, buckets: Tensor) -> tuple[Tensor, Tensor]:
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         h = self.pair_encoder(x * mask[:, None], mask, buckets)
+        if self.row_encoder is not None:
+            h = h + self.row_encoder(x * mask[:, None], mask, buckets)
         h = self.encoder(h, rmask, buckets)
         q, idx = self.quantizer(self.pre_quant(h).float())
         return q, idx.masked_fill(~rmask[..., None], -1)
