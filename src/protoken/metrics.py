@@ -336,7 +336,9 @@ def distance_mae(truth, decoded, dmax: float, mask=None) -> float:
 # --------------------------------------------------------------------------- complexes
 
 #: How to install DockQ beside numpy 2 (its release pins numpy<2 but runs on 2).
-DOCKQ_INSTALL = "pip install 'protoken[complex]' && pip install --no-deps 'dockq>=2.1.3'"
+DOCKQ_INSTALL = (
+    "pip install 'protoken[complex]' && pip install --no-deps --no-build-isolation 'dockq>=2.1.3'"
+)
 
 #: Chain ids of the temporary files DockQ reads (one character each, as PDB columns allow).
 _DOCKQ_IDS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
