@@ -6,10 +6,14 @@ a data file ``DB`` with ``DB.index``, ``DB.lookup`` and ``DB.dbtype`` beside it)
 convert`` reads them in place, never unpacking anything to disk:
 
 - :func:`is_tar` / :func:`iter_tar`: a tar archive (plain, or compressed with gzip, bzip2 or
-  xz), read as a stream (:mod:`tarfile`'s ``r|*`` mode: one pass, no seeking, so a ``.tar.gz``
-  is inflated once). Only regular files whose name is a structure name are members; links,
-  devices and folders are ignored, and a member's name never becomes a path (its id is the
-  safe id of its base name, :func:`protoken.inputs.structure_id`).
+  xz), read as a stream in one pass by :class:`_TarStream`: headers are parsed with
+  :meth:`tarfile.TarInfo.frombuf` (checksums checked), data is read and skipped in chunks of at
+  most 1 MiB (a plain tar seeks), and nothing is kept of the members passed. So memory does
+  not grow with the number of members or with what a header claims, and skipping a member
+  (too large, not a structure, another shard) costs time linear in its size: a compressed tar
+  bomb is skipped, not inflated into memory. Only regular files whose name is a structure
+  name are members; links, devices and folders are ignored, and a member's name never becomes
+  a path (its id is the safe id of its base name, :func:`protoken.inputs.structure_id`).
 - :func:`is_foldcomp_db` / :func:`iter_foldcomp`: a Foldcomp database, read through its index
   (``key<TAB>offset<TAB>length`` per line) and lookup (``key<TAB>name<TAB>file`` per line),
   both streamed line by line, so memory does not grow with the database (214 M entries for the
@@ -21,17 +25,22 @@ convert`` reads them in place, never unpacking anything to disk:
 
 Every member has a *source*, ``ARCHIVE::MEMBER`` (:data:`SEP`), which is what the manifest
 records and what resume and ``--shard`` key on. A member larger than ``max_bytes`` is not read
-(it is recorded failed); a truncated or corrupt archive ends its stream with one failed row
-naming the archive and how far it was read.
+(it is recorded failed, naming ``--max-bytes``); a truncated or corrupt archive (cut short, a
+header with a bad checksum, a damaged compressed stream) ends its stream with one failed row
+naming the archive, the byte where reading stopped and how many members were read.
 """
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
 import importlib.util
 import itertools
 import logging
+import lzma
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -110,9 +119,8 @@ class Member:
             raise ValueError(self.error or "no data")
         try:
             return self._read()
-        except (tarfile.TarError, EOFError, zlib.error) as exc:  # a corrupt archive
-            reason = " ".join(str(exc).split())[:160]
-            raise ValueError(f"unreadable archive member ({reason})") from None
+        except OSError as exc:  # the file system: one line, never a trace
+            raise ValueError(f"unreadable archive member ({_one_line(exc)})") from None
 
 
 def member_id(name: str) -> str:
@@ -200,80 +208,305 @@ def find_inputs(inputs, shard: Shard | None = None, follow_links: bool = False) 
 
 # --------------------------------------------------------------------------- tar
 
+#: The largest extended header (pax, GNU long name) read from a tar: one is held in memory
+#: whole, so a hostile archive claiming gigabytes of header would exhaust it.
+MAX_TAR_HEADER = 1 << 20
+
+#: The most bytes a member is read or skipped by at a time (so memory stays bounded whatever a
+#: header claims, and skipping costs time linear in the member's size).
+_CHUNK = 1 << 20
+
+#: What a member larger than its limit is read as when no ``max_bytes`` is given (``protoken
+#: encode``): the default ``--max-bytes`` of convert (:data:`protoken.structure.DEFAULT_MAX_BYTES`).
+DEFAULT_MAX_BYTES = 1 << 30
+
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
+_PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_LONG_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_PAX_RECORD = re.compile(rb"(\d{1,20}) ([^=\n]+)=")
+#: Errors of the decompressors (gzip, bzip2, xz) on a damaged stream.
+_STREAM_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+class TarError(ValueError):
+    """A tar archive cannot be read further (truncated, a bad header, a corrupt stream):
+    ``str()`` says why, ``at`` at which byte of the (decompressed) archive."""
+
+    def __init__(self, reason: str, at: int):
+        super().__init__(reason)
+        self.at = at
+
+
+def _too_large(size: int, max_bytes: int | None) -> str:
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    if size <= limit:
+        return ""
+    what = "the read limit" if max_bytes is None else "--max-bytes"
+    return f"larger than {what} ({limit} bytes): {size} bytes"
+
 
 def iter_tar(
     path: str, shard: Shard | None = None, max_bytes: int | None = None
 ) -> Iterator[Member]:
     """Stream the structure members of a tar archive (see the module docstring).
 
+    The archive is read by :class:`_TarStream` (headers parsed by
+    :meth:`tarfile.TarInfo.frombuf`; pax and GNU long-name headers read here), one pass over
+    the decompressed bytes in blocks of at most 1 MiB, keeping nothing of the members already
+    passed: memory does not grow with the number of members, and a member that is not read
+    (not a structure, outside the shard, larger than ``max_bytes``) is skipped in time linear
+    in its size (a seek in a plain tar).
+
     Members are yielded in archive order; a member's :meth:`Member.read` must be called before
-    the next one is asked for (the archive is read in one pass). With ``shard`` only members
-    whose id is in the shard are yielded (the others are skipped without being read). A
-    member larger than ``max_bytes`` is yielded with ``error`` set and no data. A truncated or
-    corrupt archive ends the stream with one member named ``""`` whose ``error`` says so.
+    the next one is asked for. With ``shard`` only members whose id is in the shard are
+    yielded. A member larger than ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`) is yielded
+    with ``error`` set and no data, after it was skipped: when the archive ends inside it (a
+    header claiming more than the archive holds), that one member says so and the stream
+    ends. Otherwise an archive that cannot be read to its end-of-archive blocks (truncated, a
+    header with a bad checksum, a corrupt compressed stream) ends the stream with one member
+    named ``""`` whose ``error`` says at which byte it stopped and after how many members.
     """
-    n = 0
+    count = 0
     try:
-        with tarfile.open(path, mode="r|*", tarinfo=_BoundedTarInfo) as tf:
-            for info in tf:
-                if not info.isfile():  # folders, links, devices: never followed
+        stream = _TarStream(path)
+    except OSError as exc:
+        yield Member(f"{path}{SEP}", "", "tar", error=f"unreadable tar archive ({exc})")
+        return
+    with stream:
+        entries = stream.entries()
+        try:
+            for entry in entries:
+                count += 1
+                if not entry.regular:  # folders, links, devices: never followed
                     continue
-                base = info.name.rstrip("/").rsplit("/", 1)[-1]
+                base = entry.name.rstrip("/").rsplit("/", 1)[-1]
                 if not base or base.startswith(".") or not is_structure_name(base):
                     continue
-                member = Member(f"{path}{SEP}{info.name}", info.name, "tar")
+                member = Member(f"{path}{SEP}{entry.name}", entry.name, "tar")
                 if not in_shard(member.id, shard):
                     continue
-                n += 1
-                if max_bytes is not None and info.size > max_bytes:
-                    member.error = f"larger than --max-bytes ({max_bytes} bytes): {info.size} bytes"
+                if entry.sparse:
+                    member.error = "a sparse tar member (not supported)"
+                elif too_large := _too_large(entry.size, max_bytes):
+                    member.error = too_large
+                    try:
+                        stream.skip_to(entry.end)
+                    except TarError as exc:  # the archive ends inside it: one row says all
+                        member.error = (
+                            f"{too_large}; truncated or corrupt tar archive: it ends at byte "
+                            f"{exc.at}, {entry.end - exc.at} bytes short of this member's end"
+                        )
+                        yield member
+                        return
                 else:
-                    member._read = _tar_reader(tf, info)
+                    member._read = functools.partial(stream.read_member, entry)
                 yield member
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        # zlib / lzma errors arrive as tarfile.ReadError or OSError subclasses
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        yield Member(
-            f"{path}{SEP}",
-            "",
-            "tar",
-            error=f"truncated or corrupt tar archive after {n} members ({reason})",
-        )
-
-
-#: The largest extended header (pax, GNU long name) read from a tar: tarfile holds one in
-#: memory whole, so a hostile archive claiming gigabytes of header would exhaust it.
-MAX_TAR_HEADER = 1 << 20
-
-_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)  # fmt: skip
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses extended headers larger than :data:`MAX_TAR_HEADER` before
-    tarfile reads them into memory."""
-
-    def _proc_member(self, tarfile_):
-        if self.type in _EXTENDED and self.size > MAX_TAR_HEADER:
-            raise tarfile.HeaderError(
-                f"extended header of {self.size} bytes (more than {MAX_TAR_HEADER})"
+        except TarError as exc:
+            yield Member(
+                f"{path}{SEP}",
+                "",
+                "tar",
+                error=f"truncated or corrupt tar archive: {exc} at byte {exc.at}, after "
+                f"{count} members",
             )
-        return super()._proc_member(tarfile_)
 
 
-def _tar_reader(tf: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], bytes]:
-    def read() -> bytes:
-        if tf.closed or tf.offset > info.offset_data + info.size + tarfile.BLOCKSIZE:
-            raise ValueError(f"{info.name}: a tar member is read while the stream is at it")
-        fh = tf.extractfile(info)
-        if fh is None:
-            raise ValueError(f"{info.name}: not a regular file")
-        data = fh.read(info.size + 1)
-        if len(data) != info.size:
-            raise ValueError(f"{info.name}: truncated member")
+@dataclass
+class _TarEntry:
+    """A member's header: its name, the size and offset of its data in the stream."""
+
+    name: str
+    size: int
+    start: int
+    regular: bool
+    sparse: bool
+
+    @property
+    def end(self) -> int:
+        """Where the next header starts (the data padded to whole blocks)."""
+        return self.start + self.size + (-self.size % _BLOCK)
+
+
+class _TarStream:
+    """The bytes of a tar archive, decompressed as they are read (gzip, bzip2 and xz are
+    recognised from their first bytes, as ``tarfile``'s ``r|*`` mode does), with a position.
+
+    The decompressors are the standard library's file objects, which inflate at most what is
+    asked for (bounded memory, linear time, multi-stream files as ``tar`` writes them with
+    ``pigz`` or ``pbzip2``); a plain tar skips by seeking.
+    """
+
+    def __init__(self, path: str):
+        self.raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            magic = self.raw.read(6)
+            self.raw.seek(0)
+            self.size = os.fstat(self.raw.fileno()).st_size
+            self.plain = False
+            if magic[:2] == b"\x1f\x8b":
+                self.fh = gzip.GzipFile(fileobj=self.raw, mode="rb")
+            elif magic[:3] == b"BZh":
+                self.fh = bz2.BZ2File(self.raw)
+            elif magic == b"\xfd7zXZ\x00":
+                self.fh = lzma.LZMAFile(self.raw)
+            else:
+                self.fh, self.plain = self.raw, True
+        except BaseException:
+            self.raw.close()
+            raise
+        self.pos = 0
+        self.current: _TarEntry | None = None  # the member whose data is next
+
+    def __enter__(self) -> _TarStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.current = None
+        if self.fh is not self.raw:
+            self.fh.close()
+        self.raw.close()
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end of the archive), read in bounded chunks."""
+        chunks = []
+        left = n
+        while left > 0:
+            try:
+                chunk = self.fh.read(min(left, _CHUNK))
+            except _STREAM_ERRORS as exc:
+                raise TarError(f"corrupt compressed stream ({_one_line(exc)})", self.pos) from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            self.pos += len(chunk)
+            left -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def skip_to(self, end: int) -> None:
+        """Move to byte ``end`` (forward); TarError when the archive ends before it."""
+        if self.pos >= end:
+            return
+        if self.plain:
+            target = min(end, self.size)
+            self.raw.seek(target)
+            self.pos = target
+        else:
+            while self.pos < end:
+                if not self.read(min(end - self.pos, _CHUNK)):
+                    break
+        if self.pos < end:
+            raise TarError("the archive ends inside a member", self.pos)
+
+    def read_member(self, entry: _TarEntry) -> bytes:
+        """The data of the member whose header was just read (:meth:`Member.read`)."""
+        if self.current is not entry or self.pos != entry.start:
+            raise ValueError(f"{entry.name}: a tar member is read after the stream moved on")
+        data = self.read(entry.size)
+        if len(data) != entry.size:
+            raise ValueError(
+                f"truncated member: the archive ends {len(data)} bytes into its {entry.size} bytes"
+            )
         return data
 
-    return read
+    def _extended(self, size: int, start: int) -> bytes:
+        if size > MAX_TAR_HEADER:
+            raise TarError(f"extended header of {size} bytes (more than {MAX_TAR_HEADER})", start)
+        data = self.read(size)
+        if len(data) != size:
+            raise TarError("the archive ends inside an extended header", start)
+        self.skip_to(self.pos + (-size % _BLOCK))
+        return data
+
+    def entries(self) -> Iterator[_TarEntry]:
+        """The members' headers, in archive order, up to the end-of-archive block.
+
+        Raises
+        ------
+        TarError
+            The archive ends before its end-of-archive block, or a header is damaged (bad
+            checksum, bad number, a malformed pax record): tar offers no way to find the next
+            member after a bad header, so reading stops there.
+        """
+        global_pax: dict[str, str] = {}
+        pax: dict[str, str] = {}
+        long_name = ""
+        while True:
+            start = self.pos
+            block = self.read(_BLOCK)
+            if not block:
+                raise TarError("the archive ends without an end-of-archive block", start)
+            if len(block) < _BLOCK:
+                raise TarError("the archive ends inside a header", start)
+            if block == _ZERO_BLOCK:
+                return
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise TarError(f"bad header ({exc})", start) from None
+            size = info.size
+            if size < 0:
+                raise TarError("bad header (negative size)", start)
+            if info.type in _PAX_TYPES:
+                records = _pax_records(self._extended(size, start), start)
+                (global_pax if info.type == tarfile.XGLTYPE else pax).update(records)
+                continue
+            if info.type in _LONG_TYPES:
+                data = self._extended(size, start)
+                if info.type == tarfile.GNUTYPE_LONGNAME:
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            if info.type == tarfile.GNUTYPE_SPARSE and info._sparse_structs[1]:
+                extended = True  # old GNU sparse: more sparse maps in the blocks that follow
+                while extended:
+                    ext = self.read(_BLOCK)
+                    if len(ext) < _BLOCK:
+                        raise TarError("the archive ends inside a header", start)
+                    extended = bool(ext[504])
+            fields = {**global_pax, **pax}
+            name = fields.get("path") or long_name or info.name
+            if "size" in fields:
+                if not fields["size"].isdigit():
+                    raise TarError(f"bad pax size {fields['size'][:40]!r}", start)
+                size = int(fields["size"])
+            sparse = info.type == tarfile.GNUTYPE_SPARSE or any(
+                k.startswith("GNU.sparse.") for k in fields
+            )
+            # as tarfile: links, folders and devices have no data, whatever their size says
+            has_data = (
+                info.type in tarfile.REGULAR_TYPES or info.type not in tarfile.SUPPORTED_TYPES
+            )
+            regular = info.type in tarfile.REGULAR_TYPES
+            entry = _TarEntry(name, size if has_data else 0, self.pos, regular, sparse)
+            pax, long_name = {}, ""
+            self.current = entry
+            yield entry
+            self.current = None
+            self.skip_to(entry.end)
+
+
+def _pax_records(data: bytes, start: int) -> dict[str, str]:
+    """The ``LENGTH KEY=VALUE\\n`` records of a pax header (POSIX.1-2001), as tarfile reads
+    them (names decoded as UTF-8, undecodable bytes kept as surrogates)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_RECORD.match(data, pos)
+        length = int(match.group(1)) if match else 0
+        end = pos + length
+        if not match or end <= match.end() or end > len(data) or data[end - 1] != 0x0A:
+            raise TarError("malformed pax header", start)
+        key = match.group(2).decode("utf-8", "surrogateescape")
+        records[key] = data[match.end() : end - 1].decode("utf-8", "surrogateescape")
+        pos = end
+    return records
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- Foldcomp
