@@ -21,10 +21,13 @@ from protoken.archives import (
     iter_tar,
     read_member,
 )
+from protoken.cli import main
 from protoken.convert import ConvertOptions, convert
 from protoken.structure import read_backbones
 
 foldcomp = pytest.importorskip("foldcomp")
+
+CHECKPOINT = str(Path(__file__).parent / "data" / "old-checkpoint.pt")  # a small tokenizer
 
 # foldcomp.compress itself crashes (SIGSEGV) on d3mkbb_, so the database is built from the
 # others; a crash while *decoding* an entry is contained by convert's worker processes.
@@ -267,3 +270,234 @@ def test_foldcomp_database_without_the_package_is_one_run_level_error(tmp_path, 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ValueError, match=r"needs the foldcomp package .*protoken\[foldcomp\]"):
         convert([str(db)], ConvertOptions(out=str(tmp_path / "out")), 1, progress=False)
+
+
+# --------------------------------------------------------------------------- hostile tars
+
+
+def _header(name: str, size: int, pax: dict | None = None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    if pax:
+        info.pax_headers = {k: str(v) for k, v in pax.items()}
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _member_bytes(name: str, data: bytes) -> bytes:
+    return _header(name, len(data)) + data + bytes(-len(data) % 512)
+
+
+def _zero_bomb(path: Path, size: int, compressor, before: bytes, after: bytes) -> Path:
+    """before.pdb, zeros.pdb (``size`` zero bytes), after.pdb: one compressed stream, as tar
+    writes it, built without holding the member in memory."""
+    block = bytes(1 << 20)
+    with open(path, "wb") as out:
+        out.write(compressor.compress(_member_bytes("before.pdb", before)))
+        out.write(compressor.compress(_header("zeros.pdb", size)))
+        for start in range(0, size, len(block)):
+            out.write(compressor.compress(block[: min(len(block), size - start)]))
+        out.write(compressor.compress(_member_bytes("after.pdb", after) + bytes(1024)))
+        out.write(compressor.flush())
+    return path
+
+
+def _traced_peak(fn) -> tuple[object, int]:
+    """``fn()`` and the peak of memory allocated through Python while it ran (bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _compressors():
+    import bz2
+    import lzma
+    import zlib
+
+    return {
+        "tar.bz2": lambda: bz2.BZ2Compressor(9),
+        "tar.xz": lambda: lzma.LZMACompressor(preset=0),
+        "tar.gz": lambda: zlib.compressobj(6, zlib.DEFLATED, 31),
+    }
+
+
+@pytest.mark.parametrize("suffix", ["tar.bz2", "tar.xz", "tar.gz"])
+def test_compressed_tar_bomb_is_skipped_with_bounded_memory(tmp_path, mixed_files, suffix):
+    """A .tar.bz2 of a few KB holding before.pdb, gigabytes of zeros, then after.pdb: tarfile
+    inflated the zeros into one buffer and skipped them by copying what remained of it in
+    10 KB steps (quadratic: MemoryError for bz2, still running at 300 s for xz; 25 s for a
+    500 MB zero member of a .tar.gz). Now the zeros are skipped in 1 MiB reads: memory stays
+    at a few MB whatever the member's size, and the members before and after it are read."""
+    before, after = mixed_files[0].read_bytes(), mixed_files[1].read_bytes()
+    size = 64 << 20
+    bomb = _zero_bomb(tmp_path / f"bomb.{suffix}", size, _compressors()[suffix](), before, after)
+    assert bomb.stat().st_size < 200_000  # 64 MB of zeros in a few KB
+
+    def read_all():
+        return [(m.name, m.error, m.read() if not m.error else None)
+                for m in iter_tar(str(bomb), max_bytes=1 << 20)]  # fmt: skip
+
+    members, peak = _traced_peak(read_all)
+    assert [m[0] for m in members] == ["before.pdb", "zeros.pdb", "after.pdb"]
+    assert members[0][2] == before and members[2][2] == after
+    assert members[1][1] == f"larger than --max-bytes ({1 << 20} bytes): {size} bytes"
+    assert peak < 8 << 20, peak  # the member is 64 MB: never held, not even in parts
+
+
+def test_tar_bomb_converts_the_members_around_it(tmp_path, mixed_files):
+    """The issue's case as a user runs it: convert gives the bomb one failed row naming
+    --max-bytes, and converts before.pdb and after.pdb."""
+    import bz2
+
+    bomb = _zero_bomb(tmp_path / "bomb.tar.bz2", 32 << 20, bz2.BZ2Compressor(9),
+                      mixed_files[0].read_bytes(), mixed_files[1].read_bytes())  # fmt: skip
+    out = tmp_path / "out"
+    code = main(["convert", str(bomb), "--out", str(out), "--max-bytes", "1M", "--workers", "1",
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    rows = {r["source"].split(SEP)[1]: r for r in _rows(out)}
+    assert rows.keys() == {"before.pdb", "zeros.pdb", "after.pdb"}
+    assert rows["before.pdb"]["status"] == rows["after.pdb"]["status"] == "ok"
+    assert rows["zeros.pdb"]["status"] == "failed"
+    assert rows["zeros.pdb"]["reason"].startswith("larger than --max-bytes (1048576 bytes)")
+
+
+def _evil_tar(path: Path, before: bytes, huge: bytes) -> Path:
+    """before.pdb, then the header ``huge`` of a member claiming far more than follows (200 KB
+    of zeros, no end-of-archive block)."""
+    path.write_bytes(_member_bytes("before.pdb", before) + huge + bytes(200_000))
+    return path
+
+
+def _ustar_8gb(name: str) -> bytes:
+    """A ustar header claiming the most its 11 octal digits hold: 8 GB - 1."""
+    block = bytearray(_header(name, 0))
+    block[124:136] = b"77777777777\0"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def test_tar_member_claiming_petabytes_is_one_failed_row(tmp_path, mixed_files, capsys):
+    """A 200 KB tar whose pax header says size=10^15: convert looped in tarfile's seek with no
+    rows, encode died with MemoryError; a ustar header claiming 8 GB did the same to encode
+    under a 4 GB memory cap. Now: one failed row (convert) / one skipped line (encode) naming
+    the member, its size and the limit, and the member before it is read."""
+    before = mixed_files[0].read_bytes()
+    pax = _evil_tar(tmp_path / "pax.tar", before, _header("huge.pdb", 0, {"size": 10**15}))
+    ustar = _evil_tar(tmp_path / "ustar.tar", before, _ustar_8gb("huge.pdb"))
+    out = tmp_path / "out"
+    convert([str(pax)], ConvertOptions(out=str(out)), 1, progress=False)
+    rows = {r["source"]: r for r in _rows(out)}
+    assert rows.keys() == {f"{pax}{SEP}before.pdb", f"{pax}{SEP}huge.pdb"}
+    huge = rows[f"{pax}{SEP}huge.pdb"]
+    assert huge["status"] == "failed"
+    assert huge["reason"].startswith(f"larger than --max-bytes ({1 << 30} bytes): {10**15} bytes")
+    assert "truncated or corrupt tar archive: it ends at byte" in huge["reason"]
+    for archive, size in ((pax, 10**15), (ustar, 8 * 2**30 - 1)):
+        tokens = tmp_path / f"{archive.stem}.npz"
+        code = main(["encode", str(archive), "-c", CHECKPOINT, "-o", str(tokens),
+                     "--no-progress"])  # fmt: skip
+        out_text, err = capsys.readouterr()
+        assert code == 0 and "encoded 1 proteins (1 inputs skipped)" in out_text
+        (line,) = [ln for ln in err.splitlines() if "skipped" in ln]
+        assert line.startswith(f"protoken encode: skipped {archive}{SEP}huge.pdb: larger than "
+                               f"the read limit ({1 << 30} bytes): {size} bytes")  # fmt: skip
+
+
+def _four_member_tar(files) -> tuple[bytes, list[int]]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, f in enumerate(files[:4]):
+            tf.add(f, arcname=f"m{i}_{f.name}")
+    data = buf.getvalue()
+    offsets, pos = [], 0
+    while data[pos : pos + 512].strip(b"\0"):
+        offsets.append(pos)
+        size = int(data[pos + 124 : pos + 136].strip(b" \0"), 8)
+        pos += 512 + size + (-size % 512)
+    return data, offsets
+
+
+@pytest.mark.parametrize("damage", ["cut", "checksum"])
+def test_tar_damaged_at_a_header_says_where_it_stopped(tmp_path, mixed_files, damage, capsys):
+    """A 4-member tar cut at its 3rd header, or with a bad checksum there: exit 0, "converted
+    2", no failed row (tarfile takes a bad header for the end). Now the archive gets a failed
+    row saying at which byte reading stopped and after how many members; encode says the same."""
+    pdbs = [f for f in mixed_files if f.name.endswith(".pdb")]
+    data, offsets = _four_member_tar((pdbs * 4)[:4])
+    third = offsets[2]
+    if damage == "cut":
+        data = data[:third]
+        why = "the archive ends without an end-of-archive block"
+    else:
+        data = bytearray(data)
+        data[third + 148 : third + 156] = b"000000\0 "
+        why = "bad header (bad checksum)"
+    archive = tmp_path / "four.tar"
+    archive.write_bytes(bytes(data))
+    reason = f"truncated or corrupt tar archive: {why} at byte {third}, after 2 members"
+    out = tmp_path / "out"
+    convert([str(archive)], ConvertOptions(out=str(out), chains="first"), 1, progress=False)
+    rows = _rows(out)
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok"]
+    (failed,) = [r for r in rows if r["status"] == "failed"]
+    assert failed["source"] == f"{archive}{SEP}" and failed["reason"] == reason
+    code = main(["encode", str(archive), "-c", CHECKPOINT, "-o", str(tmp_path / "t.npz"),
+                 "--chains", "first", "--no-progress"])  # fmt: skip
+    out_text, err = capsys.readouterr()
+    assert code == 0 and "encoded 2 proteins (1 inputs skipped)" in out_text
+    assert f"protoken encode: skipped {archive}{SEP}: {reason}" in err
+
+
+def test_tar_reading_keeps_nothing_per_member(tmp_path):
+    """tarfile kept every member's header (0.5 KB each: 443 MB for 400k members); the stream
+    keeps none: memory is the same for 1,000 and 10,000 members."""
+    peaks = []
+    for n in (1_000, 10_000):
+        archive = tmp_path / f"many{n}.tar"
+        with open(archive, "wb") as fh:
+            for i in range(n):
+                fh.write(_header(f"notes/{i:07d}.txt", 0))
+            fh.write(_member_bytes("last.pdb", b"ATOM\n") + bytes(1024))
+        members, peak = _traced_peak(lambda a=archive: [m.name for m in iter_tar(str(a))])
+        assert members == ["last.pdb"]
+        peaks.append(peak)
+    assert peaks[1] < peaks[0] + 100_000, peaks  # tarfile: + 9,000 x 0.5 KB = 4.5 MB
+
+
+def test_tar_extended_headers_and_names(tmp_path, mixed_files):
+    """The stream reads what tarfile writes in every format: pax and GNU long names, global
+    pax headers, ustar prefixes; links and folders are no members."""
+    data = mixed_files[0].read_bytes()
+    long_dir = "d" * 120 + "/" + "e" * 80
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        archive = tmp_path / f"f{fmt}.tar.gz"
+        with tarfile.open(archive, "w:gz", format=fmt) as tf:
+            for name in ("a.pdb", f"{long_dir}/b.pdb", "c" * 150 + ".pdb"):
+                if fmt == tarfile.USTAR_FORMAT and name.startswith("c"):
+                    continue  # more than ustar's 100 characters, and no folder to split off
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            link = tarfile.TarInfo("l.pdb")
+            link.type, link.linkname = tarfile.SYMTYPE, "a.pdb"
+            tf.addfile(link)
+            folder = tarfile.TarInfo("folder.pdb")
+            folder.type = tarfile.DIRTYPE
+            tf.addfile(folder)
+        with tarfile.open(archive) as tf:
+            want = [m.name for m in tf if m.isfile()]
+        got = [(m.name, m.read()) for m in iter_tar(str(archive))]
+        assert [g[0] for g in got] == want and all(g[1] == data for g in got)
+        assert len(want) == (2 if fmt == tarfile.USTAR_FORMAT else 3)
+    archive = tmp_path / "global.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "x"}) as tf:  # fmt: skip
+        tf.add(mixed_files[0], arcname="g.pdb")
+    assert [m.read() for m in iter_tar(str(archive))] == [data]
