@@ -16,12 +16,17 @@ convert`` reads them in place, never unpacking anything to disk:
   a path (its id is the safe id of its base name, :func:`protoken.inputs.structure_id`).
 - :func:`is_foldcomp_db` / :func:`iter_foldcomp`: a Foldcomp database, read through its index
   (``key<TAB>offset<TAB>length`` per line) and lookup (``key<TAB>name<TAB>file`` per line),
-  both streamed line by line, so memory does not grow with the database (214 M entries for the
-  AFDB). Each entry's bytes are read with one seek and read, checked against the data
-  file's size first.
+  both streamed line by line, each line at most :data:`MAX_LINE` bytes, so memory does not
+  grow with the database (214 M entries for the AFDB) or with a damaged line. Index entries
+  are checked against the data file and each other (:func:`_checked_rows`: inside the file,
+  no overlap, at most :data:`MAX_FOLDCOMP_ENTRY` bytes), and each entry's bytes against the
+  format (the ``FCMP`` magic first, the NUL Foldcomp writes last) before they are read with
+  one seek and read. A line that is no index entry is one failed member; the stream goes on.
 - :func:`read_member`: the backbones of a member, from its bytes (in a convert worker).
   Foldcomp entries are decoded with the ``foldcomp`` package (its C++ decoder runs in the
-  worker process, so a crash on a hostile entry costs that entry only).
+  worker process, so a crash on a hostile entry costs that entry only), and a decoded chain
+  with consecutive CA atoms outside :data:`CA_CA_RANGE` is refused (:func:`implausible_chain`):
+  the format has no checksum, and damaged bytes decode to chains no protein has.
 
 Every member has a *source*, ``ARCHIVE::MEMBER`` (:data:`SEP`), which is what the manifest
 records and what resume and ``--shard`` key on. A member larger than ``max_bytes`` is not read
@@ -32,6 +37,7 @@ naming the archive, the byte where reading stopped and how many members were rea
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import functools
 import gzip
@@ -511,21 +517,156 @@ def _one_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- Foldcomp
 
+#: The longest line read from a Foldcomp database's index or lookup (an index line is three
+#: numbers, a lookup line a key, a name and a number). A longer line is skipped in bounded
+#: chunks, never held in memory: one failed row for the index, ignored (logged) in the lookup.
+MAX_LINE = 4096
 
-def _index_rows(path: str) -> Iterator[tuple[int, int, int]]:
-    """``(key, offset, length)`` of each line of an MMseqs2 index; ValueError on a bad line."""
-    with open(path + ".index", encoding="ascii", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            parts = line.split()
-            if not parts:
+#: The first bytes of every Foldcomp entry (the format's magic number).
+FOLDCOMP_MAGIC = b"FCMP"
+
+#: The largest index entry read as a Foldcomp entry. The format counts residues in 16 bits
+#: (at most 65,535), about 14 bytes each (8 for the backbone, the rest side chains and
+#: B-factors): real entries are under 1 MB (median 3.5 kB in the ProMod3 database).
+MAX_FOLDCOMP_ENTRY = 16 << 20
+
+#: Separate byte ranges of a data file the overlap check of the index keeps (entries written
+#: one after the other merge into one range, so a database written by one or a few writers
+#: keeps a handful); past this many the check stops, with a warning.
+MAX_EXTENTS = 1 << 20
+
+#: Consecutive CA atoms of a decoded Foldcomp chain must be this far apart, in Angstrom (cis
+#: 2.9, trans 3.8; all 20,678 chains of the ProMod3 database lie within 2.52-4.37). Foldcomp
+#: stores one unbroken chain of torsion angles, so there is no recorded break to allow for.
+CA_CA_RANGE = (2.4, 4.5)
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes | None]]:
+    """``(number, line)`` of each line of a (regular) file, a line longer than
+    :data:`MAX_LINE` being ``(number, None)`` (the rest of it read in 1 MiB chunks and
+    dropped)."""
+    with open(path, "rb") as fh:
+        number = 0
+        while line := fh.readline(MAX_LINE + 1):
+            number += 1
+            if len(line) <= MAX_LINE:
+                yield number, line
                 continue
-            try:
-                key, offset, length = (int(x) for x in parts[:3])
-            except ValueError:
-                raise ValueError(f"{path}.index: line {number} is not KEY OFFSET LENGTH") from None
-            if key < 0 or offset < 0 or length < 0:
-                raise ValueError(f"{path}.index: line {number} has a negative number")
-            yield key, offset, length
+            while not line.endswith(b"\n") and (line := fh.read(_CHUNK)):
+                end = line.find(b"\n")
+                if end >= 0:  # the next line starts after it
+                    fh.seek(end + 1 - len(line), os.SEEK_CUR)
+                    break
+            yield number, None
+
+
+def _index_rows(path: str) -> Iterator[tuple[int, int, int, int, str]]:
+    """``(line number, key, offset, length, error)`` of each line of an MMseqs2 index; a line
+    that is no index entry has key -1 and the reason in ``error``."""
+    for number, line in _lines(path + ".index"):
+        if line is None:
+            yield number, -1, 0, 0, f"{path}.index: line {number} is longer than {MAX_LINE} bytes"
+            continue
+        parts = line.split()
+        if not parts:
+            continue
+        numbers = parts[:3]
+        if len(numbers) < 3 or not all(x.isdigit() and len(x) <= 18 for x in numbers):
+            yield number, -1, 0, 0, f"{path}.index: line {number} is not KEY OFFSET LENGTH"
+            continue
+        key, offset, length = (int(x) for x in numbers)
+        yield number, key, offset, length, ""
+
+
+class _Extents:
+    """The byte ranges of a data file used by the index entries seen so far, as sorted
+    disjoint ``[start, end)`` ranges (adjacent ones merged), to find overlapping entries."""
+
+    def __init__(self):
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.full = False
+
+    def add(self, start: int, end: int) -> tuple[int, int] | None:
+        """Add ``[start, end)``; the range it overlaps instead (then nothing is added)."""
+        if self.full:
+            return None
+        starts, ends = self.starts, self.ends
+        i = bisect.bisect_right(starts, start)
+        if i and ends[i - 1] > start:
+            return starts[i - 1], ends[i - 1]
+        if i < len(starts) and starts[i] < end:
+            return starts[i], ends[i]
+        left = i > 0 and ends[i - 1] == start
+        right = i < len(starts) and starts[i] == end
+        if left and right:
+            ends[i - 1] = ends[i]
+            del starts[i], ends[i]
+        elif left:
+            ends[i - 1] = end
+        elif right:
+            starts[i] = start
+        else:
+            starts.insert(i, start)
+            ends.insert(i, end)
+            if len(starts) > MAX_EXTENTS:
+                self.full = True
+                logger.warning(
+                    "more than %d separate ranges of data file in the index: "
+                    "overlapping entries are no longer looked for",
+                    MAX_EXTENTS,
+                )
+        return None
+
+
+def _checked_rows(path: str, size: int) -> Iterator[tuple[int, int, int, int, str]]:
+    """:func:`_index_rows` with the reason each entry cannot be a Foldcomp entry: past the end
+    of the data file, too short or too long, or overlapping another entry.
+
+    Entries are checked against every entry before them (:class:`_Extents`) and against the
+    one after them (rows are yielded one line late): so in an index sorted by offset (as
+    Foldcomp and MMseqs2 write one) both entries of an overlapping pair are refused, whichever
+    of the two lines is damaged; in an index out of offset order, the later of the two.
+    """
+    extents = _Extents()
+    held: list | None = None
+    for number, key, offset, length, error in _index_rows(path):
+        end = offset + length
+        if key >= 0 and not error:
+            error = _entry_error(key, offset, length, size)
+        if key >= 0 and not error and (hit := extents.add(offset, end)) is not None:
+            error = (
+                f"index entry {key} (bytes {offset}-{end}) overlaps bytes {hit[0]}-{hit[1]} "
+                "of the entries before it: damaged index?"
+            )
+            if held is not None and held[1] >= 0 and not held[4]:
+                h_start, h_end = held[2], held[2] + held[3]
+                if h_start < end and offset < h_end:
+                    held[4] = (
+                        f"index entry {held[1]} (bytes {h_start}-{h_end}) overlaps index "
+                        f"entry {key} (bytes {offset}-{end}): damaged index?"
+                    )
+        if held is not None:
+            yield tuple(held)
+        held = [number, key, offset, length, error]
+    if held is not None:
+        yield tuple(held)
+
+
+def _entry_error(key: int, offset: int, length: int, size: int) -> str:
+    if offset + length > size:
+        return (
+            f"index entry {key} points past the end of the data file "
+            f"({offset} + {length} > {size} bytes): truncated database?"
+        )
+    if length <= len(FOLDCOMP_MAGIC):
+        return f"index entry {key} has {length} bytes, too few for a Foldcomp entry"
+    if length > MAX_FOLDCOMP_ENTRY:
+        return (
+            f"index entry {key} claims {length} bytes, more than a Foldcomp entry holds "
+            f"({MAX_FOLDCOMP_ENTRY} bytes: 65,535 residues at most): damaged index?"
+        )
+    return ""
 
 
 def _lookup_names(path: str) -> Callable[[int], str]:
@@ -537,11 +678,15 @@ def _lookup_names(path: str) -> Callable[[int], str]:
         return str
 
     def rows() -> Iterator[tuple[int, str]]:
-        with open(lookup, encoding="utf-8", errors="surrogateescape") as fh:
-            for line in fh:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) >= 2 and parts[0].isdigit() and parts[1]:
-                    yield int(parts[0]), parts[1]
+        for number, line in _lines(lookup):
+            if line is None:
+                logger.warning(
+                    "%s: line %d is longer than %d bytes (ignored)", lookup, number, MAX_LINE
+                )
+                continue
+            parts = line.rstrip(b"\r\n").split(b"\t")
+            if len(parts) >= 2 and parts[0].isdigit() and parts[1]:
+                yield int(parts[0]), parts[1].decode("utf-8", "surrogateescape")
 
     it = rows()
     state: dict = {"row": next(it, None), "last": -1, "table": None}
@@ -568,15 +713,20 @@ def iter_foldcomp(
 ) -> Iterator[Member]:
     """Stream the entries of a Foldcomp database (see the module docstring).
 
-    Each entry's bytes are read only when :meth:`Member.read` is called (one read), so
-    resuming or sharding skips entries without reading them. An index line pointing outside
-    the data file, or longer than ``max_bytes``, gives a member with ``error`` set.
+    Each entry's bytes are read only when :meth:`Member.read` is called, so resuming or
+    sharding skips entries without reading them. The index is checked as it is streamed
+    (:func:`_checked_rows`): an entry pointing outside the data file, too short or too long
+    for a Foldcomp entry (:data:`MAX_FOLDCOMP_ENTRY`) or for ``max_bytes``, or overlapping
+    another entry gives a member with ``error`` set. An index line that is no entry (not three
+    numbers, longer than :data:`MAX_LINE`) gives a member with ``error`` set, source
+    ``DB.index::line N``, and the stream goes on. :meth:`Member.read` checks that the bytes
+    start with :data:`FOLDCOMP_MAGIC` and end with the NUL Foldcomp writes after each entry
+    before reading them.
 
     Raises
     ------
     ValueError
-        The foldcomp package is not installed, or the index has a malformed line (raised when
-        the stream reaches it).
+        The foldcomp package is not installed.
     """
     if importlib.util.find_spec("foldcomp") is None:  # a run-level error, not one per entry
         raise ValueError(
@@ -585,33 +735,45 @@ def iter_foldcomp(
         )
     size = os.path.getsize(path)
     name_of = _lookup_names(path)
-    for key, offset, length in _index_rows(path):
+    for number, key, offset, length, error in _checked_rows(path, size):
+        if key < 0:  # not an index entry: recorded, and the stream goes on
+            member = Member(f"{path}.index{SEP}line {number}", f"line {number}", "foldcomp", error)
+            if in_shard(member.id, shard):
+                yield member
+            continue
         name = name_of(key)
         member = Member(f"{path}{SEP}{name}", name, "foldcomp")
         if not in_shard(member.id, shard):
             continue
-        if offset + length > size:
-            member.error = (
-                f"index entry {key} points past the end of the data file "
-                f"({offset} + {length} > {size} bytes): truncated database?"
-            )
-        elif max_bytes is not None and length > max_bytes:
-            member.error = f"larger than --max-bytes ({max_bytes} bytes): {length} bytes"
+        if error:
+            member.error = error
+        elif too_large := _too_large(length, max_bytes):
+            member.error = too_large
         else:
-            member._read = _entry_reader(path, offset, length)
+            member._read = functools.partial(_read_entry, path, key, offset, length)
         yield member
 
 
-def _entry_reader(path: str, offset: int, length: int) -> Callable[[], bytes]:
-    def read() -> bytes:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(length)
-        if len(data) != length:
-            raise ValueError("short read from the data file")
-        return data[:-1] if data.endswith(b"\0") else data  # MMseqs2 entries end with NUL
-
-    return read
+def _read_entry(path: str, key: int, offset: int, length: int) -> bytes:
+    """A Foldcomp entry's bytes without the NUL that ends it, checked first from its first
+    and last bytes (so a sparse or overwritten data file costs two small reads)."""
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        if os.pread(fd, len(FOLDCOMP_MAGIC), offset) != FOLDCOMP_MAGIC:
+            raise ValueError(
+                f"index entry {key} does not start a Foldcomp entry (no "
+                f"{FOLDCOMP_MAGIC.decode()} at byte {offset}): damaged index or "
+                "data file?"
+            )
+        if os.pread(fd, 1, offset + length - 1) != b"\0":
+            raise ValueError(
+                f"index entry {key} does not end with the NUL Foldcomp writes after "
+                f"each entry (byte {offset + length - 1}): damaged index?"
+            )
+        data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise ValueError("short read from the data file")
+    return data[:-1]
 
 
 # --------------------------------------------------------------------------- reading members
@@ -659,19 +821,48 @@ def read_member(
             "reading Foldcomp databases needs the foldcomp package (pip install foldcomp)"
         ) from None
     bb = _foldcomp_backbone(foldcomp, base, data)
-    if bb is not None:
-        return [bb]
-    try:
-        _, text = foldcomp.decompress(data)
-    except Exception as exc:  # noqa: BLE001 - any decoder error is a bad entry
-        reason = " ".join(str(exc).split())[:120]
-        raise StructureError(f"unreadable Foldcomp entry ({reason})") from None
-    if isinstance(text, str):
-        text = text.encode()
-    backbones = read_backbones(
-        member_id(base) + ".pdb", chains="first", models="first", max_bytes=max_bytes, data=text
+    if bb is None:
+        try:
+            _, text = foldcomp.decompress(data)
+        except Exception as exc:  # noqa: BLE001 - any decoder error is a bad entry
+            reason = " ".join(str(exc).split())[:120]
+            raise StructureError(f"unreadable Foldcomp entry ({reason})") from None
+        if isinstance(text, str):
+            text = text.encode()
+        (bb,) = read_backbones(
+            member_id(base) + ".pdb",
+            chains="first",
+            models="first",
+            max_bytes=max_bytes,
+            data=text,
+        )
+    why = implausible_chain(bb.ca)
+    if why:
+        raise StructureError(
+            f"implausible Foldcomp chain: {why}: a damaged entry, or a structure Foldcomp "
+            "could not encode"
+        )
+    return [bb]
+
+
+def implausible_chain(ca: np.ndarray, limits: tuple[float, float] = CA_CA_RANGE) -> str:
+    """Why a chain without breaks cannot be a protein's, or "": a distance between consecutive
+    CA atoms (``ca``: (L, 3), Angstrom) outside ``limits`` (:data:`CA_CA_RANGE`) or not
+    finite. The reason names the worst step (residues numbered from 1) and how many there are.
+    """
+    if len(ca) < 2:
+        return ""
+    steps = np.linalg.norm(np.diff(ca, axis=0), axis=1)
+    low, high = limits
+    bad = np.flatnonzero(~((steps >= low) & (steps <= high)))  # NaN is bad too
+    if not bad.size:
+        return ""
+    off = np.abs(steps[bad] - 3.8)
+    worst = int(bad[np.argmax(np.where(np.isfinite(off), off, np.inf))])
+    return (
+        f"CA-CA {steps[worst]:.3g} A between residues {worst + 1} and {worst + 2} "
+        f"({bad.size} of {len(steps)} steps outside {low:g}-{high:g} A)"
     )
-    return backbones
 
 
 @functools.lru_cache(maxsize=1)
