@@ -23,7 +23,7 @@ from protoken.archives import (
 )
 from protoken.cli import main
 from protoken.convert import ConvertOptions, convert
-from protoken.structure import read_backbones
+from protoken.structure import StructureError, read_backbones
 
 foldcomp = pytest.importorskip("foldcomp")
 
@@ -32,6 +32,10 @@ CHECKPOINT = str(Path(__file__).parent / "data" / "old-checkpoint.pt")  # a smal
 # foldcomp.compress itself crashes (SIGSEGV) on d3mkbb_, so the database is built from the
 # others; a crash while *decoding* an entry is contained by convert's worker processes.
 _FOLDCOMP_CRASHES = ("d3mkbb_",)
+# d1x9fc_'s first peptide bond is broken in the file (C-N 3.5 A): Foldcomp, which stores ideal
+# bond lengths, decodes its first residue 1.82 A from the second, and the entry is refused
+# (test_foldcomp_chain_with_implausible_geometry_is_refused).
+_FOLDCOMP_IMPLAUSIBLE = ("d1x9fc_",)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -62,7 +66,7 @@ def foldcomp_db(tmp_path_factory, structures_dir) -> tuple[Path, list[Path]]:
     files = [
         f
         for f in sorted(structures_dir.glob("foldseek__d*.pdb"))
-        if not any(bad in f.name for bad in _FOLDCOMP_CRASHES)
+        if not any(bad in f.name for bad in _FOLDCOMP_CRASHES + _FOLDCOMP_IMPLAUSIBLE)
     ]
     db = tmp_path_factory.mktemp("fcdb") / "scope_db"
     make_foldcomp_db(files, db)
@@ -501,3 +505,214 @@ def test_tar_extended_headers_and_names(tmp_path, mixed_files):
                       pax_headers={"comment": "x"}) as tf:  # fmt: skip
         tf.add(mixed_files[0], arcname="g.pdb")
     assert [m.read() for m in iter_tar(str(archive))] == [data]
+
+
+# --------------------------------------------------------------------------- hostile Foldcomp
+
+
+@pytest.fixture(scope="module")
+def promod3_entries(shared) -> list[bytes]:
+    """The first 8 entries of the ProMod3 Foldcomp database of ../shared (each ends with NUL)."""
+    db = shared / "data" / "promod3" / "promod3"
+    out = []
+    with open(f"{db}.index") as index, open(db, "rb") as data:
+        for line in itertools.islice(index, 8):
+            _, offset, length = (int(x) for x in line.split())
+            data.seek(offset)
+            out.append(data.read(length))
+    return out
+
+
+def _db(path: Path, entries: list[bytes], lines: list[str] | None = None) -> Path:
+    """A Foldcomp database of ``entries`` written one after the other; ``lines`` replaces its
+    index (default: ``KEY OFFSET LENGTH`` of each entry, :func:`_index_lines`)."""
+    import struct
+
+    path.write_bytes(b"".join(entries))
+    lines = _index_lines(entries) if lines is None else lines
+    Path(f"{path}.index").write_text("".join(lines))
+    Path(f"{path}.dbtype").write_bytes(struct.pack("<i", 0))
+    return path
+
+
+def _index_lines(entries: list[bytes]) -> list[str]:
+    offsets = np.cumsum([0] + [len(e) for e in entries])
+    return [f"{k}\t{offsets[k]}\t{len(e)}\n" for k, e in enumerate(entries)]
+
+
+def _convert_rows(db: Path, out: Path, **kw) -> dict[str, dict]:
+    convert([str(db)], ConvertOptions(out=str(out), min_len=1, **kw), 2, progress=False)
+    return {r["source"].split(SEP, 1)[1]: r for r in _rows(out)}
+
+
+def test_foldcomp_entry_with_a_wrong_length_is_refused(tmp_path, promod3_entries):
+    """An index entry whose length was halved was converted (142 residues from half the
+    bytes, CA-CA up to 5.5 A): an entry must end with the NUL Foldcomp writes after it."""
+    entries = promod3_entries[:4]
+    lines = _index_lines(entries)
+    key, offset, length = lines[2].split()
+    lines[2] = f"{key}\t{offset}\t{int(length) // 2}\n"
+    rows = _convert_rows(_db(tmp_path / "db", entries, lines), tmp_path / "out")
+    assert [rows[k]["status"] for k in "0123"] == ["ok", "ok", "failed", "ok"]
+    assert "index entry 2 does not end with the NUL Foldcomp writes" in rows["2"]["reason"]
+
+
+@pytest.mark.parametrize("damaged", [0, 1])
+def test_overlapping_foldcomp_index_entries_are_both_refused(tmp_path, promod3_entries, damaged):
+    """An index line pointing at another entry's bytes: that entry's structure was recorded
+    ok under the damaged line's name. Whichever of the two lines is damaged (the first or the
+    second), neither is converted: the index cannot say which one is right."""
+    entries = promod3_entries[:4]
+    lines = _index_lines(entries)
+    other = 1 - damaged
+    lines[damaged] = f"{damaged}\t" + lines[other].split("\t", 1)[1]
+    rows = _convert_rows(_db(tmp_path / "db", entries, lines), tmp_path / "out")
+    assert [rows[k]["status"] for k in "0123"] == ["failed", "failed", "ok", "ok"]
+    assert all("overlaps" in rows[k]["reason"] for k in "01")
+    # an index out of offset order, without overlaps, is fine
+    order = [2, 0, 3, 1]
+    shuffled = [_index_lines(entries)[k] for k in order]
+    rows = _convert_rows(_db(tmp_path / "db2", entries, shuffled), tmp_path / "out2")
+    assert all(r["status"] == "ok" for r in rows.values()) and len(rows) == 4
+
+
+def test_implausible_chain_checks_consecutive_ca_distances():
+    from protoken.archives import implausible_chain
+
+    rng = np.random.default_rng(0)
+    steps = rng.normal(size=(30, 3))
+    steps *= (3.8 / np.linalg.norm(steps, axis=1))[:, None]
+    steps[7] *= 2.9 / 3.8  # a cis peptide
+    ca = np.cumsum(steps, axis=0)
+    assert implausible_chain(ca) == ""
+    broken = ca.copy()
+    broken[12:] += [0.0, 0.0, 1.7]  # residues 12 -> 13 now 3.8 A plus a jump
+    why = implausible_chain(broken)
+    d = np.linalg.norm(broken[12] - broken[11])
+    assert why == f"CA-CA {d:.3g} A between residues 12 and 13 (1 of 29 steps outside 2.4-4.5 A)"
+    broken[20] = np.nan
+    assert implausible_chain(broken).startswith("CA-CA nan A between residues 20 and 21 (3 of 29")
+    assert implausible_chain(ca[:1]) == ""
+
+
+def test_damaged_foldcomp_bytes_are_refused_before_an_image_is_made(tmp_path, promod3_entries):
+    """20 random bytes per entry: 5 of 6 entries were converted, one with a CA-CA distance of
+    5.8e6 A. Foldcomp has no checksum; a decoded chain whose consecutive CA atoms are not
+    2.4-4.5 A apart is refused. Here the same damage (20 random bytes per entry, seeded), in
+    workers (the decoder may crash on it): no entry may be ok unless it decodes to exactly the
+    undamaged chain's image."""
+    import random
+
+    rng = random.Random(24)
+    entries = promod3_entries[:6]
+    damaged = []
+    for entry in entries:
+        entry = bytearray(entry)
+        for _ in range(20):
+            entry[rng.randrange(len(entry) - 1)] = rng.randrange(256)
+        damaged.append(bytes(entry))
+    rows = _convert_rows(_db(tmp_path / "bad", damaged), tmp_path / "bad_out")
+    good = _convert_rows(_db(tmp_path / "good", entries), tmp_path / "good_out")
+    assert all(r["status"] == "ok" for r in good.values()) and len(good) == 6
+    assert len(rows) == 6
+    for key, row in rows.items():
+        if row["status"] == "ok":
+            png = (tmp_path / "bad_out" / row["bin"] / f"{row['id']}.png").read_bytes()
+            ref = good[key]
+            assert png == (tmp_path / "good_out" / ref["bin"] / f"{ref['id']}.png").read_bytes()
+        else:
+            assert row["status"] == "failed", row
+    reasons = " ".join(r["reason"] for r in rows.values())
+    assert "implausible Foldcomp chain: CA-CA" in reasons
+    # in this process, a damage that decodes without crashing: the discretizers' floats
+    for entry in entries[:3]:
+        flipped = bytearray(entry[:-1])
+        flipped[40:60] = bytes(b ^ 0xFF for b in flipped[40:60])
+        with pytest.raises(StructureError, match=r"implausible Foldcomp chain: CA-CA .* steps "
+                           r"outside 2.4-4.5 A\): a damaged entry"):  # fmt: skip
+            read_member("x", "foldcomp", bytes(flipped))
+
+
+def test_foldcomp_chain_with_implausible_geometry_is_refused(tmp_path, structures_dir):
+    """A real case: d1x9fc_'s first peptide bond is broken in its file (C-N 3.5 A); Foldcomp
+    stores ideal bond lengths and decodes its first residue 1.82 A from the second."""
+    from helpers import make_foldcomp_db
+
+    db = tmp_path / "db"
+    make_foldcomp_db([structures_dir / "foldseek__d1x9fc_.pdb"], db)
+    (member,) = iter_foldcomp(str(db))
+    with pytest.raises(StructureError, match=r"CA-CA 1.82 A between residues 1 and 2 \(1 of"):
+        read_member(member.name, "foldcomp", member.read())
+
+
+def test_foldcomp_index_with_a_huge_line_is_one_failed_row(tmp_path, promod3_entries):
+    """A sparse DB.index holding a 3 GB line without a newline: 3.2 GB of memory, then
+    MemoryError. Lines are read at most 4 KB at a time: a long line (here 256 MB in the middle,
+    then 256 MB at the end, no newline) is one failed row each, and the entries around it are
+    read, with memory bounded (skipping the line costs time linear in its length)."""
+    entries = promod3_entries[:4]
+    db = _db(tmp_path / "db", entries)
+    lines = _index_lines(entries)
+    with open(f"{db}.index", "wb") as fh:
+        fh.write("".join(lines[:2]).encode())
+        fh.seek(fh.tell() + (256 << 20))  # a hole: 256 MB of NUL bytes, no disk
+        fh.write(b"\n" + "".join(lines[2:]).encode())
+        fh.truncate(fh.tell() + (256 << 20))
+    members, peak = _traced_peak(lambda: list(iter_foldcomp(str(db))))
+    assert peak < 4 << 20, peak
+    assert [(m.name, m.error[:60]) for m in members] == [
+        ("0", ""), ("1", ""),
+        ("line 3", f"{db}.index: line 3 is longer than 4096 bytes"[:60]),
+        ("2", ""), ("3", ""),
+        ("line 6", f"{db}.index: line 6 is longer than 4096 bytes"[:60]),
+    ]  # fmt: skip
+    assert members[2].source == f"{db}.index{SEP}line 3"
+
+
+def test_bad_foldcomp_index_line_is_recorded_and_the_run_goes_on(tmp_path, promod3_entries,
+                                                                capsys):  # fmt: skip
+    """A malformed index line after entries in flight ended convert with exit 2 "nothing was
+    processed" although rows were written, and every rerun stopped at the same line. Now the
+    line is a failed row and the run goes on; a rerun resumes past it."""
+    entries = promod3_entries[:6]
+    lines = _index_lines(entries)
+    lines.insert(4, "4\tnot-a-number\t5\n")
+    db = _db(tmp_path / "db", entries, lines)
+    out = tmp_path / "out"
+    argv = ["convert", str(db), "--out", str(out), "--min-len", "1", "--workers", "2",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = {r["source"]: r for r in _rows(out)}
+    assert len(rows) == 7
+    bad = rows[f"{db}.index{SEP}line 5"]
+    assert bad["status"] == "failed"
+    assert bad["reason"] == f"{db}.index: line 5 is not KEY OFFSET LENGTH"
+    assert sum(r["status"] == "ok" for r in rows.values()) == 6
+    capsys.readouterr()
+    assert main(argv) == 0  # the rerun: every row is already done
+    assert "already done 7" in capsys.readouterr().out
+
+
+def test_sparse_foldcomp_data_file_is_refused_from_a_few_bytes(tmp_path, promod3_entries):
+    """Index entries of hundreds of MB into a sparse data file: 5.4 GB for the process tree.
+    An entry longer than any Foldcomp entry (16 MB: 65,535 residues) is refused from the
+    index; a shorter one of zeros from its first bytes (no FCMP), neither read whole."""
+    entries = promod3_entries[:2]
+    db = _db(tmp_path / "db", entries)
+    size = db.stat().st_size
+    with open(db, "r+b") as fh:
+        fh.truncate(size + (600 << 20))
+    lines = _index_lines(entries) + [
+        f"2\t{size}\t{500 << 20}\n",
+        f"3\t{size + (500 << 20)}\t{8 << 20}\n",
+    ]
+    Path(f"{db}.index").write_text("".join(lines))
+    members = list(iter_foldcomp(str(db)))
+    assert members[2].error.startswith(f"index entry 2 claims {500 << 20} bytes, more than a "
+                                       "Foldcomp entry holds")  # fmt: skip
+    with pytest.raises(ValueError, match=r"index entry 3 does not start a Foldcomp entry \(no "):
+        _traced_peak(members[3].read)
+    _, peak = _traced_peak(lambda: [m.read() for m in members[:2]])
+    assert peak < 1 << 20
+    rows = _convert_rows(db, tmp_path / "out")
+    assert [rows[k]["status"] for k in "0123"] == ["ok", "ok", "failed", "failed"]
