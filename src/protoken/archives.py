@@ -565,14 +565,14 @@ def _index_rows(path: str) -> Iterator[tuple[int, int, int, int, str]]:
     that is no index entry has key -1 and the reason in ``error``."""
     for number, line in _lines(path + ".index"):
         if line is None:
-            yield number, -1, 0, 0, f"{path}.index: line {number} is longer than {MAX_LINE} bytes"
+            yield number, -1, 0, 0, f"index line {number} is longer than {MAX_LINE} bytes"
             continue
         parts = line.split()
         if not parts:
             continue
         numbers = parts[:3]
         if len(numbers) < 3 or not all(x.isdigit() and len(x) <= 18 for x in numbers):
-            yield number, -1, 0, 0, f"{path}.index: line {number} is not KEY OFFSET LENGTH"
+            yield number, -1, 0, 0, f"index line {number} is not KEY OFFSET LENGTH"
             continue
         key, offset, length = (int(x) for x in numbers)
         yield number, key, offset, length, ""
