@@ -428,21 +428,25 @@ def _four_member_tar(files) -> tuple[bytes, list[int]]:
     return data, offsets
 
 
-@pytest.mark.parametrize("damage", ["cut", "checksum"])
+@pytest.mark.parametrize("damage", ["cut", "checksum", "zeroed"])
 def test_tar_damaged_at_a_header_says_where_it_stopped(tmp_path, mixed_files, damage, capsys):
-    """A 4-member tar cut at its 3rd header, or with a bad checksum there: exit 0, "converted
-    2", no failed row (tarfile takes a bad header for the end). Now the archive gets a failed
-    row saying at which byte reading stopped and after how many members; encode says the same."""
+    """A 4-member tar cut at its 3rd header, or with a bad checksum there (or zeros): exit 0,
+    "converted 2", no failed row (tarfile takes a bad header for the end). Now the archive gets
+    a failed row saying at which byte reading stopped and after how many members; encode says
+    the same."""
     pdbs = [f for f in mixed_files if f.name.endswith(".pdb")]
     data, offsets = _four_member_tar((pdbs * 4)[:4])
     third = offsets[2]
     if damage == "cut":
         data = data[:third]
         why = "the archive ends without an end-of-archive block"
-    else:
+    elif damage == "checksum":
         data = bytearray(data)
         data[third + 148 : third + 156] = b"000000\0 "
         why = "bad header (bad checksum)"
+    else:  # a header wiped out: tarfile takes the zeros for the end of the archive
+        data = data[:third] + bytes(512) + data[third + 512 :]
+        why = "a block of zeros where a header should be"
     archive = tmp_path / "four.tar"
     archive.write_bytes(bytes(data))
     reason = f"truncated or corrupt tar archive: {why} at byte {third}, after 2 members"

@@ -222,10 +222,6 @@ MAX_TAR_HEADER = 1 << 20
 #: header claims, and skipping costs time linear in the member's size).
 _CHUNK = 1 << 20
 
-#: What a member larger than its limit is read as when no ``max_bytes`` is given (``protoken
-#: encode``): the default ``--max-bytes`` of convert (:data:`protoken.structure.DEFAULT_MAX_BYTES`).
-DEFAULT_MAX_BYTES = 1 << 30
-
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
 _PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
@@ -245,6 +241,10 @@ class TarError(ValueError):
 
 
 def _too_large(size: int, max_bytes: int | None) -> str:
+    """Why a member of ``size`` bytes is not read, or "": more than ``max_bytes``, or when none
+    is given (``protoken encode``) than :data:`protoken.structure.DEFAULT_MAX_BYTES`."""
+    from protoken.structure import DEFAULT_MAX_BYTES
+
     limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     if size <= limit:
         return ""
@@ -266,12 +266,13 @@ def iter_tar(
 
     Members are yielded in archive order; a member's :meth:`Member.read` must be called before
     the next one is asked for. With ``shard`` only members whose id is in the shard are
-    yielded. A member larger than ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`) is yielded
-    with ``error`` set and no data, after it was skipped: when the archive ends inside it (a
-    header claiming more than the archive holds), that one member says so and the stream
-    ends. Otherwise an archive that cannot be read to its end-of-archive blocks (truncated, a
-    header with a bad checksum, a corrupt compressed stream) ends the stream with one member
-    named ``""`` whose ``error`` says at which byte it stopped and after how many members.
+    yielded. A member larger than ``max_bytes`` (default: the read limit of structure files,
+    :data:`protoken.structure.DEFAULT_MAX_BYTES`) is yielded with ``error`` set and no data,
+    after it was skipped: when the archive ends inside it (a header claiming more than the
+    archive holds), that one member says so and the stream ends. Otherwise an archive that
+    cannot be read to its end-of-archive block (truncated, a header with a bad checksum, a
+    corrupt compressed stream) ends the stream with one member named ``""`` whose ``error``
+    says at which byte it stopped and after how many members.
     """
     count = 0
     try:
@@ -448,6 +449,10 @@ class _TarStream:
             if len(block) < _BLOCK:
                 raise TarError("the archive ends inside a header", start)
             if block == _ZERO_BLOCK:
+                # the end of the archive, unless more follows: then this is a header wiped
+                # out (tarfile stops there, dropping the members after it)
+                if self.read(_BLOCK).strip(b"\0"):
+                    raise TarError("a block of zeros where a header should be", start)
                 return
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
@@ -465,7 +470,7 @@ class _TarStream:
                 if info.type == tarfile.GNUTYPE_LONGNAME:
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
-            if info.type == tarfile.GNUTYPE_SPARSE and info._sparse_structs[1]:
+            if info.type == tarfile.GNUTYPE_SPARSE and block[482]:
                 extended = True  # old GNU sparse: more sparse maps in the blocks that follow
                 while extended:
                     ext = self.read(_BLOCK)
@@ -475,9 +480,10 @@ class _TarStream:
             fields = {**global_pax, **pax}
             name = fields.get("path") or long_name or info.name
             if "size" in fields:
-                if not fields["size"].isdigit():
-                    raise TarError(f"bad pax size {fields['size'][:40]!r}", start)
-                size = int(fields["size"])
+                text = fields["size"]
+                if not (text.isascii() and text.isdigit() and len(text) <= 20):
+                    raise TarError(f"bad pax size {text[:40]!r}", start)
+                size = int(text)
             sparse = info.type == tarfile.GNUTYPE_SPARSE or any(
                 k.startswith("GNU.sparse.") for k in fields
             )
