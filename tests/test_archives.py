@@ -8,6 +8,7 @@ import io
 import itertools
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -718,3 +719,59 @@ def test_sparse_foldcomp_data_file_is_refused_from_a_few_bytes(tmp_path, promod3
     assert peak < 1 << 20
     rows = _convert_rows(db, tmp_path / "out")
     assert [rows[k]["status"] for k in "0123"] == ["ok", "ok", "failed", "failed"]
+
+
+def test_tar_stream_agrees_with_tarfile_and_never_raises(tmp_path, mixed_files):
+    """Random tars (ustar, GNU, pax names; plain, gz, bz2, xz), intact or damaged (bytes
+    flipped, cut, a block zeroed, the compressed stream damaged): iter_tar never raises (a
+    member's read() may, with a ValueError), an intact archive gives tarfile's members and
+    bytes, and a damaged one is either read as tarfile reads it or reported."""
+    import bz2
+    import lzma
+    import random
+
+    rng = random.Random(24)
+    pdbs = [f.read_bytes()[: rng.randrange(100, 20_000)] for f in mixed_files[:4]]
+    compress = {"": bytes, "gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+    for trial in range(60):
+        fmt = rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for k in rng.sample(range(len(pdbs)), rng.randrange(1, len(pdbs) + 1)):
+                folder = rng.choice(["", "x/", "y" * rng.randrange(1, 150) + "/"])
+                name = f"{folder if fmt != tarfile.USTAR_FORMAT else ''}m{k}.pdb"
+                info = tarfile.TarInfo(name)
+                info.size = len(pdbs[k])
+                tf.addfile(info, io.BytesIO(pdbs[k]))
+        raw = bytearray(buf.getvalue())
+        damage = rng.choice(["none", "flip", "cut", "zero"])
+        if damage == "flip":
+            for _ in range(rng.randrange(1, 5)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+        elif damage == "cut":
+            raw = raw[: rng.randrange(len(raw))]
+        elif damage == "zero":
+            start = rng.randrange(len(raw))
+            raw[start : start + 512] = bytes(len(raw[start : start + 512]))
+        kind = rng.choice(list(compress))
+        data = bytearray(compress[kind](bytes(raw)))
+        if kind and rng.random() < 0.2:
+            damage = "stream"
+            data[rng.randrange(len(data))] ^= 0xFF
+        path = tmp_path / f"t{trial}.tar{'.' + kind if kind else ''}"
+        path.write_bytes(bytes(data))
+        got, errors = [], []
+        for m in iter_tar(str(path)):
+            try:
+                got.append((m.name, m.read()))
+            except ValueError as exc:
+                errors.append(str(exc))
+        try:
+            with tarfile.open(path) as tf:
+                want = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
+            want = None
+        if damage == "none":
+            assert not errors and got == want, trial
+        elif want is not None and not errors:
+            assert got == want, (trial, damage)
