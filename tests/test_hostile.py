@@ -330,6 +330,46 @@ def test_png_headers_are_refused_before_any_pixel_is_decoded():
     assert decode_png(big, max_len=3000).shape == (3000, 3000, 3)  # allowed when asked for
 
 
+def _chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
+    crc = zlib.crc32(kind + data) if crc is None else crc
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def test_png_whose_idat_holds_more_than_the_image_is_refused(tmp_path, capsys, structures_dir):
+    """A PNG with a valid header and an IDAT inflating to twice the image's data (zeros):
+    libpng only warned ("IDAT: Too much image data", on stderr) and the image decoded as all
+    zeros, which train and encode used. Now decode_png refuses it, naming libpng's reason; the
+    same zeros in exactly the image's amount are a valid (all-zero) PNG, and a warning about
+    an ancillary chunk (a tEXt chunk with a bad CRC, dropped by libpng) leaves the pixels."""
+    import imagecodecs
+
+    side = 64
+    head = b"\x89PNG\r\n\x1a\n" + _chunk(
+        b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    )
+    rows = bytes(side * (1 + 3 * side))  # filter byte 0, then the row's pixels
+    junk = head + _chunk(b"IDAT", zlib.compress(rows * 2)) + _chunk(b"IEND", b"")
+    with pytest.raises(
+        ValueError, match=r"^not a readable PNG \(libpng: IDAT: Too much image data"
+    ):
+        decode_png(junk)
+    exact = head + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    assert decode_png(exact).shape == (side, side, 3) and not decode_png(exact).any()
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    good = imagecodecs.png_encode(pixels)
+    with_text = good[:33] + _chunk(b"tEXt", b"k\0v", crc=0) + good[33:]
+    assert np.array_equal(decode_png(with_text), pixels)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "junk.png").write_bytes(junk)
+    write_png(imgs / "good.png", image_of(read_backbones(structures_dir / D1ASHA)[0]), 8)
+    code, out, err = run_cli(["encode", str(imgs), "-c", CHECKPOINT, "-o", str(tmp_path / "t.npz"),
+                              "--no-progress"], capsys)  # fmt: skip
+    assert code == 0 and "encoded 1 proteins (1 inputs skipped)" in out
+    assert f"skipped {imgs / 'junk.png'}: not a readable PNG (libpng: IDAT: Too much" in err
+    assert "PNG warning" not in err  # judged, not printed
+
+
 @pytest.fixture()
 def bomb_data(tmp_path, converted8) -> Path:
     """Real 40-64 residue images (three copies of each) and, in the same bin, a 3000 x 3000 PNG

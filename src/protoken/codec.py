@@ -20,16 +20,22 @@ and decodes several times faster than Pillow at either depth.
 Images are untrusted input: :func:`decode_png` reads the PNG header (:func:`png_header`)
 before any pixel is decoded and refuses what is not a square RGB (or RGBA) image of 8 or 16
 bits, or is larger than ``max_len`` (default :data:`MAX_IMAGE_SIDE`), so a 33 KB PNG that
-claims 3000 x 3000 pixels costs nothing. :func:`check_image` refuses degenerate images
-(a constant channel: all-0 or all-255 PNGs), and :func:`read_converted_image` reads an image
-with the settings ``protoken convert`` recorded beside it.
+claims 3000 x 3000 pixels costs nothing; libpng's errors and its warnings about the image data
+(``IDAT``: a compressed stream holding more or other data than the image, which libpng only
+warns about and decodes anyway) make it refused, never an image of whatever was decoded.
+:func:`check_image` refuses degenerate images (a constant channel: all-0 or all-255 PNGs),
+and :func:`read_converted_image` reads an image with the settings ``protoken convert``
+recorded beside it.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 import struct
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,6 +43,8 @@ import numpy as np
 from protoken.convert_settings import agreed, settings_beside
 from protoken.fileio import atomic_write
 from protoken.geometry import DMAX, SixD
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_IMAGE_SIDE",
@@ -342,21 +350,57 @@ def decode_png(data: bytes, max_len: int | None = None) -> np.ndarray:
     Raises
     ------
     ValueError
-        Not a PNG, not a square RGB image, another bit depth, too large, or corrupt.
+        Not a PNG, not a square RGB image, another bit depth, too large, or corrupt (a libpng
+        error, or a libpng warning about the image data: :data:`_DATA_WARNINGS`).
     """
     import imagecodecs
 
     side, depth = check_png_header(data, max_len)
+    _collect_libpng_warnings()
+    warnings = _decoding.warnings = []
     try:
         pixels = imagecodecs.png_decode(data)
     except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
         raise ValueError(f"not a readable PNG ({' '.join(str(exc).split())[:120]})") from None
+    finally:
+        _decoding.warnings = None
+    for warning in warnings:
+        if any(word in warning for word in _DATA_WARNINGS):
+            what = " ".join(warning.split("warning:", 1)[-1].split())[:120]
+            raise ValueError(f"not a readable PNG (libpng: {what})")
+        logger.warning("%s", warning)  # about an ancillary chunk: the pixels are intact
     want = np.uint8 if depth == 8 else np.uint16
     if pixels.ndim != 3 or pixels.shape[:2] != (side, side) or pixels.shape[2] not in (3, 4):
         raise ValueError(f"not a square RGB image: shape {pixels.shape}")
     if pixels.dtype != want:
         raise ValueError(f"decoded {pixels.dtype} pixels from a {depth}-bit PNG")
     return pixels[:, :, :3]
+
+
+#: Words of libpng warnings about the image data itself (libpng only warns when the compressed
+#: stream holds more data than the image, "IDAT: Too much image data", and decodes the first
+#: part): :func:`decode_png` refuses such a PNG.
+_DATA_WARNINGS = ("IDAT", "image data", "compressed data")
+
+#: The libpng warnings of the decode running in this thread (None: not decoding).
+_decoding = threading.local()
+
+
+class _LibpngWarnings(logging.Filter):
+    """Takes the warnings imagecodecs logs for libpng (logger ``imagecodecs``) while
+    :func:`decode_png` runs in the same thread, for it to judge; others pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(_decoding, "warnings", None)
+        if sink is None:
+            return True
+        sink.append(record.getMessage())
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _collect_libpng_warnings() -> None:
+    logging.getLogger("imagecodecs").addFilter(_LibpngWarnings())
 
 
 def read_image(path: str | os.PathLike, dtype=np.float32, max_len: int | None = None) -> np.ndarray:
