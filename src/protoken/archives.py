@@ -58,6 +58,7 @@ __all__ = [
     "iter_archive",
     "iter_foldcomp",
     "iter_tar",
+    "read_at",
     "read_member",
 ]
 
@@ -88,12 +89,17 @@ class Member:
         ``"tar"`` or ``"foldcomp"``.
     error : str
         Why the member cannot be read ("" when it can): too large, truncated archive ...
+    offset, size : int
+        Where its bytes are: in the data file (Foldcomp), or in the tar stream, decompressed
+        (tar); -1 when unknown. :func:`read_at` reads them again later, in any process.
     """
 
     source: str
     name: str
     kind: str
     error: str = ""
+    offset: int = -1
+    size: int = -1
     _read: Callable[[], bytes] | None = None
 
     @property
@@ -221,7 +227,8 @@ def iter_tar(
                 base = info.name.rstrip("/").rsplit("/", 1)[-1]
                 if not base or base.startswith(".") or not is_structure_name(base):
                     continue
-                member = Member(f"{path}{SEP}{info.name}", info.name, "tar")
+                member = Member(f"{path}{SEP}{info.name}", info.name, "tar",
+                                offset=info.offset_data, size=info.size)  # fmt: skip
                 if not in_shard(member.id, shard):
                     continue
                 n += 1
@@ -354,7 +361,7 @@ def iter_foldcomp(
     name_of = _lookup_names(path)
     for key, offset, length in _index_rows(path):
         name = name_of(key)
-        member = Member(f"{path}{SEP}{name}", name, "foldcomp")
+        member = Member(f"{path}{SEP}{name}", name, "foldcomp", offset=offset, size=length)
         if not in_shard(member.id, shard):
             continue
         if offset + length > size:
@@ -379,6 +386,49 @@ def _entry_reader(path: str, offset: int, length: int) -> Callable[[], bytes]:
         return data[:-1] if data.endswith(b"\0") else data  # MMseqs2 entries end with NUL
 
     return read
+
+
+#: Magic numbers of the compressions a tar archive may come in (what ``r|*`` reads).
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+def read_at(path: str, kind: str, offset: int, size: int) -> bytes:
+    """The bytes of an archive member from where :class:`Member` says they are (its ``kind``,
+    ``offset`` and ``size``), with a file handle of its own: what a worker process reads when
+    only the member's location was sent to it (``protoken reconstruct --reference``).
+
+    A Foldcomp entry is one seek and read. A tar member of an uncompressed archive (as the
+    AlphaFold DB ships its proteomes) too; in a compressed one the stream is decompressed up to
+    the member (time grows with its offset).
+
+    Raises
+    ------
+    ValueError
+        The bytes are not all there (the archive changed or is truncated), or ``kind`` is
+        unknown.
+    """
+    if kind not in ("tar", "foldcomp") or offset < 0 or size < 0:
+        raise ValueError(f"{path}: no member at {offset} ({kind}, {size} bytes)")
+    if kind == "foldcomp":
+        return _entry_reader(path, offset, size)()
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    opener = open
+    for magic, module in _COMPRESSED:
+        if head.startswith(magic):
+            opener = importlib.import_module(module).open
+            break
+    try:
+        with opener(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: unreadable archive ({' '.join(str(exc).split())[:160]})"
+        ) from None
+    if len(data) != size:
+        raise ValueError(f"{path}: member at {offset} is truncated ({len(data)} of {size} bytes)")
+    return data
 
 
 # --------------------------------------------------------------------------- reading members

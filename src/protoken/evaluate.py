@@ -26,26 +26,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from protoken.archives import SEP
 from protoken.codec import check_image, read_converted_image
 from protoken.fileio import atomic_write, read_fasta, write_tsv
 from protoken.geometry import virtual_cb
-from protoken.inputs import (
-    STRUCTURE_SUFFIXES,
-    image_id,
-    safe_output_path,
-    structure_id,
-    walk_files,
-)
+from protoken.inputs import image_id, safe_output_path, structure_id
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
-from protoken.reconstruct import Reconstruction, reconstruct
+from protoken.reconstruct import Reconstruction, clipped_mask, reconstruct
 from protoken.report import write_reconstruct_tables, write_report
 from protoken.structure import Backbone, read_backbones
 
 __all__ = [
     "METRICS",
+    "MemberRef",
     "ReferenceIndex",
     "SequenceLookup",
     "compare_with_reference",
@@ -99,7 +96,9 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
         ``length``; ``cb_rmsd`` (Angstrom, after superposition by a proper rotation),
         ``tm_score`` (on Cb, fixed correspondence, :func:`protoken.metrics.tm_score`),
         ``lddt`` (on Cb), ``clipped_pairs``, ``mirrored_before_fix``, ``handedness_score``,
-        ``distance_rms``, and ``mirror_image`` (True if the reconstruction superposes better
+        ``handedness_confidence`` and ``handedness`` (``"determined"`` or ``"undetermined"``:
+        :attr:`protoken.reconstruct.Reconstruction.handedness`), ``distance_rms``, and
+        ``mirror_image`` (True if the reconstruction superposes better
         onto the reference after a reflection: the check that the handedness is right). With a
         backbone also ``bb_rmsd`` (N, CA, C superposed together), ``ca_rmsd`` and
         ``ca_tm_score`` (when the reference has N, CA, C).
@@ -123,6 +122,8 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
         "mirrored_before_fix": rec.mirrored_before_fix,
         "mirror_image": bool(length >= 4 and mirror_rmsd(rec.cb, ref["CB"]) < cb_rmsd),
         "handedness_score": rec.handedness_score,
+        "handedness_confidence": rec.handedness_confidence,
+        "handedness": rec.handedness,
         "distance_rms": rec.distance_rms,
     }
     if rec.atoms is not None and "N" in ref:
@@ -187,49 +188,85 @@ class SequenceLookup:
         return self.records.get(sid, self.single)
 
 
+class MemberRef(NamedTuple):
+    """Where a reference inside an archive is (:func:`protoken.archives.read_at` reads it)."""
+
+    archive: str
+    kind: str
+    name: str
+    offset: int
+    size: int
+
+
 class ReferenceIndex:
-    """Reference structures by id (``--reference``): a structure file, or a folder walked
-    recursively (of several files with one id the first in sorted path order is used)."""
+    """Reference structures by id (``--reference``): a structure file, a tar archive, a
+    Foldcomp database, or a folder of any of them walked recursively
+    (:func:`protoken.archives.find_sources`). The reference of image ``ID`` is the file
+    ``ID.*``, the archive member ``.../ID.*`` or the Foldcomp entry ``ID``; of several with one
+    id the first in walk order (sorted paths, archive order) is used.
+
+    Archives are read once, to index their members (id -> location, about 200 bytes each);
+    each reference is then read from its location when its image is reconstructed.
+    """
 
     def __init__(self, path: str | os.PathLike | None):
+        from protoken.archives import Member, find_sources
+
         self.files: dict[str, str] = {}
+        self.members: dict[str, MemberRef] = {}
         if not path:
             return
-        path = os.fspath(path)
-        if os.path.isfile(path):
-            self.files = {structure_id(path): path}
-            return
-        for f in sorted(walk_files(path, STRUCTURE_SUFFIXES)):
-            self.files.setdefault(structure_id(f), f)
+        for item in find_sources([os.fspath(path)]):
+            if isinstance(item, Member):
+                if not item.error and item.size >= 0:
+                    archive = item.source[: -len(item.name) - len(SEP)]
+                    ref = MemberRef(archive, item.kind, item.name, item.offset, item.size)
+                    self.members.setdefault(item.id, ref)
+            else:
+                self.files.setdefault(structure_id(item), item)
 
     def __bool__(self) -> bool:
-        return bool(self.files)
+        return bool(self.files or self.members)
 
-    def locate(self, sid: str) -> tuple[str, str] | None:
-        """Where the reference of image ``sid`` is: ``(file, "first")`` for a file ID.*, or
-        ``(file, "split")`` for chain CHAIN of STEM.* (the ids ``STEM_CHAIN`` that ``protoken
-        convert --chains split`` makes); None if absent. Small enough to send to a worker in
-        place of the whole index."""
-        if sid in self.files:
-            return self.files[sid], "first"
+    def __len__(self) -> int:
+        return len(self.files) + len(self.members)
+
+    def _where(self, sid: str) -> str | MemberRef | None:
+        return self.files.get(sid) or self.members.get(sid)
+
+    def locate(self, sid: str) -> tuple[str | MemberRef, str] | None:
+        """Where the reference of image ``sid`` is: ``(file or member, "first")`` for ID.*, or
+        ``(file or member, "split")`` for chain CHAIN of STEM.* (the ids ``STEM_CHAIN`` that
+        ``protoken convert --chains split`` makes); None if absent. Small enough to send to a
+        worker in place of the whole index."""
+        where = self._where(sid)
+        if where is not None:
+            return where, "first"
         stem, _, chain = sid.rpartition("_")
-        if stem in self.files and chain:
-            return self.files[stem], "split"
-        return None
+        where = self._where(stem) if stem and chain else None
+        return (where, "split") if where is not None else None
 
     def find(self, sid: str) -> Backbone | None:
         """The reference of image ``sid`` (:meth:`locate`, then read). None if absent."""
         return read_reference(sid, self.locate(sid))
 
 
-def read_reference(sid: str, where: tuple[str, str] | None) -> Backbone | None:
+def read_reference(sid: str, where: tuple[str | MemberRef, str] | None) -> Backbone | None:
     """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none)."""
     if where is None:
         return None
     path, mode = where
+    chains = "first" if mode == "first" else "split"
+    if isinstance(path, MemberRef):
+        from protoken.archives import read_at, read_member
+
+        data = read_at(path.archive, path.kind, path.offset, path.size)
+        backbones = read_member(path.name, path.kind, data, chains=chains, models="first")
+    else:
+        backbones = read_backbones(path, chains=chains, models="first")
     if mode == "first":
-        return read_backbones(path, chains="first", models="first")[0]
-    for bb in read_backbones(path, chains="split", models="first"):
+        return backbones[0]
+    for bb in backbones:
         if bb.id == sid:
             return bb
     return None
@@ -335,6 +372,7 @@ def _reconstruct_image(task: _ImageTask) -> dict:
             seq = None
         atomic_write(path, rec.to_text(sequence=seq, fmt=task.fmt))
         row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
+        row["clipped_fraction"] = _fraction_of_pairs(rec.clipped_pairs, len(rec))
         row["mirrored_before_fix"] = rec.mirrored_before_fix
         if task.with_references:
             ref = read_reference(sid, task.reference)
@@ -388,11 +426,11 @@ def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None
     Returns
     -------
     rows : list of dict
-        Per image: ``id``, and ``error``, or ``length``, ``clipped_pairs``, ``note``, the
-        metrics (``has_reference``) ...
+        Per image: ``id``, and ``error``, or ``length``, ``clipped_pairs``,
+        ``clipped_fraction`` (of the pairs i < j), ``note``, the metrics (``has_reference``) ...
     summary : dict
-        ``images``, ``failed``, ``with_reference``, :func:`summarize` of the compared rows and
-        ``clipped_proteins``.
+        ``images``, ``failed``, ``with_reference``, :func:`summarize` of the compared rows,
+        ``clipped_proteins`` and ``by_clipped`` (:func:`by_clipped`).
     """
     os.makedirs(out, exist_ok=True)
     images = iter(images)
@@ -423,6 +461,7 @@ def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None
             for r in scored
             if r["clipped_pairs"]
         ]
+        summary["by_clipped"] = by_clipped(scored)
     if reference:
         write_reconstruct_tables(out, scored, summary, backbone)
     return rows, summary
@@ -452,19 +491,64 @@ def by_length(rows: Sequence[dict], keys=("tm_score", "cb_rmsd", "lddt")) -> lis
     return out
 
 
+#: Bins of the fraction of clipped pairs (d >= dmax) of :func:`by_clipped`: (label, low, high],
+#: the first one exactly 0.
+CLIPPED_BINS = (("none", -1.0, 0.0), ("0-1%", 0.0, 0.01), ("1-10%", 0.01, 0.1),
+                ("10-30%", 0.1, 0.3), ("over 30%", 0.3, 1.0))  # fmt: skip
+
+
+def _fraction_of_pairs(clipped_pairs: int, length: int) -> float:
+    """The fraction of a protein's residue pairs i < j that are clipped (0 below 2 residues)."""
+    pairs = length * (length - 1) // 2
+    return clipped_pairs / pairs if pairs else 0.0
+
+
+def by_clipped(rows: Sequence[dict], key: str = "tm_score") -> list[dict]:
+    """The TM-score against the fraction of clipped pairs: per :data:`CLIPPED_BINS` bin that
+    holds proteins (rows with ``clipped_fraction``), its label, count, the median and min of
+    ``key`` (and of ``ceiling_tm_score`` when the rows have it) and its mirror images."""
+    out = []
+    for label, lo, hi in CLIPPED_BINS:
+        sel = [r for r in rows if "clipped_fraction" in r and lo < r["clipped_fraction"] <= hi]
+        if not sel:
+            continue
+        entry: dict = {"clipped": label, "proteins": len(sel)}
+        for name in (key, "ceiling_tm_score"):
+            vals = [r[name] for r in sel if name in r]
+            if vals:
+                entry[name] = {"median": float(np.median(vals)), "min": float(np.min(vals))}
+        entry["mirror_images"] = int(sum(bool(r.get("mirror_image")) for r in sel))
+        out.append(entry)
+    return out
+
+
 def _reconstruct_and_compare(task: tuple) -> dict:
     """Worker: reconstruct a decoded image and compare it with the reference; with
     ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer).
 
-    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling). A reference of
-    None (an input PNG) is the input image's own reconstruction, made here. The result holds
-    ``cb`` (reconstructed) and ``truth`` (the reference's Cb) for the report's pictures.
+    ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling, where, id).
+    A reference of None (an input PNG) is read from ``where`` (:meth:`ReferenceIndex.locate`,
+    ``--reference``) when given and found with the image's length, else it is the input
+    image's own reconstruction, made here. The result holds ``cb`` (reconstructed) and
+    ``truth`` (the reference's Cb) for the report's pictures, and ``reference``: what the
+    reconstruction was compared with (``"structure"``, ``"reference"`` or ``"image"``).
     """
-    decoded, reference, image, dmax, backbone, ceiling = task
+    decoded, reference, image, dmax, backbone, ceiling, where, sid = task
+    kind = "structure"
+    note = ""
+    if reference is None and where is not None:
+        try:
+            found = read_reference(sid, where)
+        except Exception as exc:  # noqa: BLE001 - an unreadable reference: the image instead
+            found, note = None, f"reference unreadable ({' '.join(str(exc).split())[:160]})"
+        if found is not None and len(found) != image.shape[-1]:
+            note = f"reference has {len(found)} residues, the image {image.shape[-1]}"
+            found = None
+        reference, kind = found, "reference"
     exact = None
     if reference is None:
         exact = reconstruct(image, dmax=dmax)
-        reference = exact.cb
+        reference, kind = exact.cb, "image"
     rec = reconstruct(decoded, dmax=dmax, backbone=backbone)
     row = compare_with_reference(rec, reference)
     if ceiling:
@@ -473,6 +557,8 @@ def _reconstruct_and_compare(task: tuple) -> dict:
         row["ceiling"] = {k: scores[k] for k in ("cb_rmsd", "tm_score", "lddt")}
     row["cb"] = rec.cb
     row["truth"] = _reference_atoms(reference)["CB"]
+    row["reference"] = kind
+    row["note"] = note
     return row
 
 
@@ -568,7 +654,8 @@ def _picture(index: int, image: np.ndarray, decoded: np.ndarray, result: dict) -
 def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
              models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
-             ceiling: bool = True, log=print) -> dict:  # fmt: skip
+             ceiling: bool = True, reference: str | None = None,
+             log=print) -> dict:  # fmt: skip
     """Evaluate a tokenizer on structure files (or PNGs: then the reference is the 3D
     reconstruction of the input image itself). Writes OUT/metrics.tsv, OUT/summary.json and
     OUT/report.md with its pictures (:func:`protoken.report.write_report`); returns the summary.
@@ -583,8 +670,15 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``; with
     ``ceiling`` also ``ceiling_*``, the same metrics of the input image reconstructed without
     the tokenizer (what the image -> 3D path alone reaches: the ceiling of any tokenizer).
-    The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``layout`` and
-    ``provenance`` (training steps, preset, data).
+    Also ``clipped_fraction`` (the input image's pairs at or beyond dmax), and the
+    handedness of the reconstruction (``handedness``, ``handedness_confidence``). The summary
+    adds ``by_length`` (:func:`by_length`), ``by_clipped`` (:func:`by_clipped`), the
+    tokenizer's ``layout`` and ``provenance`` (training steps, preset, data).
+
+    ``reference`` (``--reference``): structures, tar archives or Foldcomp databases
+    (:class:`ReferenceIndex`) in which an input PNG's true structure is found by id; it is then
+    compared with that structure instead of its own reconstruction (``reference`` column:
+    ``structure`` for structure inputs, ``reference`` or ``image`` for PNGs).
     """
     os.makedirs(out, exist_ok=True)
     skipped: list[tuple[str, str]] = []
@@ -597,6 +691,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     size = tokenizer.config.codebook_size
     bits = math.log2(size)
     batch_size = getattr(tokenizer, "batch_size", 8)
+    references = ReferenceIndex(reference)
     used: list[np.ndarray] = []  # per level, which codes occurred
     pending: deque = deque()  # (row, item, decoded) of the tasks in flight, in order
 
@@ -612,17 +707,20 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
                     codes = np.asarray(grid).ravel()
                     seen[codes[(codes >= 0) & (codes < size)]] = True
                 length = int(it.image.shape[-1])
+                n_clipped = int(np.count_nonzero(clipped_mask(it.image)) // 2)
                 n_tok = int(sum(np.asarray(g).size for g in lv))
                 row = {
                     "id": it.id, "length": length,
                     "image_mse": float(np.mean((dec.astype(np.float64) - it.image) ** 2)),
                     "distance_mae": distance_mae(it.image, dec, dmax),
                     "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
+                    "clipped_fraction": _fraction_of_pairs(n_clipped, length),
                 }  # fmt: skip
                 pending.append((row, it, dec))
                 needs_image = ceiling or it.backbone is None
+                where = references.locate(it.id) if references and it.backbone is None else None
                 yield (dec, it.backbone, it.image if needs_image else None, dmax, backbone,
-                       ceiling)  # fmt: skip
+                       ceiling, where, it.id)  # fmt: skip
 
     rows: list[dict] = []
     pictures = PicturePicks()
@@ -630,7 +728,11 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         row, it, dec = pending.popleft()
         row.update(cb_rmsd=res["cb_rmsd"], tm_score=res["tm_score"], lddt=res["lddt"],
                    mirrored_before_fix=res["mirrored_before_fix"],
-                   mirror_image=res["mirror_image"])  # fmt: skip
+                   mirror_image=res["mirror_image"], handedness=res["handedness"],
+                   handedness_confidence=res["handedness_confidence"],
+                   reference=res["reference"])  # fmt: skip
+        if res["note"]:
+            log(f"protoken evaluate: {row['id']}: {res['note']}; compared with its image")
         for key, value in res.get("ceiling", {}).items():
             row[f"ceiling_{key}"] = value
         if backbone:
@@ -653,5 +755,9 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     summary["layout"] = getattr(tokenizer, "layout", "grid")
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)
+    summary["by_clipped"] = by_clipped(rows)
+    summary["handedness_undetermined"] = sum(r["handedness"] != "determined" for r in rows)
+    if references:
+        summary["compared_with_references"] = sum(r["reference"] == "reference" for r in rows)
     write_report(out, rows, summary, pictures.picks(), backbone)
     return summary
