@@ -73,7 +73,7 @@ import numpy as np
 from protoken.archives import find_sources, member_id, read_member
 from protoken.codec import decode_png, encode_pixels, features_to_pixels
 from protoken.fileio import atomic_write, drop_partial_last_line, read_fasta
-from protoken.geometry import DMAX, sixd
+from protoken.geometry import DMAX, clipped_fraction, sixd
 from protoken.inputs import (
     SETTINGS_FILE,
     UnsafePath,
@@ -98,7 +98,10 @@ __all__ = [
     "read_settings",
 ]
 
-MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence")
+#: ``clipped``: the fraction of the image's residue pairs at or beyond dmax (last, so that
+#: manifests of before it still read, and a resumed run writes them in their own columns).
+MANIFEST_COLUMNS = ("source", "id", "status", "reason", "length", "dropped", "bin", "sequence",
+                    "clipped")  # fmt: skip
 
 #: Settings recorded in ``OUT/convert.json`` that change what a run writes; a run with other
 #: values into the same OUT is refused.
@@ -153,6 +156,7 @@ class Row:
     dropped: int | str = ""
     bin: str = ""
     sequence: str = ""
+    clipped: str = ""
     # not written to the manifest:
     png_tmp: str = field(default="", repr=False)
     fasta_tmp: str = field(default="", repr=False)
@@ -160,8 +164,8 @@ class Row:
     verified: bool = field(default=False, repr=False)
     times: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0), repr=False)
 
-    def manifest_values(self) -> list[str]:
-        return [_clean(str(getattr(self, c))) for c in MANIFEST_COLUMNS]
+    def manifest_values(self, columns=MANIFEST_COLUMNS) -> list[str]:
+        return [_clean(str(getattr(self, c, ""))) for c in columns]
 
 
 def _clean(text: str) -> str:
@@ -271,6 +275,7 @@ def convert_file(
                 continue
             t1 = time.perf_counter()
             features = sixd(bb.n, bb.ca, bb.c, dmax=opts.dmax)
+            row.clipped = f"{clipped_fraction(features.d, opts.dmax):.6g}"
             try:  # quantize(features_to_image(...)), bit for bit
                 pixels = features_to_pixels(features, opts.dmax, opts.bit_depth)
             except ValueError:
@@ -697,15 +702,20 @@ class _Manifest:
     def __init__(self, path: str):
         self.path = path
         new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.columns = MANIFEST_COLUMNS
         if not new:
             drop_partial_last_line(self.path)
+            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+                header = fh.readline().rstrip("\n").split("\t")
+            if set(header) <= set(MANIFEST_COLUMNS):  # a manifest of before a new column
+                self.columns = tuple(header)
         self.fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         if new:
             self.fh.write("\t".join(MANIFEST_COLUMNS) + "\n")
             self.fh.flush()
 
     def write(self, row: Row) -> None:
-        self.fh.write("\t".join(row.manifest_values()) + "\n")
+        self.fh.write("\t".join(row.manifest_values(self.columns)) + "\n")
         self.fh.flush()
 
     def close(self) -> None:
