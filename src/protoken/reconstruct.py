@@ -119,7 +119,7 @@ class Reconstruction:
         uninformative (as in many decoded images, whose hand theta then decides).
     handedness_confidence : float
         The evidence for the returned hand from every known pair's signed angles, omega and theta
-        (:func:`handedness_confidence`; ~0.9 for exact images); with clipped pairs the weakest
+        (:func:`handedness_confidence`; 0.7-0.9 for exact images); with clipped pairs the weakest
         rigid part's (:func:`part_scores`). Below :data:`HANDEDNESS_MIN` the hand is a guess:
         :attr:`handedness` is then ``"undetermined"``.
     rigid_parts : int
@@ -573,7 +573,7 @@ def handedness_confidence(cb, features: SixD, mask) -> float:
     (:func:`handedness_evidence`) over the pairs in ``mask``; the mirror image scores the
     negative, its sign decides the hand (:func:`resolve_handedness`).
 
-    About 0.9 for exact images (omega 1, theta ~0.8: the mirror image still fits theta in
+    0.7-0.9 for exact images (omega 1, theta 0.4-0.8: the mirror image still fits theta in
     part), about 0.3 for the default tokenizer's decoded images (where omega's part is near 0
     and theta's near 0.6); 0 when no pair carries a signed angle.
     """
@@ -829,8 +829,10 @@ def reconstruct(
         The distance cut-off the image was made with, Angstrom.
     refine : bool
         Refine the MDS solution (:func:`refine_distances`) when any pair is clipped or its RMS
-        distance violation exceeds ``REFINE_RMS`` (as for 8-bit or model-decoded images).
-        False: classical MDS only.
+        distance violation exceeds ``REFINE_RMS`` (as for 8-bit or model-decoded images), and
+        mirror back stretches in the wrong hand (:func:`resolve_part_handedness`). False:
+        classical MDS only (of the distances with the clipped ones filled by shortest paths),
+        and the hand of the whole.
     backbone : bool
         Also build N, CA, C, O from the orientation channels and refine all atoms
         (:func:`protoken.backbone.build_backbone`); ``atoms`` is then set.
@@ -886,7 +888,8 @@ def _reconstruct_clipped(d, clipped, known, features, dmax, refine):
     """The distance stage when pairs are clipped: MDS of the distances with the clipped ones
     filled by shortest paths (:func:`fill_clipped`), refinement with the lower bounds
     (:func:`refine_distances`), the hand of the whole (:func:`resolve_handedness`), then of
-    each rigid part (:func:`rigid_parts`, :func:`resolve_part_handedness`)."""
+    each stretch of the chain (:func:`resolve_part_handedness`); the confidence is the weakest
+    rigid part's (:func:`rigid_parts`, :func:`part_scores`)."""
     x = mds(fill_clipped(d, clipped, dmax))
     rms_mds = distance_rms(x, d, clipped, dmax)
     if refine:
