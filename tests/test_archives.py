@@ -418,7 +418,7 @@ def test_tar_member_claiming_petabytes_is_one_failed_row(tmp_path, mixed_files, 
         code = main(["encode", str(archive), "-c", CHECKPOINT, "-o", str(tokens),
                      "--no-progress"])  # fmt: skip
         out_text, err = capsys.readouterr()
-        assert code == 0 and "encoded 1 proteins (1 inputs skipped)" in out_text
+        assert code == 0 and "encoded 1 protein (1 input skipped)" in out_text
         (line,) = [ln for ln in err.splitlines() if "skipped" in ln]
         assert line.startswith(f"protoken encode: skipped {archive}{SEP}huge.pdb: larger than "
                                f"the read limit ({1 << 30} bytes): {size} bytes")  # fmt: skip
@@ -469,7 +469,7 @@ def test_tar_damaged_at_a_header_says_where_it_stopped(tmp_path, mixed_files, da
     code = main(["encode", str(archive), "-c", CHECKPOINT, "-o", str(tmp_path / "t.npz"),
                  "--chains", "first", "--no-progress"])  # fmt: skip
     out_text, err = capsys.readouterr()
-    assert code == 0 and "encoded 2 proteins (1 inputs skipped)" in out_text
+    assert code == 0 and "encoded 2 proteins (1 input skipped)" in out_text
     assert f"protoken encode: skipped {archive}{SEP}: {reason}" in err
 
 

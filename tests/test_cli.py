@@ -4,6 +4,7 @@ several commands share (declared once in protoken.cli)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -157,6 +158,40 @@ def test_reconstruct_writes_structures_metrics_and_survives_a_bad_image(tmp_path
         assert int(r["length"]) == len(rows[r["id"]]["sequence"])
     assert {r["id"]: int(r["clipped_pairs"]) for r in table}["cathtools__1avyA00"] == 30
     assert (out / "summary.json").is_file()
+
+
+def test_reconstruct_reference_from_a_tar_archive(tmp_path, converted16):
+    """``--reference`` takes a proteome tar as it is (no unpacking); the metrics say how much
+    of each image was clipped, and the hand's confidence."""
+    import tarfile
+
+    rows = manifest_rows(converted16)
+    ids = ["biopython__1A8O", "cathtools__1avyA00"]
+    images = tmp_path / "images"
+    images.mkdir()
+    archive = tmp_path / "proteome.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for sid in ids:
+            os.link(converted16 / rows[sid]["bin"] / f"{sid}.png", images / f"{sid}.png")
+            source = Path(rows[sid]["source"])
+            tf.add(source, arcname=f"UP000000/{source.name}")
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(images), "--out", str(out), "--reference", str(archive)]) == 0
+    with open(out / "metrics.tsv", newline="") as fh:
+        table = {r["id"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    assert sorted(table) == ids
+    for r in table.values():
+        assert float(r["cb_rmsd"]) < 1e-3 and r["mirror_image"] == "false"
+        assert r["handedness"] == "determined" and float(r["handedness_confidence"]) > 0.5
+    assert float(table["cathtools__1avyA00"]["clipped_fraction"]) == pytest.approx(
+        30 / 2278, abs=1e-4
+    )
+    assert float(table["biopython__1A8O"]["clipped_fraction"]) == 0.0
+    by_clipped = json.loads((out / "summary.json").read_text())["by_clipped"]
+    assert [(b["clipped"], b["proteins"]) for b in by_clipped] == [("none", 1), ("1-10%", 1)]
+    # evaluate takes one too (for PNG inputs; tested in test_evaluate)
+    parsed = build_parser("evaluate").parse_args(["x.png", "-o", "o", "--reference", "db"])
+    assert parsed.reference == "db"
 
 
 def test_reconstruct_single_fasta_file_and_written_png(tmp_path, protein):
@@ -412,7 +447,7 @@ def test_fasta_tokens_go_to_standard_output_and_the_summary_to_standard_error(
     """--out - wrote a file named '-'; --out /dev/stdout was refused."""
     for out in ("-", "/dev/stdout"):
         code = main(["encode", *map(str, small), "-c", residue_micro, "--format", "fasta",
-                     "--out", out, "--no-progress"])  # fmt: skip
+                     "--stages", "1", "--out", out, "--no-progress"])  # fmt: skip
         captured = capsys.readouterr()
         assert code == 0 and not (Path.cwd() / "-").exists()
         records = captured.out.splitlines()

@@ -365,7 +365,7 @@ def test_png_whose_idat_holds_more_than_the_image_is_refused(tmp_path, capsys, s
     write_png(imgs / "good.png", image_of(read_backbones(structures_dir / D1ASHA)[0]), 8)
     code, out, err = run_cli(["encode", str(imgs), "-c", CHECKPOINT, "-o", str(tmp_path / "t.npz"),
                               "--no-progress"], capsys)  # fmt: skip
-    assert code == 0 and "encoded 1 proteins (1 inputs skipped)" in out
+    assert code == 0 and "encoded 1 protein (1 input skipped)" in out
     assert f"skipped {imgs / 'junk.png'}: not a readable PNG (libpng: IDAT: Too much" in err
     assert "PNG warning" not in err  # judged, not printed
 

@@ -20,13 +20,21 @@ from protoken.evaluate import compare_with_reference
 from protoken.geometry import pairwise_distances, sixd, virtual_cb
 from protoken.metrics import mirror_rmsd, rmsd
 from protoken.reconstruct import (
+    HANDEDNESS_MIN,
     clipped_mask,
     distance_rms,
+    fill_clipped,
+    handedness_confidence,
+    handedness_score,
     load_image,
     mds,
+    part_scores,
     reconstruct,
     refine_distances,
+    residue_handedness,
     resolve_handedness,
+    resolve_part_handedness,
+    rigid_parts,
     stress,
 )
 from protoken.structure import read_backbones, structure_to_text
@@ -193,8 +201,185 @@ def test_refinement_recovers_a_protein_with_clipped_pairs(structures_dir):
     assert rec.refined and rec.clipped_pairs == 30
     assert rec.distance_rms < 1e-3 < rec.distance_rms_mds
     assert compare_with_reference(rec, bb)["cb_rmsd"] < 1e-3
+    # without refinement: classical MDS of the distances with the clipped ones filled by
+    # shortest paths, already close (MDS of the clipped distances as they are: > 1 A)
     no = reconstruct(image, refine=False)
-    assert not no.refined and compare_with_reference(no, bb)["cb_rmsd"] > 1.0
+    assert not no.refined and 1e-3 < compare_with_reference(no, bb)["cb_rmsd"] < 0.1
+
+
+# --------------------------------------------------------------------------- clipped pairs
+
+# Extended proteins of the ProMod3 database (../shared/data/promod3), each beyond the old
+# pipeline's reach at 8 bit and dmax 80 (classical MDS of the clipped distances as they are, then
+# the refinement: TM 0.68-0.88, 3C9I_C mirrored). benchmarks/reconstruct.py --clipped runs the
+# 216 chains of the test set.
+EXTENDED = {
+    "rod": "4CPC_C_13463",  # 152 residues, one straight helix 222 A long; 42% of pairs clipped
+    "two domains on a linker": "5I6R_A_18872",  # helical domain (1-116), 24-residue linker,
+    # helix (141-182); 38% clipped
+    "tail": "3C9I_C_8214",  # 28-residue N-terminal tail, 110-residue helix, beta domain; 49%
+}
+
+
+@pytest.fixture(scope="module")
+def extended(shared) -> dict:
+    """The :data:`EXTENDED` chains, read from the ProMod3 Foldcomp database."""
+    pytest.importorskip("foldcomp")
+    from protoken.archives import iter_foldcomp, read_member
+
+    wanted = {v: k for k, v in EXTENDED.items()}
+    out = {}
+    for m in iter_foldcomp(str(shared / "data" / "promod3" / "promod3")):
+        if m.id in wanted:
+            out[wanted[m.id]] = read_member(m.name, m.kind, m.read())[0]
+    assert len(out) == len(EXTENDED)
+    return out
+
+
+def before_issue_26(image: np.ndarray, dmax: float = 80.0) -> np.ndarray:
+    """The old pipeline: MDS of the clipped distances as they are, refinement, omega's hand."""
+    f = image_to_features(image, dmax)
+    clipped = clipped_mask(image)
+    known = ~clipped
+    np.fill_diagonal(known, False)
+    x = refine_distances(mds(f.d), f.d, clipped, dmax)
+    return x * np.array([1.0, 1.0, -1.0]) if handedness_score(x, f, known) < 0 else x
+
+
+@pytest.mark.parametrize("kind", list(EXTENDED))
+def test_extended_proteins_come_back_from_clipped_pairs(extended, kind):
+    """8-bit images at dmax 80 of a rod, two domains on a linker and a tail: the clipped pairs
+    filled by shortest paths before MDS give the structure back to the image's precision, in
+    the right hand; the old pipeline bent or mirrored each of them."""
+    from protoken.metrics import tm_score
+
+    bb = extended[kind]
+    cb = cb_of(bb)
+    image = image_of(bb, 8)
+    clipped = clipped_mask(image)
+    assert clipped.sum() / (len(cb) * (len(cb) - 1)) > 0.35
+    rec = reconstruct(image)
+    m = compare_with_reference(rec, bb)
+    assert m["tm_score"] > 0.999 and m["cb_rmsd"] < 0.5 and not m["mirror_image"], m
+    assert rec.handedness == "determined" and rec.handedness_confidence > 0.5
+    assert rec.rigid_parts >= 3 and rec.refined
+    assert r_clipped_min(rec.cb, clipped) > 80.0 - 0.05  # the lower bounds hold
+    old = before_issue_26(image)
+    assert tm_score(old, cb) < 0.9 or mirror_rmsd(old, cb) < rmsd(old, cb)
+
+
+def r_clipped_min(x: np.ndarray, clipped: np.ndarray) -> float:
+    return float(pairwise_distances(x)[clipped].min())
+
+
+def test_shortest_paths_estimate_clipped_distances(extended):
+    """The fill is an upper bound of each clipped distance (up to 8-bit rounding), close to it
+    on extended chains, and never below dmax; known distances are untouched."""
+    bb = extended["rod"]
+    true = pairwise_distances(cb_of(bb))
+    image = image_of(bb, 8)
+    d = image_to_features(image).d
+    clipped = clipped_mask(image)
+    filled = fill_clipped(d, clipped)
+    ratio = filled[clipped] / true[clipped]
+    assert np.median(ratio) < 1.01 and ratio.min() > 0.995 and ratio.max() < 1.05
+    assert filled[clipped].min() >= 80.0 and np.array_equal(filled[~clipped], d[~clipped])
+    np.testing.assert_array_equal(filled, filled.T)
+    # two pieces with no known pair between them (a chain break wider than dmax): no path, so
+    # the largest filled value, still >= dmax
+    far = np.zeros((4, 4), dtype=bool)
+    far[:2, 2:] = far[2:, :2] = True
+    d4 = np.where(far, 80.0, 5.0)
+    np.fill_diagonal(d4, 0.0)
+    assert (fill_clipped(d4, far)[far] == 80.0).all()
+
+
+def test_rigid_parts_hold_only_known_pairs(extended, protein):
+    bb = extended["two domains on a linker"]
+    image = image_of(bb, 8)
+    d = image_to_features(image).d
+    clipped = clipped_mask(image)
+    parts = rigid_parts(d, clipped)
+    assert parts.max() >= 2 and parts[0] == 0
+    same = parts[:, None] == parts[None, :]
+    assert not (clipped & same).any()  # inside a part every distance is known
+    img = image_of(protein)
+    assert (rigid_parts(image_to_features(img).d, clipped_mask(img)) == 0).all()
+
+
+def test_a_mirrored_domain_is_mirrored_back(extended):
+    """3C9I_C's beta domain and last helix (residues 140-233, beyond the long helix) as their
+    mirror image, attached in place and refined: a local minimum of the refinement (10 A from
+    the truth). Their own angles say so, and whichever hand the whole takes, the stretch that
+    disagrees with it is mirrored back."""
+    from protoken.reconstruct import _flip_part
+
+    bb = extended["tail"]
+    cb = cb_of(bb)
+    image = image_of(bb, 16)
+    f = image_to_features(image)
+    clipped = clipped_mask(image)
+    known = ~clipped
+    np.fill_diagonal(known, False)
+    domain = np.zeros(len(cb), dtype=bool)
+    domain[139:] = True
+    bad = refine_distances(_flip_part(cb, domain, known), f.d, clipped)
+    assert min(rmsd(bad, cb), mirror_rmsd(bad, cb)) > 5.0
+    e = residue_handedness(bad, f, known, f.d)
+    # the refinement pulled the helix's last 40 residues over to the mirrored side
+    assert (e[:95] > 0).all() and (e[100:] < 0).all()
+    scores, judged = part_scores(bad, f, known, rigid_parts(f.d, clipped))
+    assert judged.all() and (scores < 0).any() and (scores > 0).any()
+    # the whole takes the hand of the majority of the evidence (here the beta domain's), then
+    # the stretch that disagrees is mirrored back
+    whole, _, _ = resolve_handedness(bad, f, known)
+    fixed, flipped = resolve_part_handedness(whole, f, known, f.d, clipped)
+    assert flipped == 1 and rmsd(fixed, cb) < 0.01
+    same, none = resolve_part_handedness(cb, f, known, f.d, clipped)
+    assert none == 0 and rmsd(same, cb) < 1e-6  # a right structure is left alone
+
+
+def test_theta_decides_the_hand_when_omega_is_lost(protein):
+    """Decoded images may keep little of omega's sign; theta's is then the evidence. Without
+    any signed angle the hand is undetermined."""
+    image = image_of(protein, 8)
+    cb = cb_of(protein)
+    mirror = cb * np.array([-1.0, 1.0, 1.0])
+    no_omega = image.copy()
+    no_omega[0][np.triu_indices(len(cb), 1)] = 0.0  # omega = 0 everywhere
+    f = image_to_features(no_omega)
+    known = ~clipped_mask(no_omega)
+    np.fill_diagonal(known, False)
+    assert handedness_score(cb, f, known) == 0.0  # omega says nothing
+    assert (
+        handedness_confidence(cb, f, known) > 0.3 > -0.3 > handedness_confidence(mirror, f, known)
+    )
+    assert resolve_handedness(mirror, f, known)[1] and not resolve_handedness(cb, f, known)[1]
+    rec = reconstruct(no_omega)
+    assert rec.handedness == "determined" and rmsd(rec.cb, cb) < 0.1
+    neither = no_omega.copy()
+    neither[1] = 0.0  # theta = 0 too
+    rec = reconstruct(neither)
+    assert rec.handedness_confidence == 0.0 < HANDEDNESS_MIN and rec.handedness == "undetermined"
+    exact = reconstruct(image)
+    assert exact.handedness == "determined" and exact.handedness_confidence > 0.8
+
+
+def test_compact_proteins_take_the_plain_path(protein):
+    """No clipped pair: MDS, the refinement only if MDS misses, the hand; nothing else (the
+    pipeline of before issue 26, bit for bit)."""
+    for bits in (8, 16):
+        image = image_of(protein, bits)
+        f = image_to_features(image)
+        known = ~clipped_mask(image)
+        np.fill_diagonal(known, False)
+        rec = reconstruct(image)
+        x = mds(f.d)
+        if distance_rms(x, f.d) > 1e-3:
+            x = refine_distances(x, f.d, np.zeros_like(known))
+        expected = resolve_handedness(x, f, known)[0]
+        assert rec.clipped_pairs == 0 and rec.rigid_parts == 1 and rec.mirrored_parts == 0
+        np.testing.assert_array_equal(rec.cb, expected)
 
 
 # --------------------------------------------------------------------------- round trips

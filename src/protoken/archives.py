@@ -75,6 +75,7 @@ __all__ = [
     "iter_archive",
     "iter_foldcomp",
     "iter_tar",
+    "read_at",
     "read_member",
 ]
 
@@ -105,12 +106,17 @@ class Member:
         ``"tar"`` or ``"foldcomp"``.
     error : str
         Why the member cannot be read ("" when it can): too large, truncated archive ...
+    offset, size : int
+        Where its bytes are: in the data file (Foldcomp), or in the tar stream, decompressed
+        (tar); -1 when unknown. :func:`read_at` reads them again later, in any process.
     """
 
     source: str
     name: str
     kind: str
     error: str = ""
+    offset: int = -1
+    size: int = -1
     _read: Callable[[], bytes] | None = None
 
     @property
@@ -291,7 +297,8 @@ def iter_tar(
                 base = entry.name.rstrip("/").rsplit("/", 1)[-1]
                 if not base or base.startswith(".") or not is_structure_name(base):
                     continue
-                member = Member(f"{path}{SEP}{entry.name}", entry.name, "tar")
+                member = Member(f"{path}{SEP}{entry.name}", entry.name, "tar",
+                                offset=entry.start, size=entry.size)  # fmt: skip
                 if not in_shard(member.id, shard):
                     continue
                 if entry.sparse:
@@ -749,7 +756,7 @@ def iter_foldcomp(
                 yield member
             continue
         name = name_of(key)
-        member = Member(f"{path}{SEP}{name}", name, "foldcomp")
+        member = Member(f"{path}{SEP}{name}", name, "foldcomp", offset=offset, size=length)
         if not in_shard(member.id, shard):
             continue
         if error:
@@ -763,24 +770,69 @@ def iter_foldcomp(
 
 def _read_entry(path: str, key: int, offset: int, length: int) -> bytes:
     """A Foldcomp entry's bytes without the NUL that ends it, checked first from its first
-    and last bytes (so a sparse or overwritten data file costs two small reads)."""
+    and last bytes (so a sparse or overwritten data file costs two small reads); ``key`` -1:
+    read by location only (:func:`read_at`)."""
+    what = f"index entry {key}" if key >= 0 else f"the entry at byte {offset}"
     with open(path, "rb") as fh:
         fd = fh.fileno()
         if os.pread(fd, len(FOLDCOMP_MAGIC), offset) != FOLDCOMP_MAGIC:
             raise ValueError(
-                f"index entry {key} does not start a Foldcomp entry (no "
+                f"{what} does not start a Foldcomp entry (no "
                 f"{FOLDCOMP_MAGIC.decode()} at byte {offset}): damaged index or "
                 "data file?"
             )
         if os.pread(fd, 1, offset + length - 1) != b"\0":
             raise ValueError(
-                f"index entry {key} does not end with the NUL Foldcomp writes after "
+                f"{what} does not end with the NUL Foldcomp writes after "
                 f"each entry (byte {offset + length - 1}): damaged index?"
             )
         data = os.pread(fd, length, offset)
     if len(data) != length:
         raise ValueError("short read from the data file")
     return data[:-1]
+
+
+#: Magic numbers of the compressions a tar archive may come in (what ``r|*`` reads).
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+def read_at(path: str, kind: str, offset: int, size: int) -> bytes:
+    """The bytes of an archive member from where :class:`Member` says they are (its ``kind``,
+    ``offset`` and ``size``), with a file handle of its own: what a worker process reads when
+    only the member's location was sent to it (``protoken reconstruct --reference``).
+
+    A Foldcomp entry is one seek and read. A tar member of an uncompressed archive (as the
+    AlphaFold DB ships its proteomes) too; in a compressed one the stream is decompressed up to
+    the member (time grows with its offset).
+
+    Raises
+    ------
+    ValueError
+        The bytes are not all there (the archive changed or is truncated), or ``kind`` is
+        unknown.
+    """
+    if kind not in ("tar", "foldcomp") or offset < 0 or size < 0:
+        raise ValueError(f"{path}: no member at {offset} ({kind}, {size} bytes)")
+    if kind == "foldcomp":
+        return _read_entry(path, -1, offset, size)
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    opener = open
+    for magic, module in _COMPRESSED:
+        if head.startswith(magic):
+            opener = importlib.import_module(module).open
+            break
+    try:
+        with opener(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: unreadable archive ({' '.join(str(exc).split())[:160]})"
+        ) from None
+    if len(data) != size:
+        raise ValueError(f"{path}: member at {offset} is truncated ({len(data)} of {size} bytes)")
+    return data
 
 
 # --------------------------------------------------------------------------- reading members

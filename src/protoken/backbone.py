@@ -44,6 +44,7 @@ from protoken.geometry import (
 __all__ = [
     "IDEAL",
     "add_oxygens",
+    "azimuth_sums",
     "bond_deviations",
     "build_backbone",
     "chain_links",
@@ -88,6 +89,38 @@ def ideal_residue() -> dict[str, np.ndarray]:
     return {name: frame @ (p - cb) for name, p in (("N", n), ("CA", ca), ("C", c), ("CB", cb))}
 
 
+def azimuth_sums(
+    cb: np.ndarray, u: np.ndarray, theta: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sums :func:`n_azimuths` places N from: sum_j w_ij cos(theta_ij) p_ij and
+    sum_j w_ij sin(theta_ij) p_ij over the partners j in ``mask``, with p_ij the part of
+    Cb_j - Cb_i perpendicular to u_i and w_ij = 1 / d_ij^2.
+
+    The N direction is along ``s_cos - u x s_sin``; a structure of the other hand would need
+    ``s_cos + u x s_sin`` (:func:`protoken.reconstruct.handedness_evidence` compares the two).
+
+    Parameters
+    ----------
+    cb, u : ndarray, shape (L, 3)
+    theta : ndarray, shape (L, L), radians
+    mask : ndarray of bool, shape (L, L)
+
+    Returns
+    -------
+    s_cos, s_sin : ndarray, shape (L, 3)
+        Each perpendicular to u_i, Angstrom^-1.
+    """
+    r = pairwise_distances(cb)
+    m = np.asarray(mask, dtype=bool) & (r > 1e-6)
+    inv2 = np.divide(1.0, r * r, out=np.zeros_like(r), where=m)
+    sums = []
+    for weight in (np.cos(theta) * inv2, np.sin(theta) * inv2):
+        s = weight @ cb - weight.sum(axis=1)[:, None] * cb  # sum_j w_ij (Cb_j - Cb_i)
+        s -= np.sum(s * u, axis=1, keepdims=True) * u  # perpendicular to u_i
+        sums.append(s)
+    return sums[0], sums[1]
+
+
 def n_azimuths(cb: np.ndarray, u: np.ndarray, theta: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Unit vectors, perpendicular to u_i, pointing from the CA-Cb axis towards N_i.
 
@@ -107,15 +140,8 @@ def n_azimuths(cb: np.ndarray, u: np.ndarray, theta: np.ndarray, mask: np.ndarra
     -------
     ndarray, shape (L, 3)
     """
-    r = pairwise_distances(cb)
-    m = np.asarray(mask, dtype=bool) & (r > 1e-6)
-    inv2 = np.divide(1.0, r * r, out=np.zeros_like(r), where=m)
-    sums = []
-    for weight in (np.cos(theta) * inv2, np.sin(theta) * inv2):
-        s = weight @ cb - weight.sum(axis=1)[:, None] * cb  # sum_j w_ij (Cb_j - Cb_i)
-        s -= np.sum(s * u, axis=1, keepdims=True) * u  # perpendicular to u_i
-        sums.append(s)
-    out = sums[0] - cross(u, sums[1])
+    s_cos, s_sin = azimuth_sums(cb, u, theta, mask)
+    out = s_cos - cross(u, s_sin)
     norm = np.linalg.norm(out, axis=1)
     bad = ~(np.isfinite(norm) & (norm > 1e-9))
     if bad.any():  # no usable partner: any direction perpendicular to u

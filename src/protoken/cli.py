@@ -443,8 +443,9 @@ def _reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reference",
-        metavar="STRUCTURE_OR_DIR",
-        help="reference structures matched by id; writes DIR/metrics.tsv and DIR/summary.json",
+        metavar="PATH",
+        help="reference structures matched by id: a structure file, a tar archive, a Foldcomp "
+        "database or a folder of any of them; writes DIR/metrics.tsv and DIR/summary.json",
     )
     _codec_options(parser, bit_depth=False)
     _max_len(parser)
@@ -657,6 +658,13 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rebuild the full backbone; report backbone RMSD and CA TM-score",
     )
+    parser.add_argument(
+        "--reference",
+        metavar="PATH",
+        help="for PNG inputs: their true structures, matched by id (a structure file, a tar "
+        "archive, a Foldcomp database or a folder of any of them); without it, or when an id "
+        "is not found, a PNG is compared with its own reconstruction",
+    )
     _workers(parser, None, "processes for the 3D reconstruction")
     _stages(parser, "encode and decode with")
     _structure_filters(parser)
@@ -672,6 +680,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     _check_length_limits(args)
     _check_inputs(args.inputs)
+    if args.reference and not os.path.exists(args.reference):
+        return _fail("evaluate", f"--reference: no such file or folder: {args.reference}")
     _out_folder(args.out)
     tok = Tokenizer.load(args.checkpoint)
     _set_stages(tok, args)
@@ -680,7 +690,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                            args.out, backbone=args.backbone,
                            workers=args.workers, progress=not args.no_progress,
                            chains=args.chains, models=args.models, min_len=args.min_len,
-                           max_len=args.max_len,
+                           max_len=args.max_len, reference=args.reference,
                            log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     except FileNotFoundError as exc:
         return _fail("evaluate", exc)

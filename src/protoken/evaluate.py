@@ -28,21 +28,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from protoken.archives import SEP
 from protoken.codec import check_image, read_converted_image
 from protoken.fileio import atomic_write, read_fasta, write_tsv
 from protoken.geometry import virtual_cb
-from protoken.inputs import (
-    STRUCTURE_SUFFIXES,
-    image_id,
-    safe_output_path,
-    structure_id,
-    walk_files,
-)
+from protoken.inputs import image_id, safe_output_path, structure_id
 from protoken.metrics import distance_mae, lddt, mirror_rmsd, rmsd, tm_score
-from protoken.reconstruct import Reconstruction, reconstruct
+from protoken.reconstruct import Reconstruction, clipped_mask, reconstruct
 from protoken.report import write_reconstruct_tables, write_report
 from protoken.structure import (
     Backbone,
@@ -55,6 +51,7 @@ from protoken.structure import (
 __all__ = [
     "COMPLEX_METRICS",
     "METRICS",
+    "MemberRef",
     "by_complex_size",
     "complex_row",
     "ReferenceIndex",
@@ -122,7 +119,9 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
         ``length``; ``cb_rmsd`` (Angstrom, after superposition by a proper rotation),
         ``tm_score`` (on Cb, fixed correspondence, :func:`protoken.metrics.tm_score`),
         ``lddt`` (on Cb), ``clipped_pairs``, ``mirrored_before_fix``, ``handedness_score``,
-        ``distance_rms``, and ``mirror_image`` (True if the reconstruction superposes better
+        ``handedness_confidence`` and ``handedness`` (``"determined"`` or ``"undetermined"``:
+        :attr:`protoken.reconstruct.Reconstruction.handedness`), ``distance_rms``, and
+        ``mirror_image`` (True if the reconstruction superposes better
         onto the reference after a reflection: the check that the handedness is right). With a
         backbone also ``bb_rmsd`` (N, CA, C superposed together), ``ca_rmsd`` and
         ``ca_tm_score`` (when the reference has N, CA, C).
@@ -146,6 +145,8 @@ def compare_with_reference(rec: Reconstruction, reference) -> dict:
         "mirrored_before_fix": rec.mirrored_before_fix,
         "mirror_image": bool(length >= 4 and mirror_rmsd(rec.cb, ref["CB"]) < cb_rmsd),
         "handedness_score": rec.handedness_score,
+        "handedness_confidence": rec.handedness_confidence,
+        "handedness": rec.handedness,
         "distance_rms": rec.distance_rms,
     }
     if rec.atoms is not None and "N" in ref:
@@ -233,35 +234,63 @@ class SequenceLookup:
         return self.records.get(sid, self.single)
 
 
+class MemberRef(NamedTuple):
+    """Where a reference inside an archive is (:func:`protoken.archives.read_at` reads it)."""
+
+    archive: str
+    kind: str
+    name: str
+    offset: int
+    size: int
+
+
 class ReferenceIndex:
-    """Reference structures by id (``--reference``): a structure file, or a folder walked
-    recursively (of several files with one id the first in sorted path order is used)."""
+    """Reference structures by id (``--reference``): a structure file, a tar archive, a
+    Foldcomp database, or a folder of any of them walked recursively
+    (:func:`protoken.archives.find_sources`). The reference of image ``ID`` is the file
+    ``ID.*``, the archive member ``.../ID.*`` or the Foldcomp entry ``ID``; of several with one
+    id the first in walk order (sorted paths, archive order) is used.
+
+    Archives are read once, to index their members (id -> location, about 200 bytes each);
+    each reference is then read from its location when its image is reconstructed.
+    """
 
     def __init__(self, path: str | os.PathLike | None):
+        from protoken.archives import Member, find_sources
+
         self.files: dict[str, str] = {}
+        self.members: dict[str, MemberRef] = {}
         if not path:
             return
-        path = os.fspath(path)
-        if os.path.isfile(path):
-            self.files = {structure_id(path): path}
-            return
-        for f in sorted(walk_files(path, STRUCTURE_SUFFIXES)):
-            self.files.setdefault(structure_id(f), f)
+        for item in find_sources([os.fspath(path)]):
+            if isinstance(item, Member):
+                if not item.error and item.size >= 0:
+                    archive = item.source[: -len(item.name) - len(SEP)]
+                    ref = MemberRef(archive, item.kind, item.name, item.offset, item.size)
+                    self.members.setdefault(item.id, ref)
+            else:
+                self.files.setdefault(structure_id(item), item)
 
     def __bool__(self) -> bool:
-        return bool(self.files)
+        return bool(self.files or self.members)
 
-    def locate(self, sid: str) -> tuple[str, str] | None:
-        """Where the reference of image ``sid`` is: ``(file, "first")`` for a file ID.*, or
-        ``(file, "split")`` for chain CHAIN of STEM.* (the ids ``STEM_CHAIN`` that ``protoken
-        convert --chains split`` makes); None if absent. Small enough to send to a worker in
-        place of the whole index."""
-        if sid in self.files:
-            return self.files[sid], "first"
+    def __len__(self) -> int:
+        return len(self.files) + len(self.members)
+
+    def _where(self, sid: str) -> str | MemberRef | None:
+        return self.files.get(sid) or self.members.get(sid)
+
+    def locate(self, sid: str) -> tuple[str | MemberRef, str] | None:
+        """Where the reference of image ``sid`` is: ``(file or member, "first")`` for ID.*, or
+        ``(file or member, "split")`` for chain CHAIN of STEM.* (the ids ``STEM_CHAIN`` that
+        ``protoken convert --chains split`` makes); None if absent. Small enough to send to a
+        worker in place of the whole index."""
+        where = self._where(sid)
+        if where is not None:
+            return where, "first"
         stem, _, chain = sid.rpartition("_")
-        if stem in self.files and chain:
-            return self.files[stem], "split"
-        return None
+        where = self._where(stem) if stem and chain else None
+        return (where, "split") if where is not None else None
 
     def find(self, sid: str) -> Backbone | None:
         """The reference of image ``sid`` (:meth:`locate`, then read). None if absent."""
@@ -282,7 +311,7 @@ def _fasta_layouts(path: str) -> dict[str, str]:
     return out
 
 
-def read_reference(sid: str, where: tuple[str, str] | None,
+def read_reference(sid: str, where: tuple[str | MemberRef, str] | None,
                    complex_: bool = False) -> Backbone | None:  # fmt: skip
     """The backbone :meth:`ReferenceIndex.locate` points to for ``sid`` (None if none); with
     ``complex_`` (an image of several chains) all protein chains of the file, as ``protoken
@@ -290,10 +319,17 @@ def read_reference(sid: str, where: tuple[str, str] | None,
     if where is None:
         return None
     path, mode = where
+    chains = ("complex" if complex_ else "first") if mode == "first" else "split"
+    if isinstance(path, MemberRef):
+        from protoken.archives import read_at, read_member
+
+        data = read_at(path.archive, path.kind, path.offset, path.size)
+        backbones = read_member(path.name, path.kind, data, chains=chains, models="first")
+    else:
+        backbones = read_backbones(path, chains=chains, models="first")
     if mode == "first":
-        policy = "complex" if complex_ else "first"
-        return read_backbones(path, chains=policy, models="first")[0]
-    for bb in read_backbones(path, chains="split", models="first"):
+        return backbones[0]
+    for bb in backbones:
         if bb.id == sid:
             return bb
     return None
@@ -413,6 +449,7 @@ def _reconstruct_image(task: _ImageTask) -> dict:
             text = rec.to_text(sequence=seq, fmt=task.fmt)
         atomic_write(path, text)
         row.update(length=len(rec), clipped_pairs=rec.clipped_pairs, note=note)
+        row["clipped_fraction"] = _fraction_of_pairs(rec.clipped_pairs, len(rec))
         row["mirrored_before_fix"] = rec.mirrored_before_fix
         if layout is not None:
             row["chains"], row["n_chains"] = format_chains(layout), len(layout)
@@ -476,11 +513,11 @@ def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None
     Returns
     -------
     rows : list of dict
-        Per image: ``id``, and ``error``, or ``length``, ``clipped_pairs``, ``note``, the
-        metrics (``has_reference``) ...
+        Per image: ``id``, and ``error``, or ``length``, ``clipped_pairs``,
+        ``clipped_fraction`` (of the pairs i < j), ``note``, the metrics (``has_reference``) ...
     summary : dict
-        ``images``, ``failed``, ``with_reference``, :func:`summarize` of the compared rows and
-        ``clipped_proteins``.
+        ``images``, ``failed``, ``with_reference``, :func:`summarize` of the compared rows,
+        ``clipped_proteins`` and ``by_clipped`` (:func:`by_clipped`).
     """
     os.makedirs(out, exist_ok=True)
     images = iter(images)
@@ -511,6 +548,7 @@ def reconstruct_images(images: Iterable[str], out: str, fasta: str | None = None
             for r in scored
             if r["clipped_pairs"]
         ]
+        summary["by_clipped"] = by_clipped(scored)
     if reference:
         write_reconstruct_tables(out, scored, summary, backbone)
     return rows, summary
@@ -536,6 +574,37 @@ def by_length(rows: Sequence[dict], keys=("tm_score", "cb_rmsd", "lddt")) -> lis
             vals = [r[key] for r in sel if key in r]
             if vals:
                 entry[key] = float(np.median(vals))
+        out.append(entry)
+    return out
+
+
+#: Bins of the fraction of clipped pairs (d >= dmax) of :func:`by_clipped`: (label, low, high],
+#: the first one exactly 0.
+CLIPPED_BINS = (("none", -1.0, 0.0), ("0-1%", 0.0, 0.01), ("1-10%", 0.01, 0.1),
+                ("10-30%", 0.1, 0.3), ("over 30%", 0.3, 1.0))  # fmt: skip
+
+
+def _fraction_of_pairs(clipped_pairs: int, length: int) -> float:
+    """The fraction of a protein's residue pairs i < j that are clipped (0 below 2 residues)."""
+    pairs = length * (length - 1) // 2
+    return clipped_pairs / pairs if pairs else 0.0
+
+
+def by_clipped(rows: Sequence[dict], key: str = "tm_score") -> list[dict]:
+    """The TM-score against the fraction of clipped pairs: per :data:`CLIPPED_BINS` bin that
+    holds proteins (rows with ``clipped_fraction``), its label, count, the median and min of
+    ``key`` (and of ``ceiling_tm_score`` when the rows have it) and its mirror images."""
+    out = []
+    for label, lo, hi in CLIPPED_BINS:
+        sel = [r for r in rows if "clipped_fraction" in r and lo < r["clipped_fraction"] <= hi]
+        if not sel:
+            continue
+        entry: dict = {"clipped": label, "proteins": len(sel)}
+        for name in (key, "ceiling_tm_score"):
+            vals = [r[name] for r in sel if name in r]
+            if vals:
+                entry[name] = {"median": float(np.median(vals)), "min": float(np.min(vals))}
+        entry["mirror_images"] = int(sum(bool(r.get("mirror_image")) for r in sel))
         out.append(entry)
     return out
 
@@ -593,20 +662,32 @@ def _reconstruct_and_compare(task: tuple) -> dict:
     ``ceiling``, also the input image itself (the exact image -> 3D path, no tokenizer).
 
     ``task``: (decoded, reference, input image or None, dmax, backbone, ceiling, structure or
-    None[, layout, sequence]). A reference of None (an input PNG) is the input image's own
-    reconstruction, made here. A structure given (a per-residue decoder's own backbone) is
-    compared as it is, the decoded image unused. With a chain layout of two chains or more
-    (``--chains complex``) the backbone is rebuilt (DockQ needs N, CA, C) and the row adds
-    ``complex`` (:func:`complex_row`; and in ``ceiling``). The result holds ``cb``
-    (reconstructed) and ``truth`` (the reference's Cb) for the report's pictures.
+    None, where, id, layout, sequence). A reference of None (an input PNG) is read from
+    ``where`` (:meth:`ReferenceIndex.locate`, ``--reference``) when given and found with the
+    image's length, else it is the input image's own reconstruction, made here. A structure
+    given (a per-residue decoder's own backbone) is compared as it is, the decoded image
+    unused. With a chain layout of two chains or more (``--chains complex``) the backbone is
+    rebuilt (DockQ needs N, CA, C) and the row adds ``complex`` (:func:`complex_row`; and in
+    ``ceiling``). The result holds ``cb`` (reconstructed) and ``truth`` (the reference's Cb)
+    for the report's pictures, and ``reference``: what the reconstruction was compared with
+    (``"structure"``, ``"reference"`` or ``"image"``).
     """
-    decoded, reference, image, dmax, backbone, ceiling, rec = task[:7]
-    layout, sequence = (task[7], task[8]) if len(task) > 7 else (None, None)
+    decoded, reference, image, dmax, backbone, ceiling, rec, where, sid, layout, sequence = task
     multi = layout is not None and len(layout) > 1
+    kind, note = "structure", ""
+    if reference is None and where is not None:
+        try:
+            found = read_reference(sid, where, complex_=multi)
+        except Exception as exc:  # noqa: BLE001 - an unreadable reference: the image instead
+            found, note = None, f"reference unreadable ({' '.join(str(exc).split())[:160]})"
+        if found is not None and len(found) != image.shape[-1]:
+            note = f"reference has {len(found)} residues, the image {image.shape[-1]}"
+            found = None
+        reference, kind = found, "reference"
     exact = None
     if reference is None:
         exact = reconstruct(image, dmax=dmax, backbone=multi)
-        reference = exact.atoms if multi else exact.cb
+        reference, kind = (exact.atoms if multi else exact.cb), "image"
     if rec is None:
         rec = reconstruct(decoded, dmax=dmax, backbone=backbone or multi)
     truth = _reference_atoms(reference)
@@ -621,6 +702,8 @@ def _reconstruct_and_compare(task: tuple) -> dict:
             row["ceiling"].update(complex_row(exact, truth, layout, sequence))
     row["cb"] = rec.cb
     row["truth"] = truth["CB"]
+    row["reference"] = kind
+    row["note"] = note
     return row
 
 
@@ -716,7 +799,8 @@ def _picture(index: int, image: np.ndarray, decoded: np.ndarray, result: dict) -
 def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
              workers: int | None = None, progress: bool = True, chains: str = "skip-multi",
              models: str = "skip-multi", min_len: int = 40, max_len: int = 1024,
-             ceiling: bool = True, via: str = "auto", log=print) -> dict:  # fmt: skip
+             ceiling: bool = True, via: str = "auto", reference: str | None = None,
+             log=print) -> dict:  # fmt: skip
     """Evaluate a tokenizer on structure files (or PNGs: then the reference is the 3D
     reconstruction of the input image itself). Writes OUT/metrics.tsv, OUT/summary.json and
     OUT/report.md with its pictures (:func:`protoken.report.write_report`); returns the summary.
@@ -731,7 +815,10 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     :func:`compare_with_reference`, ``tokens_per_residue`` and ``bits_per_residue``; with
     ``ceiling`` also ``ceiling_*``, the same metrics of the input image reconstructed without
     the tokenizer (what the image -> 3D path alone reaches: the ceiling of any tokenizer).
-    The summary adds ``by_length`` (:func:`by_length`), the tokenizer's ``family`` and
+    Also ``clipped_fraction`` (the input image's pairs at or beyond dmax), and the
+    handedness of the reconstruction (``handedness``, ``handedness_confidence``). The summary
+    adds ``by_length`` (:func:`by_length`), ``by_clipped`` (:func:`by_clipped`), the
+    tokenizer's ``family`` and
     ``provenance`` (training steps, preset, data), ``structure_from`` (``via``: a per-residue
     decoder's own backbone, ``"decoder"``, or the decoded image through MDS, ``"image"``; see
     :meth:`protoken.tokenizer.Tokenizer.decode_structure`) and, per-residue, ``stages``.
@@ -745,6 +832,11 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     decoder). The summary adds ``complexes`` (their number), ``dockq_classes`` (fractions at
     least acceptable, medium, high) and ``by_complex_size`` (:func:`by_complex_size`). The
     chain layout comes from the tokenizer's items (``Item.chains``).
+
+    ``reference`` (``--reference``): structures, tar archives or Foldcomp databases
+    (:class:`ReferenceIndex`) in which an input PNG's true structure is found by id; it is then
+    compared with that structure instead of its own reconstruction (``reference`` column:
+    ``structure`` for structure inputs, ``reference`` or ``image`` for PNGs).
     """
     from_decoder = via == "decoder" or (via == "auto" and tokenizer.decodes_coordinates)
     if from_decoder and not tokenizer.decodes_coordinates:
@@ -763,6 +855,7 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     size = tokenizer.config.codebook_size
     bits = math.log2(size)
     batch_size = getattr(tokenizer, "batch_size", 8)
+    references = ReferenceIndex(reference)
     used: list[np.ndarray] = []  # per level, which codes occurred
     pending: deque = deque()  # (row, item, decoded) of the tasks in flight, in order
 
@@ -784,12 +877,14 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
                     codes = np.asarray(grid).ravel()
                     seen[codes[(codes >= 0) & (codes < size)]] = True
                 length = int(it.image.shape[-1])
+                n_clipped = int(np.count_nonzero(clipped_mask(it.image)) // 2)
                 n_tok = int(sum(np.asarray(g).size for g in lv))
                 row = {
                     "id": it.id, "length": length,
                     "image_mse": float(np.mean((dec.astype(np.float64) - it.image) ** 2)),
                     "distance_mae": distance_mae(it.image, dec, dmax),
                     "tokens_per_residue": n_tok / length, "bits_per_residue": n_tok * bits / length,
+                    "clipped_fraction": _fraction_of_pairs(n_clipped, length),
                 }  # fmt: skip
                 layout = _layout(it, length) if complexes else None
                 if layout is not None:
@@ -797,8 +892,9 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
                     row["n_chains"] = len(layout)
                 pending.append((row, it, dec))
                 needs_image = ceiling or it.backbone is None
+                where = references.locate(it.id) if references and it.backbone is None else None
                 yield (dec, it.backbone, it.image if needs_image else None, dmax, backbone,
-                       ceiling, rec, layout, it.sequence)  # fmt: skip
+                       ceiling, rec, where, it.id, layout, it.sequence)  # fmt: skip
 
     rows: list[dict] = []
     pictures = PicturePicks()
@@ -806,8 +902,13 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         row, it, dec = pending.popleft()
         row.update(cb_rmsd=res["cb_rmsd"], tm_score=res["tm_score"], lddt=res["lddt"],
                    mirrored_before_fix=res["mirrored_before_fix"],
-                   mirror_image=res["mirror_image"])  # fmt: skip
+                   mirror_image=res["mirror_image"],
+                   handedness=res.get("handedness", "determined"),
+                   handedness_confidence=res.get("handedness_confidence", float("nan")),
+                   reference=res["reference"])  # fmt: skip
         row.update(res.get("complex", {}))
+        if res["note"]:
+            log(f"protoken evaluate: {row['id']}: {res['note']}; compared with its image")
         for key, value in res.get("ceiling", {}).items():
             row[f"ceiling_{key}"] = value
         if backbone:
@@ -836,6 +937,10 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     if complexes:
         summary["complexes"] = sum(r.get("n_chains", 0) > 1 for r in rows)
         summary["by_complex_size"] = by_complex_size(rows)
+    summary["by_clipped"] = by_clipped(rows)
+    summary["handedness_undetermined"] = sum(r["handedness"] != "determined" for r in rows)
+    if references:
+        summary["compared_with_references"] = sum(r["reference"] == "reference" for r in rows)
     write_report(out, rows, summary, pictures.picks(), backbone)
     return summary
 

@@ -26,6 +26,7 @@ __all__ = [
     "SixD",
     "angle",
     "ca_directions",
+    "clipped_fraction",
     "cross",
     "dihedral",
     "omega_parts",
@@ -239,6 +240,29 @@ def ca_directions(cb, phi, mask) -> np.ndarray:
         w[bad] = fallback
         norm[bad] = 1.0
     return w / norm[:, None]
+
+
+def clipped_fraction(d: np.ndarray, dmax: float = DMAX) -> float:
+    """The fraction of residue pairs i < j whose distance is clipped (d >= dmax): stored in the
+    image as "at least dmax apart", without angles.
+
+    Parameters
+    ----------
+    d : ndarray, shape (L, L)
+        Distances, e.g. :attr:`SixD.d` (whose diagonal holds dmax: not counted).
+    dmax : float
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0 for fewer than 2 residues.
+    """
+    d = np.asarray(d)
+    length = len(d)
+    if length < 2:
+        return 0.0
+    far = int(np.count_nonzero(d >= dmax)) - int(np.count_nonzero(np.diagonal(d) >= dmax))
+    return far / (length * (length - 1))
 
 
 def sixd(

@@ -23,6 +23,7 @@ __all__ = [
     "EVALUATE_COLUMNS",
     "EVALUATE_COMPLEX_COLUMNS",
     "RECONSTRUCT_COLUMNS",
+    "clipped_table",
     "headline",
     "summary_line",
     "write_reconstruct_tables",
@@ -31,12 +32,14 @@ __all__ = [
 
 RECONSTRUCT_COLUMNS = (
     "id", "length", "cb_rmsd", "tm_score", "lddt", "clipped_pairs", "mirrored_before_fix",
-    "mirror_image", "handedness_score", "distance_rms",
+    "mirror_image", "handedness_score", "distance_rms", "clipped_fraction",
+    "handedness_confidence", "handedness",
 )  # fmt: skip
 RECONSTRUCT_BACKBONE_COLUMNS = ("bb_rmsd", "ca_rmsd", "ca_tm_score")
 EVALUATE_COLUMNS = (
     "id", "length", "image_mse", "distance_mae", "cb_rmsd", "tm_score", "lddt",
-    "tokens_per_residue", "bits_per_residue", "mirrored_before_fix",
+    "tokens_per_residue", "bits_per_residue", "mirrored_before_fix", "clipped_fraction",
+    "handedness", "reference",
 )  # fmt: skip
 EVALUATE_BACKBONE_COLUMNS = ("bb_rmsd", "ca_tm_score")
 #: ``protoken evaluate --chains complex``: the columns of complexes (after the others).
@@ -84,8 +87,33 @@ def summary_line(summary: dict) -> str:
     clipped = summary["clipped_proteins"]
     if clipped:
         worst = max(r["cb_rmsd"] for r in clipped)
-        text += f"; {len(clipped)} with clipped pairs (max Cb RMSD {worst:.4f} A)"
+        low = min(r["tm_score"] for r in clipped)
+        text += (f"; {len(clipped)} with clipped pairs (max Cb RMSD {worst:.4f} A, "
+                 f"min TM-score {low:.4f})")  # fmt: skip
     return text
+
+
+def clipped_table(by_clipped: list[dict]) -> list[str]:
+    """Markdown lines of the TM-score against the fraction of clipped pairs
+    (:func:`protoken.evaluate.by_clipped`)."""
+    if not by_clipped:
+        return []
+    ceiling = any("ceiling_tm_score" in b for b in by_clipped)
+    head = "| clipped pairs | proteins | TM-score median | TM-score min | mirror images |"
+    rule = "|---|---|---|---|---|"
+    if ceiling:
+        head += " ceiling TM median | ceiling TM min |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for b in by_clipped:
+        tm = b["tm_score"]
+        line = (f"| {b['clipped']} | {b['proteins']} | {tm['median']:.4f} | {tm['min']:.4f} "
+                f"| {b['mirror_images']} |")  # fmt: skip
+        if ceiling:
+            c = b.get("ceiling_tm_score")
+            line += f" {c['median']:.4f} | {c['min']:.4f} |" if c else " | |"
+        lines.append(line)
+    return lines
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -147,6 +175,10 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
         ceil = f"{b['ceiling_tm_score']:.4f}" if "ceiling_tm_score" in b else ""
         md.append(f"| {b['lengths']} | {b['proteins']} | {b['tm_score']:.4f} | "
                   f"{b['cb_rmsd']:.3f} | {b['lddt']:.4f} | {ceil} |")  # fmt: skip
+    if s.get("by_clipped"):
+        md += ["", "By fraction of clipped pairs (Cb-Cb >= dmax, stored as \"far\" without "
+               "angles; a larger `--dmax` at 16 bit keeps them):", "",
+               *clipped_table(s["by_clipped"])]  # fmt: skip
     md += [
         "",
         f"Fraction with TM-score > 0.5: {s['fraction_tm_above_0.5']:.3f}; "
@@ -159,7 +191,9 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
         "reconstruction picks the hand that agrees with the decoded image's chiral channels "
         "(omega, theta), and this counts the proteins whose first MDS solution had the wrong "
         f"hand and was reflected. Mirror images left after that step: "
-        f"{s.get('mirror_images', 0)} (superposing better onto the truth after a reflection).",
+        f"{s.get('mirror_images', 0)} (superposing better onto the truth after a reflection); "
+        f"hand undetermined (the decoded angles too weak to decide): "
+        f"{s.get('handedness_undetermined', 0)}.",
         "",
     ]
     if "complexes" in s:

@@ -462,6 +462,7 @@ class Tokenizer:
                 atoms = {k: v - centre for k, v in atoms.items()}
                 out.append(Reconstruction(cb=atoms["CB"], mirrored_before_fix=False,
                                           clipped_pairs=0, handedness_score=1.0,
+                                          handedness_confidence=1.0,  # coordinates: chiral
                                           dmax=self.codec.dmax, atoms=atoms))  # fmt: skip
         return out
 

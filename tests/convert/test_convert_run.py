@@ -101,6 +101,49 @@ def test_outputs_are_complete_and_consistent(full_run):
     assert not list(out.rglob("*.tmp*"))
 
 
+def test_manifest_records_the_fraction_of_clipped_pairs(full_run, structures_dir):
+    """The ``clipped`` column: the fraction of residue pairs at or beyond dmax, counted here from
+    the Cb of the files, and equal to the image's pixels at the top of the range."""
+    from protoken.geometry import pairwise_distances, virtual_cb
+
+    out, _ = full_run
+    rows = {r[0]["id"]: r[0] for r in rows_by_source(out).values() if r[0]["status"] == "ok"}
+    assert all(r["clipped"] != "" for r in rows.values())
+    for sid, name in (("cathtools__1avyA00", "cathtools__1avyA00.pdb"),
+                      ("foldseek__d1asha_", "foldseek__d1asha_.pdb"),
+                      ("graphein__P04629", "graphein__P04629.pdb.gz")):  # fmt: skip
+        bb = read_backbones(structures_dir / name)[0]
+        d = pairwise_distances(virtual_cb(bb.n, bb.ca, bb.c))
+        pairs = len(bb) * (len(bb) - 1) // 2
+        want = int(np.count_nonzero(np.triu(d >= 80.0, 1))) / pairs
+        assert float(rows[sid]["clipped"]) == pytest.approx(want, rel=1e-5), sid
+        img = read_image(out / rows[sid]["bin"] / f"{sid}.png")
+        assert np.count_nonzero(np.tril(img[0] >= 1.0, -1)) == round(want * pairs)
+    assert float(rows["cathtools__1avyA00"]["clipped"]) == pytest.approx(30 / 2278, rel=1e-5)
+    assert rows["foldseek__d1asha_"]["clipped"] == "0"
+
+
+def test_manifests_without_the_clipped_column_still_read_and_resume(tmp_path, structures_dir):
+    """A manifest written before the ``clipped`` column: read as before, and a resumed run
+    appends rows in its own columns."""
+    from protoken.data import ImageIndex
+
+    out = tmp_path / "out"
+    first = structures_dir / "foldseek__d1asha_.pdb"
+    convert([str(first)], ConvertOptions(out=str(out)), workers=1, progress=False)
+    path = out / "manifest.tsv"
+    lines = [ln.split("\t") for ln in path.read_text().splitlines()]
+    assert lines[0][-1] == "clipped"
+    path.write_text("".join("\t".join(cols[:-1]) + "\n" for cols in lines))  # the old layout
+    convert([str(first), str(structures_dir / "cathtools__1avyA00.pdb")],
+            ConvertOptions(out=str(out)), workers=1, progress=False)  # fmt: skip
+    lines = [ln.split("\t") for ln in path.read_text().splitlines()]
+    assert len(lines) == 3 and {len(cols) for cols in lines} == {len(MANIFEST_COLUMNS) - 1}
+    rows = list(read_manifest(str(path)))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and "clipped" not in rows[0]
+    assert len(ImageIndex.build(out)) == 2
+
+
 def test_pixels_equal_a_plain_implementation_of_the_seed(full_run, structures_dir):
     out, _ = full_run
     name = "foldseek__d1asha_.pdb"
@@ -330,7 +373,7 @@ def complex_run(tmp_path_factory, structures_dir):
 def test_complex_rows_record_the_chain_layout_and_the_reasons(complex_run):
     root, rows = complex_run
     header = (root / "png" / "manifest.tsv").read_text().splitlines()[0].split("\t")
-    assert header[-1] == "chains"
+    assert header[-2:] == ["chains", "clipped"]
     for name, layout in COMPLEXES.items():
         row = rows[name]
         assert (row["status"], row["chains"], row["id"]) == ("ok", layout, name.split(".")[0])
@@ -421,8 +464,9 @@ def test_resume_reads_the_layout_and_old_manifests_keep_their_columns(tmp_path, 
     convert([str(src)], opts, workers=1, progress=False)
     manifest = out / "manifest.tsv"
     lines = manifest.read_text().splitlines()
-    # the same output folder, its manifest as an older protoken wrote it (no chains column)
-    old = ["\t".join(ln.split("\t")[:-1]) for ln in lines]
+    # the same output folder, its manifest as an older protoken wrote it (no chains column and
+    # no clipped column)
+    old = ["\t".join(ln.split("\t")[:-2]) for ln in lines]
     manifest.write_text("\n".join(old[:1]) + "\n")  # the row gone: the FASTA says it is done
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -432,7 +476,7 @@ def test_resume_reads_the_layout_and_old_manifests_keep_their_columns(tmp_path, 
     assert text[0] == old[0] and all(ln.count("\t") == old[0].count("\t") for ln in text)
     (row,) = read_manifest(str(manifest))
     assert row["status"] == "skipped" and row["reason"].startswith("outputs already exist")
-    assert row["length"] == "141" and "chains" not in row
+    assert row["length"] == "141" and "chains" not in row and "clipped" not in row
     # a new manifest has the column, filled from the FASTA header
     out2 = tmp_path / "out2"
     convert([str(src)], ConvertOptions(out=str(out2), chains="complex", min_len=10,

@@ -22,7 +22,7 @@ from protoken.codec import decode_png, encode_pixels, features_to_pixels
 from protoken.convert.bins import bin_name
 from protoken.convert.manifest import Row
 from protoken.convert.options import ConvertOptions
-from protoken.geometry import sixd
+from protoken.geometry import clipped_fraction, sixd
 from protoken.inputs import UnsafePath, safe_output_path, structure_id
 from protoken.structure import (
     MIN_CHAIN_LEN,
@@ -134,6 +134,7 @@ def convert_file(
                 continue
             t1 = time.perf_counter()
             features = sixd(bb.n, bb.ca, bb.c, dmax=opts.dmax)
+            row.clipped = f"{clipped_fraction(features.d, opts.dmax):.6g}"
             try:  # quantize(features_to_image(...)), bit for bit
                 pixels = features_to_pixels(features, opts.dmax, opts.bit_depth)
             except ValueError:

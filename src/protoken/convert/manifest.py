@@ -4,7 +4,8 @@
 :data:`MANIFEST_COLUMNS`; ``status`` is ``ok``, ``skipped`` or ``failed`` with a one-line
 ``reason``; ``chains`` is the chain layout of a ``--chains complex`` image (``A:120,B:98``,
 :func:`protoken.structure.format_chains`), empty otherwise (manifests written before that
-column existed are read as they are, and appended in their own columns). It is appended one
+column existed are read as they are, and appended in their own columns); ``clipped`` is the
+fraction of the image's residue pairs at or beyond dmax (empty for rows without an image). It is appended one
 flushed line per row (:class:`ManifestWriter`), so a killed run leaves at most a torn last
 line, which readers skip and the next writer cuts off. Resume keys on it
 (:func:`done_sources`); training indexes its ``ok`` rows (:func:`ok_rows`, read by
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = (
-    "source", "id", "status", "reason", "length", "dropped", "bin", "sequence", "chains",
+    "source", "id", "status", "reason", "length", "dropped", "bin", "sequence", "chains", "clipped",
 )  # fmt: skip
 
 _MANIFEST_RE = re.compile(r"manifest(\.shard-\d+-of-\d+)?\.tsv")
@@ -64,6 +65,7 @@ class Row:
     bin: str = ""
     sequence: str = ""
     chains: str = ""  # --chains complex: the layout, A:120,B:98
+    clipped: str = ""  # the fraction of pairs at or beyond dmax (geometry.clipped_fraction)
     # not written to the manifest:
     png_tmp: str = field(default="", repr=False)
     fasta_tmp: str = field(default="", repr=False)
