@@ -6,8 +6,8 @@
 :func:`protoken.structure.format_chains`), empty otherwise (manifests written before that
 column existed are read as they are, and appended in their own columns); ``clipped`` is the
 fraction of the image's residue pairs at or beyond dmax (empty for rows without an image). It
-is appended one flushed line per row (:class:`ManifestWriter`), so a killed run leaves at most a torn last
-line, which readers skip and the next writer cuts off. Resume keys on it
+is appended one flushed line per row (:class:`ManifestWriter`), so a killed run leaves at most a
+torn last line, which readers skip and the next writer cuts off. Resume keys on it
 (:func:`done_sources`); training indexes its ``ok`` rows (:func:`ok_rows`, read by
 :class:`protoken.data.ImageIndex`). This module is the one reader and writer of the format.
 """
