@@ -162,13 +162,7 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
         "backbone RMSD (A)", "ca_tm_score": "TM-score (CA)", "tokens_per_residue":
         "tokens / residue", "bits_per_residue": "bits / residue",
     }  # fmt: skip
-    for key, label in labels.items():
-        if key in s:
-            v = s[key]
-            ceil = s.get(f"ceiling_{key}", {}).get("median")
-            ceil = "" if ceil is None else f"{ceil:.4f}"
-            md.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
-                      f"| {v['max']:.4f} | {ceil} |")  # fmt: skip
+    md += _stat_rows(s, labels)
     md += ["", "By length (medians):", "", "| residues | proteins | TM-score | Cb RMSD (A) | "
            "lDDT | ceiling TM-score |", "|---|---|---|---|---|---|"]  # fmt: skip
     for b in s.get("by_length", []):
@@ -242,13 +236,7 @@ def _complex_section(s: dict) -> list[str]:
         "lrmsd": "ligand RMSD (A)", "complex_tm_score": "complex TM-score (Cb)",
         "chain_tm_min": "worst chain TM-score (Cb)",
     }  # fmt: skip
-    for key, label in labels.items():
-        if key in s:
-            v = s[key]
-            ceil = s.get(f"ceiling_{key}", {}).get("median")
-            ceil = "" if ceil is None else f"{ceil:.4f}"
-            md.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
-                      f"| {v['max']:.4f} | {ceil} |")  # fmt: skip
+    md += _stat_rows(s, labels)
     for prefix, name in (("", "From tokens"), ("ceiling_", "Ceiling")):
         classes = s.get(f"{prefix}dockq_classes")
         if classes:
@@ -346,3 +334,17 @@ def headline(summary: dict, out: str) -> str:
                  + (f" (ceiling {ceil:.3f})" if ceil is not None else "")
                  + f", complex TM-score median {s['complex_tm_score']['median']:.3f}")  # fmt: skip
     return text + f"\nreport: {os.path.join(out, 'report.md')}"
+
+
+def _stat_rows(s: dict, labels: dict[str, str]) -> list[str]:
+    """Table rows ``| label | median | mean | min | max | ceiling median |`` of the summary's
+    statistics named in ``labels`` (those present)."""
+    rows = []
+    for key, label in labels.items():
+        if key in s:
+            v = s[key]
+            ceil = s.get(f"ceiling_{key}", {}).get("median")
+            ceil = "" if ceil is None else f"{ceil:.4f}"
+            rows.append(f"| {label} | {v['median']:.4f} | {v['mean']:.4f} | {v['min']:.4f} "
+                        f"| {v['max']:.4f} | {ceil} |")  # fmt: skip
+    return rows
