@@ -24,12 +24,18 @@ def test_demo_uses_the_pretrained_tokenizer(tmp_path, capsys):
     assert "converted 48, skipped 0, failed 0" in text
     assert "pretrained tokenizer 'default'" in text and "TM-score median" in text
     assert "protoken encode YOUR_FILES" in text  # what to do next
-    # which proteins, and why three of the 48 are left out; the model card's test set named
-    assert "the 45 bundled proteins held out from its training (the other 3 share" in text
-    assert "the figures above are of the 45 held-out bundled proteins" in text
-    assert "its test set of 169 proteins" in text
+    # which proteins, and why the others of the 48 are left out; the model card's test set named
+    from protoken import pretrained
+    from protoken.demo import heldout_structures
+
+    n = len(heldout_structures())
+    assert 30 <= n < 48
+    assert f"the {n} bundled proteins held out from its training (the other {48 - n} share" in text
+    assert f"the figures above are of the {n} held-out bundled proteins" in text
+    card_set = pretrained.info("default")["results"]["proteins"]
+    assert f"its test set of {card_set} proteins" in text
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["proteins"] >= 40 and summary["tm_score"]["median"] > 0.5
+    assert summary["proteins"] == n and summary["tm_score"]["median"] > 0.5
     assert summary["provenance"]["step"] > 0 and summary["by_length"]
     report = (out / "report" / "report.md").read_text()
     assert "ceiling median" in report and "Mirrored before fix" in report

@@ -1029,8 +1029,8 @@ def test_resume_names_a_config_that_is_not_json_and_takes_a_moved_run(tmp_path, 
     from helpers import MICRO
     from protoken.checkpoint import load
 
-    data = tmp_path / "data"
-    shutil.copytree(converted8, data)
+    data = tmp_path / "data"  # (without the cache other tests' indexing left in the fixture)
+    shutil.copytree(converted8, data, ignore=shutil.ignore_patterns(".protoken-index"))
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--set",
             f"model={json.dumps(MICRO)}", "--set", 'only_bins=["bin_40_64"]',

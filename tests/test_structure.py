@@ -322,7 +322,8 @@ def test_short_chains_are_dropped_from_a_complex_and_recorded(structures_dir, tm
 
 
 def test_multi_chain_skip_names_the_chain_options(structures_dir):
-    with pytest.raises(SkipStructure, match=r"use --chains split\|first\|complex"):
+    options = r"multi-chain: 2 protein chains .*--chains split .*first or complex"
+    with pytest.raises(SkipStructure, match=options):
         read_backbones(structures_dir / "foldseek__1tim.pdb.gz")
 
 

@@ -337,7 +337,8 @@ def distance_mae(truth, decoded, dmax: float, mask=None) -> float:
 
 #: How to install DockQ beside numpy 2 (its release pins numpy<2 but runs on 2).
 DOCKQ_INSTALL = (
-    "pip install 'protoken[complex]' && pip install --no-deps --no-build-isolation 'dockq>=2.1.3'"
+    "pip install 'protoken[complex]' && "
+    "pip install --no-deps --no-build-isolation --no-cache-dir 'dockq>=2.1.3'"
 )
 
 #: Chain ids of the temporary files DockQ reads (one character each, as PDB columns allow).
