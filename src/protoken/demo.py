@@ -71,7 +71,8 @@ def demo(out: str, checkpoint: str = "default", workers: int | None = None, log=
     log(
         f"[2/2] encoding with the pretrained tokenizer {checkpoint!r} ({tok.family} family) "
         f"the {len(held_out)} bundled proteins held out from its training (the other "
-        f"{n_bundled - len(held_out)} share a sequence 8-mer with its training set; "
+        f"{n_bundled - len(held_out)} share a sequence 8-mer with the bundled tokenizers' "
+        "training sets, BM5 or the ProMod3 chains; "
         f"resources/structures/HELDOUT.txt), decoding them to 3D, report in {report}"
     )
     result = evaluate(tok, held_out, report, workers=workers, progress=False, log=log)
