@@ -1080,6 +1080,15 @@ SUGGESTS = {
 }
 
 
+#: What a measure suggests when one of our rows leads.
+LEADS = {
+    "cn": ": a code is made from its residue's whole row of the image (all its distances), so "
+    "it knows how many residues pack around it, which a local alphabet does not",
+    "sens": ": our tokens change with the structure (and the whole protein's token identity "
+    "follows its TM-score), though they also change where the structure did not",
+}
+
+
 def summarise(res: dict, majority: dict) -> list[str]:
     """Sentences comparing our best row with 3Di and the amino acids, measure by measure, and
     what it suggests where they beat every one of our rows."""
@@ -1087,10 +1096,13 @@ def summarise(res: dict, majority: dict) -> list[str]:
     ours = [r["label"] for r in res["rows"] if r["source"] not in ("aa", "3Di")]
     measures = [
         ("SS3 accuracy, token alone", "ss", lambda r: r["probe_w0"]["ss3"]),
+        ("SS3 accuracy, window", "ss", lambda r: r["probe_w"]["ss3"]),
         ("SS8 accuracy, token alone", "ss", lambda r: r["probe_w0"]["ss8"]),
         ("SS8 accuracy, window", "ss", lambda r: r["probe_w"]["ss8"]),
+        ("contact-number rho, token alone", "cn", lambda r: r["probe_w0"]["cn"]),
         ("contact-number rho, window", "cn", lambda r: r["probe_w"]["cn"]),
         ("per-residue sensitivity rho", "sens", lambda r: r["sensitivity"]["residue_rho"]),
+        ("per-protein sensitivity rho", "sens", lambda r: r["sensitivity"]["protein_rho"]),
         ("search rho", "search", lambda r: (r.get("search") or {}).get("rho")),
         ("search top hit", "search", lambda r: (r.get("search") or {}).get("top_hit")),
     ]
@@ -1112,7 +1124,7 @@ def summarise(res: dict, majority: dict) -> list[str]:
             text += f". **{who} beat{'s' if len(beaters) == 1 else ''} every one of our rows**: "
             text += SUGGESTS[key].format(who=who)
         else:
-            text += ". Ours lead here"
+            text += ". Ours lead here" + LEADS.get(key, "")
         out.append(text + ".")
     static = {k: r["sensitivity"].get("changed_static") for k, r in rows.items()}
     static = {k: v for k, v in static.items() if v is not None and np.isfinite(v)}
