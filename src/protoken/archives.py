@@ -33,6 +33,10 @@ records and what resume and ``--shard`` key on. A member larger than ``max_bytes
 (it is recorded failed, naming ``--max-bytes``); a truncated or corrupt archive (cut short, a
 header with a bad checksum, a damaged compressed stream) ends its stream with one failed row
 naming the archive, the byte where reading stopped and how many members were read.
+
+One module of ~1000 lines on purpose: tar archives and Foldcomp databases share the member
+model, the bounds and the error policy, and the hostile-input checks (our own tar block
+reader, Foldcomp index checks) must be read beside the readers they guard.
 """
 
 from __future__ import annotations

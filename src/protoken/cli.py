@@ -23,7 +23,7 @@ Exit codes, one policy for every command (:func:`main`):
 Every error is one line on stderr, ``protoken COMMAND: ...``, never a traceback (set
 ``PROTOKEN_DEBUG=1`` to see one for an unexpected error).
 
-One module of ~900 lines on purpose: every command's options in one place, so that the option
+One module of ~970 lines on purpose: every command's options in one place, so that the option
 groups are declared once and every command's help, checks and exit codes read alike; what a
 command does is in the library.
 """

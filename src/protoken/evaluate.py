@@ -13,7 +13,7 @@
 
 What the commands write (tables, report, pictures) is in :mod:`protoken.report`. The two
 pipelines share the comparison, the lookups and the streamed worker pool, hence one module of
-~660 lines.
+~970 lines.
 """
 
 from __future__ import annotations

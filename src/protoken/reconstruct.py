@@ -41,6 +41,10 @@ The reference design's section 4, plus what it leaves out:
 The pipeline accepts noisy images (e.g. decoded by a VQ-VAE): values are clipped to [-1, 1],
 non-finite pixels are treated as 0, non-Euclidean distances and inconsistent angles degrade the
 result but never raise or produce NaN.
+
+One module of ~900 lines on purpose: the way back from an image is one pipeline (MDS, clipped
+pairs by shortest paths, refinement, handedness per rigid part); split, each part would need
+the others' intermediate arrays and thresholds.
 """
 
 from __future__ import annotations

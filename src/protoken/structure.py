@@ -31,7 +31,7 @@ inflated from gzip, as a stream, and a gzip stream of binary data is refused aft
 block; a backbone whose coordinates are degenerate (all zero, repeated, consecutive CA atoms
 closer than 0.5 A for most of the chain) is refused with a reason.
 
-One module of ~830 lines on purpose: the two parser backends feed one reading policy (which
+One module of ~1100 lines on purpose: the two parser backends feed one reading policy (which
 residues are kept, chain and model policies, the bounds), and the writer is its inverse;
 split by backend, each part would only make sense beside the others.
 """

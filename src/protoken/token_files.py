@@ -45,7 +45,7 @@ meta as the schema's ``protoken`` metadata (JSON).
 :func:`load_tokens` reads all three (from a file's first bytes) and checks every field (FASTA
 records no tokenizer: the decoding one checks the codes).
 
-One module of ~900 lines on purpose: each format's reader and writer side by side, so that
+One module of ~1000 lines on purpose: each format's reader and writer side by side, so that
 they cannot drift apart.
 
 Every writer streams protein by protein under a temporary name and gives the file its name

@@ -14,6 +14,9 @@ What ``protoken encode`` and ``protoken decode`` do with many proteins is here t
 :func:`encode_to_file` (inputs streamed to a token file, unusable inputs recorded) and
 :func:`decode_to_files` (tokens to PNG images and structure files). Token files themselves are
 :mod:`protoken.token_files`.
+
+One module of ~630 lines on purpose: the Tokenizer is the library's one entry point for both
+model families, and encode_to_file / decode_to_files are its batch face.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Like nanoGPT's train.py the loop (:func:`train`) reads top to bottom: config, di
 set-up, data, model and optimiser, then steps (learning-rate schedule, gradient accumulation,
 mixed precision, clipping), logging, validation and checkpoints. The pieces it calls are
 above it, by section: distributed, data, optimisation, checkpoints, validation, logging. It is
-one file of ~700 lines on purpose: the whole of a training run can be read in one place.
+one file of ~800 lines on purpose: the whole of a training run can be read in one place.
 
 Loss weighting (``loss_weighting``), on the summed masked errors (``loss_sum`` of the model
 output contract) of each micro-batch:

@@ -15,6 +15,9 @@ or standardised per channel when asked (``normalize="reference"`` or ``mean``/``
 - A corrupt or unreadable PNG, or one whose header is refused before decoding (not square
   RGB, not 8/16-bit, or larger than a bin may hold: a 3000 x 3000 PNG in ``bin_65_128``), is
   logged once (``logging.warning`` with its path) and left out of its batch.
+
+One module of ~600 lines on purpose: the batch plan and the rank stream it drives are one
+contract (exact resume and DDP sharding depend on both agreeing), read side by side.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ representation): see :data:`V1_FIELDS`; its weights load and give the same token
 
 Padding: attention ignores padded residues, neighbours are valid residues only, and every other
 operation is per residue or per pair, so a protein's codes do not depend on its batch.
+
+One module of ~850 lines on purpose: config and model read together, as nanoGPT's model.py
+(encoders, residual FSQ, decoder, frame head and the first design's compatibility fields).
 """
 
 from __future__ import annotations
