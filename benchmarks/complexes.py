@@ -364,7 +364,7 @@ def _tokenizer_rows(args, complexes, bm5, by_name, log) -> list:
                 files.append(path)
         for spec in args.checkpoint:
             tok = Tokenizer.load(spec)
-            residue = tok.layout == "residue"
+            residue = tok.family == "residue"
             if args.stages is not None and residue:
                 tok.stages = args.stages
             out = os.path.join(tmp, "eval-" + str(len(rows)))
