@@ -48,6 +48,7 @@ from protoken.structure import (
     Backbone,
     SkipStructure,
     StructureError,
+    parse_chains,
     read_backbones,
     structure_to_text,
 )
@@ -73,6 +74,47 @@ class Item:
     backbone: np.ndarray | None = None
     chains: tuple[tuple[str, int], ...] = ()
     res_ids: tuple[str, ...] = ()
+
+
+def converted_layout(out: str, sid: str, length: int) -> tuple[tuple[str, int], ...]:
+    """The chain layout ``protoken convert --chains complex`` recorded for image ``sid`` in the
+    manifests of its output folder ``out`` (empty for a single chain, or when ``out`` holds no
+    manifest): what lets a complex read back from PNGs or shards keep its chains.
+
+    Raises
+    ------
+    ValueError
+        The recorded layout is no layout, or its counts do not sum to the image's ``length``.
+    """
+    text = _layouts_of(os.path.abspath(out)).get(sid)
+    if text is None:
+        return ()
+    try:
+        return parse_chains(text, length)
+    except ValueError as exc:
+        raise ValueError(f"{sid}: the chain layout in the manifest of {out}: {exc}") from None
+
+
+_LAYOUTS: dict[str, tuple[float, dict[str, str]]] = {}
+
+
+def _layouts_of(out: str) -> dict[str, str]:
+    """``{id: layout}`` of every manifest of ``out``, read once per folder and manifest
+    change (the newest modification time of its manifests)."""
+    from protoken.convert.manifest import chain_layout_texts, manifest_files
+
+    try:
+        files = manifest_files(out) if os.path.isdir(out) else []
+        stamp = max((os.path.getmtime(f) for f in files), default=0.0)
+    except OSError:
+        return {}
+    cached = _LAYOUTS.get(out)
+    if cached is None or cached[0] != stamp:
+        layouts: dict[str, str] = {}
+        for f in files:
+            layouts.update(chain_layout_texts(f))
+        _LAYOUTS[out] = cached = (stamp, layouts)
+    return cached[1]
 
 
 def checkpoint_id(path: str) -> str:
@@ -215,7 +257,15 @@ class Tokenizer:
         if isinstance(source, ShardImage):  # an image of convert --format shards
             image, _ = decode_converted(source.read(), source.settings, self.codec.dmax,
                                         max_len or MAX_IMAGE_SIDE)  # fmt: skip
-            return [Item(source.id, image, sequence)]
+            out = os.path.dirname(os.path.dirname(os.path.dirname(source.shard)))
+            return [
+                Item(
+                    source.id,
+                    image,
+                    sequence,
+                    chains=converted_layout(out, source.id, image.shape[-1]),
+                )
+            ]
         if isinstance(source, Member):  # a member of a tar archive or Foldcomp database
             backbones = read_member(source.name, source.kind, source.read(), chains, models)
             return self._kept(backbones, min_len, max_len)
@@ -223,7 +273,11 @@ class Tokenizer:
             path = os.fspath(source)
             if path.lower().endswith(".png"):  # header checked, convert.json's dmax must agree
                 image, _ = read_converted_image(path, self.codec.dmax, max_len or MAX_IMAGE_SIDE)
-                return [Item(image_id(path), image, sequence)]
+                sid = image_id(path)
+                out = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # OUT/bin_*/ID.png
+                return [
+                    Item(sid, image, sequence, chains=converted_layout(out, sid, image.shape[-1]))
+                ]
             return self._kept(read_backbones(path, chains, models), min_len, max_len)
         image = np.asarray(source, dtype=np.float32)
         return [Item("image", image, sequence)]

@@ -483,3 +483,31 @@ def test_resume_reads_the_layout_and_old_manifests_keep_their_columns(tmp_path, 
             fasta_dir=str(out / "fasta")), workers=1, progress=False)  # fmt: skip
     (row,) = read_manifest(str(out2 / "manifest.tsv"))
     assert row["chains"] == "A:79,C:62" and row["reason"].startswith("outputs already exist")
+
+
+def test_the_layout_survives_convert_shards_encode_decode(complex_run, tmp_path):
+    """Issue 22: a complex converted to PNGs or shards, encoded from there (no structure file
+    in sight) and decoded, comes back as one structure with its chains; the layout is the
+    manifest's."""
+    import gemmi
+
+    from protoken.archives import find_inputs
+    from protoken.structure import parse_chains
+    from protoken.tokenizer import Tokenizer, decode_to_files
+
+    root, rows = complex_run
+    tok = Tokenizer.load("residue", device="cpu")
+    for fmt in ("shards", "png"):
+        sources = list(find_inputs([str(root / fmt)]))
+        tokens = {t.id: t for t in tok.encode_many(sources)}
+        for name, layout in COMPLEXES.items():
+            t = tokens[rows[name]["id"]]
+            want = parse_chains(layout) if "," in layout else ()
+            assert tuple(t.chains) == want, (fmt, name)
+            if not want:
+                continue
+            out = tmp_path / fmt / name
+            out.mkdir(parents=True)
+            decode_to_files(tok, [t], str(out), "pdb")
+            st = gemmi.read_pdb_string((out / f"{t.id}.pdb").read_text())
+            assert [(ch.name, len(ch)) for ch in st[0]] == list(want), (fmt, name)

@@ -133,11 +133,11 @@ def ok_rows(path: str) -> Iterator[tuple[str, str, int]]:
             yield cols[c_id], cols[c_bin], int(cols[c_len])
 
 
-def chain_layouts(path: str) -> dict[str, tuple[int, ...]]:
-    """The chain lengths of the ``ok`` rows of a manifest that hold a complex (its ``chains``
-    column, ``A:120,B:98``, written by ``convert --chains complex``): ``{id: (120, 98)}``.
-    Rows of one chain, and manifests without the column, give nothing."""
-    out: dict[str, tuple[int, ...]] = {}
+def chain_layout_texts(path: str) -> dict[str, str]:
+    """The ``chains`` column of the ``ok`` rows of a manifest that hold a complex (written by
+    ``convert --chains complex``): ``{id: "A:120,B:98"}``. Rows of one chain, and manifests
+    without the column, give nothing."""
+    out: dict[str, str] = {}
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         header = fh.readline().rstrip("\n").split("\t")
         if "chains" not in header:
@@ -149,14 +149,20 @@ def chain_layouts(path: str) -> dict[str, tuple[int, ...]]:
         )
         for line in fh:
             cols = line.rstrip("\n").split("\t")
-            if len(cols) != len(header) or cols[c_status] != "ok" or "," not in cols[c_chains]:
-                continue
-            try:
-                out[cols[c_id]] = tuple(
-                    int(p.rpartition(":")[2]) for p in cols[c_chains].split(",")
-                )
-            except ValueError:
-                continue  # a damaged row: the image then trains as one chain
+            if len(cols) == len(header) and cols[c_status] == "ok" and "," in cols[c_chains]:
+                out[cols[c_id]] = cols[c_chains]
+    return out
+
+
+def chain_layouts(path: str) -> dict[str, tuple[int, ...]]:
+    """The chain lengths of :func:`chain_layout_texts`: ``{id: (120, 98)}``; a damaged
+    layout is left out (the image then trains as one chain)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, text in chain_layout_texts(path).items():
+        try:
+            out[key] = tuple(int(p.rpartition(":")[2]) for p in text.split(","))
+        except ValueError:
+            continue
     return out
 
 
