@@ -229,8 +229,11 @@ def test_code_vectors_of_a_residual_fsq_per_stage():
 def test_code_vectors_of_the_bundled_tokenizers():
     from protoken.tokenizer import Tokenizer
 
-    res = tp.code_vectors(Tokenizer.from_pretrained("residue").model, "residue")
-    assert len(res) == 1 and res[0].shape == (4096, 4) and len(np.unique(res[0], axis=0)) == 4096
+    tok = Tokenizer.from_pretrained("residue")
+    res = tp.code_vectors(tok.model, "residue")
+    assert len(res) == tok.config.n_stages  # one alphabet per residual stage
+    for stage in res:
+        assert stage.shape == (4096, 4) and len(np.unique(stage, axis=0)) == 4096
     grid = Tokenizer.from_pretrained("default")
     vecs = tp.code_vectors(grid.model, "grid")
     assert len(vecs) == grid.config.n_levels
@@ -250,10 +253,15 @@ def test_a_tiny_run_writes_the_table_and_json(shared, tmp_path):
                   str(tmp_path / "cache"), "--out", str(out), "--json", str(js)])  # fmt: skip
     assert rc == 0
     table = out.read_text()
-    for label in ("| aa |", "| 3Di |", "| 3Di (derived) |", "| residue |"):
-        assert label in table
+    from protoken.tokenizer import Tokenizer
+
+    k = Tokenizer.from_pretrained("residue").config.n_stages  # a row per stage, joint rows
+    ours = {"residue"} if k == 1 else {f"residue stage {i}" for i in range(1, k + 1)} | {
+        f"residue stages 1-{j}" for j in range(2, k + 1)}  # fmt: skip
+    for label in ("aa", "3Di", "3Di (derived)", *ours):
+        assert f"| {label} |" in table
     res = json.loads(js.read_text())
-    assert {r["label"] for r in res["rows"]} == {"aa", "3Di", "residue"}
+    assert {r["label"] for r in res["rows"]} == {"aa", "3Di"} | ours
     assert res["meta"]["counts"]["search"] == 5
     assert set(res["meta"]["splits"]["probe_test"]).isdisjoint(res["meta"]["splits"]["probe_train"])
     again = tmp_path / "again.md"
