@@ -256,7 +256,7 @@ def clipped_test_set(count: int) -> list:
     return out
 
 
-def _before(image: np.ndarray, dmax: float) -> np.ndarray:
+def before_issue_26(image: np.ndarray, dmax: float = 80.0) -> np.ndarray:
     """The Cb of the pipeline before issue 26: classical MDS of the distances as they are (a
     clipped pair read as dmax), the refinement, the hand from omega alone."""
     f = image_to_features(image, dmax)
@@ -281,7 +281,7 @@ def _clipped_case(task: tuple) -> list[dict]:
         rec = reconstruct(image, dmax=dmax)
         seconds = time.process_time() - t0
         t0 = time.process_time()
-        old = _before(image, dmax)
+        old = before_issue_26(image, dmax)
         old_seconds = time.process_time() - t0
         length = len(truth)
         base = {"id": bb.id, "length": length, "setting": f"{bit_depth}-bit, dmax {dmax:g}",
