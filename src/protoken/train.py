@@ -169,6 +169,7 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
         split: index.split_rows(split, cfg.valid_frac, cfg.split_key_regex, exclude)
         for split in ("train", "val")
     }
+    rows["train"] = index.oversampled(rows["train"], cfg.oversample)
     for split, r in rows.items():
         if not len(r):
             raise ValueError(

@@ -55,6 +55,8 @@ class TrainConfig(BaseModel):
     valid_frac: float = Field(0.05, ge=0.0, le=1.0)
     split_key_regex: str | None = None  # e.g. "^bm5__([0-9A-Za-z]{4})": by complex
     exclude_ids_file: str | None = None  # ids (one a line) kept out of every split
+    # {"REGEX": N}: training ids that match are drawn N times per epoch (index.oversampled)
+    oversample: dict[str, int] = Field(default_factory=dict)
     batch_size: int = Field(8, ge=1)
     crop: int | None = Field(None, ge=8)  # train on random diagonal windows of <= crop residues
     group_by_bin: bool = True

@@ -174,3 +174,23 @@ def test_index_cache_is_the_parsed_index_and_follows_the_manifest(tmp_path, conv
     assert len(grown) == len(first) + 1 and "zz_extra" in {grown.id(i) for i in range(len(grown))}
     assert len(list((root / ".protoken-index").iterdir())) == 1  # the stale cache is gone
     assert [again.id(i) for i in range(3)] == [first.id(i) for i in range(3)]  # still mapped
+
+
+def test_oversampling_repeats_the_matching_ids_and_only_those(converted8):
+    index = ImageIndex.build(converted8)
+    ids = [index.id(i) for i in range(len(index))]
+    rows = index.split_rows("all", 0.0)
+    target = ids[3]
+    out = index.oversampled(rows, {"^" + target + "$": 4, "^nothing$": 9})
+    counts = {ids[i]: int((out == i).sum()) for i in rows.tolist()}
+    assert counts[target] == 4
+    assert all(c == 1 for k, c in counts.items() if k != target)
+    assert np.all(np.diff(out) >= 0)  # still ascending: the plan permutes it
+    # the first matching rule decides; no rule leaves the rows as they were
+    first = index.oversampled(rows, {".": 2, "^" + target + "$": 5})
+    assert len(first) == 2 * len(rows)
+    assert np.array_equal(index.oversampled(rows, {}), rows)
+    with pytest.raises(ValueError, match="bad regex"):
+        index.oversampled(rows, {"(": 2})
+    with pytest.raises(ValueError, match="must be >= 1"):
+        index.oversampled(rows, {".": 0})

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,6 +349,34 @@ class ImageIndex:
             else:
                 keep[i] = (_md5_fraction(key) < cut) == (split == "val")
         return np.flatnonzero(keep)
+
+    def oversampled(self, rows: np.ndarray, factors: Mapping[str, int]) -> np.ndarray:
+        """``rows`` with each image whose id matches a regex of ``factors`` listed ``N`` times
+        (the first regex that matches decides): a rare kind of image (complexes among single
+        chains) drawn ``N`` times per epoch. Rows stay in ascending order; with no factor or a
+        factor of 1 the rows are returned as they are.
+
+        Raises
+        ------
+        ValueError
+            A regex that does not compile or a factor below 1.
+        """
+        rules = []
+        for regex, n in factors.items():
+            try:
+                rules.append((re.compile(regex), int(n)))
+            except re.error as exc:
+                raise ValueError(f"oversample: bad regex {regex!r} ({exc})") from None
+            if int(n) < 1:
+                raise ValueError(f"oversample: factor of {regex!r} must be >= 1, not {n}")
+        rows = np.asarray(rows, dtype=np.int64)
+        if not rules:
+            return rows
+        times = np.ones(len(rows), dtype=np.int64)
+        for j, i in enumerate(rows.tolist()):
+            image_id = self.id(i)
+            times[j] = next((n for pattern, n in rules if pattern.search(image_id)), 1)
+        return np.repeat(rows, times)
 
 
 class _IndexCache:
