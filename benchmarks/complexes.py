@@ -30,13 +30,14 @@ residues, the known correspondence) and the worst chain's TM-score. Tokenizer ro
 evaluate --chains complex`` (:func:`protoken.evaluate.evaluate`) of each ``--checkpoint`` on
 the same complexes; they mean something for a chain-aware tokenizer (issue 22). Prints the
 issue's table (medians, with the targets), the medians by complex size, and with ``--tsv``
-writes one row per complex.
+writes one row per complex (the ceiling's; each tokenizer's beside it, ``TSV_STEM.NAME.tsv``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -383,6 +384,10 @@ def _tokenizer_rows(args, complexes, bm5, by_name, log) -> list:
                     f"{e['chains']}: {e.get('dockq', float('nan')):.3f}"
                     for e in summary["by_complex_size"]["chains"]))  # fmt: skip
             rows.append((key, f"`{name}`{stages}", dq, tm))
+            if args.tsv:  # the tokenizer's rows per complex beside the ceiling's
+                per = f"{os.path.splitext(args.tsv)[0]}.{name}.tsv"
+                shutil.copyfile(os.path.join(out, "metrics.tsv"), per)
+                log(f"{spec}: per complex {per}")
     return rows
 
 
