@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protoken.fileio import atomic_write, drop_partial_last_line
+from protoken.structure import parse_chains
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -156,11 +157,12 @@ def chain_layout_texts(path: str) -> dict[str, str]:
 
 def chain_layouts(path: str) -> dict[str, tuple[int, ...]]:
     """The chain lengths of :func:`chain_layout_texts`: ``{id: (120, 98)}``; a damaged
-    layout is left out (the image then trains as one chain)."""
+    layout (:func:`protoken.structure.parse_chains` refuses it) is left out (the image then
+    trains as one chain)."""
     out: dict[str, tuple[int, ...]] = {}
     for key, text in chain_layout_texts(path).items():
         try:
-            out[key] = tuple(int(p.rpartition(":")[2]) for p in text.split(","))
+            out[key] = tuple(n for _, n in parse_chains(text))
         except ValueError:
             continue
     return out
