@@ -5,6 +5,10 @@
                              # export weights (safetensors) + JSON, score, write the model card
     python benchmarks/pretrained.py score NAME   # recompute the card's held-out figures
 
+``--refine STEPS`` (per-residue): decoding by inversion, as ``protoken decode --refine`` (default
+the tokenizer's, 100); the card then also shows the decoder's one pass at every rate. ``--jobs
+N`` scores N rates at once, one core each.
+
 The test set is ``configs/heldout.tsv`` (``benchmarks/heldout.py``): every protein of
 ../shared/data/structures of 40-1024 residues that shares no sequence 8-mer (at most 2%) with
 the training set, duplicates removed. It never chose a checkpoint: training keeps ``best.pt`` by
@@ -31,13 +35,16 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 
 
 def score(name: str, structures: str, workers: int, out: str, limit: int | None = None,
-          stages: int | None = None, ceiling: bool = True) -> dict:  # fmt: skip
+          stages: int | None = None, ceiling: bool = True,
+          refine: int | None = None) -> dict:  # fmt: skip
     from heldout import read_heldout
     from protoken.evaluate import evaluate
     from protoken.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(name, device="cpu")
     tok.stages = stages
+    if refine is not None:
+        tok.refine = refine
     files = read_heldout(structures)[:limit]
     s = evaluate(tok, files, out, backbone=True, workers=workers, progress=False,
                  chains="first", models="first", ceiling=ceiling,
@@ -64,28 +71,54 @@ def score(name: str, structures: str, workers: int, out: str, limit: int | None 
     }
     if stages is not None:
         res["stages"] = stages
+    if "refine_steps" in s:
+        res["refine_steps"] = s["refine_steps"]
     if ceiling:
         res["ceiling_tm_score_median"] = round(s["ceiling_tm_score"]["median"], 4)
         res["ceiling_cb_rmsd_median"] = round(s["ceiling_cb_rmsd"]["median"], 3)
     return res
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _score_task(task: tuple) -> dict:
+    row = score(*task[:-3], stages=task[-3], ceiling=task[-2], refine=task[-1])
+    print(json.dumps({k: v for k, v in row.items() if k != "by_length"}), flush=True)
+    return row
+
+
 def score_all(name: str, args) -> dict:
     """The card's results: the tokenizer as it is, and for a per-residue tokenizer of K
-    stages every rate (``by_stage``: decoding from the first 1 .. K stages); the ceiling once."""
+    stages every rate (``by_stage``: decoding from the first 1 .. K stages, refined by
+    inversion with ``--refine`` steps, and ``by_stage_one_pass``: the decoder's one pass, when
+    ``--refine`` is not 0); the ceiling once. ``--jobs`` scores that many rates at once (one
+    core each)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from protoken import pretrained
+    from protoken.tokenizer import REFINE_STEPS
 
     out = os.path.join(args.out, name)
     family = pretrained.info(name)["model_config"].get("family")
     if family != "residue":
         return score(name, args.structures, args.workers, out, args.limit)
     n = pretrained.info(name)["model_config"].get("n_stages", 1)
-    rows = []
-    for k in range(1, n + 1):
-        rows.append(score(name, args.structures, args.workers, f"{out}-{k}", args.limit,
-                          stages=k, ceiling=k == 1))  # fmt: skip
-        print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "by_length"}), flush=True)
-    return {**rows[0], "by_stage": rows}
+    steps = REFINE_STEPS if args.refine is None else args.refine
+    tasks = [(name, args.structures, args.workers, f"{out}-{k}", args.limit, k, k == 1, steps)
+             for k in range(1, n + 1)]  # fmt: skip
+    if steps:
+        tasks += [(name, args.structures, args.workers, f"{out}-{k}-one-pass", args.limit, k,
+                   False, 0) for k in range(1, n + 1)]  # fmt: skip
+    with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+        rows = list(pool.map(_score_task, tasks))
+    out = {**rows[0], "by_stage": rows[:n]}
+    if steps:
+        out["by_stage_one_pass"] = rows[n:]
+    return out
 
 
 CARD = """# protoken tokenizer `{name}`
@@ -159,6 +192,8 @@ def write_card(name: str, meta: dict, config_path: str, notes: dict) -> str:
     if stages:
         lines = [_row(s, f"first {s['stages']} stage{'s' if s['stages'] > 1 else ''}")
                  for s in stages]  # fmt: skip
+        lines += [_row(s, f"first {s['stages']} stage{'s' if s['stages'] > 1 else ''}, one "
+                          "decoder pass") for s in r.get("by_stage_one_pass", [])]  # fmt: skip
     else:
         lines = [_row(r, "all levels")]
     ceiling = (f"| ceiling (no tokenizer) | - | {r['ceiling_tm_score_median']:.3f} | "
@@ -179,6 +214,11 @@ def write_card(name: str, meta: dict, config_path: str, notes: dict) -> str:
     path = ("the decoder's own backbone (N, CA, C; O from ideal geometry)"
             if r.get("structure_from") == "decoder"
             else "image -> 3D (MDS, handedness, refinement, full backbone)")  # fmt: skip
+    if r.get("refine_steps"):
+        path = (f"the decoder's own backbone refined by inversion ({r['refine_steps']} Adam "
+                "steps over its frames until the tokenizer's encoder gives the tokens back; "
+                "`--refine`, the default; rows *one decoder pass*: `--refine 0`), N, CA, C; O "
+                "from ideal geometry")  # fmt: skip
     return CARD.format(
         name=name, summary=meta["summary"], family=mc["family"], preset=prov.get("preset", ""),
         params=prov.get("weights", 0) / 1e6, layout=layout, sha=meta["sha256"][:16],
@@ -211,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--workers", type=int, default=2)
         q.add_argument("--out", default=os.path.join(ROOT, "runs", "pretrained-eval"))
         q.add_argument("--limit", type=int, help="score only the first N proteins (a dry run)")
+        q.add_argument("--refine", type=int, default=None,
+                       help="per-residue: Adam steps of decoding by inversion (default: the "
+                            "tokenizer's, 100; 0: one decoder pass)")  # fmt: skip
+        q.add_argument("--jobs", type=int, default=1, help="rates scored at once (release)")
     args = p.parse_args(argv)
 
     if args.cmd == "release":
@@ -234,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     meta = pretrained.info(args.name)
+    # a card scored before decoding by inversion holds one-pass figures
+    refine = args.refine if args.refine is not None else meta["results"].get("refine_steps", 0)
     got = score(args.name, args.structures, args.workers, os.path.join(args.out, args.name),
-                args.limit, stages=meta["results"].get("stages"))  # fmt: skip
+                args.limit, stages=meta["results"].get("stages"), refine=refine)  # fmt: skip
     want = meta.get("results", {})
     bad = []
     for key, tol in (("tm_score_median", 0.005), ("cb_rmsd_median", 0.05),

@@ -468,7 +468,8 @@ def test_decode_reads_npz_fasta_and_parquet_alike(small, residue_micro, tmp_path
                 str(tokens), "--no-progress"]  # fmt: skip
         assert main(argv) == 0
         out = tmp_path / f"dec-{fmt}"
-        argv = ["decode", str(tokens), "-c", residue_micro, "-o", str(out), "--no-progress"]
+        argv = ["decode", str(tokens), "-c", residue_micro, "-o", str(out), "--refine", "3",
+                "--no-progress"]  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
         images[fmt] = {p.name: read_image(p) for p in sorted(out.glob("*.png"))}
     assert len(images["npz"]) == 3 and capsys.readouterr().out.count("decoded 3 proteins") == 3
@@ -489,6 +490,21 @@ def test_decode_finds_the_bundled_tokenizer_the_file_names(structures_dir, tmp_p
     assert main(["decode", str(tokens), "-o", str(tmp_path / "d"), "--no-progress"]) == 0
     assert "decoded 1 protein into" in capsys.readouterr().out
     assert (tmp_path / "d" / "kortemme__1CTF_A.pdb").stat().st_size > 0
+
+
+def test_refine_applies_to_per_residue_tokenizers_only(structures_dir, tmp_path, capsys):
+    tokens = tmp_path / "t.npz"
+    src = str(structures_dir / "kortemme__1CTF_A.pdb")
+    assert main(["encode", src, "-c", "default", "-o", str(tokens), "--no-progress"]) == 0
+    code = main(["decode", str(tokens), "-o", str(tmp_path / "d"), "--refine", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--refine: refine applies to per-residue tokenizers only" in err
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+    with pytest.raises(SystemExit) as info:
+        main(["decode", str(tokens), "-o", str(tmp_path / "d"), "--refine", "-1"])
+    assert info.value.code == 2 and "must be at least 0" in capsys.readouterr().err
+    assert main(["decode", str(tokens), "-o", str(tmp_path / "d"), "--refine", "0",
+                 "--no-progress"]) == 0  # fmt: skip
 
 
 def test_nothing_encoded_leaves_no_file_at_all(bad_inputs_dir, tmp_path, capsys):

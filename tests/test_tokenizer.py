@@ -179,7 +179,9 @@ def residue_checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def rtok(residue_checkpoint) -> Tokenizer:
-    return Tokenizer.load(residue_checkpoint, device="cpu", batch_size=3)
+    tok = Tokenizer.load(residue_checkpoint, device="cpu", batch_size=3)
+    tok.refine = 5  # the path, cheaply (decoding by inversion: tests/model/test_model_inversion.py)
+    return tok
 
 
 def test_residue_tokens_decode_like_the_forward_pass_from_any_number_of_stages(

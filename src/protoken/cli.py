@@ -68,6 +68,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -266,6 +276,24 @@ def _set_stages(tok, args: argparse.Namespace) -> None:
         tok.stages = args.stages
     except ValueError as exc:
         raise UsageError(f"--stages: {exc}") from None
+    if getattr(args, "refine", None) is not None:
+        try:
+            tok.refine = args.refine
+        except ValueError as exc:
+            raise UsageError(f"--refine: {exc}") from None
+
+
+def _refine(parser: argparse.ArgumentParser) -> None:
+    from protoken.tokenizer import REFINE_STEPS
+
+    parser.add_argument(
+        "--refine",
+        type=_non_negative_int,
+        metavar="STEPS",
+        help="per-residue tokenizers: refine the decoder's backbone for STEPS Adam steps until "
+        f"the encoder gives the tokens back (default {REFINE_STEPS}; 0: one decoder pass, "
+        "10-50 times faster)",
+    )
 
 
 def _fail(command: str, message, code: int = EXIT_USAGE) -> int:
@@ -597,6 +625,7 @@ def _decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", required=True, help="folder for ID.png and ID.pdb")
     _structure_output(parser)
     _stages(parser, "decode from")
+    _refine(parser)
     _progress(parser)
 
 
@@ -667,6 +696,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _workers(parser, None, "processes for the 3D reconstruction")
     _stages(parser, "encode and decode with")
+    _refine(parser)
     _structure_filters(parser)
     _follow_links(parser)
     _progress(parser)
@@ -856,9 +886,13 @@ def _pretrained(args: argparse.Namespace) -> int:
         mc, res = meta["model_config"], meta.get("results", {})
         test = f"{res.get('proteins', '?')} proteins of {res.get('test_set', 'its test set')}"
         print(f"{name:<10} {mc.get('family', 'hierarchical')} family. {meta.get('summary', '')}")
-        for r in res.get("by_stage") or ([res] if res else []):
+        one_pass = res.get("by_stage_one_pass", [])
+        for r in (res.get("by_stage") or ([res] if res else [])) + one_pass:
             rate = (f"{r['stages']} stage{'s' if r['stages'] > 1 else ''}, " if "stages" in r
                     else "")  # fmt: skip
+            if "refine_steps" in r:
+                rate += (f"refined {r['refine_steps']} steps, " if r["refine_steps"]
+                         else "one decoder pass, ")  # fmt: skip
             by = ", ".join(f"{b['lengths']}: {b['tm_score']:.2f}" for b in r.get("by_length", []))
             bits = r["bits_per_residue_median"]
             print(f"{'':<11}median TM-score {r['tm_score_median']:.3f} ({rate}{bits:g} bits per "

@@ -821,7 +821,9 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     tokenizer's ``family`` and
     ``provenance`` (training steps, preset, data), ``structure_from`` (``via``: a per-residue
     decoder's own backbone, ``"decoder"``, or the decoded image through MDS, ``"image"``; see
-    :meth:`protoken.tokenizer.Tokenizer.decode_structure`) and, per-residue, ``stages``.
+    :meth:`protoken.tokenizer.Tokenizer.decode_structure`) and, per-residue, ``stages`` and
+    ``refine_steps`` (decoding by inversion, :attr:`protoken.tokenizer.Tokenizer.refine`; the
+    image metrics are then those of the refined backbone's image).
 
     With ``chains="complex"`` each structure file is one image of all its protein chains
     (:func:`protoken.structure.read_backbones`), and each complex of two chains or more adds
@@ -865,9 +867,13 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
         while batch := list(itertools.islice(items, batch_size)):
             tokens = tokenizer.tokens_of(batch)
             levels = [t.levels for t in tokens]
-            decoded = tokenizer.decode_levels(levels, [t.length for t in tokens],
-                                              [t.chains for t in tokens])  # fmt: skip
-            recs = tokenizer.decode_atoms(tokens) if from_decoder else [None] * len(batch)
+            if from_decoder:  # the image of the (refined) backbone the metrics score
+                recs = tokenizer.decode_atoms(tokens)
+                decoded = [tokenizer.image_of(rec) for rec in recs]
+            else:
+                recs = [None] * len(batch)
+                decoded = tokenizer.decode_levels(levels, [t.length for t in tokens],
+                                                  [t.chains for t in tokens])  # fmt: skip
             for it, t, lv, dec, rec in zip(batch, tokens, levels, decoded, recs, strict=True):
                 # codebook use per level (grids) or per stage (per-residue codes)
                 parts = [t.stages[:, k] for k in range(t.n_stages)] if t.n_stages else lv
@@ -932,6 +938,8 @@ def evaluate(tokenizer, inputs: Iterable[str], out: str, backbone: bool = False,
     summary["structure_from"] = "decoder" if from_decoder else "image"
     if summary["family"] == "residue":
         summary["stages"] = len(used)
+    if from_decoder:
+        summary["refine_steps"] = int(getattr(tokenizer, "refine", 0))
     summary["provenance"] = getattr(tokenizer, "provenance", {})
     summary["by_length"] = by_length(rows)
     if complexes:

@@ -145,10 +145,8 @@ def write_report(out: str, rows, summary, shown: dict, backbone: bool) -> None:
         "",
         f"Tokenizer `{s.get('checkpoint', '')}` ({s.get('family', 'hierarchical')} family; "
         f"trained: {trained}), {s['proteins']} proteins ({s['skipped_inputs']} inputs skipped). "
-        "Structures are reconstructed from the decoded images (classical MDS, handedness from "
-        "the image's own chiral channels, distance refinement"
-        + (", full backbone" if backbone else "")
-        + ") and compared with the true "
+        + _structures_from(s, backbone)
+        + " and compared with the true "
         "structures after superposition by a proper rotation. The *ceiling* column is the "
         "input image itself reconstructed the same way, without the tokenizer: what the "
         "image -> 3D path alone reaches, the best any tokenizer of these images can do.",
@@ -317,6 +315,19 @@ def _pictures(out, rows, shown) -> dict[str, tuple[str, str]]:
         save(fig, overlay_png)
         pictures[which] = (images_png, overlay_png)
     return pictures
+
+
+def _structures_from(s: dict, backbone: bool) -> str:
+    """Where the report's structures came from, in words."""
+    if s.get("structure_from") == "decoder":
+        stages = f" from {s['stages']} stage(s) of codes" if "stages" in s else ""
+        steps = s.get("refine_steps", 0)
+        how = (f", refined by inversion ({steps} Adam steps until the encoder gives the tokens "
+               "back)" if steps else ", one decoder pass")  # fmt: skip
+        return f"Structures are the decoder's own backbones{stages}{how},"
+    return ("Structures are reconstructed from the decoded images (classical MDS, handedness "
+            "from the image's own chiral channels, distance refinement"
+            + (", full backbone" if backbone else "") + "),")  # fmt: skip
 
 
 def headline(summary: dict, out: str) -> str:

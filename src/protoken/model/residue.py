@@ -41,7 +41,7 @@ representation): see :data:`V1_FIELDS`; its weights load and give the same token
 Padding: attention ignores padded residues, neighbours are valid residues only, and every other
 operation is per residue or per pair, so a protein's codes do not depend on its batch.
 
-One module of ~850 lines on purpose: config and model read together, as nanoGPT's model.py
+One module of ~920 lines on purpose: config and model read together, as nanoGPT's model.py
 (encoders, residual FSQ, decoder, frame head and the first design's compatibility fields).
 """
 
@@ -546,10 +546,7 @@ class StageFSQ(nn.Module):
             return q, idx.long()[..., None]
         rfsq = self.rfsq
         with torch.autocast(z.device.type, enabled=False):
-            x = z.float()
-            clamp = rfsq.soft_clamp_input_value
-            if clamp is not None:  # as ResidualFSQ bounds its input
-                x = (x / clamp).tanh() * clamp
+            x = self.bound(z)
             residual, parts, codes = x, [], []
             for layer, scale in zip(rfsq.layers, rfsq.scales, strict=True):
                 q_k, idx_k = layer(residual / scale)
@@ -565,6 +562,42 @@ class StageFSQ(nn.Module):
             q = sum(p * keep[:, None, k, None] for k, p in enumerate(parts))
             return q, codes.masked_fill(~keep[:, None, :], -1)
 
+    def bound(self, z: Tensor) -> Tensor:
+        """Latents as the stages see them: fp32, soft-clamped as ResidualFSQ bounds its input."""
+        x = z.float()
+        clamp = None if self.single else self.rfsq.soft_clamp_input_value
+        return x if clamp is None else (x / clamp).tanh() * clamp
+
+    def mismatch(self, z: Tensor, codes: Tensor) -> Tensor:
+        """How far latents ``z`` ``(B, L, D)`` are from quantising to ``codes`` ``(B, L, k)``
+        (the first k stages), per residue ``(B, L)``, differentiable in ``z``.
+
+        Stage s quantises what the token's earlier stages left, ``x - sum_{t<s} q_t``, scaled
+        by its scale; its value before rounding (:func:`_soft_bound`) must fall in the cell of
+        the token's code. Stages before the last add their squared distance from that cell (0
+        inside: any point there gives the code), the last its squared distance from the
+        cell's centre (the best guess inside it); in the units of ``z``. What decoding by
+        inversion (:mod:`protoken.model.inversion`) minimises."""
+        layers = [self.fsq] if self.single else list(self.rfsq.layers)
+        scales = [1.0] * len(layers) if self.single else list(self.rfsq.scales)
+        k = codes.shape[-1]
+        if not 1 <= k <= len(layers):
+            raise ValueError(f"expected 1 to {len(layers)} stages of codes, got {k}")
+        residual, total = self.bound(z), z.new_zeros(z.shape[:-1], dtype=torch.float32)
+        for s in range(k):
+            layer, scale = layers[s], scales[s]
+            code = layer.indices_to_codes(codes[..., s].clamp(0, self.size - 1)).float()
+            u, half, top = _soft_bound(layer, residual / scale)
+            err = u - code
+            if s < k - 1:  # 0 inside the cell
+                err = err.sign() * (err.abs() - half).clamp(min=0)
+            # the outermost cells reach to infinity
+            past = ((code >= top - 1e-6) & (err > 0)) | ((code <= -1 + 1e-6) & (err < 0))
+            err = err.masked_fill(past, 0.0)
+            total = total + ((err * scale) ** 2).sum(-1)
+            residual = residual - code * scale
+        return total
+
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes ``(B, L, k)``, ``1 <= k <= n_stages`` (-1: no code) -> summed code vectors."""
         if codes.shape[-1] < 1 or codes.shape[-1] > self.n_stages:
@@ -579,6 +612,27 @@ class StageFSQ(nn.Module):
             codes = F.pad(codes, (0, pad), value=-1)
         parts = self.rfsq.get_codes_from_indices(codes)  # (K, B, L, D), zero where -1
         return parts.sum(0)
+
+
+def _soft_bound(layer, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """An FSQ layer's value of ``z`` before rounding, in code units, the half width of its
+    cells and its largest code value (the smallest is -1): vector-quantize-pytorch's ``bound``
+    (tanh, its eps and the offset of even levels) or, with ``preserve_symmetry``, its
+    symmetric bound (tanh or a hard clamp, whose soft value is ``z`` itself) without their
+    rounding; the test checks that the library's codes lie in these cells."""
+    levels = layer._levels.to(z.device)
+    z = z.float()
+    if getattr(layer, "preserve_symmetry", False):
+        u = z if layer.bound_hard_clamp else z.tanh()
+        return u, 1.0 / (levels - 1), torch.ones_like(levels, dtype=torch.float32)
+    if getattr(layer, "bound_hard_clamp", False):
+        raise NotImplementedError("FSQ with a hard clamp and no preserve_symmetry")
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    shift = torch.atanh(offset / half_l)
+    half_width = levels // 2
+    u = ((z + shift).tanh() * half_l - offset) / half_width
+    return u, 0.5 / half_width, (levels - 1 - half_width) / half_width
 
 
 # --------------------------------------------------------------------------- decoder heads
@@ -672,7 +726,12 @@ class FrameHead(nn.Module):
         self.proj = nn.Linear(c.d_model, 9)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        p = self.proj(h.float())
+        return self.atoms(self.proj(h.float()))
+
+    @staticmethod
+    def atoms(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Frame parameters ``(B, L, 9)`` (translation / 10 A, two rotation vectors) -> ideal
+        N, CA, C."""
         e1 = torch.tensor([1.0, 0.0, 0.0], device=p.device)
         e2 = torch.tensor([0.0, 1.0, 0.0], device=p.device)
         rot = gt.rotation_from_6d(p[..., 3:6] + e1, p[..., 6:9] + e2)
@@ -731,13 +790,16 @@ class ResidueVQVAE(nn.Module):
             raise ValueError(f"mask must be (B, L, L) or (B, 1, L, L), got {mask.shape}")
         return mask.bool()
 
-    def _encode(self, x: Tensor, mask: Tensor, buckets: Tensor) -> tuple[Tensor, Tensor]:
+    def _latent(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         h = self.pair_encoder(x * mask[:, None], mask, buckets)
         if self.row_encoder is not None:
             h = h + self.row_encoder(x * mask[:, None], mask, buckets)
-        h = self.encoder(h, rmask, buckets)
-        q, idx = self.quantizer(self.pre_quant(h).float())
+        return self.pre_quant(self.encoder(h, rmask, buckets)).float()
+
+    def _encode(self, x: Tensor, mask: Tensor, buckets: Tensor) -> tuple[Tensor, Tensor]:
+        rmask = mask.diagonal(dim1=-2, dim2=-1)
+        q, idx = self.quantizer(self._latent(x, mask, buckets))
         return q, idx.masked_fill(~rmask[..., None], -1)
 
     def _trunk(self, q: Tensor, rmask: Tensor, buckets: Tensor):
@@ -800,6 +862,12 @@ class ResidueVQVAE(nn.Module):
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         return self._encode(x, mask, self._layout(rmask, chains))[1]
 
+    def latent(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> Tensor:
+        """Images and masks -> the encoder's latents ``(B, L, D)`` before quantisation
+        (differentiable in ``x``; :meth:`StageFSQ.mismatch` compares them with codes)."""
+        mask = self._check(x, mask)
+        return self._latent(x, mask, self._layout(mask.diagonal(dim1=-2, dim2=-1), chains))
+
     def _lookup(self, codes: Tensor, lengths) -> tuple[Tensor, Tensor]:
         codes = torch.as_tensor(codes)
         if codes.ndim == 2:  # one stage
@@ -845,9 +913,15 @@ class ResidueVQVAE(nn.Module):
         return out
 
     @torch.no_grad()
-    def decode_backbone(self, codes: Tensor, lengths, chains: Tensor | None = None):
-        """Codes ``(B, L, k)`` -> the decoder's own N, CA, C ``(B, L, 3)`` each."""
+    def decode_frames(self, codes: Tensor, lengths, chains: Tensor | None = None) -> Tensor:
+        """Codes ``(B, L, k)`` -> the decoder's frame parameters ``(B, L, 9)``
+        (:meth:`FrameHead.atoms` makes them N, CA, C)."""
         q, rmask = self._lookup(codes, lengths)
         h = self._trunk(q, rmask, self._layout(rmask, chains))[0]
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float())
+            return self.head.proj(h.float())
+
+    @torch.no_grad()
+    def decode_backbone(self, codes: Tensor, lengths, chains: Tensor | None = None):
+        """Codes ``(B, L, k)`` -> the decoder's own N, CA, C ``(B, L, 3)`` each."""
+        return self.head.atoms(self.decode_frames(codes, lengths, chains))
