@@ -18,8 +18,10 @@ decoder's own backbone; a hierarchical one's image through MDS, handedness, refi
 backbone) against the true structure; and the image -> 3D path without the tokenizer (the
 ceiling). A per-residue tokenizer of K stages is scored at every rate (the first 1 .. K stages).
 The card's prose (data, compute with the CPU-hours of every session, lineage, limitations,
-how to reproduce) comes from ``--notes``. ``score`` prints the figures next to those in the
-JSON and fails when they differ by more than 0.005 (TM-score) / 0.05 A (RMSD).
+how to reproduce) comes from ``--notes``; its "What the tokens know" section from
+``docs/token_probes.json`` when ``benchmarks/token_probes.py`` scored these very weights.
+``score`` prints the figures next to those in the JSON and fails when they differ by more than
+0.005 (TM-score) / 0.05 A (RMSD).
 """
 
 from __future__ import annotations
@@ -230,6 +232,22 @@ def write_card(name: str, meta: dict, config_path: str, notes: dict) -> str:
     )  # fmt: skip
 
 
+def add_probe_section(name: str, card_path: str) -> bool:
+    """Put "What the tokens know" back into a card ``release`` rewrote: the rows of
+    ``docs/token_probes.json`` (``benchmarks/token_probes.py``) for these very weights, else
+    nothing (a stale table is never quoted). Returns whether the card changed."""
+    from protoken import pretrained
+    from token_probes import card_section, update_card
+
+    path = os.path.join(ROOT, "docs", "token_probes.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        results = json.load(fh)
+    section = card_section(name, pretrained.load(name)["checkpoint_id"], results)
+    return bool(section) and update_card(card_path, section)
+
+
 def main(argv: list[str] | None = None) -> int:
     from protoken import pretrained
 
@@ -272,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(meta, fh, indent=1)
             fh.write("\n")
         card = write_card(args.name, meta, args.config, notes)
-        with open(os.path.join(os.path.dirname(path), f"{args.name}.md"), "w") as fh:
+        card_path = os.path.join(os.path.dirname(path), f"{args.name}.md")
+        with open(card_path, "w") as fh:
             fh.write(card)
+        add_probe_section(args.name, card_path)
         print(json.dumps({k: v for k, v in meta["results"].items() if k != "by_stage"}, indent=1))
         return 0
 

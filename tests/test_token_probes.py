@@ -372,3 +372,15 @@ def test_a_two_stage_tokenizer_gets_a_row_per_stage_and_joint_rows(shared, tmp_p
     assert np.isfinite(joint["search"]["rho"])
     # the binned CA(i-1)-CA(i+1) distance knows helices from strands
     assert rows["twostage stage 1"]["probe_w0"]["ss3"] > 0.6
+
+
+@pytest.mark.parametrize("name", ["residue", "default"])
+def test_bundled_cards_quote_the_probe_results_of_their_weights(name):
+    # a release rewrites the card from its template; the section must come back with it
+    from protoken import pretrained
+
+    results = json.loads((REPO / "docs" / "token_probes.json").read_text())
+    section = tp.card_section(name, pretrained.load(name)["checkpoint_id"], results)
+    if not section:
+        pytest.skip(f"docs/token_probes.json holds no results of the bundled {name}")
+    assert section in pretrained.card(name)
