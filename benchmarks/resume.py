@@ -29,15 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def write_config(path: str, **cfg) -> list[str]:
-    with open(path, "w") as fh:
-        json.dump(cfg, fh)
-    return ["--config", path]
-
-
-def last_window(run: str) -> float:
-    rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")) if "images_per_s" in x]
-    return rows[-1]["images_per_s"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train import write_config  # noqa: E402  (benchmarks/train.py)
 
 
 def resume_latency(data: str, tmp: str, args) -> None:
