@@ -77,14 +77,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the rows and medians here")
     args = ap.parse_args(argv)
 
-    import torch
-
     from heldout import read_heldout
     from protoken.tokenizer import Tokenizer
 
     if not os.path.isdir(args.structures):
         sys.exit(f"long_chains: {args.structures} not found (../shared/data/structures)")
-    torch.manual_seed(0)
     tok = Tokenizer.load(args.tokenizer, device="cpu")
     if tok.family != "residue":
         sys.exit("long_chains: needs a per-residue tokenizer")
