@@ -12,9 +12,9 @@ import torch
 
 from protoken.codec import features_to_image
 from protoken.geometry import sixd
-from protoken.model import mask_from_lengths
+from protoken.model import build_model, mask_from_lengths
 from protoken.model.losses import LossConfig, geometric_loss, geometric_weight, mse_loss
-from protoken.structure import read_backbones
+from protoken.structure import chain_index, read_backbones
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,65 @@ def test_gradients_are_finite_at_the_truth(real):
     total, _ = _loss(y, x)
     total.backward()
     assert torch.isfinite(y.grad).all()
+
+
+def test_interface_weight_scales_exactly_the_near_pairs_of_different_chains(structures_dir):
+    """Real heterodimer (2q2k, chains of 45 and 44): with weight w the loss gains (w - 1) times
+    the loss summed over the inter-chain pairs closer than frame_cutoff, and nothing else."""
+    bb = read_backbones(structures_dir / "openfold__2q2k.cif.gz", chains="complex",
+                        models="first")[0]  # fmt: skip
+    x = torch.tensor(features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0))[None].float()
+    L = x.shape[-1]
+    ch = torch.as_tensor(chain_index(bb.chains))
+    other = (ch[:, None] != ch[None, :])[None]
+    assert 0 < int(other.sum()) < L * L
+    y = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    mask = mask_from_lengths([L], L)
+    d = (x[0, 0].tril(-1) + x[0, 0].tril(-1).T + 1) * 40
+    interface = other & (d < 20.0)[None] & mask
+    assert int(interface.sum()) > 0  # the chains touch
+    plain = float(geometric_loss(y, x, mask, LossConfig(kind="geometric"))[0])
+    just_interface = float(geometric_loss(y, x, interface, LossConfig(kind="geometric"))[0])
+    cfg = LossConfig(kind="geometric", interface_weight=4.0)
+    weighted, weight = geometric_loss(y, x, mask, cfg, other)
+    assert float(weighted) == pytest.approx(plain + 3.0 * just_interface, rel=1e-4)
+    assert int(weight) == L * (L - 1)  # the normaliser does not change
+    # single chains (no layout) and weight 1 are the plain loss
+    assert float(geometric_loss(y, x, mask, cfg)[0]) == pytest.approx(plain, rel=1e-6)
+    same = LossConfig(kind="geometric")
+    assert float(geometric_loss(y, x, mask, same, other)[0]) == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset, extra", [("residue-tiny", {}), ("tiny", {"chain_aware": True})])
+def test_both_families_weigh_the_interfaces_of_a_complex(structures_dir, preset, extra):
+    """The same weights with interface_weight 1 and 5 on a real heterodimer: a model's loss
+    gains 4 times the loss of its own reconstruction over the inter-chain pairs under 20 A;
+    without a chain layout the weight changes nothing."""
+    bb = read_backbones(structures_dir / "openfold__2q2k.cif.gz", chains="complex",
+                        models="first")[0]  # fmt: skip
+    n = bb.ca.shape[0]
+    side = 96  # a multiple of the hierarchical model's downsampling
+    x = torch.zeros(1, 3, side, side)
+    x[0, :, :n, :n] = torch.tensor(features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0)).float()
+    mask = mask_from_lengths([n], side)
+    chains = torch.full((1, side), -1, dtype=torch.long)
+    chains[0, :n] = torch.as_tensor(chain_index(bb.chains))
+    models = []
+    for w in (1.0, 5.0):
+        torch.manual_seed(0)
+        loss = {"kind": "geometric", "interface_weight": w}
+        models.append(build_model(preset, {**extra, "loss": loss}).eval())
+    with torch.no_grad():
+        plain, weighted = (m(x, mask, chains) for m in models)
+        torch.testing.assert_close(plain.recon, weighted.recon)
+        d = (x[0, 0].tril(-1) + x[0, 0].tril(-1).T + 1) * 40
+        other = (chains[0, :, None] != chains[0, None, :]) & (d < 20.0)
+        interface = mask & other[None]
+        cfg = LossConfig(kind="geometric")
+        extra_loss = float(geometric_loss(plain.recon, x, interface, cfg)[0])
+        assert extra_loss > 0
+        assert float(weighted.loss_sum) == pytest.approx(
+            float(plain.loss_sum) + 4.0 * extra_loss, rel=1e-4
+        )
+        alone = [float(m(x, mask).loss_sum) for m in models]
+        assert alone[0] == pytest.approx(alone[1], rel=1e-6)
