@@ -274,3 +274,21 @@ def test_encode_reads_shards_as_the_loose_images(both):
     assert [t.id for t in a] == [t.id for t in b] == [x.id for x in from_shards]
     for x, y in zip(a, b, strict=True):
         assert all(np.array_equal(u, v) for u, v in zip(x.levels, y.levels, strict=True))
+
+
+def test_a_shard_window_holds_at_most_as_many_bins_as_shards(both):
+    """Shards hold one length bin each, so a window of G shards holds at most G bins: what
+    ``protoken train`` warns about when it is under half the bins."""
+    _, shards = both
+    index = ImageIndex.build(shards)
+    rows = index.split_rows("all", 0.0)
+    assert BatchPlan(index, rows, 3, group_by_bin=True, seed=1).bins_per_window() is None
+    assert all(len(set(index.bin_of[index.shard_of == s].tolist())) == 1
+               for s in range(len(index.shards)))  # fmt: skip
+    one = BatchPlan(index, rows, 3, group_by_bin=True, seed=1, shard_window=1)
+    assert one.bins_per_window() == 1.0
+    n_bins = len(set(index.bin_of[rows].tolist()))
+    every = BatchPlan(index, rows, 3, group_by_bin=True, seed=1, shard_window=len(index.shards))
+    assert every.bins_per_window() == n_bins
+    two = BatchPlan(index, rows, 3, group_by_bin=True, seed=1, shard_window=2)
+    assert 1.0 <= two.bins_per_window(0) <= 2.0

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -187,6 +188,12 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
         index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed, cfg.shard_window
     )
     train = IndexedBatches(train_plan, epoch=epoch, position=position, **common)
+    per_window, n_bins = train_plan.bins_per_window(), len(np.unique(index.bin_of[rows["train"]]))
+    if d.master and per_window is not None and per_window < n_bins / 2:
+        print(f"protoken train: warning: shard_window={cfg.shard_window} reads {per_window:.1f} "
+              f"of the {n_bins} length bins at a time (each shard holds one bin), so stretches "
+              "of training see only those lengths and a short run ends on a few of them; "
+              "leave shard_window unset on a local disk", file=sys.stderr, flush=True)  # fmt: skip
     val_plan = BatchPlan(index, rows["val"], cfg.batch_size, cfg.group_by_bin, cfg.seed)
     val = IndexedBatches(val_plan, epoch=-1, num_batches=cfg.eval_batches, **common)
     workers = dict(num_workers=cfg.num_workers, worker_init_fn=ignore_signals)

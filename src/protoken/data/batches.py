@@ -452,6 +452,18 @@ class BatchPlan:
         self._epoch(epoch)
         return self._cached[2]
 
+    def bins_per_window(self, epoch: int = 0) -> float | None:
+        """The mean number of length bins among the rows of a shard window in ``epoch`` (None
+        without ``shard_window``). Shards written by ``protoken convert`` hold one bin each, so
+        a window of G shards holds at most G bins, and a stretch of training sees only those:
+        with few shards per bin, the last steps of a short run favour a few lengths."""
+        windows = self.shard_windows(epoch)
+        if windows is None:
+            return None
+        of_row = windows[self.index.shard_of[self.rows]]
+        pairs = np.unique(np.stack([of_row, self.index.bin_of[self.rows]]), axis=1)
+        return float(pairs.shape[1] / len(np.unique(pairs[0])))
+
     def batch(self, epoch: int, k: int) -> np.ndarray:
         """Rows of batch ``k`` (``0 <= k < batches_per_epoch``) of ``epoch``."""
         order, bounds, batch_order = self._epoch(epoch)
