@@ -43,6 +43,29 @@ def read_heldout(structures: str, min_len: int = MIN_LEN, max_len: int = MAX_LEN
     return out
 
 
+STRUCTURES = os.path.join(ROOT, "..", "shared", "data", "structures")
+
+
+def heldout_residue_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments of the per-residue benchmarks over the held-out set: ``--tokenizer``
+    (bundled name or checkpoint path) and ``--structures``."""
+    ap.add_argument("--tokenizer", default="residue", help="bundled name or checkpoint path")
+    ap.add_argument("--structures", default=STRUCTURES)
+
+
+def residue_tokenizer(spec: str, structures: str, who: str):
+    """The per-residue tokenizer ``spec`` on the CPU; exits with a one-line reason when
+    ``structures`` is missing or ``spec`` is of another family."""
+    from protoken.tokenizer import Tokenizer
+
+    if not os.path.isdir(structures):
+        sys.exit(f"{who}: {structures} not found (../shared/data/structures)")
+    tok = Tokenizer.load(spec, device="cpu")
+    if tok.family != "residue":
+        sys.exit(f"{who}: {spec} is not a per-residue tokenizer")
+    return tok
+
+
 def kmers(seq: str, k: int = K) -> set[str]:
     return {seq[i : i + k] for i in range(len(seq) - k + 1)}
 

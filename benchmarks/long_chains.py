@@ -33,6 +33,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from heldout import heldout_residue_args, read_heldout, residue_tokenizer  # noqa: E402
+
 
 def _decode_ca(tok, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Encode ``image`` alone and decode it in one pass: (codes (L, K), CA (L, 3))."""
@@ -66,9 +68,7 @@ def measure(tok, path: str, window: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", default="residue", help="bundled name or checkpoint path")
-    ap.add_argument("--structures", default=os.path.join(HERE, "..", "..", "shared", "data",
-                                                         "structures"))  # fmt: skip
+    heldout_residue_args(ap)
     ap.add_argument("--window", type=int, default=300)
     ap.add_argument("--min-len", type=int, default=400)
     ap.add_argument("--max-len", type=int, default=1024)
@@ -77,14 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the rows and medians here")
     args = ap.parse_args(argv)
 
-    from heldout import read_heldout
-    from protoken.tokenizer import Tokenizer
-
-    if not os.path.isdir(args.structures):
-        sys.exit(f"long_chains: {args.structures} not found (../shared/data/structures)")
-    tok = Tokenizer.load(args.tokenizer, device="cpu")
-    if tok.family != "residue":
-        sys.exit("long_chains: needs a per-residue tokenizer")
+    tok = residue_tokenizer(args.tokenizer, args.structures, "long_chains")
     tok.stages = args.stages
     files = read_heldout(args.structures, args.min_len, args.max_len)[: args.limit]
     rows = []

@@ -21,20 +21,21 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from heldout import STRUCTURES, read_heldout, residue_tokenizer  # noqa: E402
+
 BINS = ((40, 99), (100, 199), (200, 399), (400, 1024))
 
 
-def score(checkpoint: str, files: list[str], stages: list[int]) -> np.ndarray:
-    """``(proteins, 1 + len(stages))``: length, then the CA TM-score from the first k stages."""
+def score(checkpoint: str, structures: str, stages: list[int]) -> np.ndarray:
+    """``(proteins, 1 + len(stages))``: length, then the CA TM-score from the first k stages,
+    for every held-out protein of ``structures``."""
     from protoken.metrics import tm_score
-    from protoken.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(checkpoint, device="cpu")
-    if tok.family != "residue":
-        sys.exit(f"one_pass: {checkpoint} is not a per-residue tokenizer")
+    tok = residue_tokenizer(checkpoint, structures, "one_pass")
     tok.refine, tok.stages, model = 0, None, tok.model
     rows = []
-    for path in files:
+    for path in read_heldout(structures):
         item = tok.prepare(path, chains="first", models="first")[0]
         n, true_ca = item.image.shape[-1], item.backbone[:, 1]
         (codes,) = tok.encode_images([item.image])[0]
@@ -49,23 +50,17 @@ def score(checkpoint: str, files: list[str], stages: list[int]) -> np.ndarray:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="bundled names or checkpoint paths")
-    ap.add_argument("--structures", default=os.path.join(HERE, "..", "..", "shared", "data",
-                                                         "structures"))  # fmt: skip
+    ap.add_argument("--structures", default=STRUCTURES)
     ap.add_argument("--stages", default="1,2,4", help="comma-separated numbers of stages")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     import torch
 
-    from heldout import read_heldout
-
-    if not os.path.isdir(args.structures):
-        sys.exit(f"one_pass: {args.structures} not found (../shared/data/structures)")
     torch.set_num_threads(args.threads)
     stages = [int(k) for k in args.stages.split(",")]
-    files = read_heldout(args.structures)
     for checkpoint in args.checkpoints:
-        a = score(checkpoint, files, stages)
+        a = score(checkpoint, args.structures, stages)
         cells = " / ".join(f"{np.median(a[:, i + 1]):.3f}" for i in range(len(stages)))
         print(f"{checkpoint}: {len(a)} proteins, one pass, CA TM median at {args.stages} "
               f"stages {cells}")  # fmt: skip

@@ -24,12 +24,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from heldout import heldout_residue_args, read_heldout, residue_tokenizer  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", default="residue", help="bundled name or checkpoint path")
-    ap.add_argument("--structures", default=os.path.join(HERE, "..", "..", "shared", "data",
-                                                         "structures"))  # fmt: skip
+    heldout_residue_args(ap)
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--proteins", type=int, default=20)
     ap.add_argument("--steps", default="0,100,300", help="comma-separated refinement steps")
@@ -40,17 +40,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from heldout import read_heldout
     from protoken.metrics import tm_score
     from protoken.model.inversion import refine
-    from protoken.tokenizer import Tokenizer
 
-    if not os.path.isdir(args.structures):
-        sys.exit(f"refine_steps: {args.structures} not found (../shared/data/structures)")
     torch.set_num_threads(1)
-    tok = Tokenizer.load(args.tokenizer, device="cpu")
-    if tok.family != "residue":
-        sys.exit("refine_steps: needs a per-residue tokenizer")
+    tok = residue_tokenizer(args.tokenizer, args.structures, "refine_steps")
     steps = [int(s) for s in args.steps.split(",")]
     files = read_heldout(args.structures, args.min_len, args.max_len)
     rng = np.random.default_rng(0)
