@@ -188,8 +188,9 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
         index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed, cfg.shard_window
     )
     train = IndexedBatches(train_plan, epoch=epoch, position=position, **common)
-    per_window, n_bins = train_plan.bins_per_window(), len(np.unique(index.bin_of[rows["train"]]))
-    if d.master and per_window is not None and per_window < n_bins / 2:
+    per_window = train_plan.bins_per_window() if d.master else None
+    n_bins = 0 if per_window is None else len(np.unique(index.bin_of[rows["train"]]))
+    if per_window is not None and per_window < n_bins / 2:
         print(f"protoken train: warning: shard_window={cfg.shard_window} reads {per_window:.1f} "
               f"of the {n_bins} length bins at a time (each shard holds one bin), so stretches "
               "of training see only those lengths and a short run ends on a few of them; "

@@ -587,8 +587,7 @@ class HierarchicalVQVAE(nn.Module):
         same = self._same_chain(chains, mask)
         codes, outs, masks = self._encode(x, mask, same)
         recon = self._decode_codes(codes, masks, mask, same)
-        other = None if chains is None else mask & ~same_chain(chains, mask)
-        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss, other)
+        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss, chains)
         outs = outs[::-1]  # coarsest first
         commit = torch.stack([o.commit_loss for o in outs])
         metrics = {

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protoken.model.contract import same_chain
+
 __all__ = [
     "LossConfig",
     "geometric_loss",
@@ -180,14 +182,17 @@ def geometric_loss(
 
 
 def reconstruction_loss(
-    recon: Tensor, target: Tensor, mask: Tensor, loss: LossConfig,
-    other_chain: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    recon: Tensor, target: Tensor, mask: Tensor, loss: LossConfig, chains: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The loss ``loss`` asks for (``loss.kind``: ``"mse"`` or ``"geometric"``):
-    ``(loss_sum, weight)``. ``other_chain``: see :func:`geometric_loss` (the MSE weighs every
-    pixel alike)."""
+    ``(loss_sum, weight)``. ``chains`` ``(B, L)``: each residue's chain index (complexes; None:
+    single chains), whose interfaces weigh ``loss.interface_weight`` in the geometric loss (the
+    MSE weighs every pixel alike)."""
     if loss.kind == "geometric":
-        return geometric_loss(recon, target, mask, loss, other_chain)
+        other = None
+        if chains is not None and loss.interface_weight != 1.0:
+            other = mask & ~same_chain(chains, mask)
+        return geometric_loss(recon, target, mask, loss, other)
     return mse_loss(recon, target, mask)
 
 

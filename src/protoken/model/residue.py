@@ -61,7 +61,7 @@ from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import Tensor, nn
 
 from protoken.model import geometry_torch as gt
-from protoken.model.contract import ModelOutput, same_chain
+from protoken.model.contract import ModelOutput
 from protoken.model.losses import LossConfig, reconstruction_loss, unpack_image
 from protoken.model.quantize import code_statistics
 
@@ -837,8 +837,7 @@ class ResidueVQVAE(nn.Module):
         q, idx = self._encode(x, mask, buckets)
         h, z = self._trunk(q, rmask, buckets)
         recon = self._image(h, rmask)
-        other = None if chains is None else mask & ~same_chain(chains, mask)
-        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss, other)
+        loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss, chains)
         if z is not None and self.config.pair_loss_weight:
             pm = mask & ~torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
             frac = self.config.pair_loss_fraction if self.training else 1.0
