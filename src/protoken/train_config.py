@@ -59,6 +59,9 @@ class TrainConfig(BaseModel):
     oversample: dict[str, int] = Field(default_factory=dict)
     batch_size: int = Field(8, ge=1)
     crop: int | None = Field(None, ge=8)  # train on random diagonal windows of <= crop residues
+    # this fraction of single-chain training images cut into two-chain pseudo-complexes
+    # (protoken.data.batches.split_chain): interfaces to learn from single chains
+    split_chains: float = Field(0.0, ge=0.0, le=1.0)
     group_by_bin: bool = True
     # data converted with --format shards: read the shards G at a time (BatchPlan shard_window)
     shard_window: int | None = Field(None, ge=1)

@@ -24,7 +24,7 @@ from protoken.data import (
     decode_image,
     ignore_signals,
 )
-from protoken.data.batches import crop_complex
+from protoken.data.batches import SPLIT_GAP, SPLIT_MIN_CHAIN, crop_complex, split_chain
 
 
 def spearman(a, b) -> float:
@@ -474,3 +474,56 @@ def test_batches_of_complexes_carry_their_chains(complex_folder):
         if i != k:
             assert (chains[i, :n] == 0).all()  # single chains: chain 0
     assert ImageIndex.build(root).chain_lengths(row) == sizes  # from the cache too
+
+
+# --------------------------------------------------------------------------- pseudo-complexes
+
+
+def test_a_split_chain_is_the_image_of_its_two_pieces_as_a_complex(structures_dir):
+    from protoken.codec import features_to_image
+    from protoken.geometry import sixd
+    from protoken.structure import read_backbones
+
+    (bb,) = read_backbones(structures_dir / "graphein__4hhb.cif.gz", "first", "first")
+    image = features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0)
+    seen = set()
+    for seed in range(20):
+        split, chains = split_chain(image, np.random.default_rng(seed))
+        c = int(np.argmax(chains))  # where the second piece starts
+        g = len(bb) - len(chains)  # residues left out
+        seen.add((c, g))
+        assert (chains[:c] == 0).all() and (chains[c:] == 1).all()
+        assert c >= SPLIT_MIN_CHAIN and len(chains) - c >= SPLIT_MIN_CHAIN
+        assert SPLIT_GAP[0] <= g <= SPLIT_GAP[1]
+        # the image of the pieces, computed from their atoms, as one two-chain image
+        keep = np.r_[0:c, c + g : len(bb)]
+        pieces = features_to_image(sixd(bb.n[keep], bb.ca[keep], bb.c[keep]), 80.0)
+        np.testing.assert_allclose(split, pieces, atol=1e-5)
+    assert len(seen) > 15  # cut and gap drawn, not fixed
+    short = image[:, :64, :64]  # under 2 x 30 + 5 residues: left whole
+    same, none = split_chain(short, np.random.default_rng(0))
+    assert none is None and same is short
+
+
+def test_split_chains_makes_that_fraction_of_single_chains_two_chain_complexes(converted8):
+    index = ImageIndex.build(converted8)
+    plan = BatchPlan(index, index.split_rows("train", 0.0), 4, True, seed=3)
+
+    def layouts(frac, position=0, n=30):
+        out = []
+        for b in _take(IndexedBatches(plan, 1, crop=160, split_chains=frac, position=position), n):
+            chains = b.get("chains", torch.zeros_like(b["image"][:, 0, 0], dtype=torch.long))
+            for i, n_res in enumerate(b["lengths"].tolist()):
+                out.append((b["ids"][i], n_res, tuple(chains[i, :n_res].tolist())))
+        return out
+
+    none, all_, half = layouts(0.0), layouts(1.0), layouts(0.5)
+    assert all(set(c) == {0} for _, _, c in none)
+    long_enough = [(n, c) for _, n, c in all_ if n >= 2 * SPLIT_MIN_CHAIN + SPLIT_GAP[1]]
+    assert long_enough and all(set(c) == {0, 1} for _, c in long_enough)
+    assert all(n <= 160 for _, n, _ in all_)
+    split = np.mean([len(set(c)) == 2 for _, n, c in half if n >= 80])
+    assert 0.3 < split < 0.7, split
+    # a pure function of the stream position: resuming gives the same pseudo-complexes
+    again = layouts(0.5, position=5, n=25)
+    assert again == half[-len(again) :]

@@ -328,6 +328,34 @@ def crop_complex(image: np.ndarray, sizes: Sequence[int], crop: int, rng) -> tup
     return np.ascontiguousarray(image[:, idx][:, :, idx]), chain_of[idx], idx
 
 
+#: :func:`split_chain`: the shortest piece, and the range of residues left out between pieces.
+SPLIT_MIN_CHAIN = 30
+SPLIT_GAP = (5, 20)
+
+
+def split_chain(image: np.ndarray, rng, min_chain: int = SPLIT_MIN_CHAIN,
+                gap: tuple[int, int] = SPLIT_GAP) -> tuple:  # fmt: skip
+    """One chain's image as a two-chain pseudo-complex: residues ``0 .. c - 1`` are one chain,
+    ``c + g .. L - 1`` another, the ``g`` residues between left out (``g`` drawn from ``gap``)
+    so the new termini are not bonded neighbours; ``c`` is drawn so each piece has at least
+    ``min_chain`` residues. Every kept pair keeps its pixel, so the result is exactly the image
+    of the two pieces as a complex: the pieces of a folded chain pack against each other as
+    the chains of a complex do, which teaches a chain-aware model to place a chain from its
+    tokens on 20,000 single chains where only a few hundred real complexes exist (the
+    "another chain" position bucket hides that the pieces were one chain). Returns the image
+    and the chain index of its residues, or the image unchanged and None when it is too
+    short to split (under ``2 * min_chain + gap[0]`` residues)."""
+    n = image.shape[-1]
+    g = int(rng.integers(gap[0], gap[1] + 1))
+    g = min(g, n - 2 * min_chain)
+    if g < gap[0]:
+        return image, None
+    c = int(rng.integers(min_chain, n - g - min_chain + 1))
+    idx = np.r_[0:c, c + g : n]
+    index = (np.arange(len(idx)) >= c).astype(np.int64)
+    return np.ascontiguousarray(image[:, idx][:, :, idx]), index
+
+
 def _check_rank(rank: int, world_size: int) -> tuple[int, int]:
     rank, world_size = int(rank), int(world_size)
     if world_size < 1 or not 0 <= rank < world_size:
@@ -514,6 +542,9 @@ class IndexedBatches(IterableDataset):
         (residues ``s .. s + crop - 1`` against themselves: a complete, smaller 6D image); a
         complex to a window per chain around its interface (:func:`crop_complex`). The
         window is a pure function of ``(seed, epoch, batch, row)``, so resume stays exact.
+    split_chains : float
+        The fraction of single-chain images (after the crop) made two-chain pseudo-complexes
+        (:func:`split_chain`), drawn as the window is; 0 (the default): none.
     """
 
     def __init__(
@@ -530,11 +561,15 @@ class IndexedBatches(IterableDataset):
         mean=None,
         std=None,
         crop: int | None = None,
+        split_chains: float = 0.0,
     ):
         super().__init__()
         if crop is not None and crop < 1:
             raise ValueError(f"crop must be >= 1, got {crop}")
+        if not 0.0 <= split_chains <= 1.0:
+            raise ValueError(f"split_chains must be in [0, 1], got {split_chains}")
         self.crop = crop
+        self.split_chains = float(split_chains)
         self.plan = plan
         self.multiple = int(multiple)
         self.epoch, self.position = int(epoch), int(position)
@@ -556,17 +591,21 @@ class IndexedBatches(IterableDataset):
         return self.epoch + t // m, t % m
 
     def _crop(self, image: np.ndarray, epoch: int, k: int, row: int, chains=None):
-        """The image (a random diagonal window, or for a complex :func:`crop_complex`) and
+        """The image (a random diagonal window, or for a complex :func:`crop_complex`; a
+        single chain then split into a pseudo-complex with probability ``split_chains``) and
         its residues' chain index (None for one chain)."""
         n = image.shape[-1]
-        index = None if chains is None else np.repeat(np.arange(len(chains)), chains)
-        if self.crop is None or n <= self.crop:
-            return image, index
         rng = np.random.default_rng([self.plan.seed, epoch & _MASK64, epoch < 0, k, row])
         if chains is not None:
+            if self.crop is None or n <= self.crop:
+                return image, np.repeat(np.arange(len(chains)), chains)
             return crop_complex(image, chains, self.crop, rng)[:2]
-        s = int(rng.integers(0, n - self.crop + 1))
-        return np.ascontiguousarray(image[..., s : s + self.crop, s : s + self.crop]), None
+        if self.crop is not None and n > self.crop:
+            s = int(rng.integers(0, n - self.crop + 1))
+            image = np.ascontiguousarray(image[..., s : s + self.crop, s : s + self.crop])
+        if self.split_chains and rng.random() < self.split_chains:
+            return split_chain(image, rng)
+        return image, None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
