@@ -414,6 +414,8 @@ def test_config_is_validated_and_resume_may_change_only_some_fields(mixed_data, 
         TrainConfig.from_dict({"wandb": "False"})  # the seed's type=bool made 'False' true
     with pytest.raises(ValueError, match="grad_accum=0.*greater than or equal to 1"):
         TrainConfig.from_dict({"grad_accum": 0})
+    with pytest.raises(ValueError, match="split_chains=1.5.*less than or equal to 1"):
+        TrainConfig.from_dict({"split_chains": 1.5})  # a fraction of the single chains
     parser = build_parser("train")
     args = parser.parse_args(
         ["--data", "d", "--out", "o", "--set", "group_by_bin=False", "--set", "lr=0.01"]
