@@ -188,7 +188,8 @@ def build_data(cfg: TrainConfig, multiple: int, d: Dist, epoch: int, position: i
         index, rows["train"], cfg.batch_size, cfg.group_by_bin, cfg.seed, cfg.shard_window
     )
     train = IndexedBatches(train_plan, epoch=epoch, position=position,
-                           split_chains=cfg.split_chains, **common)  # fmt: skip
+                           split_chains=cfg.split_chains, split_pieces=cfg.split_pieces,
+                           **common)  # fmt: skip
     per_window = train_plan.bins_per_window() if d.master else None
     n_bins = 0 if per_window is None else len(np.unique(index.bin_of[rows["train"]]))
     if per_window is not None and per_window < n_bins / 2:

@@ -62,6 +62,7 @@ class TrainConfig(BaseModel):
     # this fraction of single-chain training images cut into two-chain pseudo-complexes
     # (protoken.data.batches.split_chain): interfaces to learn from single chains
     split_chains: float = Field(0.0, ge=0.0, le=1.0)
+    split_pieces: int = Field(2, ge=2)  # a pseudo-complex has 2 .. split_pieces chains
     group_by_bin: bool = True
     # data converted with --format shards: read the shards G at a time (BatchPlan shard_window)
     shard_window: int | None = Field(None, ge=1)

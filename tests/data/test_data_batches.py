@@ -505,6 +505,47 @@ def test_a_split_chain_is_the_image_of_its_two_pieces_as_a_complex(structures_di
     assert none is None and same is short
 
 
+def test_a_chain_split_in_up_to_four_pieces_is_the_image_of_those_pieces(structures_dir):
+    from protoken.codec import features_to_image
+    from protoken.geometry import sixd
+    from protoken.structure import read_backbones
+
+    (bb,) = read_backbones(structures_dir / "graphein__4hhb.cif.gz", "first", "first")
+    image = features_to_image(sixd(bb.n, bb.ca, bb.c), 80.0)
+    n = len(bb)
+    # pixel (a, b) of channel 0 says which residues it joins: the kept residues can be read
+    labelled = np.stack([np.add.outer(np.arange(n) * 10_000.0, np.arange(n))] * 3)
+    counts = []
+    for seed in range(30):
+        split, chains = split_chain(image, np.random.default_rng(seed), pieces=4)
+        marks, chains2 = split_chain(labelled, np.random.default_rng(seed), pieces=4)
+        assert (chains == chains2).all()
+        keep = (marks[0, :, 0] // 10_000).astype(int)
+        np.testing.assert_array_equal(marks[0, 0], keep)  # rows and columns: the same residues
+        sizes = np.bincount(chains)
+        counts.append(len(sizes))
+        assert (np.diff(chains) >= 0).all() and (np.diff(chains) <= 1).all()  # pieces in order
+        assert sizes.min() >= SPLIT_MIN_CHAIN and (np.diff(keep) > 0).all()
+        assert (np.diff(keep)[np.diff(chains) == 0] == 1).all()  # a piece is a stretch
+        # between pieces, a gap of SPLIT_GAP residues, so no new chain end is bonded
+        gaps = np.diff(keep)[np.diff(chains) == 1] - 1
+        assert ((SPLIT_GAP[0] <= gaps) & (gaps <= SPLIT_GAP[1])).all(), gaps
+        pieces = features_to_image(sixd(bb.n[keep], bb.ca[keep], bb.c[keep]), 80.0)
+        np.testing.assert_allclose(split, pieces, atol=1e-5)
+    assert set(counts) == {2, 3}  # drawn; 141 residues rarely hold 4 pieces of 30 and 3 gaps
+    wide = np.zeros((3, 400, 400))
+    drawn = {len(np.bincount(split_chain(wide, np.random.default_rng(s), pieces=4)[1]))
+             for s in range(30)}  # fmt: skip
+    assert drawn == {2, 3, 4}
+    # two pieces at most draws exactly what split_chain always drew
+    for seed in range(5):
+        a, ia = split_chain(image, np.random.default_rng(seed))
+        b, ib = split_chain(image, np.random.default_rng(seed), pieces=2)
+        assert (ia == ib).all() and (a == b).all()
+    with pytest.raises(ValueError, match="pieces must be >= 2"):
+        split_chain(image, np.random.default_rng(0), pieces=1)
+
+
 def test_split_chains_makes_that_fraction_of_single_chains_two_chain_complexes(converted8):
     index = ImageIndex.build(converted8)
     plan = BatchPlan(index, index.split_rows("train", 0.0), 4, True, seed=3)

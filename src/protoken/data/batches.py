@@ -334,25 +334,38 @@ SPLIT_GAP = (5, 20)
 
 
 def split_chain(image: np.ndarray, rng, min_chain: int = SPLIT_MIN_CHAIN,
-                gap: tuple[int, int] = SPLIT_GAP) -> tuple:  # fmt: skip
-    """One chain's image as a two-chain pseudo-complex: residues ``0 .. c - 1`` are one chain,
-    ``c + g .. L - 1`` another, the ``g`` residues between left out (``g`` drawn from ``gap``)
-    so the new termini are not bonded neighbours; ``c`` is drawn so each piece has at least
-    ``min_chain`` residues. Every kept pair keeps its pixel, so the result is exactly the image
-    of the two pieces as a complex: the pieces of a folded chain pack against each other as
-    the chains of a complex do, which teaches a chain-aware model to place a chain from its
-    tokens on 20,000 single chains where only a few hundred real complexes exist (the
-    "another chain" position bucket hides that the pieces were one chain). Returns the image
-    and the chain index of its residues, or the image unchanged and None when it is too
-    short to split (under ``2 * min_chain + gap[0]`` residues)."""
-    n = image.shape[-1]
-    g = int(rng.integers(gap[0], gap[1] + 1))
-    g = min(g, n - 2 * min_chain)
-    if g < gap[0]:
+                gap: tuple[int, int] = SPLIT_GAP, pieces: int = 2) -> tuple:  # fmt: skip
+    """One chain's image as a pseudo-complex of up to ``pieces`` chains. Two pieces: residues
+    ``0 .. c - 1`` are one chain, ``c + g .. L - 1`` another, the ``g`` residues between left
+    out (``g`` drawn from ``gap``) so the new termini are not bonded neighbours; ``c`` is drawn
+    so each piece has at least ``min_chain`` residues. With ``pieces > 2`` the number of pieces
+    ``k`` is drawn from ``2 .. pieces`` and the longest piece is cut again the same way until
+    there are ``k`` (or none is long enough). Every kept pair keeps its pixel, so the result is
+    exactly the image of the pieces as a complex: the pieces of a folded chain pack against
+    each other as the chains of a complex do, which teaches a chain-aware model to place a
+    chain from its tokens on 20,000 single chains where only a few hundred real complexes
+    exist (the "another chain" position bucket hides that the pieces were one chain). Returns
+    the image and the chain index of its residues, or the image unchanged and None when it is
+    too short to split (under ``2 * min_chain + gap[0]`` residues). ``pieces=2`` draws exactly
+    what it drew before ``pieces`` existed, so a run resumed across the change is unchanged."""
+    if pieces < 2:
+        raise ValueError(f"pieces must be >= 2, got {pieces}")
+    k = 2 if pieces == 2 else int(rng.integers(2, pieces + 1))
+    segments = [(0, image.shape[-1])]  # kept residues [start, end) of the chain, in order
+    while len(segments) < k:
+        j = max(range(len(segments)), key=lambda i: segments[i][1] - segments[i][0])
+        start, end = segments[j]
+        n = end - start
+        g = int(rng.integers(gap[0], gap[1] + 1))
+        g = min(g, n - 2 * min_chain)
+        if g < gap[0]:
+            break
+        c = int(rng.integers(min_chain, n - g - min_chain + 1))
+        segments[j : j + 1] = [(start, start + c), (start + c + g, end)]
+    if len(segments) == 1:
         return image, None
-    c = int(rng.integers(min_chain, n - g - min_chain + 1))
-    idx = np.r_[0:c, c + g : n]
-    index = (np.arange(len(idx)) >= c).astype(np.int64)
+    idx = np.concatenate([np.arange(a, b) for a, b in segments])
+    index = np.repeat(np.arange(len(segments)), [b - a for a, b in segments])
     return np.ascontiguousarray(image[:, idx][:, :, idx]), index
 
 
@@ -545,6 +558,8 @@ class IndexedBatches(IterableDataset):
     split_chains : float
         The fraction of single-chain images (after the crop) made two-chain pseudo-complexes
         (:func:`split_chain`), drawn as the window is; 0 (the default): none.
+    split_pieces : int
+        The most pieces such a pseudo-complex has (2, the default: always two).
     """
 
     def __init__(
@@ -562,6 +577,7 @@ class IndexedBatches(IterableDataset):
         std=None,
         crop: int | None = None,
         split_chains: float = 0.0,
+        split_pieces: int = 2,
     ):
         super().__init__()
         if crop is not None and crop < 1:
@@ -569,7 +585,10 @@ class IndexedBatches(IterableDataset):
         if not 0.0 <= split_chains <= 1.0:
             raise ValueError(f"split_chains must be in [0, 1], got {split_chains}")
         self.crop = crop
+        if split_pieces < 2:
+            raise ValueError(f"split_pieces must be >= 2, got {split_pieces}")
         self.split_chains = float(split_chains)
+        self.split_pieces = int(split_pieces)
         self.plan = plan
         self.multiple = int(multiple)
         self.epoch, self.position = int(epoch), int(position)
@@ -604,7 +623,7 @@ class IndexedBatches(IterableDataset):
             s = int(rng.integers(0, n - self.crop + 1))
             image = np.ascontiguousarray(image[..., s : s + self.crop, s : s + self.crop])
         if self.split_chains and rng.random() < self.split_chains:
-            return split_chain(image, rng)
+            return split_chain(image, rng, pieces=self.split_pieces)
         return image, None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
