@@ -1,0 +1,87 @@
+"""Average the weights of checkpoints of one model (a "model soup", Wortsman et al. 2022):
+runs fine-tuned from the same weights on the same data, e.g. with two learning rates, often
+score better averaged than either alone. How stage 10 of the bundled ``residue`` was made.
+
+    python benchmarks/average_weights.py runs/residue-s10b/last.pt runs/residue-s10c/last.pt \\
+        --out runs/residue-stage10/last.pt
+
+The checkpoints must be of one model: the same ``model_config``, codec and weight names and
+shapes (else one line says which differs). Floating-point weights are averaged uniformly
+(in float64, then cast back); integer buffers must be equal. The output is a model-only
+checkpoint (no optimiser or data-order state: it cannot be resumed, only used for encode,
+decode, evaluate, release or ``--init``), written atomically, its ``lineage`` naming the
+averaged checkpoints by path and sha256 with their own lineage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def average(paths: list[str]) -> dict:
+    """The model-only checkpoint whose weights are the mean of ``paths``' weights.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two checkpoints, or checkpoints of different models (one line naming both).
+    """
+    import torch
+
+    from protoken import checkpoint
+    from protoken.fileio import file_sha256
+
+    if len(paths) < 2:
+        raise ValueError("average needs at least two checkpoints")
+    ckpts = [checkpoint.load(p) for p in paths]
+    first = ckpts[0]
+    for p, c in zip(paths[1:], ckpts[1:], strict=True):
+        for key in ("model_config", "codec"):
+            if c[key] != first[key]:
+                raise ValueError(f"{p} and {paths[0]} differ in {key}: not one model")
+        if set(c["model"]) != set(first["model"]):
+            odd = sorted(set(c["model"]) ^ set(first["model"]))[:3]
+            raise ValueError(f"{p} and {paths[0]} hold different weights: {', '.join(odd)}")
+    state = {}
+    for k, v in first["model"].items():
+        vs = [c["model"][k] for c in ckpts]
+        if any(tuple(x.shape) != tuple(v.shape) for x in vs):
+            raise ValueError(f"weight {k} differs in shape between the checkpoints")
+        if v.is_floating_point():
+            state[k] = (sum(x.double() for x in vs) / len(vs)).to(v.dtype)
+        elif all(torch.equal(x, v) for x in vs):
+            state[k] = v
+        else:
+            raise ValueError(f"integer buffer {k} differs between the checkpoints")
+    parents = [{"checkpoint": os.path.abspath(p), "sha256": file_sha256(p)[:12],
+                "step": c.get("step"), "lineage": c.get("lineage")}
+               for p, c in zip(paths, ckpts, strict=True)]  # fmt: skip
+    return {"model": state, "model_config": first["model_config"], "codec": first["codec"],
+            "config": first.get("config"), "lineage": {"average_of": parents}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--out", required=True, help="the averaged checkpoint (not overwritten)")
+    args = ap.parse_args(argv)
+    from protoken import checkpoint
+
+    if os.path.exists(args.out):
+        print(f"average_weights: {args.out} exists; choose another --out", file=sys.stderr)
+        return 2
+    try:
+        avg = average(args.checkpoints)
+    except (ValueError, checkpoint.CheckpointError) as exc:
+        print(f"average_weights: {exc}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    checkpoint.save(args.out, avg)
+    print(f"{args.out}: mean of {len(args.checkpoints)} checkpoints")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
