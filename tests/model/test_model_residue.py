@@ -210,6 +210,31 @@ def test_a_complex_decodes_with_its_chains(model, images):
     assert model.encode(x, mask, two).shape == codes.shape
 
 
+def test_an_encoder_without_chains_reads_a_complex_as_one_chain(images):
+    """``encoder_chains=False``: the encoder's latents of a complex are those of the same image
+    read as one chain, while the decoder still decodes with the chains; ``True`` (the default,
+    and what configs written before the field read as) lets the layout change the latents."""
+    x, mask = _batch(images[:1])
+    L = x.shape[-1]
+    two = torch.tensor([[0] * (L // 2) + [1] * (L - L // 2)])
+    torch.manual_seed(0)
+    aware = build_model("residue-tiny").eval()
+    blind = build_model(ResidueConfig.preset("residue-tiny", encoder_chains=False)).eval()
+    blind.load_state_dict(aware.state_dict())
+    assert ResidueConfig.from_dict({k: v for k, v in aware.config.to_dict().items()
+                                    if k != "encoder_chains"}).encoder_chains  # fmt: skip
+    with torch.no_grad():
+        assert not torch.allclose(aware.latent(x, mask, two), aware.latent(x, mask))
+        torch.testing.assert_close(blind.latent(x, mask, two), blind.latent(x, mask))
+        torch.testing.assert_close(blind.latent(x, mask), aware.latent(x, mask))
+        codes = blind.encode(x, mask, two)
+        assert torch.equal(codes, blind.encode(x, mask))
+        assert not torch.allclose(blind.decode(codes, [L], two), blind.decode(codes, [L]))
+        torch.testing.assert_close(blind.decode(codes, [L], two), aware.decode(codes, [L], two))
+        out = blind(x, mask, two)  # training: the same codes as inference
+        assert torch.equal(out.codes[..., 0], codes[..., 0])
+
+
 def test_binned_targets_are_trrosettas_bins():
     d = torch.tensor([1.0, 2.0, 2.49, 2.5, 19.99, 20.0, 79.0])
     ang = torch.tensor([-math.pi, -math.pi + 0.01, 0.0, math.pi - 0.01, 0.1, 0.2, 0.3])

@@ -122,6 +122,11 @@ class ResidueConfig:
         Fraction of the pairs (drawn at random) whose cross-entropy training computes.
     loss : LossConfig
         The geometric loss's settings (``dmax`` is the codec's).
+    encoder_chains : bool
+        Whether the encoder sees a complex's chain layout (relative positions within each
+        chain and the "another chain" bucket) or reads the complex as one chain, the layout
+        left to the decoder (False). The image alone shows where chains meet; the decoder
+        always knows the chains.
     """
 
     in_channels: int = 3
@@ -145,6 +150,7 @@ class ResidueConfig:
     pair_loss_weight: float = 0.0
     pair_loss_fraction: float = 0.25
     loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig(kind="geometric"))
+    encoder_chains: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
@@ -823,6 +829,11 @@ class ResidueVQVAE(nn.Module):
         pos, same = chain_layout(chains, rmask)
         return relpos_buckets(pos, same)
 
+    def _encoder_layout(self, rmask: Tensor, chains: Tensor | None) -> Tensor:
+        """The encoder's relative positions: the chain layout's, or one chain's when the
+        config says the encoder reads complexes as one chain (``encoder_chains=False``)."""
+        return self._layout(rmask, chains if self.config.encoder_chains else None)
+
     # -- public API --------------------------------------------------------------------------
 
     def forward(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> ModelOutput:
@@ -834,7 +845,7 @@ class ResidueVQVAE(nn.Module):
         mask = self._check(x, mask)
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         buckets = self._layout(rmask, chains)
-        q, idx = self._encode(x, mask, buckets)
+        q, idx = self._encode(x, mask, self._encoder_layout(rmask, chains))
         h, z = self._trunk(q, rmask, buckets)
         recon = self._image(h, rmask)
         loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss, chains)
@@ -860,13 +871,13 @@ class ResidueVQVAE(nn.Module):
         """Images ``(B, 3, L, L)`` and masks -> codes ``(B, L, K)`` int64, -1 at padding."""
         mask = self._check(x, mask)
         rmask = mask.diagonal(dim1=-2, dim2=-1)
-        return self._encode(x, mask, self._layout(rmask, chains))[1]
+        return self._encode(x, mask, self._encoder_layout(rmask, chains))[1]
 
     def latent(self, x: Tensor, mask: Tensor, chains: Tensor | None = None) -> Tensor:
         """Images and masks -> the encoder's latents ``(B, L, D)`` before quantisation
         (differentiable in ``x``; :meth:`StageFSQ.mismatch` compares them with codes)."""
         mask = self._check(x, mask)
-        return self._latent(x, mask, self._layout(mask.diagonal(dim1=-2, dim2=-1), chains))
+        return self._latent(x, mask, self._encoder_layout(mask.diagonal(dim1=-2, dim2=-1), chains))
 
     def _lookup(self, codes: Tensor, lengths) -> tuple[Tensor, Tensor]:
         codes = torch.as_tensor(codes)
