@@ -5,6 +5,10 @@ score better averaged than either alone. How stage 10 of the bundled ``residue``
     python benchmarks/average_weights.py runs/residue-s10b/last.pt runs/residue-s10c/last.pt \\
         --out runs/residue-stage10/last.pt
 
+``--set KEY=VALUE`` changes a field of the model config that holds no weights (e.g.
+``encoder_chains=false``, how the encoder reads complexes); a field that would change the
+weights (their names or shapes) is refused.
+
 The checkpoints must be of one model: the same ``model_config``, codec and weight names and
 shapes (else one line says which differs). Floating-point weights are averaged uniformly
 (in float64, then cast back); integer buffers must be equal. The output is a model-only
@@ -62,10 +66,39 @@ def average(paths: list[str]) -> dict:
             "config": first.get("config"), "lineage": {"average_of": parents}}  # fmt: skip
 
 
+def set_model_fields(ckpt: dict, settings: list[str]) -> dict:
+    """``ckpt`` with model-config fields changed (``KEY=VALUE``, VALUE read as YAML); the
+    new config must build a model whose weights are exactly the checkpoint's.
+
+    Raises
+    ------
+    ValueError
+        A malformed setting, an unknown field, or one that changes the weights.
+    """
+    import yaml
+
+    from protoken.model import build_model, config_from_dict, config_to_dict
+
+    mc = config_to_dict(config_from_dict(ckpt["model_config"]))  # every field, defaults too
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in mc or key == "family":
+            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY a model-config field")
+        mc[key] = yaml.safe_load(value)
+    cfg = config_from_dict(mc)
+    own = build_model(cfg).state_dict()
+    state = ckpt["model"]
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        raise ValueError(f"--set {' '.join(settings)} changes the model's weights")
+    return {**ckpt, "model_config": config_to_dict(cfg)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--out", required=True, help="the averaged checkpoint (not overwritten)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a model-config field holding no weights (repeatable)")  # fmt: skip
     args = ap.parse_args(argv)
     from protoken import checkpoint
 
@@ -74,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         avg = average(args.checkpoints)
+        if args.set:
+            avg = set_model_fields(avg, args.set)
     except (ValueError, checkpoint.CheckpointError) as exc:
         print(f"average_weights: {exc}", file=sys.stderr)
         return 2

@@ -83,3 +83,18 @@ def test_an_existing_output_is_never_overwritten(tmp_path, capsys):
     out.write_bytes(b"user data")
     assert avg.main([a, b, "--out", str(out)]) == 2
     assert out.read_bytes() == b"user data" and "exists" in capsys.readouterr().err
+
+
+def test_set_changes_a_field_without_weights_and_refuses_one_with_weights(tmp_path, capsys):
+    a, b = _two_runs(tmp_path)
+    out = tmp_path / "blind.pt"
+    assert avg.main([a, b, "--out", str(out), "--set", "encoder_chains=false"]) == 0
+    co = checkpoint.load(str(out))
+    assert co["model_config"]["encoder_chains"] is False
+    assert checkpoint.model_from_checkpoint(co).config.encoder_chains is False
+    for bad in ("d_model=64", "nonsense=1", "encoder_chains"):
+        dst = tmp_path / f"{bad.split('=')[0]}.pt"
+        assert avg.main([a, b, "--out", str(dst), "--set", bad]) == 2
+        assert not dst.exists()
+    err = capsys.readouterr().err
+    assert "changes the model's weights" in err and "expected KEY=VALUE" in err
