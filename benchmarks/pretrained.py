@@ -20,8 +20,12 @@ ceiling). A per-residue tokenizer of K stages is scored at every rate (the first
 The card's prose (data, compute with the CPU-hours of every session, lineage, limitations,
 how to reproduce) comes from ``--notes``; its "What the tokens know" section from
 ``docs/token_probes.json`` when ``benchmarks/token_probes.py`` scored these very weights.
-``score`` prints the figures next to those in the JSON and fails when they differ by more than
-0.005 (TM-score) / 0.05 A (RMSD).
+``release --reuse-results`` releases the weights already bundled under NAME again (the same
+sha256, else refused) with a new model config (e.g. a field that holds no weights, as
+``benchmarks/average_weights.py --set`` changes it), config path or card prose, keeping the
+held-out figures instead of re-scoring for an hour; only valid when what changed does not move
+them (say so in the card). ``score`` prints the figures next to those in the JSON and fails
+when they differ by more than 0.005 (TM-score) / 0.05 A (RMSD).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -262,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     rel.add_argument("--notes", required=True,
                      help="YAML with the card's prose: data, compute, limitations, reproduce "
                           "(and complexes: a markdown section)")  # fmt: skip
+    rel.add_argument("--reuse-results", action="store_true",
+                     help="keep the held-out figures of the bundled NAME, whose weights must "
+                          "be these (same sha256), instead of re-scoring")  # fmt: skip
     sc = sub.add_parser("score")
     sc.add_argument("name")
     for q in (rel, sc):
@@ -280,10 +288,22 @@ def main(argv: list[str] | None = None) -> int:
 
         notes = yaml.safe_load(open(args.notes))
         summary = args.summary or notes.get("summary", "")
+        before = pretrained.info(args.name) if args.reuse_results else None
+        if before is not None:  # the same weights? (exported beside, nothing bundled touched)
+            with tempfile.TemporaryDirectory() as tmp:
+                trial = json.load(open(pretrained.export(args.checkpoint, args.name, tmp)))
+            if trial["sha256"] != before.get("sha256") or "results" not in before:
+                print(f"release: {args.checkpoint} holds other weights than the bundled "
+                      f"{args.name} (or it has no results); re-score without --reuse-results",
+                      file=sys.stderr)  # fmt: skip
+                return 2
         path = pretrained.export(args.checkpoint, args.name, summary=summary,
                                  cpu_hours=args.cpu_hours, config=args.config)  # fmt: skip
         meta = json.load(open(path))
-        meta["results"] = score_all(args.name, args)
+        if before is not None:
+            meta["results"] = before["results"]
+        else:
+            meta["results"] = score_all(args.name, args)
         if notes.get("complex_results"):
             meta["complex_results"] = json.load(open(os.path.join(ROOT, notes["complex_results"])))
         with open(path, "w") as fh:

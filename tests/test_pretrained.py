@@ -89,3 +89,52 @@ def test_a_bundled_name_works_wherever_a_checkpoint_does(structures_dir, tmp_pat
     assert main(["decode", str(npz), "-o", str(tmp_path / "d"), "--no-progress"]) == 0
     assert (tmp_path / "d" / "foldseek__d1asha_.pdb").stat().st_size > 0
     assert main(["pretrained", "nonexistent"]) == 2
+
+
+def test_a_release_may_reuse_the_figures_of_the_same_weights_only(tmp_path, monkeypatch):
+    """``benchmarks/pretrained.py release --reuse-results``: the same weights (sha256) under a
+    new model config keep their held-out figures; other weights are refused in one line and
+    nothing bundled changes."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+    from helpers import random_residue_checkpoint
+    from protoken import checkpoint
+
+    spec = importlib.util.spec_from_file_location("release", REPO / "benchmarks" / "pretrained.py")
+    release = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", [str(REPO / "benchmarks"), *sys.path])
+    spec.loader.exec_module(release)
+    root = tmp_path / "bundle"
+    root.mkdir()
+    monkeypatch.setattr(pretrained, "_root", lambda: str(root))
+    ckpt = random_residue_checkpoint(tmp_path / "a.pt")
+    meta = json.load(open(pretrained.export(ckpt, "tiny", cpu_hours=0.1)))
+    meta["results"] = {"proteins": 3, "tm_score_median": 0.5}
+    (root / "tiny.json").write_text(json.dumps(meta))
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("summary: s\ndata: d\ncompute: c\nlimitations: l\nreproduce: r\n")
+    monkeypatch.setattr(release, "score_all", lambda *a: pytest.fail("re-scored"))
+    monkeypatch.setattr(release, "write_card", lambda *a: "card")
+    monkeypatch.setattr(release, "add_probe_section", lambda *a: False)
+    blind = checkpoint.load(ckpt)
+    blind["model_config"] = {**blind["model_config"], "encoder_chains": False}
+    checkpoint.save(
+        str(tmp_path / "b.pt"), {k: blind[k] for k in ("model", "model_config", "codec")}
+    )
+    args = ["release", "tiny", "--config", "configs/residue.yaml", "--cpu-hours", "0.2",
+            "--notes", str(notes), "--reuse-results"]  # fmt: skip
+    assert release.main([*args[:2], str(tmp_path / "b.pt"), *args[2:]]) == 0
+    now = pretrained.info("tiny")
+    assert now["results"] == meta["results"] and now["sha256"] == meta["sha256"]
+    assert now["model_config"]["encoder_chains"] is False and now["cpu_hours"] == 0.2
+    other = checkpoint.load(ckpt)
+    other["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["model"].items()}
+    checkpoint.save(
+        str(tmp_path / "c.pt"), {k: other[k] for k in ("model", "model_config", "codec")}
+    )
+    weights = (root / "tiny.safetensors").read_bytes()
+    assert release.main([*args[:2], str(tmp_path / "c.pt"), *args[2:]]) == 2
+    assert (root / "tiny.safetensors").read_bytes() == weights
+    assert pretrained.info("tiny") == now
