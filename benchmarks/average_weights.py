@@ -14,7 +14,8 @@ shapes (else one line says which differs). Floating-point weights are averaged u
 (in float64, then cast back); integer buffers must be equal. The output is a model-only
 checkpoint (no optimiser or data-order state: it cannot be resumed, only used for encode,
 decode, evaluate, release or ``--init``), written atomically, its ``lineage`` naming the
-averaged checkpoints by path and sha256 with their own lineage.
+averaged checkpoints by path and sha256 with their own lineage, and their ``step`` when they
+share it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ def average(paths: list[str]) -> dict:
     parents = [{"checkpoint": os.path.abspath(p), "sha256": file_sha256(p)[:12],
                 "step": c.get("step"), "lineage": c.get("lineage")}
                for p, c in zip(paths, ckpts, strict=True)]  # fmt: skip
-    return {"model": state, "model_config": first["model_config"], "codec": first["codec"],
-            "config": first.get("config"), "lineage": {"average_of": parents}}  # fmt: skip
+    steps = {c.get("step") for c in ckpts}
+    out = {"model": state, "model_config": first["model_config"], "codec": first["codec"],
+           "config": first.get("config"), "lineage": {"average_of": parents}}  # fmt: skip
+    if len(steps) == 1 and None not in steps:  # runs of one length: their step (provenance)
+        out["step"] = steps.pop()
+    return out
 
 
 def set_model_fields(ckpt: dict, settings: list[str]) -> dict:

@@ -46,6 +46,7 @@ def test_the_average_is_the_mean_of_the_weights_and_names_its_parents(tmp_path):
     parents = co["lineage"]["average_of"]
     assert [p["checkpoint"] for p in parents] == [str(tmp_path / "a.pt"), b]
     assert all(len(p["sha256"]) == 12 for p in parents)
+    assert "step" not in co  # the random checkpoints hold no step; runs of one length keep it
     # a model-only checkpoint: it decodes, and a new run can start from it
     model = checkpoint.model_from_checkpoint(co)
     assert sum(p.numel() for p in model.parameters()) > 0
