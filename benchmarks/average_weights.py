@@ -82,7 +82,8 @@ def set_model_fields(ckpt: dict, settings: list[str]) -> dict:
     """
     import yaml
 
-    from protoken.model import build_model, config_from_dict, config_to_dict
+    from protoken.checkpoint import model_from_checkpoint
+    from protoken.model import config_from_dict, config_to_dict
 
     mc = config_to_dict(config_from_dict(ckpt["model_config"]))  # every field, defaults too
     for item in settings:
@@ -90,12 +91,12 @@ def set_model_fields(ckpt: dict, settings: list[str]) -> dict:
         if not sep or key not in mc or key == "family":
             raise ValueError(f"--set {item}: expected KEY=VALUE with KEY a model-config field")
         mc[key] = yaml.safe_load(value)
-    cfg = config_from_dict(mc)
-    own = build_model(cfg).state_dict()
-    state = ckpt["model"]
-    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-        raise ValueError(f"--set {' '.join(settings)} changes the model's weights")
-    return {**ckpt, "model_config": config_to_dict(cfg)}
+    out = {**ckpt, "model_config": config_to_dict(config_from_dict(mc))}
+    try:  # the weights must load, strictly, into the model of the new config
+        model_from_checkpoint(out)
+    except RuntimeError:
+        raise ValueError(f"--set {' '.join(settings)} changes the model's weights") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -829,10 +829,15 @@ class ResidueVQVAE(nn.Module):
         pos, same = chain_layout(chains, rmask)
         return relpos_buckets(pos, same)
 
-    def _encoder_layout(self, rmask: Tensor, chains: Tensor | None) -> Tensor:
-        """The encoder's relative positions: the chain layout's, or one chain's when the
-        config says the encoder reads complexes as one chain (``encoder_chains=False``)."""
-        return self._layout(rmask, chains if self.config.encoder_chains else None)
+    def _encoder_layout(
+        self, rmask: Tensor, chains: Tensor | None, buckets: Tensor | None = None
+    ) -> Tensor:
+        """The encoder's relative positions: the chain layout's (``buckets`` when the caller
+        has them already), or one chain's when the config says the encoder reads complexes as
+        one chain (``encoder_chains=False``)."""
+        if not self.config.encoder_chains:
+            return self._layout(rmask, None)
+        return self._layout(rmask, chains) if buckets is None else buckets
 
     # -- public API --------------------------------------------------------------------------
 
@@ -845,7 +850,7 @@ class ResidueVQVAE(nn.Module):
         mask = self._check(x, mask)
         rmask = mask.diagonal(dim1=-2, dim2=-1)
         buckets = self._layout(rmask, chains)
-        q, idx = self._encode(x, mask, self._encoder_layout(rmask, chains))
+        q, idx = self._encode(x, mask, self._encoder_layout(rmask, chains, buckets))
         h, z = self._trunk(q, rmask, buckets)
         recon = self._image(h, rmask)
         loss_sum, weight = reconstruction_loss(recon, x, mask, self.config.loss, chains)
