@@ -73,9 +73,9 @@ def test_encode_decode_round_trips_held_out_structures(name):
 
 def test_the_bundled_residue_keeps_the_folds_of_a_complexs_chains(structures_dir):
     """3U8V (a held-out homodimer, 2 x 83 residues) encoded as one complex at 1 stage and
-    decoded in one pass: each chain keeps its fold (TM > 0.5 on its own; with the chain layout
-    in the encoder, as stages 6-10 were trained, 0.23 / 0.28), and they come back as chains
-    A and B."""
+    decoded in one pass: each chain keeps its fold (TM > 0.5 on its own; stage 10's weights with
+    the chain layout in the encoder, as stages 6-10 were trained, gave 0.23 / 0.28), and they
+    come back as chains A and B."""
     from protoken.geometry import virtual_cb
     from protoken.metrics import tm_score
 
