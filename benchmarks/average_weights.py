@@ -10,7 +10,10 @@ score better averaged than either alone. How stage 10 of the bundled ``residue``
 weights (their names or shapes) is refused.
 
 The checkpoints must be of one model: the same ``model_config``, codec and weight names and
-shapes (else one line says which differs). Floating-point weights are averaged uniformly
+shapes (else one line says which differs). The model config's ``loss`` (the training loss's
+weights, e.g. ``interface_weight``) holds no weights and may differ: runs trained with other loss
+weights from the same start are soup ingredients too; the average keeps the first checkpoint's
+(said on stderr). Floating-point weights are averaged uniformly
 (in float64, then cast back); integer buffers must be equal. The output is a model-only
 checkpoint (no optimiser or data-order state: it cannot be resumed, only used for encode,
 decode, evaluate, release or ``--init``), written atomically, its ``lineage`` naming the
@@ -23,6 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+
+#: The model-config field that only training reads (the loss's weights): it may differ.
+TRAINING_ONLY = "loss"
+
+
+def _shape_config(model_config: dict) -> dict:
+    return {k: v for k, v in model_config.items() if k != TRAINING_ONLY}
 
 
 def average(paths: list[str]) -> dict:
@@ -43,9 +54,13 @@ def average(paths: list[str]) -> dict:
     ckpts = [checkpoint.load(p) for p in paths]
     first = ckpts[0]
     for p, c in zip(paths[1:], ckpts[1:], strict=True):
-        for key in ("model_config", "codec"):
-            if c[key] != first[key]:
-                raise ValueError(f"{p} and {paths[0]} differ in {key}: not one model")
+        if c["codec"] != first["codec"]:
+            raise ValueError(f"{p} and {paths[0]} differ in codec: not one model")
+        if _shape_config(c["model_config"]) != _shape_config(first["model_config"]):
+            raise ValueError(f"{p} and {paths[0]} differ in model_config: not one model")
+        if c["model_config"].get(TRAINING_ONLY) != first["model_config"].get(TRAINING_ONLY):
+            print(f"average_weights: {p} was trained with other {TRAINING_ONLY} weights "
+                  f"than {paths[0]}; the average records {paths[0]}'s", file=sys.stderr)  # fmt: skip
         if set(c["model"]) != set(first["model"]):
             odd = sorted(set(c["model"]) ^ set(first["model"]))[:3]
             raise ValueError(f"{p} and {paths[0]} hold different weights: {', '.join(odd)}")

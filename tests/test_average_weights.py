@@ -99,3 +99,24 @@ def test_set_changes_a_field_without_weights_and_refuses_one_with_weights(tmp_pa
         assert not dst.exists()
     err = capsys.readouterr().err
     assert "changes the model's weights" in err and "expected KEY=VALUE" in err
+
+
+def test_runs_trained_with_other_loss_weights_average_and_other_shapes_do_not(tmp_path, capsys):
+    """The loss's weights (``interface_weight``: stage 11d against 11b) hold no weights: such
+    runs average, the first run's loss is recorded and said; a field that shapes the model
+    (``d_model``) is still refused."""
+    a, b = _two_runs(tmp_path)
+    cb = checkpoint.load(b)
+    cb["model_config"]["loss"] = {**cb["model_config"].get("loss", {}), "interface_weight": 6.0}
+    checkpoint.save(b, cb)
+    out = tmp_path / "soup.pt"
+    assert avg.main([a, b, "--out", str(out)]) == 0
+    co, ca = checkpoint.load(str(out)), checkpoint.load(a)
+    assert co["model_config"] == ca["model_config"] != cb["model_config"]
+    err = capsys.readouterr().err
+    assert "other loss weights" in err and "b.pt" in err
+    cb["model_config"] = {**ca["model_config"], "d_model": ca["model_config"]["d_model"] * 2}
+    checkpoint.save(b, cb)
+    assert avg.main([a, b, "--out", str(tmp_path / "no.pt")]) == 2
+    assert "differ in model_config" in capsys.readouterr().err
+    assert not (tmp_path / "no.pt").exists()
