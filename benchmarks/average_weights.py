@@ -27,7 +27,6 @@ import argparse
 import os
 import sys
 
-
 #: The model-config field that only training reads (the loss's weights): it may differ.
 TRAINING_ONLY = "loss"
 
@@ -59,8 +58,8 @@ def average(paths: list[str]) -> dict:
         if _shape_config(c["model_config"]) != _shape_config(first["model_config"]):
             raise ValueError(f"{p} and {paths[0]} differ in model_config: not one model")
         if c["model_config"].get(TRAINING_ONLY) != first["model_config"].get(TRAINING_ONLY):
-            print(f"average_weights: {p} was trained with other {TRAINING_ONLY} weights "
-                  f"than {paths[0]}; the average records {paths[0]}'s", file=sys.stderr)  # fmt: skip
+            note = f"{p} was trained with other {TRAINING_ONLY} weights than {paths[0]}"
+            print(f"average_weights: {note}; the average records the latter's", file=sys.stderr)
         if set(c["model"]) != set(first["model"]):
             odd = sorted(set(c["model"]) ^ set(first["model"]))[:3]
             raise ValueError(f"{p} and {paths[0]} hold different weights: {', '.join(odd)}")
