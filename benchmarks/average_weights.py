@@ -31,7 +31,7 @@ import sys
 TRAINING_ONLY = "loss"
 
 
-def _shape_config(model_config: dict) -> dict:
+def _without_loss(model_config: dict) -> dict:
     return {k: v for k, v in model_config.items() if k != TRAINING_ONLY}
 
 
@@ -55,11 +55,8 @@ def average(paths: list[str]) -> dict:
     for p, c in zip(paths[1:], ckpts[1:], strict=True):
         if c["codec"] != first["codec"]:
             raise ValueError(f"{p} and {paths[0]} differ in codec: not one model")
-        if _shape_config(c["model_config"]) != _shape_config(first["model_config"]):
+        if _without_loss(c["model_config"]) != _without_loss(first["model_config"]):
             raise ValueError(f"{p} and {paths[0]} differ in model_config: not one model")
-        if c["model_config"].get(TRAINING_ONLY) != first["model_config"].get(TRAINING_ONLY):
-            note = f"{p} was trained with other {TRAINING_ONLY} weights than {paths[0]}"
-            print(f"average_weights: {note}; the average records the latter's", file=sys.stderr)
         if set(c["model"]) != set(first["model"]):
             odd = sorted(set(c["model"]) ^ set(first["model"]))[:3]
             raise ValueError(f"{p} and {paths[0]} hold different weights: {', '.join(odd)}")
@@ -74,6 +71,10 @@ def average(paths: list[str]) -> dict:
             state[k] = v
         else:
             raise ValueError(f"integer buffer {k} differs between the checkpoints")
+    for p, c in zip(paths[1:], ckpts[1:], strict=True):  # said once the average is sure
+        if c["model_config"].get(TRAINING_ONLY) != first["model_config"].get(TRAINING_ONLY):
+            note = f"{p} was trained with other {TRAINING_ONLY} weights than {paths[0]}"
+            print(f"average_weights: {note}; the average records the latter's", file=sys.stderr)
     parents = [{"checkpoint": os.path.abspath(p), "sha256": file_sha256(p)[:12],
                 "step": c.get("step"), "lineage": c.get("lineage")}
                for p, c in zip(paths, ckpts, strict=True)]  # fmt: skip
